@@ -1,0 +1,177 @@
+"""Config plumbing shared by the CLIs: where conf/ lives, the top-level schema, the run-folder resolver, and
+checks that turn a bad override into one message listing every problem and the valid options."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = (
+    "method", "model", "schedule", "optimizer", "lr_scheduler", "trainer", "data", "sampler", "logger",
+    "callbacks", "experiment", "paths",
+)
+_STARTED = datetime.now()  # one timestamp per process, however often the run-dir resolver is evaluated
+
+
+class ConfigError(ValueError):
+    """Every problem found in a config, reported together."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+# ---- the top-level schema: types checked by Hydra at compose time ----------------------------------------
+@dataclass
+class SamplesSchema:
+    num_unconditional: int = 16
+    num_prompted: int = 32
+    num_infill: int = 32
+    length: int | None = None
+
+
+@dataclass
+class TrainSchema:
+    name: str = "run"
+    seed: int = 0
+    dry_run: bool = False
+    ckpt_path: str | None = None
+    samples: SamplesSchema = field(default_factory=SamplesSchema)
+    method: Any = None
+    model: Any = None
+    schedule: Any = None
+    optimizer: Any = None
+    lr_scheduler: Any = None
+    trainer: Any = None
+    data: Any = None
+    sampler: Any = None
+    logger: Any = None
+    callbacks: Any = None
+    experiment: Any = None
+    paths: Any = None
+
+
+def register_resolvers() -> None:
+    ConfigStore.instance().store(name="train_schema", node=TrainSchema)
+    if not OmegaConf.has_resolver("dlm_run_dir"):
+        OmegaConf.register_new_resolver("dlm_run_dir", run_dir_for)
+
+
+# ---- run folders and resuming ------------------------------------------------------------------------------
+def run_dir_for(output_root: str, name: str, ckpt_path: str | None) -> str:
+    """The run folder: a new timestamped one, or — when resuming — the folder of the run being resumed, so a
+    run keeps one folder however often it is restarted."""
+    if ckpt_path == "last":
+        candidates = sorted(Path(output_root, name).glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if candidates:
+            return str(candidates[-1].parent.parent)
+    elif ckpt_path and Path(ckpt_path).parent.name == "checkpoints":
+        return str(Path(ckpt_path).parent.parent)
+    return str(Path(output_root, name, _STARTED.strftime("%Y-%m-%d_%H-%M-%S")))
+
+
+def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
+    if ckpt_path is None:
+        return None
+    path = run_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if not path.is_file():
+        raise ConfigError(
+            [f"ckpt_path={ckpt_path}: no checkpoint at {path}; pass the .ckpt file of a run, or ckpt_path=last "
+             f"with the same name= (and paths.output_root) as the run to resume"]
+        )
+    return str(path)
+
+
+# ---- semantic checks after composition -----------------------------------------------------------------
+def check_config(cfg: DictConfig) -> None:
+    problems = []
+
+    def positive(key: str) -> None:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and (not isinstance(value, int) or value <= 0):
+            problems.append(f"{key}={value} must be a positive integer")
+
+    for key in ("data.batch_size", "trainer.accumulate_grad_batches", "trainer.val_check_interval"):
+        positive(key)
+    if OmegaConf.select(cfg, "trainer.max_steps") in (None, -1) or cfg.trainer.max_steps <= 0:
+        problems.append(
+            f"trainer.max_steps={OmegaConf.select(cfg, 'trainer.max_steps')}: training is counted in optimizer "
+            "steps (the data loader is infinite); set trainer.max_steps to a positive number"
+        )
+    seq_len = OmegaConf.select(cfg, "data.seq_len")
+    if not isinstance(seq_len, int) or seq_len < 2:
+        problems.append(f"data.seq_len={seq_len} must be an integer >= 2")
+    for key in ("num_unconditional", "num_prompted", "num_infill"):
+        if cfg.samples[key] < 0:
+            problems.append(f"samples.{key}={cfg.samples[key]} must be >= 0")
+    accelerator = OmegaConf.select(cfg, "trainer.accelerator")
+    if accelerator in ("gpu", "cuda") and not cfg.get("dry_run"):
+        import torch
+
+        if not torch.cuda.is_available():
+            problems.append(
+                f"trainer.accelerator={accelerator} but this machine has no CUDA GPU: use trainer=cpu here, or "
+                f"dry_run=true to see the plan (parameters, memory per GPU per ZeRO stage) without training"
+            )
+    if problems:
+        raise ConfigError(problems)
+
+
+# ---- explaining failed overrides ---------------------------------------------------------------------------
+def group_options(group: str) -> list[str]:
+    folder = CONF_DIR / group
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def explain_override(override: str, base_overrides: list[str], error: Exception) -> str:
+    """A message for one override that Hydra refused, naming the valid choices or keys."""
+    key = override.split("=", 1)[0].lstrip("+~")
+    if key in GROUPS:
+        return f"{override}: no such option; valid options for {key}: {', '.join(group_options(key))}"
+    parent, _, leaf = key.rpartition(".")
+    cfg = _compose(base_overrides)
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    if isinstance(node, DictConfig) and leaf not in node:
+        valid = sorted(str(k) for k in node.keys())
+        close = difflib.get_close_matches(leaf, valid, n=1)
+        hint = f" (did you mean {parent + '.' if parent else ''}{close[0]}?)" if close else ""
+        where = parent or "the top level"
+        return f"{override}: unknown key {leaf!r} in {where}{hint}; valid keys: {', '.join(valid)}; add a new key with +{key}=..."
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"{override}: {first_line}"
+
+
+def _compose(overrides: list[str]) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def preflight(overrides: list[str]) -> list[str]:
+    """Compose with the command line's overrides; if that fails, try each one alone to name every culprit.
+    Returns the problems (empty when the config composes)."""
+    plain = [o for o in overrides if not o.startswith(("hydra.", "hydra/", "--", "-"))]
+    try:
+        _compose(plain)
+        return []
+    except Exception:
+        pass
+    groups_first = sorted(plain, key=lambda o: o.split("=", 1)[0].lstrip("+~") not in GROUPS)
+    good, problems = [], []
+    for override in groups_first:
+        try:
+            _compose(good + [override])
+            good.append(override)
+        except Exception as err:  # Hydra raises several exception types for bad overrides
+            problems.append(explain_override(override, good, err))
+    return problems or ["the overrides do not compose together (each composes alone); run with --cfg job to see"]

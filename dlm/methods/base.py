@@ -1,0 +1,171 @@
+"""DiffusionLM: the one interface every family implements.
+
+The base class owns what is common to all families — the training and validation steps, parameter groups and
+the optimizer, logging, the non-finite-loss guard — and a family implements four methods:
+
+    loss(batch, generator=None) -> dict        "loss" (a scalar to minimise) plus named stats to log
+    nll_bound(batch, generator=None) -> Tensor  [B, T] per-token NLL upper bound in nats (exact NLL for AR),
+                                                zero where batch["loss_mask"] is False: comparable across families
+    generate(prompt, length, sampler) -> Generation
+    infill(tokens, fill_mask, sampler) -> Generation
+
+A family that cannot do one of these raises an error naming the alternative; it never returns a made-up number.
+
+Batches are dicts with `input_ids` [B, T], `loss_mask` [B, T] (bool) and, for packed data, `doc_ids` [B, T]
+(the backbone then masks attention across documents).
+"""
+
+from __future__ import annotations
+
+import functools
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from dlm.optim import param_groups
+from dlm.sampling import Generation, Sampler
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised by the training CLI after a run stopped on a NaN/inf loss (a checkpoint was written first)."""
+
+
+class DiffusionLM(L.LightningModule, ABC):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        tokenizer,
+        optimizer: functools.partial | None = None,
+        lr_scheduler: functools.partial | None = None,
+        sampler: Sampler | None = None,
+        lr_multipliers: dict[str, float] | None = None,
+        val_seed: int = 1234,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.sampler = sampler
+        self.lr_multipliers = dict(lr_multipliers or {})
+        self.val_seed = val_seed
+        self.mask_id = int(tokenizer.mask_token_id)
+        self.eos_id = int(tokenizer.eos_token_id)
+        self.pad_id = int(tokenizer.pad_token_id)
+        self.nonfinite_stop: dict | None = None  # set when training stopped on a NaN/inf loss
+        self.last_val_step = -1  # the global step of the latest validation
+        self._check_vocabulary()
+
+    def _check_vocabulary(self) -> None:
+        vocab = getattr(self.backbone, "vocab_size", None)
+        if vocab is None:
+            return
+        for name, token_id in (("mask", self.mask_id), ("eos", self.eos_id), ("pad", self.pad_id)):
+            if not 0 <= token_id < vocab:
+                raise ValueError(
+                    f"the {name} token id {token_id} is outside the model's vocabulary [0, {vocab}); "
+                    f"use a tokenizer whose special tokens fit the embedding, or set model.vocab_size >= {token_id + 1}"
+                )
+        if self.mask_id in (self.eos_id, self.pad_id):
+            raise ValueError(
+                f"the mask token id {self.mask_id} equals the eos/pad id; the mask must be a token of its own"
+            )
+
+    # ---- the family interface -------------------------------------------------------------------------
+    @abstractmethod
+    def loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> dict[str, Tensor]: ...
+
+    @abstractmethod
+    def nll_bound(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor: ...
+
+    @abstractmethod
+    def generate(
+        self,
+        prompt: Tensor | None,
+        length: int,
+        sampler: Sampler | None = None,
+        num_samples: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> Generation: ...
+
+    @abstractmethod
+    def infill(
+        self, tokens: Tensor, fill_mask: Tensor, sampler: Sampler | None = None, generator: torch.Generator | None = None
+    ) -> Generation: ...
+
+    def validation_stats(self, batch: dict[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
+        """Summed per-token statistics over a validation batch; keys are logged as val/<key> averaged per
+        counted token. Families may add their own (masked-token accuracy, say)."""
+        return {"nll_bound": self.nll_bound(batch, generator=generator).sum()}
+
+    # ---- Lightning hooks --------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        self._noise_seed = torch.initial_seed()  # seed_everything(cfg.seed) ran before fit
+
+    def step_generator(self, batch_idx: int) -> torch.Generator:
+        """The diffusion noise of a training step is a function of (seed, step, rank, micro-batch), not of the
+        global RNG's history: a resumed run draws exactly the noise an uninterrupted run would have."""
+        micro = batch_idx % max(1, self.trainer.accumulate_grad_batches)
+        key = hash((getattr(self, "_noise_seed", 0), self.global_step, self.global_rank, micro)) % (2**63)
+        return torch.Generator(device=self.device).manual_seed(key)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+        out = self.loss(batch, generator=self.step_generator(batch_idx))
+        loss = out["loss"]
+        if not torch.isfinite(loss):
+            self._stop_on_nonfinite(loss, batch_idx)
+            return None  # skips the optimizer step: the weights stay as they were before this batch
+        batch_size = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        for key, value in out.items():
+            if key != "loss":
+                self.log(f"train/{key}", value, batch_size=batch_size)
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        # A fixed generator per batch makes the bound's Monte-Carlo draw the same at every validation, so
+        # successive values differ only because the model changed.
+        generator = torch.Generator(device=self.device).manual_seed(self.val_seed + batch_idx)
+        stats = self.validation_stats(batch, generator)
+        tokens = int(batch["loss_mask"].sum())
+        for key, value in stats.items():
+            self.log(f"val/{key}", value / max(tokens, 1), batch_size=tokens, sync_dist=True, prog_bar=key == "nll_bound")
+
+    def on_validation_epoch_end(self) -> None:
+        self.last_val_step = self.global_step
+        nll = self.trainer.callback_metrics.get("val/nll_bound")
+        if nll is not None:
+            self.log("val/ppl_bound", torch.exp(nll.float()), sync_dist=True)
+
+    def configure_optimizers(self):
+        if self.optimizer_factory is None:
+            raise ValueError("no optimizer configured: choose one with optimizer=<name> (e.g. optimizer=adamw)")
+        defaults = self.optimizer_factory.keywords
+        groups = param_groups(
+            self.backbone, lr=defaults.get("lr", 1e-3), weight_decay=defaults.get("weight_decay", 0.0),
+            lr_multipliers=self.lr_multipliers,
+        )
+        optimizer = self.optimizer_factory(groups)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer, total_steps=self.trainer.max_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _stop_on_nonfinite(self, loss: Tensor, batch_idx: int) -> None:
+        step = self.global_step
+        checkpoint = Path(self.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+        self.trainer.save_checkpoint(checkpoint)
+        self.nonfinite_stop = {"step": step, "loss": float(loss), "checkpoint": str(checkpoint)}
+        self.trainer.should_stop = True
+        print(
+            f"\nloss became {float(loss)} at step {step} (batch {batch_idx}); stopped training. The last finite "
+            f"state is saved at {checkpoint}. Lower optimizer.lr, raise trainer.gradient_clip_val or use "
+            f"trainer.precision=32-true, then resume with ckpt_path={checkpoint}."
+        )
+
+    # ---- helpers for families -----------------------------------------------------------------------------
+    def backbone_kwargs(self, batch: dict[str, Tensor]) -> dict:
+        return {"doc_ids": batch["doc_ids"]} if "doc_ids" in batch else {}

@@ -1,0 +1,98 @@
+"""The resolved plan of a run, printed by `dry_run=true`: parameters (total and active), tokens per optimizer
+step, steps, memory per GPU under each ZeRO stage, and where outputs go. Built without allocating weights:
+the backbone is instantiated on the meta device, so a 30B model is planned on a laptop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import nn
+
+from dlm.models import count_parameters
+
+# Bytes per parameter in mixed-precision Adam training: bf16 weights (2) and gradients (2), fp32 master
+# weights, momentum and variance (12). ZeRO partitions these across the data-parallel GPUs.
+_WEIGHT, _GRAD, _OPTIM = 2, 2, 12
+
+
+def count_active_parameters(module: nn.Module) -> int:
+    """Parameters used per token: a backbone that routes tokens to experts says so with its own method."""
+    fn = getattr(module, "count_active_parameters", None)
+    return int(fn()) if callable(fn) else count_parameters(module)
+
+
+def zero_memory_per_gpu(n_params: int, n_gpus: int) -> dict[str, float]:
+    """GiB per GPU for weights + gradients + Adam state (activations excluded) under ZeRO stages 0-3."""
+    g, gib = max(1, n_gpus), 1024**3
+    return {
+        "zero0 (ddp)": n_params * (_WEIGHT + _GRAD + _OPTIM) / gib,
+        "zero1": n_params * (_WEIGHT + _GRAD + _OPTIM / g) / gib,
+        "zero2": n_params * (_WEIGHT + (_GRAD + _OPTIM) / g) / gib,
+        "zero3": n_params * (_WEIGHT + _GRAD + _OPTIM) / g / gib,
+    }
+
+
+def resolved_devices(trainer_cfg: DictConfig) -> int:
+    devices = trainer_cfg.get("devices", 1)
+    if devices in ("auto", -1, "-1"):
+        if trainer_cfg.get("accelerator") in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+            return torch.cuda.device_count()
+        return 1
+    if isinstance(devices, (list, tuple)) or hasattr(devices, "__len__") and not isinstance(devices, str):
+        return len(devices)
+    return int(devices)
+
+
+@dataclass
+class Plan:
+    total_params: int
+    non_embedding_params: int
+    active_params: int
+    devices_per_node: int
+    num_nodes: int
+    batch_size: int
+    seq_len: int
+    accumulate: int
+    max_steps: int
+
+    @property
+    def world_size(self) -> int:
+        return self.devices_per_node * self.num_nodes
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len * self.accumulate * self.world_size
+
+    def lines(self) -> list[str]:
+        lines = [
+            f"parameters: {self.total_params:,} total, {self.non_embedding_params:,} non-embedding, "
+            f"{self.active_params:,} active per token",
+            f"devices: {self.devices_per_node} x {self.num_nodes} node(s) = {self.world_size}",
+            f"tokens per optimizer step: {self.tokens_per_step:,} (batch {self.batch_size} x seq_len {self.seq_len}"
+            f" x accumulate {self.accumulate} x {self.world_size} device(s))",
+            f"steps: {self.max_steps:,} -> {self.tokens_per_step * max(self.max_steps, 0):,} tokens",
+            "memory per GPU for weights+grads+Adam (bf16 mixed precision, activations excluded):",
+        ]
+        for gpus in sorted({1, 8, self.world_size}):
+            mem = zero_memory_per_gpu(self.total_params, gpus)
+            lines.append(f"  {gpus:>3} GPU(s): " + ", ".join(f"{k} {v:,.1f} GiB" for k, v in mem.items()))
+        return lines
+
+
+def build_plan(cfg: DictConfig, vocab_size: int | None) -> Plan:
+    with torch.device("meta"):
+        backbone = instantiate(cfg.model, vocab_size=vocab_size)
+    return Plan(
+        total_params=count_parameters(backbone),
+        non_embedding_params=count_parameters(backbone, exclude_embeddings=True),
+        active_params=count_active_parameters(backbone),
+        devices_per_node=resolved_devices(cfg.trainer),
+        num_nodes=int(cfg.trainer.get("num_nodes", 1)),
+        batch_size=int(cfg.data.batch_size),
+        seq_len=int(cfg.data.seq_len),
+        accumulate=int(cfg.trainer.get("accumulate_grad_batches", 1)),
+        max_steps=int(cfg.trainer.max_steps),
+    )

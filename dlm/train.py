@@ -1,0 +1,163 @@
+"""Train a diffusion language model: `python -m dlm.train [group=option ...] [key=value ...]`.
+
+Hydra composes conf/train.yaml; everything is built from config with `_target_`. The last stdout line is
+`run_dir: <path>`; the run folder holds .hydra/, metrics.csv, results.json, samples.jsonl, checkpoints/
+and wandb/.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from dlm.config import CONF_DIR, ConfigError, check_config, preflight, register_resolvers, resolve_ckpt_path
+from dlm.methods.base import NonFiniteLossError
+from dlm.plan import build_plan
+
+register_resolvers()
+
+
+def build_module(cfg: DictConfig, datamodule, backbone=None):
+    """The LightningModule of cfg.method around a backbone built for the datamodule's tokenizer."""
+    tokenizer = datamodule.tokenizer
+    if backbone is None:
+        backbone = instantiate(cfg.model, vocab_size=tokenizer.vocab_size)
+    max_len = getattr(backbone, "max_seq_len", None)
+    if max_len is not None and datamodule.seq_len > max_len:
+        raise ConfigError(
+            [f"data.seq_len={datamodule.seq_len} exceeds the model's maximum sequence length {max_len}: "
+             f"lower data.seq_len or raise model.max_seq_len"]
+        )
+    parts = {
+        "backbone": backbone,
+        "tokenizer": tokenizer,
+        "schedule": instantiate(cfg.schedule),
+        "sampler": instantiate(cfg.sampler),
+        "optimizer": instantiate(cfg.optimizer),
+        "lr_scheduler": instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
+    }
+    return instantiate(cfg.method, **parts)
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    return [instantiate(node) for node in (cfg.get("logger") or {}).values() if node is not None]
+
+
+def build_callbacks(cfg: DictConfig) -> list:
+    return [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
+
+
+def log_config(loggers: list, cfg: DictConfig) -> None:
+    choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
+    params = OmegaConf.to_container(cfg, resolve=True)
+    params["choices"] = {k: v for k, v in choices.items() if not k.startswith("hydra")}
+    for logger in loggers:
+        logger.log_hyperparams(params)
+
+
+def final_results(trainer: L.Trainer, callbacks: list, started: float, status: str) -> dict:
+    results = {
+        "status": status,
+        "global_step": trainer.global_step,
+        "wall_time_s": round(time.perf_counter() - started, 2),
+    }
+    for key, value in trainer.callback_metrics.items():
+        results[key] = float(value)
+    for callback in callbacks:
+        results.update(getattr(callback, "metrics", {}) or {})
+        if hasattr(callback, "tokens_seen"):
+            results["train/tokens_seen"] = callback.tokens_seen
+    return results
+
+
+def finish_loggers(loggers: list, results: dict) -> None:
+    for logger in loggers:
+        experiment = getattr(logger, "experiment", None)
+        summary = getattr(experiment, "summary", None)
+        if summary is not None:  # wandb: final metrics in the run summary, then close the run
+            summary.update(results)
+            experiment.finish()
+
+
+def train(cfg: DictConfig) -> Path:
+    started = time.perf_counter()
+    run_dir = Path(cfg.paths.run_dir)
+    check_config(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+
+    if cfg.dry_run:
+        plan = build_plan(cfg, vocab_size=datamodule.tokenizer.vocab_size)
+        print(f"plan for {cfg.name} (method {cfg.method._target_}, model {cfg.model._target_}):")
+        for line in plan.lines():
+            print("  " + line)
+        print(f"  outputs: {run_dir} (checkpoints/, metrics.csv, results.json, samples.jsonl, wandb/)")
+        return run_dir
+
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
+    datamodule.setup("fit")
+    module = build_module(cfg, datamodule)
+    loggers = build_loggers(cfg)
+    callbacks = build_callbacks(cfg)
+    log_config(loggers, cfg)
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    status = "completed"
+    if module.nonfinite_stop:
+        status = "stopped: non-finite loss"
+    elif trainer.interrupted:
+        status = "interrupted"
+    else:
+        if trainer.callback_metrics.get("val/nll_bound") is None or module.last_val_step != trainer.global_step:
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+    if not module.nonfinite_stop:
+        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    results = final_results(trainer, callbacks, started, status)
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    finish_loggers(loggers, results)
+    if module.nonfinite_stop:
+        stop = module.nonfinite_stop
+        raise NonFiniteLossError(
+            f"training stopped at step {stop['step']}: loss was {stop['loss']}; last finite state: {stop['checkpoint']}"
+        )
+    return run_dir
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def hydra_main(cfg: DictConfig) -> None:
+    try:
+        run_dir = train(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        print(f"run_dir: {cfg.paths.run_dir}")
+        sys.exit(1)
+    print(f"run_dir: {run_dir}")
+
+
+def main() -> None:
+    """Check the overrides first, so that every bad one is reported at once with the valid choices."""
+    multirun = any(a in ("-m", "--multirun") for a in sys.argv[1:])
+    overrides = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
+    if not multirun and not any("," in o.split("=", 1)[1] and "[" not in o for o in overrides):
+        problems = preflight(overrides)
+        if problems:
+            print("error: invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
+            sys.exit(2)
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Shared test fixtures: compose the real Hydra config in-process, offline, into temporary folders."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# No test may reach the network: model and dataset hubs are offline, wandb stays local.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+# Small, fast settings for runs in tests (the embedded arithmetic data, the tiny model).
+FAST = [
+    "trainer.max_steps=6",
+    "trainer.val_check_interval=3",
+    "trainer.limit_val_batches=2",
+    "trainer.enable_progress_bar=false",
+    "trainer.log_every_n_steps=1",
+    "+trainer.enable_model_summary=false",
+    "data.batch_size=16",
+    "data.source.num_train=512",
+    "data.source.num_val=64",
+    "samples.num_unconditional=4",
+    "samples.num_prompted=4",
+    "samples.num_infill=4",
+    "sampler.steps=4",
+    "logger=none",
+]
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from dlm.config import CONF_DIR, register_resolvers
+
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose("train", overrides=overrides)
+
+
+@pytest.fixture
+def run_cfg(tmp_path):
+    """compose(overrides) for a run writing into tmp_path (run folder, data cache)."""
+
+    def make(*overrides: str, run_dir=None):
+        run_dir = run_dir or tmp_path / "run"
+        return compose(
+            FAST
+            + [f"paths.run_dir={run_dir}", f"paths.cache_dir={tmp_path / 'cache'}", "name=test"]
+            + list(overrides)
+        )
+
+    return make
