@@ -8,20 +8,14 @@ from dataclasses import dataclass
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from dlm.models import count_parameters
+from dlm.models import count_active_parameters, count_parameters
 
 # Bytes per parameter in mixed-precision Adam training: bf16 weights (2) and gradients (2), fp32 master
 # weights, momentum and variance (12). ZeRO partitions these across the data-parallel GPUs.
 _WEIGHT, _GRAD, _OPTIM = 2, 2, 12
-
-
-def count_active_parameters(module: nn.Module) -> int:
-    """Parameters used per token: a backbone that routes tokens to experts says so with its own method."""
-    fn = getattr(module, "count_active_parameters", None)
-    return int(fn()) if callable(fn) else count_parameters(module)
 
 
 def zero_memory_per_gpu(n_params: int, n_gpus: int) -> dict[str, float]:
@@ -83,8 +77,16 @@ class Plan:
 
 
 def build_plan(cfg: DictConfig, vocab_size: int | None) -> Plan:
+    model_cfg = cfg.model
+    if model_cfg.get("pretrained"):
+        # A plan needs the architecture only: build it from the checkpoint's config, never its weights.
+        from dlm.models.hf import pretrained_geometry
+
+        geometry = {**pretrained_geometry(model_cfg.pretrained), **(model_cfg.get("config") or {})}
+        model_cfg = OmegaConf.merge(model_cfg, {"pretrained": None})
+        model_cfg.config = geometry
     with torch.device("meta"):
-        backbone = instantiate(cfg.model, vocab_size=vocab_size)
+        backbone = instantiate(model_cfg, vocab_size=vocab_size)
     return Plan(
         total_params=count_parameters(backbone),
         non_embedding_params=count_parameters(backbone, exclude_embeddings=True),

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hydra.utils import instantiate
-from hydra._internal.utils import _locate
-
 from conftest import compose
+from hydra._internal.utils import _locate
+from hydra.utils import instantiate
+
 from dlm.config import CONF_DIR, GROUPS, group_options, preflight
 from dlm.train import build_module
 

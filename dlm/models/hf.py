@@ -86,6 +86,32 @@ GPT2_SMALL: dict[str, Any] = {
 # Attention implementations that accept an arbitrary explicit 4D mask.
 MASKABLE_IMPLEMENTATIONS = ("sdpa", "eager")
 
+# Geometries of the hub checkpoints our configs name, so that a plan (dry_run=true) works offline.
+KNOWN_GEOMETRIES: dict[str, dict[str, Any]] = {
+    "Qwen/Qwen3-30B-A3B-Base": QWEN3_30B_A3B,
+    "Qwen/Qwen3-30B-A3B": QWEN3_30B_A3B,
+    "Qwen/Qwen3-0.6B-Base": QWEN3_0P6B,
+    "Qwen/Qwen3-0.6B": QWEN3_0P6B,
+    "openai-community/gpt2": GPT2_SMALL,
+    "gpt2": GPT2_SMALL,
+}
+
+
+def pretrained_geometry(pretrained: str) -> dict[str, Any]:
+    """The config of a checkpoint as a plain dict with model_type: read from a local folder or the hub cache,
+    else from KNOWN_GEOMETRIES (offline). Never loads weights."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(pretrained).to_dict()
+    except (OSError, ValueError) as err:
+        if pretrained in KNOWN_GEOMETRIES:
+            return dict(KNOWN_GEOMETRIES[pretrained])
+        raise ValueError(
+            f"cannot read the config of {pretrained!r} (offline, or no such checkpoint) and its geometry is not "
+            f"among the known ones ({', '.join(KNOWN_GEOMETRIES)}): pass a local folder as model.pretrained"
+        ) from err
+
 
 def _plain_dict(config: Any) -> dict[str, Any]:
     """A Hydra DictConfig (or any mapping) as a plain, recursively converted dict."""
