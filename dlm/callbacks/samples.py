@@ -80,7 +80,7 @@ def write_samples(
     seed: int = SAMPLE_SEED,
 ) -> tuple[list[dict], dict[str, float]]:
     """Generate and score; returns the jsonl rows and the metrics (keys `sample/...`)."""
-    generator = torch.Generator(device=module.device).manual_seed(seed)
+    generator = torch.Generator(device=module.compute_device).manual_seed(seed)
     eos = tokenizer.eos_token_id
     rows: list[dict] = []
     metrics: dict[str, float] = {}

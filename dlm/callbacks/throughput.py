@@ -1,4 +1,4 @@
-"""Tokens per second and tokens seen, logged every step (torchtitan-style), kept across resumes."""
+"""Tokens per second, tokens seen (kept across resumes) and, on GPUs, peak memory: logged as training goes."""
 
 from __future__ import annotations
 
@@ -27,6 +27,9 @@ class ThroughputLogger(L.Callback):
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - self._window_start
             pl_module.log("train/tokens_per_s", self._window_tokens / max(elapsed, 1e-9), rank_zero_only=True)
+            if pl_module.device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated(pl_module.device) / 1024**3
+                pl_module.log("train/peak_mem_gib", peak, rank_zero_only=True)
             self._window_tokens, self._window_start = 0, time.perf_counter()
         pl_module.log("train/tokens_seen", float(self.tokens_seen), rank_zero_only=True)
 

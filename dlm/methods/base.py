@@ -55,6 +55,7 @@ class DiffusionLM(L.LightningModule, ABC):
         self.mask_id = int(tokenizer.mask_token_id)
         self.eos_id = int(tokenizer.eos_token_id)
         self.pad_id = int(tokenizer.pad_token_id)
+        self.vocab_size = int(tokenizer.vocab_size)
         self.nonfinite_stop: dict | None = None  # set when training stopped on a NaN/inf loss
         self.last_val_step = -1  # the global step of the latest validation
         self._check_vocabulary()
@@ -63,6 +64,11 @@ class DiffusionLM(L.LightningModule, ABC):
         vocab = getattr(self.backbone, "vocab_size", None)
         if vocab is None:
             return
+        if self.vocab_size > vocab:
+            raise ValueError(
+                f"the tokenizer has {self.vocab_size} tokens but the model's embedding only {vocab} rows; "
+                f"set model.vocab_size >= {self.vocab_size} (the native and HF backbones grow it when asked)"
+            )
         for name, token_id in (("mask", self.mask_id), ("eos", self.eos_id), ("pad", self.pad_id)):
             if not 0 <= token_id < vocab:
                 raise ValueError(
@@ -169,3 +175,15 @@ class DiffusionLM(L.LightningModule, ABC):
     # ---- helpers for families -----------------------------------------------------------------------------
     def backbone_kwargs(self, batch: dict[str, Tensor]) -> dict:
         return {"doc_ids": batch["doc_ids"]} if "doc_ids" in batch else {}
+
+    @property
+    def compute_device(self) -> torch.device:
+        """Where forward passes run. Under DeepSpeed ZeRO-3 the module's `.device` can stay on the CPU while the
+        partitioned parameters live on the GPU, so ask the strategy when there is one."""
+        trainer = self._trainer
+        return trainer.strategy.root_device if trainer is not None else self.device
+
+    def logits(self, tokens: Tensor, **backbone_kwargs) -> Tensor:
+        """Backbone logits restricted to the tokenizer's vocabulary: a pretrained model's embedding may have
+        more rows than the tokenizer uses, and those ids must never be predicted."""
+        return self.backbone(tokens, **backbone_kwargs)[..., : self.vocab_size]

@@ -61,9 +61,10 @@ class MDLM(DiffusionLM):
         # Positions outside the loss mask (packing's trailing pad) stay clean: they neither count nor leak.
         masked = (torch.rand(x0.shape, device=x0.device, generator=generator) < mask_prob) & counted
         xt = torch.where(masked, self.mask_id, x0)
-        logits = self.backbone(xt, time=t, **self.backbone_kwargs(batch)) if self._time_conditioned else self.backbone(
-            xt, **self.backbone_kwargs(batch)
-        )
+        kwargs = self.backbone_kwargs(batch)
+        if self._time_conditioned:
+            kwargs["time"] = t
+        logits = self.logits(xt, **kwargs)
         # Score only the masked positions: cheaper, and SUBS gives the rest zero loss anyway.
         masked_logits = logits[masked].float()
         masked_logits[:, self.mask_id] = float("-inf")
@@ -105,7 +106,7 @@ class MDLM(DiffusionLM):
         kwargs = {"doc_ids": doc_ids} if doc_ids is not None else {}
         if self._time_conditioned:
             kwargs["time"] = time
-        logits = self.backbone(xt, **kwargs).float()
+        logits = self.logits(xt, **kwargs).float()
         logits[..., self.mask_id] = float("-inf")
         logp = logits.log_softmax(-1)
         clean = (xt != self.mask_id)[..., None]
@@ -122,9 +123,9 @@ class MDLM(DiffusionLM):
     ) -> Generation:
         """Append `length` masks to each prompt row (or start from `num_samples` all-mask rows) and denoise."""
         if prompt is None:
-            prompt = torch.empty(num_samples, 0, dtype=torch.long, device=self.device)
-        prompt = prompt.to(self.device)
-        masks = torch.full((prompt.shape[0], length), self.mask_id, dtype=torch.long, device=self.device)
+            prompt = torch.empty(num_samples, 0, dtype=torch.long, device=self.compute_device)
+        prompt = prompt.to(self.compute_device)
+        masks = torch.full((prompt.shape[0], length), self.mask_id, dtype=torch.long, device=self.compute_device)
         tokens = torch.cat([prompt, masks], dim=1)
         return self.infill(tokens, tokens == self.mask_id, sampler=sampler, generator=generator)
 
@@ -138,7 +139,7 @@ class MDLM(DiffusionLM):
         max_len = getattr(self.backbone, "max_seq_len", None)
         if max_len is not None and tokens.shape[1] > max_len:
             raise ValueError(f"prompt + length = {tokens.shape[1]} tokens exceeds the model's max_seq_len={max_len}")
-        x = tokens.to(self.device).masked_fill(fill_mask.to(self.device), self.mask_id)
+        x = tokens.to(self.compute_device).masked_fill(fill_mask.to(self.compute_device), self.mask_id)
         initial_masks = (x == self.mask_id).sum(1).clamp(min=1)
 
         def denoiser(xt: Tensor) -> Tensor:
