@@ -43,7 +43,9 @@ class ArithmeticTask:
 
     alphabet = "0123456789+="
 
-    def __init__(self, n_digits: int = 2, num_train: int = 20000, num_val: int = 512, seed: int = 0):
+    def __init__(
+        self, n_digits: int = 2, num_train: int = 20000, num_val: int = 512, seed: int = 0, fixed_width: bool = False
+    ):
         if not isinstance(n_digits, int) or not 1 <= n_digits <= 18:
             raise ValueError(f"n_digits must be an int in [1, 18], got {n_digits!r}")
         if num_train < 1 or num_val < 1:
@@ -54,6 +56,10 @@ class ArithmeticTask:
         self.num_train = int(num_train)
         self.num_val = int(num_val)
         self.seed = int(seed)
+        # fixed_width: operands zero-padded to n_digits and the sum to n_digits + 1 ("07+45=052"), so every digit
+        # sits at a fixed position: a much easier task for a small model than variable-width numbers.
+        self.fixed_width = bool(fixed_width)
+        self._fixed = re.compile(rf"^(\d{{{self.n_digits}}})\+(\d{{{self.n_digits}}})=(\d{{{self.n_digits + 1}}})$")
         self._hi = 10**self.n_digits  # operands in [0, hi)
         self._total = self._hi * self._hi
         if self.num_val >= self._total:
@@ -100,8 +106,10 @@ class ArithmeticTask:
             self._generate()
         return self._pairs[_split_name(split)]
 
-    @staticmethod
-    def format(a: int, b: int) -> str:
+    def format(self, a: int, b: int) -> str:
+        if self.fixed_width:
+            n = self.n_digits
+            return f"{a:0{n}d}+{b:0{n}d}={a + b:0{n + 1}d}"
         return f"{a}+{b}={a + b}"
 
     def documents(self, split: str) -> list[str]:
@@ -115,10 +123,10 @@ class ArithmeticTask:
         return len(self.format(m, m))
 
     # -- checking -----------------------------------------------------------------------------------------
-    @staticmethod
-    def parse(text: str) -> tuple[int, int, int] | None:
-        """``(a, b, c)`` if ``text`` is a well-formed equation ``a+b=c`` (canonical numbers), else None."""
-        m = _EQ.match(text.strip())
+    def parse(self, text: str) -> tuple[int, int, int] | None:
+        """``(a, b, c)`` if ``text`` is a well-formed equation ``a+b=c`` (canonical numbers, or zero-padded to
+        the fixed widths when fixed_width), else None."""
+        m = (self._fixed if self.fixed_width else _EQ).match(text.strip())
         if m is None:
             return None
         return int(m.group(1)), int(m.group(2)), int(m.group(3))
@@ -161,7 +169,7 @@ class ArithmeticTask:
 
     def prompts(self, n: int, seed: int = 0) -> list[str]:
         """``n`` left contexts like ``"47+8="`` from val problems; check with ``is_valid(prompt + completion)``."""
-        return [f"{int(a)}+{int(b)}=" for a, b in self._val_choice(n, seed)]
+        return [self.format(int(a), int(b)).split("=")[0] + "=" for a, b in self._val_choice(n, seed)]
 
     def infill_items(self, n: int, seed: int = 0) -> list[tuple[str, list[int]]]:
         """``n`` (correct val equation, [character position to hide]) pairs.
@@ -183,13 +191,13 @@ class ArithmeticTask:
     def fingerprint(self) -> str:
         return (
             f"{_VERSION}:n_digits={self.n_digits}:num_train={self.num_train}:num_val={self.num_val}:"
-            f"seed={self.seed}"
+            f"seed={self.seed}" + (":fixed_width" if self.fixed_width else "")
         )
 
     def __repr__(self) -> str:
         return (
             f"ArithmeticTask(n_digits={self.n_digits}, num_train={self.num_train}, num_val={self.num_val}, "
-            f"seed={self.seed})"
+            f"seed={self.seed}, fixed_width={self.fixed_width})"
         )
 
     def __getstate__(self) -> dict[str, Any]:  # do not ship generated arrays to dataloader workers

@@ -27,8 +27,12 @@ __all__ = ["ArithmeticSource", "HFDatasetSource", "TextFilesSource"]
 class ArithmeticSource:
     """The embedded addition task (see :mod:`dlm.data.arithmetic`); ``.task`` is the ArithmeticTask."""
 
-    def __init__(self, n_digits: int = 2, num_train: int = 20000, num_val: int = 512, seed: int = 0):
-        self.task = ArithmeticTask(n_digits=n_digits, num_train=num_train, num_val=num_val, seed=seed)
+    def __init__(
+        self, n_digits: int = 2, num_train: int = 20000, num_val: int = 512, seed: int = 0, fixed_width: bool = False
+    ):
+        self.task = ArithmeticTask(
+            n_digits=n_digits, num_train=num_train, num_val=num_val, seed=seed, fixed_width=fixed_width
+        )
 
     def documents(self, split: str) -> list[str]:
         return self.task.documents(split)

@@ -104,8 +104,10 @@ class DiffusionLM(L.LightningModule, ABC):
 
     def validation_stats(self, batch: dict[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
         """Summed per-token statistics over a validation batch; keys are logged as val/<key> averaged per
-        counted token. Families may add their own (masked-token accuracy, say)."""
-        return {"nll_bound": self.nll_bound(batch, generator=generator).sum()}
+        counted token. "loss" (the training objective; the best checkpoint is chosen by val/loss) is required,
+        "nll_bound" expected from every family that has one; families may add their own."""
+        nll = self.nll_bound(batch, generator=generator).sum()
+        return {"loss": nll, "nll_bound": nll}
 
     # ---- Lightning hooks --------------------------------------------------------------------------------
     def on_fit_start(self) -> None:

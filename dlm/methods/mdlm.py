@@ -97,7 +97,11 @@ class MDLM(DiffusionLM):
         bound, masked, correct = self._diffusion_terms(batch, generator)
         tokens = batch["loss_mask"].sum().clamp(min=1)
         # masked_acc is logged per counted token by the base class; rescale so it reads as accuracy on masks.
-        return {"nll_bound": bound.sum(), "masked_acc": correct.sum() / masked.sum().clamp(min=1) * tokens}
+        return {
+            "loss": bound.sum(),
+            "nll_bound": bound.sum(),
+            "masked_acc": correct.sum() / masked.sum().clamp(min=1) * tokens,
+        }
 
     # ---- sampling ----------------------------------------------------------------------------------------
     @torch.no_grad()
