@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
 from dlm.models import count_active_parameters, count_parameters
 

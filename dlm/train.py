@@ -15,6 +15,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -23,6 +24,17 @@ from dlm.methods.base import NonFiniteLossError
 from dlm.plan import build_plan
 
 register_resolvers()
+
+
+def build_datamodule(cfg: DictConfig):
+    """The datamodule of cfg.data; a bad path or value becomes a ConfigError naming it (no traceback)."""
+    try:
+        return instantiate(cfg.data)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, (ValueError, FileNotFoundError)):
+            raise ConfigError([f"data: {cause}"]) from err
+        raise
 
 
 def build_module(cfg: DictConfig, datamodule, backbone=None):
@@ -92,7 +104,7 @@ def train(cfg: DictConfig) -> Path:
     run_dir = Path(cfg.paths.run_dir)
     check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data)
+    datamodule = build_datamodule(cfg)
 
     if cfg.dry_run:
         plan = build_plan(cfg, vocab_size=datamodule.tokenizer.vocab_size)
@@ -103,7 +115,10 @@ def train(cfg: DictConfig) -> Path:
         return run_dir
 
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
-    datamodule.setup("fit")
+    try:
+        datamodule.setup("fit")
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError([f"data: {err}"]) from err
     module = build_module(cfg, datamodule)
     loggers = build_loggers(cfg)
     callbacks = build_callbacks(cfg)

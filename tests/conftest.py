@@ -50,8 +50,10 @@ def run_cfg(tmp_path):
 
     def make(*overrides: str, run_dir=None):
         run_dir = run_dir or tmp_path / "run"
+        other_data = any(o.startswith("data=") for o in overrides)
+        fast = [o for o in FAST if not (other_data and o.startswith("data.source."))]
         return compose(
-            FAST
+            fast
             + [f"paths.run_dir={run_dir}", f"paths.cache_dir={tmp_path / 'cache'}", "name=test"]
             + list(overrides)
         )

@@ -146,3 +146,16 @@ def test_param_groups_split_by_role_without_decay_on_norms_and_embeddings():
     assert n_grouped == sum(p.numel() for p in model.backbone.parameters())
     with pytest.raises(ValueError, match="valid roles"):
         param_groups(model.backbone, lr=1e-3, weight_decay=0.0, lr_multipliers={"attn": 2.0})
+
+
+def test_a_larger_embedding_than_the_tokenizer_never_yields_unknown_ids():
+    """Pretrained embeddings often have spare rows past the tokenizer: they must never be sampled."""
+    torch.manual_seed(0)
+    backbone = Transformer(vocab_size=32, n_layers=1, d_model=32, n_heads=2, max_seq_len=16)
+    with torch.no_grad():
+        backbone.tok_emb.weight[7:] *= 50  # make the spare rows tempting
+    model = MDLM(backbone, TOKENIZER, LinearSchedule(), sampler=AncestralSampler(steps=4))
+    gen = model.generate(None, length=12, num_samples=8, generator=torch.Generator().manual_seed(0))
+    assert int(gen.tokens.max()) < TOKENIZER.vocab_size
+    logp = model.denoise(torch.full((1, 4), MASK))
+    assert logp.shape[-1] == TOKENIZER.vocab_size

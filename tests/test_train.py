@@ -136,3 +136,20 @@ def test_cli_lists_every_bad_override_with_the_valid_choices(tmp_path):
     assert proc.returncode != 0
     assert "valid options for model:" in proc.stderr and "tiny" in proc.stderr
     assert "did you mean trainer.max_steps" in proc.stderr
+
+
+def test_missing_data_path_and_empty_corpus_are_clear_errors(run_cfg, tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        train(run_cfg("data=text_files", f"data.source.paths={tmp_path / 'missing.txt'}"))
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(ConfigError, match="corpus is empty"):
+        train(run_cfg("data=text_files", f"data.source.paths={tmp_path / 'empty.txt'}"))
+
+
+def test_text_files_train_packed_with_document_masking(run_cfg, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"document number {i} says hello" for i in range(200)))
+    run_dir = train(run_cfg("data=text_files", f"data.source.paths={corpus}", "data.seq_len=64"))
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "completed" and results["val/nll_bound"] > 0
+    assert "sample/valid_frac" not in results  # no checkable task for free text

@@ -12,3 +12,6 @@ __all__ = [
     "count_active_parameters",
     "count_parameters",
 ]
+from dlm.models.hf_masked_lm import HFMaskedLM  # noqa: E402
+
+__all__ += ["HFMaskedLM"]

@@ -2,7 +2,9 @@
 
 ``HFCausalLM`` wraps any ``AutoModelForCausalLM`` behind the native backbone's call signature
 ``forward(input_ids, *, doc_ids=None, time=None, attention=None) -> float32 logits [B, T, V]``, so every
-method (masked diffusion, block diffusion, AR) runs on it unchanged.
+method (masked diffusion, block diffusion, AR) runs on it unchanged. Like the native backbone it also takes
+an explicit boolean ``attn_mask`` [B|1, 1, T, S], ``position_ids`` and a KV cache (transformers' own cache
+objects, ``DynamicCache``) through ``past_key_values=`` / ``use_cache=``.
 
 Conversion to bidirectional attention takes two switches, because transformers reads causality from two
 places:
@@ -29,6 +31,7 @@ running each document on its own (as in the native backbone).
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -310,6 +313,15 @@ class HFCausalLM(nn.Module):
         zero = torch.zeros((), dtype=dtype, device=device)
         return torch.where(allowed, zero, torch.finfo(dtype).min)
 
+    def _as_impl_mask(self, allowed: Tensor) -> Tensor:
+        """A boolean mask (True = may attend) in the form the attention implementation takes."""
+        if self.attn_implementation == "sdpa":
+            return allowed
+        dtype = self.hf_model.get_input_embeddings().weight.dtype
+        if not dtype.is_floating_point:
+            dtype = torch.float32
+        return torch.where(allowed, torch.zeros((), dtype=dtype, device=allowed.device), torch.finfo(dtype).min)
+
     def forward(
         self,
         input_ids: Tensor,
@@ -317,17 +329,29 @@ class HFCausalLM(nn.Module):
         doc_ids: Tensor | None = None,
         time: Tensor | None = None,
         attention: str | None = None,
-    ) -> Tensor:
-        """input_ids [B, T] -> float32 logits [B, T, vocab_size]. ``time`` is ignored (no time conditioning)."""
+        attn_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        past_key_values: Any = None,
+        use_cache: bool = False,
+    ) -> Tensor | tuple[Tensor, Any]:
+        """input_ids [B, T] -> float32 logits [B, T, vocab_size] (and the cache when use_cache).
+
+        ``time`` is ignored (no time conditioning). ``attn_mask``: bool [B|1, 1, T, S] (True = may attend,
+        S = cached + T) replacing the pattern's mask; needs sdpa/eager. ``position_ids`` [B|1, T]: default after
+        the cached tokens (or per document). ``past_key_values``: a transformers cache (e.g. ``DynamicCache``)
+        of earlier tokens; it is appended to when ``use_cache`` and left as it was otherwise.
+        """
         B, T = input_ids.shape
         pattern = self.attention if attention is None else attention
         if pattern not in PATTERNS:
             raise ValueError(
                 f"unknown attention pattern {pattern!r}; valid patterns are {', '.join(PATTERNS)}"
             )
-        if T > self.max_seq_len:
+        past = 0 if past_key_values is None else int(past_key_values.get_seq_length())
+        longest = T + past if position_ids is None or not position_ids.numel() else int(position_ids.max()) + 1
+        if longest > self.max_seq_len:
             raise ValueError(
-                f"sequence length {T} exceeds the model's max_seq_len={self.max_seq_len}; "
+                f"sequence length {longest} exceeds the model's max_seq_len={self.max_seq_len}; "
                 "raise model.max_seq_len or lower data.seq_len"
             )
         if input_ids.device.type != "meta" and input_ids.numel():
@@ -339,8 +363,22 @@ class HFCausalLM(nn.Module):
                 )
         if doc_ids is not None and doc_ids.shape != input_ids.shape:
             raise ValueError(f"doc_ids shape {list(doc_ids.shape)} must equal input_ids shape {[B, T]}")
+        if doc_ids is not None and (attn_mask is not None or past):
+            raise ValueError("doc_ids cannot be combined with attn_mask or a KV cache: fold documents into attn_mask")
 
-        if pattern == "bidirectional" and doc_ids is None and self.mask_free_bidirectional:
+        if attn_mask is not None or past:
+            if not self.converted and (attn_mask is not None or pattern != "causal"):
+                raise ValueError(
+                    f"attn_implementation={self.attn_implementation!r} cannot take a custom attention mask; "
+                    "use attn_implementation=sdpa or eager"
+                )
+            if attn_mask is None and self.converted:  # the pattern's rows for the new queries
+                allowed = attention_mask(pattern, past + T, block_size=self.block_size, device=input_ids.device)
+                attn_mask = None if allowed is None else allowed[..., past:, :]
+                if attn_mask is None:
+                    attn_mask = torch.ones(1, 1, T, past + T, dtype=torch.bool, device=input_ids.device)
+            mask = None if attn_mask is None else self._as_impl_mask(attn_mask.expand(B, 1, T, past + T))
+        elif pattern == "bidirectional" and doc_ids is None and self.mask_free_bidirectional:
             mask = None  # module.is_causal and config.is_causal are False: no mask, fastest SDPA kernels
         elif self.converted:
             mask = self._mask(pattern, T, doc_ids, input_ids.device)
@@ -352,11 +390,30 @@ class HFCausalLM(nn.Module):
                 f"attention={pattern!r}{' with doc_ids' if doc_ids is not None else ''} is not supported; "
                 "use attn_implementation=sdpa or eager"
             )
-        position_ids = None if doc_ids is None else positions_from_doc_ids(doc_ids)
+        if position_ids is None:
+            if doc_ids is not None:
+                position_ids = positions_from_doc_ids(doc_ids)
+            elif past:
+                position_ids = torch.arange(past, past + T, device=input_ids.device)[None]
+        kwargs: dict[str, Any] = {}
+        if past_key_values is not None or use_cache:
+            if past_key_values is None:
+                from transformers import DynamicCache
+
+                past_key_values = DynamicCache(config=self.hf_model.config)
+            # transformers >= 5.2x names the argument `cache` (past_key_values is deprecated there).
+            key = "cache" if "cache" in inspect.signature(self.hf_model.forward).parameters else "past_key_values"
+            kwargs[key] = past_key_values
+            kwargs["cache_position"] = torch.arange(past, past + T, device=input_ids.device)
         out = self.hf_model(
-            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=bool(kwargs), **kwargs
         )
-        return out.logits.float()
+        logits = out.logits.float()
+        if use_cache:
+            return logits, past_key_values
+        if past_key_values is not None:  # read-only use: drop the tokens this call appended
+            past_key_values.crop(-T)
+        return logits
 
 
 def _top_k_near(parent: nn.Module, root: nn.Module) -> int | None:

@@ -7,6 +7,10 @@ masked-diffusion and block-diffusion methods.
 Packed sequences: when ``doc_ids`` is given, attention is restricted to each document and RoPE positions
 restart at 0 at every document start (a document is a run of equal consecutive doc ids), so a packed
 sequence gives the same logits as running each document on its own.
+
+Methods with their own layout (block diffusion's [x_t ; x_0]) pass an explicit boolean ``attn_mask``
+(True = may attend) and ``position_ids``. Decoding passes a :class:`KVCache`: keys/values of earlier tokens
+(after RoPE), appended to when ``use_cache=True`` and only read when ``use_cache=False``.
 """
 
 from __future__ import annotations
@@ -62,6 +66,30 @@ def positions_from_doc_ids(doc_ids: Tensor) -> Tensor:
     return idx - start
 
 
+class KVCache:
+    """Per-layer keys and values [B, n_kv_heads, S, head_dim] of the tokens seen so far (RoPE applied)."""
+
+    def __init__(self):
+        self.layers: list[tuple[Tensor, Tensor] | None] = []
+
+    def get_seq_length(self) -> int:
+        return 0 if not self.layers or self.layers[0] is None else self.layers[0][0].shape[2]
+
+    def read(self, i: int, k: Tensor, v: Tensor, store: bool) -> tuple[Tensor, Tensor]:
+        """Layer i's past keys/values followed by the new ones; kept for later calls when ``store``."""
+        while len(self.layers) <= i:
+            self.layers.append(None)
+        if self.layers[i] is not None:
+            k, v = torch.cat([self.layers[i][0], k], dim=2), torch.cat([self.layers[i][1], v], dim=2)
+        if store:
+            self.layers[i] = (k, v)
+        return k, v
+
+    def crop(self, length: int) -> None:
+        """Keep the first ``length`` cached tokens."""
+        self.layers = [None if kv is None else (kv[0][:, :, :length], kv[1][:, :, :length]) for kv in self.layers]
+
+
 class Attention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, dropout: float):
         super().__init__()
@@ -73,12 +101,14 @@ class Attention(nn.Module):
         self.wo = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
         self.dropout = dropout
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
+    def forward(self, x, cos, sin, mask, is_causal, cache=None) -> Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # (KVCache, layer index, store?)
+            k, v = cache[0].read(cache[1], k, v, cache[2])
         if self.n_kv_heads != self.n_heads:  # GQA: each kv head serves n_heads / n_kv_heads query heads
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -109,10 +139,10 @@ class Block(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.time_proj = nn.Linear(d_model, d_model, bias=False) if time_conditioning else None
 
-    def forward(self, x, cos, sin, mask, is_causal, cond=None):
+    def forward(self, x, cos, sin, mask, is_causal, cond=None, cache=None):
         if self.time_proj is not None:
             x = x + self.time_proj(cond)[:, None, :]  # layerwise time conditioning
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, mask, is_causal))
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, mask, is_causal, cache))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -145,6 +175,8 @@ class Transformer(nn.Module):
         init_std: float = 0.02,
     ):
         super().__init__()
+        # The constructor's arguments: written to config.json by a native export (see from_pretrained).
+        self.init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         if d_model % n_heads:
             raise ValueError(
@@ -200,13 +232,25 @@ class Transformer(nn.Module):
         doc_ids: Tensor | None = None,
         time: Tensor | None = None,
         attention: str | None = None,
-    ) -> Tensor:
-        """input_ids [B, T] -> float32 logits [B, T, vocab_size]."""
+        attn_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+    ) -> Tensor | tuple[Tensor, KVCache]:
+        """input_ids [B, T] -> float32 logits [B, T, vocab_size] (and the KVCache when use_cache).
+
+        attn_mask: bool [B|1, 1, T, S] (True = may attend; S = cached + T) replacing the pattern's mask.
+        position_ids: [B|1, T] RoPE positions (default: after the cached tokens, or per document).
+        past_key_values: a KVCache of earlier tokens; read always, appended to only when use_cache.
+        """
         B, T = input_ids.shape
         pattern = self.attention if attention is None else attention
-        if T > self.max_seq_len:
+        past = 0 if past_key_values is None else past_key_values.get_seq_length()
+        if position_ids is None and T + past > self.max_seq_len or (
+            position_ids is not None and position_ids.numel() and int(position_ids.max()) >= self.max_seq_len
+        ):
             raise ValueError(
-                f"sequence length {T} exceeds the model's max_seq_len={self.max_seq_len}; "
+                f"sequence length {T + past} exceeds the model's max_seq_len={self.max_seq_len}; "
                 "raise model.max_seq_len or lower data.seq_len"
             )
         if input_ids.device.type != "meta" and input_ids.numel():
@@ -218,16 +262,21 @@ class Transformer(nn.Module):
                 )
         if doc_ids is not None and doc_ids.shape != input_ids.shape:
             raise ValueError(f"doc_ids shape {list(doc_ids.shape)} must equal input_ids shape {[B, T]}")
+        if doc_ids is not None and (attn_mask is not None or past):
+            raise ValueError("doc_ids cannot be combined with attn_mask or a KV cache: fold documents into attn_mask")
 
         # Plain causal / bidirectional take SDPA's mask-free fast paths; everything else gets a bool mask.
-        is_causal = pattern == "causal" and doc_ids is None
-        mask = None
-        if not is_causal:
+        is_causal = attn_mask is None and pattern == "causal" and doc_ids is None and past == 0
+        mask = attn_mask
+        if mask is None and not is_causal:
             mask = attention_mask(
-                pattern, T, doc_ids=doc_ids, block_size=self.block_size, device=input_ids.device
+                pattern, past + T, doc_ids=doc_ids, block_size=self.block_size, device=input_ids.device
             )
-        if doc_ids is None:
-            positions = torch.arange(T, device=input_ids.device)[None]
+            mask = None if mask is None else mask[..., past:, :]  # the new queries' rows
+        if position_ids is not None:
+            positions = position_ids
+        elif doc_ids is None:
+            positions = torch.arange(past, past + T, device=input_ids.device)[None]
         else:
             positions = positions_from_doc_ids(doc_ids)
         cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta)
@@ -242,10 +291,29 @@ class Transformer(nn.Module):
             emb = timestep_embedding(time, self.tok_emb.embedding_dim).to(self.tok_emb.weight.dtype)
             cond = F.silu(self.time_mlp(emb))
 
+        cache = past_key_values if past_key_values is not None else (KVCache() if use_cache else None)
         x = self.drop(self.tok_emb(input_ids))
-        for block in self.blocks:
-            x = block(x, cos, sin, mask, is_causal, cond)
-        return self.lm_head(self.norm(x)).float()
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, mask, is_causal, cond, None if cache is None else (cache, i, use_cache))
+        logits = self.lm_head(self.norm(x)).float()
+        return (logits, cache) if use_cache else logits
+
+    @classmethod
+    def from_pretrained(cls, path) -> Transformer:
+        """Load a native export: ``config.json`` (the constructor's arguments) + ``model.safetensors``."""
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        config = json.loads((Path(path) / "config.json").read_text())
+        config = {k: v for k, v in config.items() if k not in ("architecture", "format")}
+        model = cls(**config)
+        state = load_file(str(Path(path) / "model.safetensors"))
+        if model.lm_head.weight is model.tok_emb.weight:
+            state.setdefault("lm_head.weight", state["tok_emb.weight"])
+        model.load_state_dict(state)
+        return model
 
 
 def count_parameters(module: nn.Module, *, exclude_embeddings: bool = False) -> int:

@@ -13,3 +13,11 @@ __all__ = [
     "filter_logits",
     "sample_categorical",
 ]
+from dlm.sampling.d3pm import D3PMSampler  # noqa: E402
+from dlm.sampling.sundae import ArgmaxUnrolledSampler, SundaeSampler  # noqa: E402
+
+__all__ += ["ArgmaxUnrolledSampler", "D3PMSampler", "SundaeSampler"]
+
+from dlm.sampling.autoregressive import ARSampler  # noqa: E402
+
+__all__ += ["ARSampler"]

@@ -1,0 +1,297 @@
+"""Block diffusion: BD3-LM (Arriola et al. 2025). Autoregressive over blocks of ``block_size`` L' tokens,
+masked diffusion inside a block.
+
+A row of T tokens is cut into blocks of L' consecutive positions counted from the row start (the last one
+may be shorter). Block b gets its own diffusion time t_b, its tokens are masked with probability 1 - α(t_b),
+and the NELBO is
+
+    Σ_b E_{t_b} [ w(t_b) Σ_{i in b masked} -log p_θ(x_i | x_t^b, x^{<b}) ],   w(t) = -α'(t) / (1 - α(t)),
+
+with the SUBS parameterisation of MDLM (the mask is never predicted, clean tokens carry no loss).
+
+Vectorised training: one forward over [x_t ; x_0] (length 2T, the x_0 copy at the same positions as x_t)
+under a three-part mask: x_t attends block-diagonally to x_t (its own block), x_t block b attends to the
+clean blocks < b of x_0, and x_0 attends block-causally to x_0. :meth:`BD3LM.loop_logits` computes the same
+logits one block at a time (the reference of the tests).
+
+``shift_logits`` (SDAR / Fast-dLLM v2 style, natural when continuing an AR checkpoint): token i is predicted
+from the output at position i - 1, i.e. from the clean stream's last token of the previous block for the
+first token of a block (a start token s, default EOS, before the row for token 0) and from the noisy stream
+for the rest. Positions are then shifted by one (s at 0, x_i at i + 1), so T + 1 <= max_seq_len.
+
+Reductions (tested): L' = T without shift is MDLM (same loss for the same noise); L' = 1 with shift is the
+AR family (identical per-token NLL at t = 1 with the linear schedule, where every token is masked and
+w = 1; for any t the bound's expectation over t is that NLL, since E_t[w(t)(1 - α(t))] = 1).
+
+Sampling is semi-autoregressive: block by block, each block denoised by the configured mask sampler
+(``self.sampler``, e.g. AncestralSampler / LowConfidenceSampler) with a denoiser that reads an exact KV
+cache of the finished clean blocks; a finished block is then appended to the cache. ``kv_cache=False``
+recomputes the whole clean prefix for every denoiser call (the reference: identical tokens for a fixed
+generator). Generation stops after the block in which every row has produced an EOS.
+
+Limits: the backbone must take explicit masks (native Transformer; HFCausalLM with sdpa/eager); the
+backbone must not be time-conditioned (the noise level differs per block); ``shift_logits`` does not support
+packed rows (doc_ids). Infilling conditions on the blocks before a hole and the given tokens of the hole's
+own block; anything after that block is not visible.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dlm.methods.base import DiffusionLM
+from dlm.methods.mdlm import TIME_SAMPLING
+from dlm.models.transformer import positions_from_doc_ids
+from dlm.sampling import Generation, Sampler
+from dlm.schedules import MaskSchedule
+
+
+class BD3LM(DiffusionLM):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        tokenizer,
+        schedule: MaskSchedule,
+        block_size: int = 4,
+        shift_logits: bool = False,
+        start_token_id: int | None = None,
+        time_sampling: str = "antithetic",
+        t_eps: float = 1e-3,
+        kv_cache: bool = True,
+        **base_kwargs,
+    ):
+        super().__init__(backbone, tokenizer, **base_kwargs)
+        if isinstance(block_size, bool) or int(block_size) != block_size or block_size < 1:
+            raise ValueError(f"method.block_size must be an integer >= 1, got {block_size!r}")
+        if time_sampling not in TIME_SAMPLING:
+            raise ValueError(f"method.time_sampling={time_sampling!r}; valid: {', '.join(TIME_SAMPLING)}")
+        if not 0.0 <= t_eps < 1.0:
+            raise ValueError(f"method.t_eps must be in [0, 1), got {t_eps}")
+        if getattr(backbone, "time_conditioning", False):
+            raise ValueError("method=bd3lm needs a backbone without time conditioning (the noise level is per block)")
+        self.schedule = schedule
+        self.block_size = int(block_size)
+        self.shift = bool(shift_logits)
+        self.start_id = self.eos_id if start_token_id is None else int(start_token_id)
+        self.time_sampling, self.t_eps = time_sampling, t_eps
+        self.kv_cache = bool(kv_cache)
+
+    # ---- the objective ----------------------------------------------------------------------------------
+    def sample_time(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """n diffusion times on [t_eps, 1] (the same draws as MDLM.sample_time)."""
+        kw = {"device": self.device, "generator": generator}
+        if self.time_sampling == "antithetic":
+            u = (torch.rand(1, **kw) + torch.arange(n, device=self.device) / n) % 1.0
+        elif self.time_sampling == "stratified":
+            u = (torch.arange(n, device=self.device) + torch.rand(n, **kw)) / n
+        else:
+            u = torch.rand(n, **kw)
+        return self.t_eps + (1.0 - self.t_eps) * u
+
+    def blocks(self, T: int, device=None) -> Tensor:
+        return torch.arange(T, device=device) // self.block_size
+
+    def training_mask(self, T: int, doc_ids: Tensor | None = None, device=None) -> Tensor:
+        """The three-part boolean mask [1|B, 1, N, N] over [x_t ; (s ;) x_0] (True = may attend)."""
+        blk = self.blocks(T, device)
+        clean = torch.cat([blk.new_full((1,), -1), blk]) if self.shift else blk  # s: a clean block before all
+        q_noisy = torch.cat([torch.ones_like(blk), torch.zeros_like(clean)]).bool()
+        b = torch.cat([blk, clean])
+        same, before = b[:, None] == b[None, :], b[None, :] < b[:, None]
+        qn, kn = q_noisy[:, None], q_noisy[None, :]
+        mask = (qn & kn & same) | (qn & ~kn & before) | (~qn & ~kn & (before | same))
+        mask = mask[None, None]
+        if doc_ids is not None:
+            d = torch.cat([doc_ids, doc_ids], dim=1)
+            mask = mask & (d[:, :, None] == d[:, None, :])[:, None]
+        return mask
+
+    def vectorised_logits(self, xt: Tensor, x0: Tensor, doc_ids: Tensor | None = None) -> Tensor:
+        """Logits [B, T, V] predicting x0 from (x_t block, clean earlier blocks) in one forward pass."""
+        B, T = x0.shape
+        if self.shift and doc_ids is not None:
+            raise ValueError("method.shift_logits=true does not support packed rows (doc_ids); use data.packing=false")
+        ar = torch.arange(T, device=x0.device)
+        if self.shift:
+            ids = torch.cat([xt, torch.full_like(x0[:, :1], self.start_id), x0], dim=1)
+            pos = torch.cat([ar + 1, ar[:1] * 0, ar + 1])[None]
+            pred = torch.where(ar % self.block_size == 0, T + ar, ar - 1)
+        else:
+            ids = torch.cat([xt, x0], dim=1)
+            pos = (torch.cat([ar, ar])[None] if doc_ids is None else positions_from_doc_ids(doc_ids).repeat(1, 2))
+            pred = ar
+        mask = self.training_mask(T, doc_ids, x0.device)
+        return self.logits(ids, attn_mask=mask, position_ids=pos)[:, pred]
+
+    def loop_logits(self, xt: Tensor, x0: Tensor) -> Tensor:
+        """Reference for :meth:`vectorised_logits`: one forward per block over [(s,) clean prefix, x_t block]."""
+        T, L = x0.shape[1], self.block_size
+        out = []
+        for start in range(0, T, L):
+            end = min(start + L, T)
+            prefix = x0[:, :start]
+            if self.shift:
+                prefix = torch.cat([torch.full_like(x0[:, :1], self.start_id), prefix], dim=1)
+            ids = torch.cat([prefix, xt[:, start:end]], dim=1)
+            blk = torch.cat([torch.full((prefix.shape[1] - start,), -1), self.blocks(end)]).to(x0.device)
+            mask = (blk[None, :] <= blk[:, None])[None, None]  # block-causal; s in a block of its own
+            logits = self.logits(ids, attn_mask=mask, position_ids=torch.arange(ids.shape[1], device=x0.device)[None])
+            out.append(logits[:, start : end] if self.shift else logits[:, -(end - start) :])
+        return torch.cat(out, dim=1)
+
+    def _diffusion_terms(
+        self, batch: dict[str, Tensor], generator: torch.Generator | None, t: Tensor | None = None, loop=False
+    ):
+        """Per-token bound terms [B, T], the masked positions and masked-token correctness.
+        ``t`` [B, n_blocks] fixes the per-block times (tests); ``loop`` uses the per-block reference."""
+        x0, counted = batch["input_ids"], batch["loss_mask"].bool()
+        B, T = x0.shape
+        n_blocks = -(-T // self.block_size)
+        if t is None:
+            t = self.sample_time(B * n_blocks, generator).view(B, n_blocks)
+        t_tok = t[:, self.blocks(T, x0.device)]  # [B, T]
+        masked = (torch.rand(x0.shape, device=x0.device, generator=generator) < self.schedule.mask_prob(t_tok))
+        masked &= counted
+        xt = torch.where(masked, self.mask_id, x0)
+        if loop:
+            logits = self.loop_logits(xt, x0)
+        else:
+            logits = self.vectorised_logits(xt, x0, batch.get("doc_ids"))
+        masked_logits = logits[masked].float()
+        masked_logits[:, self.mask_id] = float("-inf")
+        nll = torch.zeros(x0.shape, device=x0.device, dtype=masked_logits.dtype)
+        nll[masked] = F.cross_entropy(masked_logits, x0[masked], reduction="none")
+        correct = torch.zeros_like(masked)
+        correct[masked] = masked_logits.argmax(-1) == x0[masked]
+        return self.schedule.elbo_weight(t_tok) * nll, masked, correct
+
+    def loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        bound, masked, correct = self._diffusion_terms(batch, generator)
+        tokens = batch["loss_mask"].sum().clamp(min=1)
+        return {
+            "loss": bound.sum() / tokens,
+            "masked_frac": masked.sum() / tokens,
+            "masked_acc": correct.sum() / masked.sum().clamp(min=1),
+        }
+
+    def nll_bound(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
+        return self._diffusion_terms(batch, generator)[0]
+
+    def validation_stats(self, batch: dict[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
+        bound, masked, correct = self._diffusion_terms(batch, generator)
+        tokens = batch["loss_mask"].sum().clamp(min=1)
+        return {
+            "loss": bound.sum(),
+            "nll_bound": bound.sum(),
+            "masked_acc": correct.sum() / masked.sum().clamp(min=1) * tokens,
+        }
+
+    # ---- sampling ----------------------------------------------------------------------------------------
+    def _subs(self, logits: Tensor, xb: Tensor) -> Tensor:
+        """SUBS log p(x0 | x_t) for a block: mask never predicted, clean tokens copied."""
+        logits = logits[..., : self.vocab_size].float()
+        logits[..., self.mask_id] = float("-inf")
+        logp = logits.log_softmax(-1)
+        copied = torch.full_like(logp, float("-inf")).scatter_(-1, xb[..., None], 0.0)
+        return torch.where((xb != self.mask_id)[..., None], copied, logp)
+
+    @torch.no_grad()
+    def _semi_ar(self, x: Tensor, sampler: Sampler, generator, eos_from: int | None) -> Generation:
+        """Fill the masks of x [B, N] block by block. eos_from: stop once every row has an EOS at or after it."""
+        B, N = x.shape
+        L, dev = self.block_size, x.device
+        offset = 1 if self.shift else 0
+        start = torch.full((B, 1), self.start_id, dtype=torch.long, device=dev)
+        calls, cache, first = 0, None, None  # first: logits predicting the next block's first token (shift)
+        done_upto = 0  # x[:, :done_upto] is in the cache
+        if self.shift and self.kv_cache:
+            logits, cache = self.backbone(start, attn_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=dev),
+                                          position_ids=torch.zeros(1, 1, dtype=torch.long, device=dev), use_cache=True)
+            first, calls = logits[:, -1:], 1
+
+        def clean_prefix_forward(ids: Tensor, past: int, keep: bool):
+            """Forward of ids [B, n] at positions past.. (+offset): all of the cache, block-causal among ids."""
+            blk = torch.arange(past, past + ids.shape[1], device=dev) // L
+            own = blk[None, :] <= blk[:, None]
+            mask = torch.cat([own.new_ones(ids.shape[1], past + offset), own], dim=1)[None, None]
+            pos = torch.arange(past, past + ids.shape[1], device=dev)[None] + offset
+            return self.backbone(ids, attn_mask=mask, position_ids=pos, past_key_values=cache, use_cache=keep)
+
+        for b0 in range(0, N, L):
+            b1 = min(b0 + L, N)
+            xb = x[:, b0:b1]
+            if (xb == self.mask_id).any():
+                if self.kv_cache:
+                    def denoiser(z: Tensor, b0=b0, first=first) -> Tensor:
+                        logits = clean_prefix_forward(z, b0, keep=False)
+                        if self.shift:
+                            logits = torch.cat([first, logits[:, :-1]], dim=1)
+                        return self._subs(logits, z)
+                else:
+                    def denoiser(z: Tensor, b0=b0) -> Tensor:
+                        ctx = torch.cat([start, x[:, :b0]], dim=1) if self.shift else x[:, :b0]
+                        ids = torch.cat([ctx, z], dim=1)
+                        blk = torch.cat([torch.full((offset,), -1, device=dev), torch.arange(b0, device=dev) // L,
+                                         torch.full((z.shape[1],), b0 // L, device=dev)])
+                        mask = (blk[None, :] <= blk[:, None])[None, None]
+                        logits = self.logits(ids, attn_mask=mask, position_ids=torch.arange(ids.shape[1], device=dev)[None])
+                        logits = logits[:, ctx.shape[1] - 1 : -1] if self.shift else logits[:, ctx.shape[1]:]
+                        return self._subs(logits, z)
+                gen = sampler.sample(denoiser, xb.clone(), mask_id=self.mask_id, schedule=self.schedule,
+                                     generator=generator)
+                x[:, b0:b1] = gen.tokens
+                calls += gen.num_network_calls
+            if eos_from is not None:
+                hit = (x[:, max(eos_from, 0) : b1] == self.eos_id).any(1)
+                if bool(hit.all()) and b1 < N:
+                    x[:, b1:] = self.eos_id
+                    break
+            if self.kv_cache and b1 < N and bool((x[:, b1:] == self.mask_id).any()):
+                logits, cache = clean_prefix_forward(x[:, done_upto:b1], done_upto, keep=True)
+                first, done_upto, calls = logits[:, -1:], b1, calls + 1
+        return Generation(x, calls)
+
+    def _run(self, x: Tensor, sampler, generator, eos_from: int | None) -> Generation:
+        sampler = sampler or self.sampler
+        if sampler is None:
+            raise ValueError("no sampler given and none configured: pass sampler= or set sampler=<name>")
+        max_len = getattr(self.backbone, "max_seq_len", None)
+        if max_len is not None and x.shape[1] + int(self.shift) > max_len:
+            raise ValueError(f"{x.shape[1]} tokens exceed the model's max_seq_len={max_len}")
+        was_training = self.training
+        self.eval()
+        try:
+            gen = self._semi_ar(x, sampler, generator, eos_from)
+        finally:
+            self.train(was_training)
+        if eos_from is not None:  # variable length: everything after a row's first generated EOS is EOS
+            tail = gen.tokens[:, eos_from:]
+            after = (tail == self.eos_id).long().cumsum(1) > 0
+            gen.tokens[:, eos_from:] = tail.masked_fill(after, self.eos_id)
+        return gen
+
+    def generate(
+        self,
+        prompt: Tensor | None,
+        length: int,
+        sampler: Sampler | None = None,
+        num_samples: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> Generation:
+        """Continue each prompt row (or `num_samples` empty rows) by `length` tokens, block by block."""
+        device = self.compute_device
+        if prompt is None:
+            prompt = torch.empty(num_samples, 0, dtype=torch.long, device=device)
+        prompt = prompt.to(device)
+        masks = torch.full((prompt.shape[0], length), self.mask_id, dtype=torch.long, device=device)
+        return self._run(torch.cat([prompt, masks], dim=1), sampler, generator, eos_from=prompt.shape[1])
+
+    def infill(
+        self, tokens: Tensor, fill_mask: Tensor, sampler: Sampler | None = None, generator: torch.Generator | None = None
+    ) -> Generation:
+        """Fill fill_mask positions block by block: a hole sees the blocks before it (as given or as filled)
+        and the given tokens of its own block, never anything after its block."""
+        x = tokens.to(self.compute_device).masked_fill(fill_mask.to(self.compute_device), self.mask_id)
+        return self._run(x, sampler, generator, eos_from=None)

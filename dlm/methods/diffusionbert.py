@@ -1,0 +1,336 @@
+"""DiffusionBERT (He et al. 2022): absorbing-state D3PM in discrete time, x0-parameterised, spindle schedule.
+
+Forward process, T steps (``method.num_steps``): a token whose clean value is ``i`` is still unmasked at step t
+with probability ``ᾱ_t^i`` (``ᾱ_0 = 1``, ``ᾱ_T = 0``). With ``schedule=spindle`` (:mod:`dlm.spindle`) ᾱ depends on
+the token's frequency in the training data (frequent tokens are masked later); with any per-time schedule
+(``schedule=linear``, ``cosine``, ...) every token uses ``ᾱ_t = α(t / T)`` — the plain absorbing D3PM.
+
+Posterior at a masked position of x_t, for s = t − 1 and clean value i, is
+
+    q(x_s = i | x_t, x0 = i) = a_i = (ᾱ_s^i − ᾱ_t^i) / (1 − ᾱ_t^i),   q(x_s = mask | x_t, x0 = i) = 1 − a_i,
+
+and the model's reverse step (x0-parameterisation) mixes it over ``p_θ(x0 | x_t)``:
+
+    p(x_s = j) = p_θ(j) a_j,   p(x_s = mask) = Σ_j p_θ(j) (1 − a_j).
+
+(Unmasked positions are copied, so they carry no loss.) The per-step KL at a masked position is therefore
+
+    KL_t = −a_i log p_θ(i) + (1 − a_i) [log(1 − a_i) − log Σ_j p_θ(j)(1 − a_j)],
+
+which is the cross-entropy ``−log p_θ(i)`` at t = 1 (a_i = 1), and the prior term vanishes because ᾱ_T = 0. The
+discrete-time VLB is ``Σ_t E[KL_t] = T · E_{t ~ U{1..T}} E[KL_t]``: :meth:`DiffusionBERT.nll_bound` returns this
+one-sample estimate per token. Training minimises ``L_vlb + λ_aux · CE(x0)`` at the masked positions
+(``method.aux_weight``, default 0.01, the D3PM hybrid loss).
+
+Time conditioning (``method.time_conditioning``):
+  * ``none`` — time-agnostic decoding: the network sees x_t only (the paper's default; works on every backbone).
+  * ``token`` — a time token is prepended: the input gets one extra leading position whose input embedding is
+    replaced (by a forward hook on the backbone's input embedding) with a learned ``nn.Embedding(T + 1, d)`` row
+    for t; its output is dropped. Works on the native transformer and on HF backbones (``get_input_embeddings``);
+    it needs ``data.seq_len + 1 <= model.max_seq_len``.
+  * ``layerwise`` — the backbone's own layerwise time path (``model.time_conditioning=true`` on the native
+    transformer: a time embedding added in every layer), fed ``t / T``.
+
+Token frequencies for the spindle schedule are counted from ``trainer.datamodule.train_data`` in :meth:`setup`
+(cached next to the tokenised data, :func:`dlm.spindle.token_counts`) and kept in the ``token_counts`` buffer, so
+checkpoints carry them; outside a Trainer call :meth:`set_token_counts`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from dlm.methods.base import DiffusionLM
+from dlm.optim import param_groups
+from dlm.sampling import Generation, Sampler
+from dlm.sampling.d3pm import D3PMSampler
+from dlm.schedules import LinearSchedule, MaskSchedule
+from dlm.spindle import SpindleSchedule, token_counts
+
+TIME_CONDITIONING = ("none", "token", "layerwise")
+_BLOCKED = -1e30  # log(1 - a_j) where a_j = 1: finite, so gradients stay finite where the term is multiplied by 0
+
+
+class DiffusionBERT(DiffusionLM):
+    """Args (beyond the base class's):
+        schedule: a :class:`dlm.spindle.SpindleSchedule` (token-dependent) or any :class:`MaskSchedule`.
+        num_steps: T, the number of discrete diffusion steps.
+        time_conditioning: ``none`` | ``token`` | ``layerwise`` (see the module docstring).
+        aux_weight: λ_aux of the auxiliary cross-entropy on x0.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        tokenizer,
+        schedule: SpindleSchedule | MaskSchedule,
+        num_steps: int = 512,
+        time_conditioning: str = "none",
+        aux_weight: float = 0.01,
+        **base_kwargs,
+    ):
+        super().__init__(backbone, tokenizer, **base_kwargs)
+        if isinstance(num_steps, bool) or int(num_steps) != num_steps or num_steps < 1:
+            raise ValueError(f"method.num_steps must be an integer >= 1, got {num_steps!r}")
+        if time_conditioning not in TIME_CONDITIONING:
+            raise ValueError(
+                f"method.time_conditioning={time_conditioning!r}; valid: {', '.join(TIME_CONDITIONING)}"
+            )
+        if not aux_weight >= 0:
+            raise ValueError(f"method.aux_weight must be >= 0, got {aux_weight!r}")
+        if not isinstance(schedule, (SpindleSchedule, MaskSchedule)):
+            raise ValueError(
+                f"method=diffusionbert needs schedule=spindle or a per-time MaskSchedule, got {type(schedule).__name__}"
+            )
+        backbone_timed = bool(getattr(backbone, "time_conditioning", False))
+        if time_conditioning == "layerwise" and not backbone_timed:
+            raise ValueError(
+                "method.time_conditioning=layerwise needs a backbone with a layerwise time path: set "
+                "model.time_conditioning=true (native transformer); HF backbones have none, use "
+                "method.time_conditioning=token or none there"
+            )
+        if time_conditioning != "layerwise" and backbone_timed:
+            raise ValueError(
+                f"the model has time_conditioning=true but method.time_conditioning={time_conditioning}: set "
+                "method.time_conditioning=layerwise, or model.time_conditioning=false"
+            )
+        sampler = base_kwargs.get("sampler")
+        if sampler is not None and not isinstance(sampler, D3PMSampler) and time_conditioning != "none":
+            raise ValueError(
+                f"{type(sampler).__name__} is time-agnostic; with method.time_conditioning={time_conditioning} "
+                "use sampler=diffusionbert (D3PMSampler)"
+            )
+        self.schedule = schedule
+        self.num_steps = int(num_steps)
+        self.time_conditioning = time_conditioning
+        self.aux_weight = float(aux_weight)
+        # Token counts of the training data (spindle): a buffer, so checkpoints carry them. int64: never cast by
+        # precision changes.
+        self.register_buffer("token_counts", torch.zeros(self.vocab_size, dtype=torch.long))
+        self.time_embedding: nn.Embedding | None = None
+        self._pending_time: Tensor | None = None
+        if time_conditioning == "token":
+            embedding = self._input_embedding()
+            self.time_embedding = nn.Embedding(self.num_steps + 1, embedding.embedding_dim)
+            nn.init.normal_(self.time_embedding.weight, std=0.02)
+            embedding.register_forward_hook(self._insert_time_token)
+
+    # ---- the schedule --------------------------------------------------------------------------------------
+    @property
+    def uses_spindle(self) -> bool:
+        return isinstance(self.schedule, SpindleSchedule)
+
+    def set_token_counts(self, counts) -> None:
+        """Token frequencies of the training data for the spindle schedule ([vocab_size] counts)."""
+        counts = torch.as_tensor(counts, dtype=torch.long).to(self.token_counts.device)
+        if counts.shape != self.token_counts.shape:
+            raise ValueError(f"token counts must have shape [{self.vocab_size}], got {list(counts.shape)}")
+        self.token_counts.copy_(counts)
+
+    def setup(self, stage: str) -> None:
+        """Count the training tokens once (cached with the tokenised data) when the spindle schedule needs them."""
+        if not self.uses_spindle:
+            return
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if datamodule is not None and getattr(datamodule, "train_data", None) is not None:
+            self.set_token_counts(torch.from_numpy(token_counts(datamodule, self.vocab_size)))
+
+    def _centred(self) -> Tensor:
+        if int(self.token_counts.sum()) <= 0:
+            raise RuntimeError(
+                "schedule=spindle needs the token frequencies of the training data: they are counted in setup() "
+                "when training through a Trainer with a datamodule, and restored from checkpoints; otherwise call "
+                "set_token_counts(counts) first"
+            )
+        return SpindleSchedule.centred_log_frequency(self.token_counts)
+
+    def alpha_bar(self, t: Tensor | int) -> Tensor:
+        """ᾱ_t for every token: integer steps t (any shape) -> float64 ``[*t.shape, V]``."""
+        t = torch.as_tensor(t, device=self.token_counts.device)
+        u = t.double() / self.num_steps
+        if self.uses_spindle:
+            return self.schedule.alpha_bar(u, self._centred())
+        a = self.schedule.alpha(u).double().clamp(0.0, 1.0)
+        a = torch.where(u <= 0, torch.ones_like(a), torch.where(u >= 1, torch.zeros_like(a), a))
+        return a[..., None].expand(*u.shape, self.vocab_size)
+
+    def posterior_reveal_prob(self, t: Tensor) -> Tensor:
+        """a_j = q(x_{t-1} = j | x_t = mask, x0 = j) for every token j: float64 ``[*t.shape, V]`` (1 at t = 1)."""
+        a_t, a_s = self.alpha_bar(t), self.alpha_bar(t - 1)
+        return ((a_s - a_t) / (1 - a_t).clamp(min=1e-12)).clamp(0.0, 1.0)
+
+    # ---- the network ---------------------------------------------------------------------------------------
+    def _input_embedding(self) -> nn.Embedding:
+        get = getattr(self.backbone, "get_input_embeddings", None)
+        embedding = get() if callable(get) else getattr(self.backbone, "tok_emb", None)
+        if not isinstance(embedding, nn.Embedding):
+            raise ValueError(
+                f"method.time_conditioning=token needs the backbone's input embedding (get_input_embeddings() or "
+                f"tok_emb), which {type(self.backbone).__name__} does not expose; use time_conditioning=none"
+            )
+        return embedding
+
+    def _insert_time_token(self, module: nn.Module, inputs, output: Tensor) -> Tensor:
+        """Forward hook on the input embedding: position 0 becomes the embedding of the pending time step."""
+        t = self._pending_time
+        if t is None:
+            return output
+        time_vec = self.time_embedding(t.to(output.device)).to(output.dtype)
+        return torch.cat([time_vec[:, None, :], output[:, 1:]], dim=1)
+
+    def log_probs(self, xt: Tensor, t: Tensor, **backbone_kwargs) -> Tensor:
+        """log p_θ(x0 | x_t, t) ``[B, L, V]`` (float32), the mask token at zero probability."""
+        if self.time_conditioning == "layerwise":
+            backbone_kwargs["time"] = t.float() / self.num_steps
+        if self.time_conditioning == "token":
+            lead = torch.full((xt.shape[0], 1), self.pad_id, dtype=xt.dtype, device=xt.device)
+            if "doc_ids" in backbone_kwargs:
+                doc = backbone_kwargs["doc_ids"]
+                backbone_kwargs["doc_ids"] = torch.cat([doc[:, :1], doc], dim=1)
+            self._pending_time = t
+            try:
+                logits = self.logits(torch.cat([lead, xt], dim=1), **backbone_kwargs)[:, 1:]
+            finally:
+                self._pending_time = None
+        else:
+            logits = self.logits(xt, **backbone_kwargs)
+        logits = logits.float()
+        logits[..., self.mask_id] = float("-inf")
+        return logits.log_softmax(-1)
+
+    # ---- the objective -------------------------------------------------------------------------------------
+    def sample_steps(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """n integer steps in 1..T, stratified (each uniform marginally, evenly spread over the batch)."""
+        u = (torch.arange(n, device=self.device) + torch.rand(n, device=self.device, generator=generator)) / n
+        return (u * self.num_steps).long().clamp(max=self.num_steps - 1) + 1
+
+    def kl_terms(self, logp: Tensor, x0: Tensor, post: Tensor) -> Tensor:
+        """KL(q(x_{t-1} | x_t = mask, x0) || p_θ(x_{t-1} | x_t)) per row: logp [N, V], x0 [N], post (a_j) [N, V]."""
+        lp_i = logp.gather(-1, x0[:, None]).squeeze(-1).double()
+        a_i = post.gather(-1, x0[:, None]).squeeze(-1)
+        stay = 1 - a_i
+        log_stay = torch.where(post < 1, torch.log1p(-post), torch.full_like(post, _BLOCKED)).to(logp.dtype)
+        log_mask_p = torch.logsumexp(logp + log_stay, dim=-1).double()
+        safe_stay = torch.where(stay > 0, stay, torch.ones_like(stay))
+        mask_term = torch.where(stay > 0, stay * (torch.log(safe_stay) - log_mask_p), torch.zeros_like(stay))
+        return -a_i * lp_i + mask_term
+
+    def _vlb_terms(self, batch: dict[str, Tensor], generator: torch.Generator | None):
+        x0, counted = batch["input_ids"], batch["loss_mask"].bool()
+        B = x0.shape[0]
+        t = self.sample_steps(B, generator)
+        keep = self.alpha_bar(t).gather(1, x0)  # [B, L] probability that each token is still clean at t
+        u = torch.rand(x0.shape, device=x0.device, generator=generator, dtype=torch.float64)
+        masked = (u >= keep) & counted
+        xt = torch.where(masked, self.mask_id, x0)
+        logp = self.log_probs(xt, t, **self.backbone_kwargs(batch))
+        rows = torch.arange(B, device=x0.device)[:, None].expand_as(x0)[masked]
+        post = self.posterior_reveal_prob(t)[rows]  # [N, V]
+        lp = logp[masked]
+        target = x0[masked]
+        kl = self.kl_terms(lp, target, post)
+        nll = torch.zeros(x0.shape, device=x0.device, dtype=torch.float64)
+        nll[masked] = self.num_steps * kl
+        ce = torch.zeros_like(nll)
+        ce[masked] = -lp.gather(-1, target[:, None]).squeeze(-1).double()
+        correct = torch.zeros_like(masked)
+        correct[masked] = lp.argmax(-1) == target
+        return nll.float(), ce.float(), masked, correct
+
+    def loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        nll, ce, masked, correct = self._vlb_terms(batch, generator)
+        tokens = batch["loss_mask"].sum().clamp(min=1)
+        return {
+            "loss": (nll + self.aux_weight * ce).sum() / tokens,
+            "vlb": nll.sum().detach() / tokens,
+            "masked_frac": masked.sum() / tokens,
+            "masked_acc": correct.sum() / masked.sum().clamp(min=1),
+        }
+
+    def nll_bound(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
+        """One-sample estimate of the discrete-time VLB per token (nats): T · KL_t at a random t per sequence."""
+        nll, _, _, _ = self._vlb_terms(batch, generator)
+        return nll
+
+    def validation_stats(self, batch: dict[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
+        nll, ce, masked, correct = self._vlb_terms(batch, generator)
+        tokens = batch["loss_mask"].sum().clamp(min=1)
+        return {
+            "loss": (nll + self.aux_weight * ce).sum(),
+            "nll_bound": nll.sum(),
+            "masked_acc": correct.sum() / masked.sum().clamp(min=1) * tokens,
+        }
+
+    def configure_optimizers(self):
+        if self.time_embedding is None:
+            return super().configure_optimizers()
+        # The base optimises the backbone's parameters; the time-token embedding is this family's own.
+        if self.optimizer_factory is None:
+            raise ValueError("no optimizer configured: choose one with optimizer=<name> (e.g. optimizer=adamw)")
+        defaults = self.optimizer_factory.keywords
+        groups = param_groups(self, lr=defaults.get("lr", 1e-3), weight_decay=defaults.get("weight_decay", 0.0),
+                              lr_multipliers=self.lr_multipliers)
+        optimizer = self.optimizer_factory(groups)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer, total_steps=self.trainer.max_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- sampling ------------------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompt: Tensor | None,
+        length: int,
+        sampler: Sampler | None = None,
+        num_samples: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> Generation:
+        """Append `length` masks to each prompt row (or start from `num_samples` all-mask rows) and denoise."""
+        device = self.compute_device
+        if prompt is None:
+            prompt = torch.empty(num_samples, 0, dtype=torch.long, device=device)
+        prompt = prompt.to(device)
+        masks = torch.full((prompt.shape[0], length), self.mask_id, dtype=torch.long, device=device)
+        tokens = torch.cat([prompt, masks], dim=1)
+        return self.infill(tokens, tokens == self.mask_id, sampler=sampler, generator=generator)
+
+    def infill(
+        self, tokens: Tensor, fill_mask: Tensor, sampler: Sampler | None = None, generator: torch.Generator | None = None
+    ) -> Generation:
+        """Fill the positions where fill_mask is True by reverse diffusion; every other position stays as given.
+
+        With a :class:`D3PMSampler` (the default, ``sampler=diffusionbert``) this is the model's own discrete-time
+        reverse process. A mask-diffusion sampler (``sampler=ancestral``, ``low_confidence``) is accepted for the
+        time-agnostic model; it then follows its own per-time schedule (the configured one, or linear — the spindle
+        schedule's average masking rate — with schedule=spindle).
+        """
+        sampler = sampler or self.sampler
+        if sampler is None:
+            raise ValueError("no sampler given and none configured: pass sampler= or set sampler=diffusionbert")
+        extra = 1 if self.time_conditioning == "token" else 0
+        max_len = getattr(self.backbone, "max_seq_len", None)
+        if max_len is not None and tokens.shape[1] + extra > max_len:
+            raise ValueError(f"{tokens.shape[1]} tokens (+{extra} time token) exceed the model's max_seq_len={max_len}")
+        device = self.compute_device
+        x = tokens.to(device).masked_fill(fill_mask.to(device), self.mask_id)
+
+        @torch.no_grad()
+        def denoiser(xt: Tensor, t: int = 0) -> Tensor:
+            return self.log_probs(xt, torch.full((xt.shape[0],), int(t), dtype=torch.long, device=xt.device))
+
+        was_training = self.training
+        self.eval()
+        try:
+            if isinstance(sampler, D3PMSampler):
+                return sampler.sample(
+                    denoiser, x, mask_id=self.mask_id, num_timesteps=self.num_steps, generator=generator,
+                    alpha_bar=lambda t: self.alpha_bar(torch.tensor(t)).to(device),
+                )
+            if self.time_conditioning != "none":
+                raise ValueError(f"{type(sampler).__name__} is time-agnostic: use a D3PMSampler (sampler=diffusionbert)")
+            schedule = self.schedule if isinstance(self.schedule, MaskSchedule) else LinearSchedule()
+            return sampler.sample(denoiser, x, mask_id=self.mask_id, schedule=schedule, generator=generator)
+        finally:
+            self.train(was_training)

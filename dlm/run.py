@@ -1,0 +1,190 @@
+"""Load a finished (or interrupted) run back: its config, data module, LightningModule and weights.
+
+    from dlm.run import load_run
+    run = load_run("runs/mdlm-tiny/2025-01-01_12-00-00")          # or .../checkpoints/last.ckpt
+    run.module.generate(None, 16, num_samples=4)
+
+A run folder is what `python -m dlm.train` writes: `.hydra/config.yaml` (the composed config, interpolations
+kept), `.hydra/hydra.yaml` (Hydra's own config, with `runtime.choices`), `.hydra/overrides.yaml` and
+`checkpoints/*.ckpt`. The saved config refers to Hydra at run time (`paths.run_dir: ${hydra:runtime.output_dir}`,
+`name: ${hydra:runtime.choices.method}-...`); outside Hydra those references are answered from the saved
+hydra.yaml, and `paths.run_dir` is the folder the run is found in now (so a moved run folder still loads).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+__all__ = ["LoadedRun", "NotARunError", "find_checkpoint", "load_config", "load_run", "resolve_run_path",
+           "run_choices", "run_overrides"]
+
+_HYDRA_REF = re.compile(r"\$\{hydra:([^}]+)\}")
+
+
+class NotARunError(FileNotFoundError):
+    """The path is not a run folder (nor a checkpoint inside one)."""
+
+
+@dataclass
+class LoadedRun:
+    module: Any  # the family's DiffusionLM, weights loaded, eval mode
+    datamodule: Any  # set up (tokenizer, train/val rows)
+    cfg: DictConfig  # the run's config, Hydra references answered, paths.run_dir = run_dir
+    run_dir: Path
+    ckpt_path: Path | None = None
+    choices: dict[str, str] = field(default_factory=dict)  # group -> option, e.g. {"method": "mdlm", ...}
+    overrides: list[str] = field(default_factory=list)
+
+
+def resolve_run_path(path: str | Path) -> tuple[Path, Path | None]:
+    """(run folder, checkpoint file or None) for a run folder or a `.ckpt` inside `<run>/checkpoints/`."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise NotARunError(f"{path}: no such file or folder; pass a run folder (printed as `run_dir: ...` by "
+                           f"python -m dlm.train) or a .ckpt file inside <run>/checkpoints/")
+    ckpt = None
+    if path.is_file():
+        if path.suffix != ".ckpt":
+            raise NotARunError(f"{path}: not a run folder nor a .ckpt checkpoint")
+        ckpt = path.resolve()
+        run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    else:
+        run_dir = path.resolve()
+    if not (run_dir / ".hydra" / "config.yaml").is_file():
+        hint = ""
+        if (run_dir / "config.json").is_file():
+            hint = (" It looks like a Hugging Face model folder: evaluating an HF export directly is not supported "
+                    "yet; evaluate the run folder it was exported from.")
+        elif any(run_dir.glob("*/.hydra/config.yaml")) or any(run_dir.glob("*/*/.hydra/config.yaml")):
+            hint = " It holds runs: pass one of its sub-folders (or use dlm.analysis.load_runs for all of them)."
+        raise NotARunError(f"{run_dir} is not a run folder: it has no .hydra/config.yaml.{hint}")
+    return run_dir, ckpt
+
+
+def _hydra_node(run_dir: Path) -> DictConfig | None:
+    path = run_dir / ".hydra" / "hydra.yaml"
+    if not path.is_file():
+        return None
+    node = OmegaConf.load(path)
+    return node.get("hydra") if isinstance(node, DictConfig) else None
+
+
+def run_choices(run_dir: str | Path) -> dict[str, str]:
+    """The group options the run was composed from (method, model, schedule, ...), Hydra's own left out."""
+    hydra_node = _hydra_node(Path(run_dir))
+    if hydra_node is None:
+        return {}
+    choices = OmegaConf.to_container(hydra_node.runtime.choices, resolve=False) or {}
+    return {str(k): (None if v is None else str(v)) for k, v in choices.items()
+            if not str(k).startswith("hydra") and k != "train_schema"}
+
+
+def run_overrides(run_dir: str | Path) -> list[str]:
+    path = Path(run_dir) / ".hydra" / "overrides.yaml"
+    return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
+
+
+def _answer_hydra_refs(node: Any, hydra_node: DictConfig | None, run_dir: Path) -> Any:
+    """Replace `${hydra:key}` in every string by its value in the saved hydra.yaml."""
+    if isinstance(node, dict):
+        return {k: _answer_hydra_refs(v, hydra_node, run_dir) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_answer_hydra_refs(v, hydra_node, run_dir) for v in node]
+    if not isinstance(node, str) or "${hydra:" not in node:
+        return node
+
+    def value(match: re.Match) -> str:
+        key = match.group(1).strip()
+        if key == "runtime.output_dir":
+            return str(run_dir)
+        found = OmegaConf.select(hydra_node, key, default=None) if hydra_node is not None else None
+        if found is None:
+            raise KeyError(
+                f"{run_dir}: the saved config refers to ${{hydra:{key}}} but .hydra/hydra.yaml does not answer it"
+            )
+        return str(found)
+
+    return _HYDRA_REF.sub(value, node)
+
+
+def load_config(run_dir: str | Path) -> DictConfig:
+    """The run's saved config with Hydra's run-time references answered and `paths.run_dir` set to run_dir.
+    Other interpolations (`${paths.run_dir}`, `${oc.env:...}`) stay and resolve on access."""
+    from dlm.config import register_resolvers
+
+    register_resolvers()
+    run_dir, _ = resolve_run_path(run_dir)
+    raw = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"), resolve=False)
+    cfg = OmegaConf.create(_answer_hydra_refs(raw, _hydra_node(run_dir), run_dir))
+    if cfg.get("paths") is not None:
+        cfg.paths.run_dir = str(run_dir)
+    return cfg
+
+
+def find_checkpoint(run_dir: Path, ckpt: str | Path | None = "last") -> Path:
+    """`last` (checkpoints/last.ckpt), `best` (the best-*.ckpt by validation loss) or a path."""
+    folder = run_dir / "checkpoints"
+    if ckpt in (None, "last"):
+        path = folder / "last.ckpt"
+    elif ckpt == "best":
+        best = sorted(folder.glob("best*.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not best:
+            raise NotARunError(f"{run_dir}: no best-*.ckpt in checkpoints/; use ckpt=last or a .ckpt path")
+        path = best[-1]
+    else:
+        path = Path(ckpt)
+        if not path.is_absolute() and not path.exists():
+            path = folder / path
+    if not path.is_file():
+        have = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
+        raise NotARunError(
+            f"{run_dir}: no checkpoint {path.name} (checkpoints present: {', '.join(have) or 'none'}); the run may "
+            f"have failed before saving one"
+        )
+    return path
+
+
+def load_run(path: str | Path, ckpt: str | Path | None = "last", device: str | torch.device = "cpu",
+             setup_data: bool = True) -> LoadedRun:
+    """Rebuild a run's data module and LightningModule from its folder and load the checkpoint's weights.
+
+    path: a run folder, or a .ckpt file (then `ckpt` is ignored). ckpt: "last", "best" or a file. The module
+    is returned in eval mode on `device`.
+    """
+    from dlm.train import build_module
+
+    run_dir, ckpt_file = resolve_run_path(path)
+    cfg = load_config(run_dir)
+    ckpt_file = ckpt_file or find_checkpoint(run_dir, ckpt)
+    datamodule = instantiate(cfg.data)
+    if setup_data:
+        datamodule.setup("validate")
+    module = build_module(cfg, datamodule)
+    checkpoint = torch.load(ckpt_file, map_location="cpu", weights_only=False)
+    state = checkpoint.get("state_dict", checkpoint)
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(
+            f"{ckpt_file} does not match the model the run's config builds: missing {list(missing)[:5]}, "
+            f"unexpected {list(unexpected)[:5]}"
+        )
+    module.to(device).eval()
+    return LoadedRun(module=module, datamodule=datamodule, cfg=cfg, run_dir=run_dir, ckpt_path=ckpt_file,
+                     choices=run_choices(run_dir), overrides=run_overrides(run_dir))
+
+
+def plain(node: Any) -> Any:
+    """A config node as plain Python (resolved when possible)."""
+    if isinstance(node, (DictConfig, ListConfig)):
+        try:
+            return OmegaConf.to_container(node, resolve=True)
+        except Exception:  # an unresolvable interpolation: keep it as written
+            return OmegaConf.to_container(node, resolve=False)
+    return node

@@ -1,0 +1,55 @@
+"""Decoding settings of autoregressive models (method=ar): temperature, top-k, top-p, KV cache."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from dlm.sampling.base import filter_logits, sample_categorical
+
+__all__ = ["ARSampler"]
+
+
+class ARSampler:
+    """Next-token decoding settings; the AR family runs the loop (it owns the backbone and its cache).
+
+    Args:
+        temperature: softmax temperature; 0 = greedy (argmax).
+        top_k: keep the ``top_k`` most likely tokens (None: no top-k filtering).
+        top_p: nucleus threshold in (0, 1] (None: no nucleus filtering).
+        use_cache: decode with a KV cache (one new token per forward); False recomputes the whole prefix
+            every step (the reference the cached path is tested against: same tokens for a fixed seed).
+        steps: ignored (AR takes one step per token); accepted so that the ``sampler.steps`` override shared
+            by the diffusion samplers composes for every method.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        use_cache: bool = True,
+        steps: int | None = None,
+    ):
+        if temperature is None or not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1):
+            raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+        self.temperature = float(temperature)
+        self.top_k = None if top_k is None else int(top_k)
+        self.top_p = None if top_p is None else float(top_p)
+        self.use_cache = bool(use_cache)
+
+    def draw(self, logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """One token per row of ``logits`` [..., V] (unnormalised) under these settings."""
+        if self.temperature == 0:
+            return logits.argmax(dim=-1)
+        return sample_categorical(filter_logits(logits, self.temperature, self.top_k, self.top_p), generator)
+
+    def __repr__(self) -> str:
+        return (
+            f"ARSampler(temperature={self.temperature:g}, top_k={self.top_k}, top_p={self.top_p}, "
+            f"use_cache={self.use_cache})"
+        )
