@@ -46,5 +46,9 @@ lint: install ## ruff over the package and tests
 dry-run: install ## print the plan of the reference A2D command without training
 	$(PY) -m dlm.train model=moe30b schedule=linear trainer=deepspeed dry_run=true
 
+sweep: install ## a small CPU ablation (schedules; methods as they land) that notebooks/compare_runs reads
+	$(PY) -m dlm.train -m schedule=linear,cosine,geometric trainer.max_steps=300 trainer.val_check_interval=100 data.batch_size=32 logger=none hydra.sweep.dir=runs/multirun/sweep
+	@echo "compare: DLM_SWEEP=runs/multirun/sweep jupyter notebook notebooks/compare_runs.ipynb"
+
 clean: ## remove caches (keeps .venv and runs/)
 	rm -rf .cache .pytest_cache .ruff_cache

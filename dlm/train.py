@@ -13,16 +13,14 @@ import time
 from pathlib import Path
 
 import hydra
-import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dlm.config import CONF_DIR, ConfigError, check_config, preflight, register_resolvers, resolve_ckpt_path
-from dlm.methods.base import NonFiniteLossError
-from dlm.plan import build_plan
 
+# torch and Lightning are imported where a run starts, so that --cfg, --help and bad overrides answer fast.
 register_resolvers()
 
 
@@ -75,7 +73,7 @@ def log_config(loggers: list, cfg: DictConfig) -> None:
         logger.log_hyperparams(params)
 
 
-def final_results(trainer: L.Trainer, callbacks: list, started: float, status: str) -> dict:
+def final_results(trainer, callbacks: list, started: float, status: str) -> dict:
     results = {
         "status": status,
         "global_step": trainer.global_step,
@@ -90,6 +88,17 @@ def final_results(trainer: L.Trainer, callbacks: list, started: float, status: s
     return results
 
 
+def export_model(module, path: Path) -> None:
+    """An HF-format (or native safetensors) export beside the checkpoints, where the family can write one."""
+    export = getattr(module, "export_hf", None)
+    if export is None or module.global_rank != 0:
+        return
+    try:
+        export(path)
+    except (ValueError, TypeError, NotImplementedError) as err:  # a backbone without an export format: say so, go on
+        print(f"export: skipped ({err})")
+
+
 def finish_loggers(loggers: list, results: dict) -> None:
     for logger in loggers:
         experiment = getattr(logger, "experiment", None)
@@ -100,6 +109,11 @@ def finish_loggers(loggers: list, results: dict) -> None:
 
 
 def train(cfg: DictConfig) -> Path:
+    import lightning as L
+
+    from dlm.methods.base import NonFiniteLossError
+    from dlm.plan import build_plan
+
     started = time.perf_counter()
     run_dir = Path(cfg.paths.run_dir)
     check_config(cfg)
@@ -136,6 +150,7 @@ def train(cfg: DictConfig) -> Path:
             trainer.validate(module, datamodule=datamodule, verbose=False)
     if not module.nonfinite_stop:
         trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+        export_model(module, run_dir / "hf")
     results = final_results(trainer, callbacks, started, status)
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     finish_loggers(loggers, results)
@@ -147,17 +162,41 @@ def train(cfg: DictConfig) -> Path:
     return run_dir
 
 
+def in_multirun() -> bool:
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def record_failure(run_dir: Path, err: BaseException) -> None:
+    """A failed sweep job leaves results.json saying why, so the sweep's table shows it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    results = run_dir / "results.json"
+    previous = json.loads(results.read_text()) if results.is_file() else {}
+    previous["status"] = f"failed: {type(err).__name__}: " + " ".join(str(err).split())
+    results.write_text(json.dumps(previous, indent=2) + "\n")
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def hydra_main(cfg: DictConfig) -> None:
+    from dlm.methods.base import NonFiniteLossError
+
+    run_dir = Path(cfg.paths.run_dir)
     try:
         run_dir = train(cfg)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except NonFiniteLossError as err:
-        print(f"error: {err}", file=sys.stderr)
-        print(f"run_dir: {cfg.paths.run_dir}")
-        sys.exit(1)
+    except Exception as err:
+        # In a sweep one failing job is reported and the others go on; a single run exits non-zero.
+        if in_multirun():
+            record_failure(run_dir, err)
+            print(f"error: job {HydraConfig.get().job.num} failed: {err}", file=sys.stderr)
+            print(f"run_dir: {run_dir}")
+            return
+        if isinstance(err, (ConfigError, NonFiniteLossError)):
+            print(f"error: {err}", file=sys.stderr)
+            if isinstance(err, NonFiniteLossError):
+                print(f"run_dir: {run_dir}")
+            sys.exit(2 if isinstance(err, ConfigError) else 1)
+        raise
     print(f"run_dir: {run_dir}")
 
 

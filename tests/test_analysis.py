@@ -78,7 +78,7 @@ def test_a_failed_job_is_reported_and_the_others_kept(sweep_copy):
     shutil.copytree(sweep_copy / "0" / ".hydra", failed / ".hydra")
     runs = load_runs(sweep_copy)
     assert len(runs) == 3
-    assert runs.set_index("job_num").loc[2, "status"] == "failed"
+    assert runs.set_index("run_dir").loc[str(failed.resolve()), "status"] == "failed"
     assert runs["val/nll_bound"].notna().sum() == 2
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from test_analysis import make_tiny_sweep
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"

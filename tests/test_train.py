@@ -153,3 +153,15 @@ def test_text_files_train_packed_with_document_masking(run_cfg, tmp_path):
     results = json.loads((run_dir / "results.json").read_text())
     assert results["status"] == "completed" and results["val/nll_bound"] > 0
     assert "sample/valid_frac" not in results  # no checkable task for free text
+
+
+def test_a_failing_sweep_job_is_reported_and_the_others_keep_their_results(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = _cli("-m", "trainer.max_steps=2,0", "trainer.val_check_interval=1", "trainer.limit_val_batches=1",
+                "data.source.num_train=256", "data.batch_size=8", "samples.num_prompted=1", "samples.num_infill=1",
+                "samples.num_unconditional=1", "logger=none", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    good = json.loads((sweep / "0" / "results.json").read_text())
+    bad = json.loads((sweep / "1" / "results.json").read_text())
+    assert good["status"] == "completed" and bad["status"].startswith("failed") and "max_steps" in bad["status"]
+    assert "job 1 failed" in proc.stderr

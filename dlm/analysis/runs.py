@@ -203,7 +203,7 @@ def varying_columns(runs: pd.DataFrame) -> list[str]:
     """The choice and overridden-config columns whose value differs between runs (what a sweep varied)."""
     if runs.empty:
         return []
-    candidates = [c for c in runs.columns if c in CHOICE_GROUPS or "." in c and not c.split("/")[0] in (
+    candidates = [c for c in runs.columns if c in CHOICE_GROUPS or "." in c and c.split("/")[0] not in (
         "train", "val", "sample", "eval") and "/" not in c]
     return [c for c in candidates if runs[c].astype(str).nunique(dropna=False) > 1]
 

@@ -111,7 +111,8 @@ def write_samples(
             rows.append({"kind": "prompted", "prompt": prompt, "text": prompt + completion, "valid": ok})
         metrics["sample/prompted_acc"] = correct / len(prompts)
 
-    if task is not None and num_infill > 0:
+    # Families that cannot condition on a suffix (AR) have no infill metric rather than a made-up one.
+    if task is not None and num_infill > 0 and getattr(module, "supports_infill", True):
         items = [(t, p) for t, p in task.infill_items(num_infill, seed) if len(tokenizer.encode(t)) == len(t)]
         correct = 0
         for text, positions in items:  # a character-level tokenizer: character i is token i

@@ -57,6 +57,7 @@ def decoding_settings(sampler) -> ARSampler:
 
 class AR(DiffusionLM):
     supports_infill = False
+    exact_nll = True  # nll_bound is the exact NLL: evaluation needs one pass, not K Monte-Carlo draws
 
     def __init__(
         self,
