@@ -146,7 +146,7 @@ def train(cfg: DictConfig) -> Path:
     elif trainer.interrupted:
         status = "interrupted"
     else:
-        if trainer.callback_metrics.get("val/nll_bound") is None or module.last_val_step != trainer.global_step:
+        if trainer.callback_metrics.get("val/loss") is None or module.last_val_step != trainer.global_step:
             trainer.validate(module, datamodule=datamodule, verbose=False)
     if not module.nonfinite_stop:
         trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
