@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # Tests never reach a hub; wandb stays local.
 TEST_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline WANDB_SILENT=true
 
-.PHONY: help install train test test-gpu test-slow lint dry-run sweep clean
+.PHONY: help install train test test-gpu test-slow lint dry-run sweep bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -49,6 +49,9 @@ dry-run: install ## print the plan of the reference A2D command without training
 sweep: install ## a small CPU ablation (schedules; methods as they land) that notebooks/compare_runs reads
 	$(PY) -m dlm.train -m schedule=linear,cosine,geometric trainer.max_steps=300 trainer.val_check_interval=100 data.batch_size=32 logger=none hydra.sweep.dir=runs/multirun/sweep
 	@echo "compare: DLM_SWEEP=runs/multirun/sweep jupyter notebook notebooks/compare_runs.ipynb"
+
+bench: install ## sampler speed vs the naive sampler on a tiny trained model (ARGS='--quick' or '--run runs/...')
+	$(TEST_ENV) $(PY) benchmarks/samplers.py $(ARGS)
 
 clean: ## remove caches (keeps .venv and runs/)
 	rm -rf .cache .pytest_cache .ruff_cache

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = (
     "method", "model", "schedule", "optimizer", "lr_scheduler", "trainer", "data", "sampler", "logger",
-    "callbacks", "experiment", "paths",
+    "callbacks", "experiment", "paths", "launcher", "hparams_search",
 )
 _STARTED = datetime.now()  # one timestamp per process, however often the run-dir resolver is evaluated
 
@@ -43,6 +43,7 @@ class TrainSchema:
     seed: int = 0
     dry_run: bool = False
     ckpt_path: str | None = None
+    optimized_metric: str | None = None
     samples: SamplesSchema = field(default_factory=SamplesSchema)
     method: Any = None
     model: Any = None
@@ -56,12 +57,17 @@ class TrainSchema:
     callbacks: Any = None
     experiment: Any = None
     paths: Any = None
+    launcher: Any = None
+    hparams_search: Any = None
 
 
 def register_resolvers() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainSchema)
     if not OmegaConf.has_resolver("dlm_run_dir"):
         OmegaConf.register_new_resolver("dlm_run_dir", run_dir_for)
+    if not OmegaConf.has_resolver("dlm_mkdir"):
+        # A folder that must exist before anything runs (sqlite cannot create the folder of its database).
+        OmegaConf.register_new_resolver("dlm_mkdir", lambda path: (Path(path).mkdir(parents=True, exist_ok=True), path)[1])
 
 
 # ---- run folders and resuming ------------------------------------------------------------------------------
@@ -115,13 +121,34 @@ def check_config(cfg: DictConfig) -> None:
     if accelerator in ("gpu", "cuda") and not cfg.get("dry_run"):
         import torch
 
+        memory = _gpu_memory_problem(cfg)
         if not torch.cuda.is_available():
             problems.append(
                 f"trainer.accelerator={accelerator} but this machine has no CUDA GPU: use trainer=cpu here, or "
                 f"dry_run=true to see the plan (parameters, memory per GPU per ZeRO stage) without training"
+                + (f" ({memory})" if memory else "")
             )
+        elif memory:
+            problems.append(f"not enough GPU memory: {memory}")
     if problems:
         raise ConfigError(problems)
+
+
+def _gpu_memory_problem(cfg: DictConfig) -> str | None:
+    """The numbers behind a GPU run that cannot fit (dlm.plan.gpu_memory_check); None when it fits or when the
+    plan cannot be built here (then the run itself reports what is wrong)."""
+    from hydra.utils import instantiate
+
+    from dlm.plan import gpu_memory_check
+
+    try:
+        vocab = instantiate(cfg.data.tokenizer).vocab_size if OmegaConf.select(cfg, "data.tokenizer") else None
+    except Exception:  # e.g. an HF tokenizer that is not available offline: the model's own vocabulary
+        vocab = None
+    try:
+        return gpu_memory_check(cfg, vocab)
+    except Exception:  # noqa: BLE001 - a plan that cannot be built must not hide the real error
+        return None
 
 
 # ---- explaining failed overrides ---------------------------------------------------------------------------

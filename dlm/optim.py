@@ -105,3 +105,35 @@ def warmup_constant(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
         return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
     return LambdaLR(optimizer, factor)
+
+
+def merge_lr_multipliers(*layers: Mapping[str, float] | None) -> dict[str, float]:
+    """Role -> multiplier from several layers, later ones winning (model defaults, then the method's).
+
+    Unknown roles are refused with the valid ones named."""
+    merged: dict[str, float] = {}
+    for layer in layers:
+        for role, mult in (layer or {}).items():
+            if role not in ROLES:
+                raise ValueError(f"unknown parameter role {role!r} in lr_multipliers; valid roles: {', '.join(ROLES)}")
+            if mult is None or float(mult) < 0:
+                raise ValueError(f"lr_multipliers.{role}={mult} must be a number >= 0 (0 freezes the role)")
+            merged[role] = float(mult)
+    return merged
+
+
+def freeze_roles(model: nn.Module, lr_multipliers: Mapping[str, float] | None) -> dict[str, int]:
+    """Freeze (requires_grad=False) every parameter whose role has multiplier 0; returns {role: n_params frozen}.
+
+    A frozen role gets no optimizer group, no gradient and no optimizer state (under DeepSpeed too, which
+    partitions only trainable parameters into its optimizer)."""
+    frozen_roles = {role for role, mult in (lr_multipliers or {}).items() if float(mult) == 0.0}
+    if not frozen_roles:
+        return {}
+    names = dict(model.named_parameters())
+    counts: dict[str, int] = {}
+    for name, role in parameter_roles(model).items():
+        if role in frozen_roles:
+            names[name].requires_grad_(False)
+            counts[role] = counts.get(role, 0) + names[name].numel()
+    return counts

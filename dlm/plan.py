@@ -97,3 +97,42 @@ def build_plan(cfg: DictConfig, vocab_size: int | None) -> Plan:
         accumulate=int(cfg.trainer.get("accumulate_grad_batches", 1)),
         max_steps=int(cfg.trainer.max_steps),
     )
+
+
+def _strategy_stage(trainer_cfg: DictConfig) -> tuple[str, bool]:
+    """(memory column of zero_memory_per_gpu, parameters offloaded to CPU) for the configured strategy."""
+    strategy = trainer_cfg.get("strategy")
+    target = str(strategy.get("_target_", "")) if isinstance(strategy, DictConfig) else str(strategy or "")
+    if "DeepSpeed" in target:
+        stage = int(strategy.get("stage", 3))
+        return (f"zero{stage}" if stage else "zero0 (ddp)"), bool(strategy.get("offload_parameters", False))
+    if "FSDP" in target:
+        return "zero3", False
+    return "zero0 (ddp)", False
+
+
+def gpu_memory_check(cfg: DictConfig, vocab_size: int | None = None) -> str | None:
+    """None when the run's weights + grads + Adam state fit the GPUs it asks for, else a message with the
+    numbers: GiB needed per GPU under the configured strategy vs. GiB and GPUs this machine has, and how many
+    GPUs of this size ZeRO-3 would need. Activations are not counted (the figure is a lower bound)."""
+    plan = build_plan(cfg, vocab_size)
+    column, offloaded = _strategy_stage(cfg.trainer)
+    n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    devices = cfg.trainer.get("devices", 1)
+    world = plan.num_nodes * (max(1, n_cuda) if devices in ("auto", -1, "-1") else resolved_devices(cfg.trainer))
+    need = zero_memory_per_gpu(plan.total_params, world)[column]
+    if offloaded:
+        need = 0.0  # parameters and optimizer state live in CPU memory; only activations and buffers on the GPU
+    have = torch.cuda.get_device_properties(0).total_memory / 1024**3 if n_cuda else 0.0
+    if n_cuda and need <= have:
+        return None
+    size = f"{plan.total_params / 1e9:.2f}B parameters" if plan.total_params >= 1e8 else f"{plan.total_params:,} parameters"
+    msg = (f"this run needs {need:,.1f} GiB per GPU for weights+grads+Adam ({size}, {column} over {world} GPU(s)"
+           f"{', parameters offloaded' if offloaded else ''}; activations extra)")
+    if not n_cuda:
+        per8 = zero_memory_per_gpu(plan.total_params, 8 * plan.num_nodes)["zero3"]
+        return msg + f"; ZeRO-3 over {8 * plan.num_nodes} GPUs: {per8:,.1f} GiB each; this machine has no CUDA GPU (0 GiB)"
+    per_gpu_zero3 = plan.total_params * (_WEIGHT + _GRAD + _OPTIM) / 1024**3
+    gpus = int(-(-per_gpu_zero3 // max(have * 0.8, 1e-9)))
+    return (msg + f"; this machine has {n_cuda} GPU(s) of {have:,.1f} GiB. ZeRO-3 needs at least {gpus} such GPUs "
+            f"(trainer.num_nodes x trainer.devices), or use trainer=deepspeed_zero3_offload")

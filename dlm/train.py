@@ -178,7 +178,7 @@ def record_failure(run_dir: Path, err: BaseException) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
-def hydra_main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> float | None:
     from dlm.methods.base import NonFiniteLossError
 
     run_dir = Path(cfg.paths.run_dir)
@@ -190,7 +190,7 @@ def hydra_main(cfg: DictConfig) -> None:
             record_failure(run_dir, err)
             print(f"error: job {HydraConfig.get().job.num} failed: {err}", file=sys.stderr)
             print(f"run_dir: {run_dir}")
-            return
+            return float("inf") if cfg.get("optimized_metric") else None
         if isinstance(err, (ConfigError, NonFiniteLossError)):
             print(f"error: {err}", file=sys.stderr)
             if isinstance(err, NonFiniteLossError):
@@ -198,6 +198,18 @@ def hydra_main(cfg: DictConfig) -> None:
             sys.exit(2 if isinstance(err, ConfigError) else 1)
         raise
     print(f"run_dir: {run_dir}")
+    return optimized_value(cfg, run_dir)
+
+
+def optimized_value(cfg: DictConfig, run_dir: Path) -> float | None:
+    """The value a hyper-parameter sweeper optimises (optimized_metric), read from the job's results.json."""
+    metric = cfg.get("optimized_metric")
+    if not metric or cfg.dry_run:
+        return None
+    results = json.loads((run_dir / "results.json").read_text())
+    if metric not in results:
+        raise ConfigError([f"optimized_metric={metric} is not among the run's results: {', '.join(sorted(results))}"])
+    return float(results[metric])
 
 
 def main() -> None:

@@ -11,6 +11,12 @@ the optimizer, logging, the non-finite-loss guard — and a family implements fo
 
 A family that cannot do one of these raises an error naming the alternative; it never returns a made-up number.
 
+Learning-rate roles: the effective ``lr_multipliers`` are the backbone's (``backbone.lr_multipliers``, set by a
+model config such as ``model=moe30b`` for the SCP recipe) with the method's merged over them; a role with
+multiplier 0 is frozen (requires_grad False). Auxiliary losses: a backbone with ``pop_aux_loss()`` (the MoE
+router's load-balancing loss) has it added to the training loss after ``loss(batch)``; its stats are logged as
+``train/moe/...``; ``train/loss`` stays the family's objective alone.
+
 Batches are dicts with `input_ids` [B, T], `loss_mask` [B, T] (bool) and, for packed data, `doc_ids` [B, T]
 (the backbone then masks attention across documents).
 """
@@ -25,7 +31,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from dlm.optim import param_groups
+from dlm.optim import freeze_roles, merge_lr_multipliers, param_groups
 from dlm.sampling import Generation, Sampler
 
 
@@ -50,7 +56,8 @@ class DiffusionLM(L.LightningModule, ABC):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.sampler = sampler
-        self.lr_multipliers = dict(lr_multipliers or {})
+        self.lr_multipliers = merge_lr_multipliers(getattr(backbone, "lr_multipliers", None), lr_multipliers)
+        self.frozen = freeze_roles(self.backbone, self.lr_multipliers)  # {role: parameters frozen}
         self.val_seed = val_seed
         self.mask_id = int(tokenizer.mask_token_id)
         self.eos_id = int(tokenizer.eos_token_id)
@@ -113,6 +120,15 @@ class DiffusionLM(L.LightningModule, ABC):
     def on_fit_start(self) -> None:
         self._noise_seed = torch.initial_seed()  # seed_everything(cfg.seed) ran before fit
 
+    def setup(self, stage: str) -> None:
+        """Runs before the strategy wraps the model: under DeepSpeed ZeRO-3, MoE blocks become leaf modules."""
+        strategy = getattr(self._trainer, "strategy", None) if self._trainer is not None else None
+        if strategy is not None and type(strategy).__name__ == "DeepSpeedStrategy":
+            from dlm.deepspeed_utils import register_moe_leaf_modules, zero_stage
+
+            if zero_stage(strategy) == 3:
+                register_moe_leaf_modules(self.backbone)
+
     def step_generator(self, batch_idx: int) -> torch.Generator:
         """The diffusion noise of a training step is a function of (seed, step, rank, micro-batch), not of the
         global RNG's history: a resumed run draws exactly the noise an uninterrupted run would have."""
@@ -123,15 +139,18 @@ class DiffusionLM(L.LightningModule, ABC):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         out = self.loss(batch, generator=self.step_generator(batch_idx))
         loss = out["loss"]
-        if not torch.isfinite(loss):
-            self._stop_on_nonfinite(loss, batch_idx)
+        pop_aux = getattr(self.backbone, "pop_aux_loss", None)
+        aux, aux_stats = pop_aux() if pop_aux is not None else (None, {})
+        total = loss if aux is None else loss + aux.to(loss.dtype)
+        if not torch.isfinite(total):
+            self._stop_on_nonfinite(total, batch_idx)
             return None  # skips the optimizer step: the weights stay as they were before this batch
         batch_size = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        for key, value in out.items():
+        for key, value in {**out, **aux_stats}.items():
             if key != "loss":
                 self.log(f"train/{key}", value, batch_size=batch_size)
-        return loss
+        return total
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         # A fixed generator per batch makes the bound's Monte-Carlo draw the same at every validation, so
@@ -166,7 +185,7 @@ class DiffusionLM(L.LightningModule, ABC):
         step = self.global_step
         checkpoint = Path(self.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
         self.trainer.save_checkpoint(checkpoint)
-        self.nonfinite_stop = {"step": step, "loss": float(loss), "checkpoint": str(checkpoint)}
+        self.nonfinite_stop = {"step": step, "loss": loss.item(), "checkpoint": str(checkpoint)}
         self.trainer.should_stop = True
         print(
             f"\nloss became {float(loss)} at step {step} (batch {batch_idx}); stopped training. The last finite "

@@ -7,6 +7,11 @@ The continuous-time NELBO is
 
 an upper bound on -log p(x0). SUBS parameterisation: the network never predicts the mask token, and tokens
 that are not masked are copied (they carry no loss), so only masked positions are scored.
+
+Logit shift (``shift_logits=True``; Dream, DiffuLLaMA, RND1): a converted AR model's output at position i was
+trained to predict token i+1, so the prediction for token j is read from position j-1 (token 0 keeps its own
+position's output, as Dream does). It lives in :meth:`MDLM.logits`, the one place the loss, the bound, the
+samplers (through :meth:`MDLM.denoise`) and evaluation read predictions from, so all of them agree.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ class MDLM(DiffusionLM):
         schedule: MaskSchedule,
         time_sampling: str = "antithetic",
         t_eps: float = 1e-3,
+        shift_logits: bool = False,
         **base_kwargs,
     ):
         super().__init__(backbone, tokenizer, **base_kwargs)
@@ -40,6 +46,14 @@ class MDLM(DiffusionLM):
         self.schedule = schedule
         self.time_sampling = time_sampling
         self.t_eps = t_eps
+        self.shift_logits = bool(shift_logits)
+
+    def logits(self, tokens: Tensor, **backbone_kwargs) -> Tensor:
+        """Predictions per position [B, T, V]; with shift_logits the output of position j-1 scores token j."""
+        logits = super().logits(tokens, **backbone_kwargs)
+        if self.shift_logits and logits.shape[1] > 1:
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        return logits
 
     # ---- the objective ----------------------------------------------------------------------------------
     def sample_time(self, n: int, generator: torch.Generator | None = None) -> Tensor:

@@ -32,6 +32,9 @@ running each document on its own (as in the native backbone).
 from __future__ import annotations
 
 import inspect
+import math
+import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -105,6 +108,11 @@ def pretrained_geometry(pretrained: str) -> dict[str, Any]:
     else from KNOWN_GEOMETRIES (offline). Never loads weights."""
     from transformers import AutoConfig
 
+    if pretrained in KNOWN_GEOMETRIES and not Path(pretrained).is_dir():
+        try:  # the hub cache only: a plan or a refusal must not wait on the network
+            return AutoConfig.from_pretrained(pretrained, local_files_only=True).to_dict()
+        except (OSError, ValueError):
+            return dict(KNOWN_GEOMETRIES[pretrained])
     try:
         return AutoConfig.from_pretrained(pretrained).to_dict()
     except (OSError, ValueError) as err:
@@ -154,6 +162,12 @@ class HFCausalLM(nn.Module):
         max_seq_len: longest accepted input; default the config's ``max_position_embeddings``/``n_positions``.
         gradient_checkpointing: enable activation checkpointing of the decoder layers.
         trust_remote_code: forwarded to transformers for checkpoints with custom code.
+        lr_multipliers: per-role learning-rate multipliers this model asks for (roles of ``dlm.optim.ROLES``;
+            0 freezes a role). The method's own ``lr_multipliers`` are merged over them, so a model config such
+            as ``model=moe30b`` carries the SCP recipe (attention faster than MLP/experts) to any method.
+        router_aux_loss_coef: weight of the MoE load-balancing (Switch) loss added to the training loss;
+            None = the checkpoint config's ``router_aux_loss_coef`` (Qwen3-MoE: 0.001), 0 = off. Ignored for
+            dense models. Computed in training mode only; see :meth:`pop_aux_loss`.
     """
 
     time_conditioning = False
@@ -170,9 +184,15 @@ class HFCausalLM(nn.Module):
         max_seq_len: int | None = None,
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
+        lr_multipliers: dict[str, float] | None = None,
+        router_aux_loss_coef: float | None = None,
     ):
         super().__init__()
         from transformers import AutoConfig, AutoModelForCausalLM
+
+        from dlm.optim import merge_lr_multipliers
+
+        self.lr_multipliers = merge_lr_multipliers(_plain_dict(lr_multipliers) if lr_multipliers else None)
 
         if attention not in PATTERNS:
             raise ValueError(
@@ -219,6 +239,7 @@ class HFCausalLM(nn.Module):
                 hf_config, trust_remote_code=trust_remote_code, **load_kwargs
             )
 
+        self.hf_model.train()  # from_pretrained returns eval mode; a backbone starts in train mode like any module
         self.attn_implementation = attn_implementation
         self.attention, self.block_size = attention, block_size
         self.converted = attn_implementation in MASKABLE_IMPLEMENTATIONS
@@ -243,6 +264,23 @@ class HFCausalLM(nn.Module):
             )
         self.max_seq_len = int(max_seq_len)
 
+        # MoE: the router's load-balancing loss and per-layer expert load (collected in training forwards).
+        text_cfg = self.hf_model.config.get_text_config()
+        self.num_experts = int(getattr(text_cfg, "num_experts", 0) or 0)
+        self.experts_per_token = int(getattr(text_cfg, "num_experts_per_tok", 0) or 0)
+        if router_aux_loss_coef is None:
+            router_aux_loss_coef = float(getattr(text_cfg, "router_aux_loss_coef", 0.0) or 0.0)
+        self.router_aux_loss_coef = float(router_aux_loss_coef) if self.num_experts and self.experts_per_token else 0.0
+        self.moe_layers = [  # decoder-layer index of each sparse block, in the order routers report
+            int(m.group(1)) for name, mod in self.hf_model.named_modules()
+            if "experts" in dict(mod.named_children()) and (m := re.search(r"layers\.(\d+)\.", name + "."))
+        ]
+        self._aux_losses: list[Tensor] = []
+        self._expert_load: list[Tensor] = []
+        # Attention annealing (DiffuLLaMA): the share of the future each query may see under the bidirectional
+        # pattern, 1.0 = fully bidirectional; set by dlm.callbacks.attention_annealing.AttentionAnnealing.
+        self.bidirectional_fraction = 1.0
+
         if gradient_checkpointing:
             if hasattr(self.hf_model, "activation_checkpointing_enable"):
                 self.hf_model.activation_checkpointing_enable({"use_reentrant": False})
@@ -250,6 +288,40 @@ class HFCausalLM(nn.Module):
                 self.hf_model.gradient_checkpointing_enable(
                     gradient_checkpointing_kwargs={"use_reentrant": False}
                 )
+
+    # ---- MoE router statistics -------------------------------------------------------------------------------
+    def _collect_router_stats(self, router_logits: tuple[Tensor, ...]) -> None:
+        """Switch-Transformer load balancing per forward: E * sum_e f_e * P_e averaged over layers, where f_e is
+        the share of top-k assignments routed to expert e and P_e its mean router probability (1.0 = balanced).
+        Computed here rather than by transformers, whose helper reads a 2D padding mask and our masks are 4D."""
+        E, k = self.num_experts, self.experts_per_token
+        losses, loads = [], []
+        for layer_logits in router_logits:
+            probs = layer_logits.float().softmax(-1).reshape(-1, E)
+            chosen = probs.topk(k, dim=-1).indices
+            share = torch.zeros(E, device=probs.device).scatter_add_(
+                0, chosen.reshape(-1), torch.ones(chosen.numel(), device=probs.device)
+            ) / chosen.numel()
+            losses.append(E * (share * probs.mean(0)).sum())
+            loads.append(share.detach())
+        self._aux_losses.append(torch.stack(losses).mean())
+        self._expert_load.append(torch.stack(loads))
+
+    def pop_aux_loss(self) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """The weighted auxiliary loss of the training forwards since the last call (mean over forwards) and
+        stats to log: ``moe/balance_loss`` (unweighted, 1.0 = balanced) and per layer ``moe/max_load/layer_{i}``
+        (the busiest expert's share of assignments times num_experts: 1.0 = even, num_experts/top_k = collapsed).
+        Clears the buffers. (None, {}) when nothing was collected (dense model, eval, coefficient 0)."""
+        if not self._aux_losses:
+            return None, {}
+        balance = torch.stack(self._aux_losses).mean()
+        load = torch.stack(self._expert_load).mean(0)  # [layers, E]
+        self._aux_losses, self._expert_load = [], []
+        stats = {"moe/balance_loss": balance.detach()}
+        names = self.moe_layers if len(self.moe_layers) == len(load) else range(len(load))
+        for i, layer in zip(names, load):
+            stats[f"moe/max_load/layer_{i}"] = layer.max() * self.num_experts
+        return self.router_aux_loss_coef * balance, stats
 
     def _make_non_causal(self) -> None:
         """Switch off causality everywhere transformers reads it; the explicit mask then decides."""
@@ -378,6 +450,13 @@ class HFCausalLM(nn.Module):
                 if attn_mask is None:
                     attn_mask = torch.ones(1, 1, T, past + T, dtype=torch.bool, device=input_ids.device)
             mask = None if attn_mask is None else self._as_impl_mask(attn_mask.expand(B, 1, T, past + T))
+        elif pattern == "bidirectional" and self.bidirectional_fraction < 1.0:
+            if not self.converted:
+                raise ValueError("attention annealing needs attn_implementation=sdpa or eager")
+            allowed = annealed_mask(T, self.bidirectional_fraction, input_ids.device)
+            if doc_ids is not None:
+                allowed = allowed & attention_mask("bidirectional", T, doc_ids=doc_ids)
+            mask = self._as_impl_mask(allowed.expand(B, 1, T, T))
         elif pattern == "bidirectional" and doc_ids is None and self.mask_free_bidirectional:
             mask = None  # module.is_causal and config.is_causal are False: no mask, fastest SDPA kernels
         elif self.converted:
@@ -405,15 +484,29 @@ class HFCausalLM(nn.Module):
             key = "cache" if "cache" in inspect.signature(self.hf_model.forward).parameters else "past_key_values"
             kwargs[key] = past_key_values
             kwargs["cache_position"] = torch.arange(past, past + T, device=input_ids.device)
+        cached = bool(kwargs)
+        router = self.training and self.router_aux_loss_coef > 0 and torch.is_grad_enabled()
+        if router:
+            kwargs["output_router_logits"] = True
         out = self.hf_model(
-            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=bool(kwargs), **kwargs
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=cached, **kwargs
         )
+        if router and getattr(out, "router_logits", None):
+            self._collect_router_stats(out.router_logits)
         logits = out.logits.float()
         if use_cache:
             return logits, past_key_values
         if past_key_values is not None:  # read-only use: drop the tokens this call appended
             past_key_values.crop(-T)
         return logits
+
+
+def annealed_mask(T: int, fraction: float, device=None) -> Tensor:
+    """Bool [1, 1, T, T] between causal (fraction 0) and bidirectional (fraction 1): query i may attend to keys
+    j <= i + ceil(fraction * (T - 1)). A deterministic widening window, so a resumed run sees the same masks."""
+    reach = int(math.ceil(max(0.0, min(1.0, fraction)) * (T - 1)))
+    pos = torch.arange(T, device=device)
+    return (pos[None, :] <= pos[:, None] + reach)[None, None]
 
 
 def _top_k_near(parent: nn.Module, root: nn.Module) -> int | None:

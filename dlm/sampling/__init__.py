@@ -21,3 +21,25 @@ __all__ += ["ArgmaxUnrolledSampler", "D3PMSampler", "SundaeSampler"]
 from dlm.sampling.autoregressive import ARSampler  # noqa: E402
 
 __all__ += ["ARSampler"]
+
+from dlm.sampling.confidence import (  # noqa: E402
+    ConfidenceSampler,
+    EntropySampler,
+    MarginSampler,
+    OrderedUnmaskingSampler,
+    RandomOrderSampler,
+)
+from dlm.sampling.entropy_bounded import EntropyBoundedSampler  # noqa: E402
+from dlm.sampling.remdm import ReMDMSampler  # noqa: E402
+from dlm.sampling.threshold import ThresholdSampler  # noqa: E402
+
+__all__ += [
+    "ConfidenceSampler",
+    "EntropyBoundedSampler",
+    "EntropySampler",
+    "MarginSampler",
+    "OrderedUnmaskingSampler",
+    "RandomOrderSampler",
+    "ReMDMSampler",
+    "ThresholdSampler",
+]

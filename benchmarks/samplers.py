@@ -1,0 +1,157 @@
+"""Sampler speed against the naive sampler, on one trained tiny model and one prompt set, with task accuracy.
+
+    python benchmarks/samplers.py                 # trains a tiny MDLM on the embedded arithmetic (2000 steps, ~4 min CPU)
+    python benchmarks/samplers.py --run runs/...  # or benchmark an existing run
+    python benchmarks/samplers.py --quick         # smoke mode (a few training steps, few prompts): used by a test
+
+Every sampler completes the same prompts (``47+8=`` style, validation problems, grouped by prompt length so a
+group is one batch) through ``module.generate``. Reported per sampler: generated tokens per second, network
+calls per generated position (a batched forward counts once), the prompted accuracy (a completion is correct
+iff ``prompt + completion`` is a correct equation), and the ratios of speed and calls against the *naive*
+sampler measured in the same process: one full forward per step and one token per step (confidence order,
+``steps = length``, greedy). Speed is only interesting where the accuracy column holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dlm.callbacks.samples import cut_at_eos  # noqa: E402
+from dlm.run import load_run  # noqa: E402
+from dlm.sampling import (  # noqa: E402
+    AncestralSampler,
+    ConfidenceSampler,
+    EntropyBoundedSampler,
+    EntropySampler,
+    LowConfidenceSampler,
+    MarginSampler,
+    RandomOrderSampler,
+    ReMDMSampler,
+    ThresholdSampler,
+)
+
+
+def train_tiny(out: Path, steps: int) -> Path:
+    """A tiny MDLM on the embedded arithmetic, trained by the training CLI into `out`."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "DLM_OUTPUT_ROOT": str(out / "runs"),
+           "DLM_CACHE_DIR": str(out / "cache")}
+    args = [sys.executable, "-m", "dlm.train", f"trainer.max_steps={steps}",
+            f"trainer.val_check_interval={max(1, min(steps, 100))}", "trainer.limit_val_batches=2",
+            "trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false", "logger=none",
+            "samples.num_unconditional=0", "samples.num_prompted=0", "samples.num_infill=0"]
+    if steps < 100:
+        args += ["data.source.num_train=2048", "data.source.num_val=64"]
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"training the benchmark model failed:\n{proc.stderr[-3000:]}")
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("run_dir: ")][-1]
+    return Path(line.split("run_dir: ", 1)[1].strip())
+
+
+def samplers(length: int) -> dict[str, object]:
+    half = max(1, length // 2)
+    return {
+        "naive (confidence, 1 tok/step)": ConfidenceSampler(steps=length, temperature=0.0),
+        "ancestral (cache unchanged)": AncestralSampler(steps=length, temperature=0.0),
+        "low_confidence L/2 steps": LowConfidenceSampler(steps=half, temperature=0.0),
+        "low_confidence blocks of 4": LowConfidenceSampler(steps=half, temperature=0.0, block_length=4),
+        "margin L/2 steps": MarginSampler(steps=half, temperature=0.0),
+        "entropy L/2 steps": EntropySampler(steps=half, temperature=0.0),
+        "random_order L/2 steps": RandomOrderSampler(steps=half, temperature=0.0),
+        "entropy_bounded gamma=0.1": EntropyBoundedSampler(gamma=0.1, temperature=0.0),
+        "entropy_bounded gamma=1": EntropyBoundedSampler(gamma=1.0, temperature=0.0),
+        "threshold tau=0.9": ThresholdSampler(threshold=0.9, temperature=0.0),
+        "threshold tau=0.7": ThresholdSampler(threshold=0.7, temperature=0.0),
+        "threshold tau=0.9 + eos fill": None,  # filled in below (needs the tokenizer's EOS id)
+        "remdm cap 0.02, L steps": ReMDMSampler(steps=length, eta_cap=0.02, temperature=0.0),
+    }
+
+
+@torch.no_grad()
+def measure(module, tokenizer, task, groups, sampler, seed: int, repeats: int) -> dict[str, float]:
+    best = float("inf")
+    for _ in range(repeats):
+        generator = torch.Generator().manual_seed(seed)
+        calls, positions, tokens, correct, total = 0, 0, 0, 0, 0
+        start = time.perf_counter()
+        outputs = []
+        for prompt_ids, length, prompts in groups:
+            gen = module.generate(prompt_ids, length, sampler=sampler, generator=generator)
+            calls += gen.num_network_calls
+            positions += length
+            tokens += length * prompt_ids.shape[0]
+            outputs.append((prompts, gen.tokens[:, prompt_ids.shape[1]:]))
+        best = min(best, time.perf_counter() - start)
+    eos = tokenizer.eos_token_id
+    for prompts, completions in outputs:
+        for prompt, row in zip(prompts, completions):
+            correct += task.is_valid(prompt + tokenizer.decode(cut_at_eos(row.tolist(), eos)))
+            total += 1
+    return {"seconds": best, "tokens_per_s": tokens / best, "calls_per_token": calls / positions,
+            "accuracy": correct / max(total, 1), "calls": calls}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", help="a trained run folder (default: train a tiny MDLM into a temporary folder)")
+    parser.add_argument("--train-steps", type=int, default=2000, help="the default run length of `make train`; fewer steps leave accuracy near 0")
+    parser.add_argument("--prompts", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per sampler (the fastest counts)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable timings on shared cores)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="smoke mode: 10 training steps, 16 prompts, 1 repeat")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.train_steps, args.prompts, args.repeats = 10, 16, 1
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory(prefix="dlm-bench-") as tmp:
+        run_dir = Path(args.run) if args.run else train_tiny(Path(tmp), args.train_steps)
+        run = load_run(run_dir)
+        module, dm = run.module, run.datamodule
+        tokenizer, task = dm.tokenizer, dm.task
+        if task is None:
+            raise SystemExit("the benchmark needs a run on data with a checkable task (the embedded arithmetic)")
+        by_len = defaultdict(list)
+        for prompt in task.prompts(args.prompts, args.seed):
+            by_len[len(tokenizer.encode(prompt))].append(prompt)
+        groups = [(torch.tensor([tokenizer.encode(p) for p in ps], dtype=torch.long), dm.seq_len - n, ps)
+                  for n, ps in sorted(by_len.items())]
+        length = max(g[1] for g in groups)
+        table = samplers(length)
+        table["threshold tau=0.9 + eos fill"] = ThresholdSampler(threshold=0.9, temperature=0.0,
+                                                                 eos_id=tokenizer.eos_token_id)
+        # naive first (also warms up), then the rest; every ratio is against this process's naive figures
+        measure(module, tokenizer, task, groups[:1], table["naive (confidence, 1 tok/step)"], args.seed, 1)
+        rows = []
+        for name, sampler in table.items():
+            rows.append({"sampler": name, **measure(module, tokenizer, task, groups, sampler, args.seed, args.repeats)})
+    naive = rows[0]
+    print(f"run: {run_dir} | {args.prompts} prompts in {len(groups)} batches, completion length {length} "
+          f"(seq_len {dm.seq_len}) | torch threads {args.threads} | best of {args.repeats}")
+    head = (f"{'sampler':34s} {'tok/s':>9s} {'speed x':>8s} {'calls/tok':>9s} {'calls x':>8s} {'accuracy':>8s} "
+            f"{'acc - naive':>11s}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        r["speed_ratio"] = r["tokens_per_s"] / naive["tokens_per_s"]
+        r["calls_ratio"] = r["calls_per_token"] / naive["calls_per_token"]
+        print(f"{r['sampler']:34s} {r['tokens_per_s']:9.1f} {r['speed_ratio']:8.2f} {r['calls_per_token']:9.3f} "
+              f"{r['calls_ratio']:8.3f} {r['accuracy']:8.3f} {r['accuracy'] - naive['accuracy']:+11.3f}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
