@@ -1,13 +1,13 @@
 """Sampler speed against the naive sampler, on one trained tiny model and one prompt set, with task accuracy.
 
-    python benchmarks/samplers.py                 # trains a tiny MDLM on the embedded arithmetic (2000 steps, ~4 min CPU)
+    python benchmarks/samplers.py                 # trains a tiny MDLM on the embedded default data (2000 steps, ~2 min CPU)
     python benchmarks/samplers.py --run runs/...  # or benchmark an existing run
     python benchmarks/samplers.py --quick         # smoke mode (a few training steps, few prompts): used by a test
 
-Every sampler completes the same prompts (``47+8=`` style, validation problems, grouped by prompt length so a
+Every sampler completes the same prompts (the task's validation prompts, grouped by prompt length so a
 group is one batch) through ``module.generate``. Reported per sampler: generated tokens per second, network
 calls per generated position (a batched forward counts once), the prompted accuracy (a completion is correct
-iff ``prompt + completion`` is a correct equation), and the ratios of speed and calls against the *naive*
+iff ``prompt + completion`` is valid under the task), and the ratios of speed and calls against the *naive*
 sampler measured in the same process: one full forward per step and one token per step (confidence order,
 ``steps = length``, greedy). Speed is only interesting where the accuracy column holds.
 """
@@ -44,7 +44,7 @@ from dlm.sampling import (  # noqa: E402
 
 
 def train_tiny(out: Path, steps: int) -> Path:
-    """A tiny MDLM on the embedded arithmetic, trained by the training CLI into `out`."""
+    """A tiny MDLM on the embedded default data (balanced brackets), trained by the training CLI into `out`."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "DLM_OUTPUT_ROOT": str(out / "runs"),
            "DLM_CACHE_DIR": str(out / "cache")}
     args = [sys.executable, "-m", "dlm.train", f"trainer.max_steps={steps}",
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         module, dm = run.module, run.datamodule
         tokenizer, task = dm.tokenizer, dm.task
         if task is None:
-            raise SystemExit("the benchmark needs a run on data with a checkable task (the embedded arithmetic)")
+            raise SystemExit("the benchmark needs a run on data with a checkable task (data=brackets or data=arithmetic)")
         by_len = defaultdict(list)
         for prompt in task.prompts(args.prompts, args.seed):
             by_len[len(tokenizer.encode(prompt))].append(prompt)

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 TINY = [
     "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.limit_val_batches=2",
     "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", "+trainer.enable_model_summary=false",
-    "data.batch_size=16", "data.source.num_train=512", "data.source.num_val=64", "samples.num_unconditional=4",
+    "data=arithmetic", "data.batch_size=16", "data.source.num_train=512", "data.source.num_val=64", "samples.num_unconditional=4",
     "samples.num_prompted=4", "samples.num_infill=4", "sampler.steps=4", "logger=none",
 ]
 

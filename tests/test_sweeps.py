@@ -6,7 +6,6 @@ import json
 
 import pytest
 import yaml
-
 from test_train import _cli
 
 TINY = ["trainer.max_steps=2", "trainer.val_check_interval=1", "trainer.limit_val_batches=1",

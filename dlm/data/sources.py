@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 
 from dlm.data.arithmetic import ArithmeticTask, _split_name
+from dlm.data.brackets import BracketsTask
 
-__all__ = ["ArithmeticSource", "HFDatasetSource", "TextFilesSource"]
+__all__ = ["ArithmeticSource", "BracketsSource", "HFDatasetSource", "TextFilesSource"]
 
 
 class ArithmeticSource:
@@ -42,6 +43,22 @@ class ArithmeticSource:
 
     def __repr__(self) -> str:
         return f"ArithmeticSource({self.task!r})"
+
+
+class BracketsSource:
+    """The embedded grammar task (see :mod:`dlm.data.brackets`); ``.task`` is the BracketsTask."""
+
+    def __init__(self, **task_kwargs):
+        self.task = BracketsTask(**task_kwargs)
+
+    def documents(self, split: str) -> list[str]:
+        return self.task.documents(split)
+
+    def fingerprint(self) -> str:
+        return self.task.fingerprint()
+
+    def __repr__(self) -> str:
+        return f"BracketsSource({self.task!r})"
 
 
 _GLOB_CHARS = re.compile(r"[*?\[]")

@@ -6,8 +6,9 @@ the optimizer, logging, the non-finite-loss guard — and a family implements fo
     loss(batch, generator=None) -> dict        "loss" (a scalar to minimise) plus named stats to log
     nll_bound(batch, generator=None) -> Tensor  [B, T] per-token NLL upper bound in nats (exact NLL for AR),
                                                 zero where batch["loss_mask"] is False: comparable across families
-    generate(prompt, length, sampler) -> Generation
-    infill(tokens, fill_mask, sampler) -> Generation
+    infill(tokens, fill_mask, sampler) -> Generation   fill any positions given both sides
+    generate(prompt, length, sampler) -> Generation    (the base continues a prompt by infilling its tail;
+                                                       left-to-right families override it)
 
 A family that cannot do one of these raises an error naming the alternative; it never returns a made-up number.
 
@@ -94,7 +95,6 @@ class DiffusionLM(L.LightningModule, ABC):
     @abstractmethod
     def nll_bound(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor: ...
 
-    @abstractmethod
     def generate(
         self,
         prompt: Tensor | None,
@@ -102,7 +102,19 @@ class DiffusionLM(L.LightningModule, ABC):
         sampler: Sampler | None = None,
         num_samples: int = 1,
         generator: torch.Generator | None = None,
-    ) -> Generation: ...
+    ) -> Generation:
+        """Continue each prompt row by `length` tokens (or start `num_samples` empty rows). For a family that
+        fills any positions this is infilling of the positions after the prompt; left-to-right families (AR,
+        block diffusion) override it."""
+        device = self.compute_device
+        if prompt is None:
+            prompt = torch.empty(num_samples, 0, dtype=torch.long, device=device)
+        prompt = prompt.to(device)
+        holes = torch.full((prompt.shape[0], length), self.mask_id, dtype=torch.long, device=device)
+        tokens = torch.cat([prompt, holes], dim=1)
+        fill = torch.zeros_like(tokens, dtype=torch.bool)
+        fill[:, prompt.shape[1] :] = True
+        return self.infill(tokens, fill, sampler=sampler, generator=generator)
 
     @abstractmethod
     def infill(
@@ -171,8 +183,9 @@ class DiffusionLM(L.LightningModule, ABC):
         if self.optimizer_factory is None:
             raise ValueError("no optimizer configured: choose one with optimizer=<name> (e.g. optimizer=adamw)")
         defaults = self.optimizer_factory.keywords
+        # The whole module: a family's own parameters (DiffusionBERT's time-token embedding) train too.
         groups = param_groups(
-            self.backbone, lr=defaults.get("lr", 1e-3), weight_decay=defaults.get("weight_decay", 0.0),
+            self, lr=defaults.get("lr", 1e-3), weight_decay=defaults.get("weight_decay", 0.0),
             lr_multipliers=self.lr_multipliers,
         )
         optimizer = self.optimizer_factory(groups)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dlm.methods.base import DiffusionLM
-from dlm.methods.mdlm import TIME_SAMPLING
+from dlm.methods.time_sampling import check_time_sampling, sample_times
 from dlm.models.transformer import positions_from_doc_ids
 from dlm.sampling import Generation, Sampler
 from dlm.schedules import MaskSchedule
@@ -65,10 +65,7 @@ class BD3LM(DiffusionLM):
         super().__init__(backbone, tokenizer, **base_kwargs)
         if isinstance(block_size, bool) or int(block_size) != block_size or block_size < 1:
             raise ValueError(f"method.block_size must be an integer >= 1, got {block_size!r}")
-        if time_sampling not in TIME_SAMPLING:
-            raise ValueError(f"method.time_sampling={time_sampling!r}; valid: {', '.join(TIME_SAMPLING)}")
-        if not 0.0 <= t_eps < 1.0:
-            raise ValueError(f"method.t_eps must be in [0, 1), got {t_eps}")
+        check_time_sampling(time_sampling, t_eps)
         if getattr(backbone, "time_conditioning", False):
             raise ValueError("method=bd3lm needs a backbone without time conditioning (the noise level is per block)")
         self.schedule = schedule
@@ -81,14 +78,7 @@ class BD3LM(DiffusionLM):
     # ---- the objective ----------------------------------------------------------------------------------
     def sample_time(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n diffusion times on [t_eps, 1] (the same draws as MDLM.sample_time)."""
-        kw = {"device": self.device, "generator": generator}
-        if self.time_sampling == "antithetic":
-            u = (torch.rand(1, **kw) + torch.arange(n, device=self.device) / n) % 1.0
-        elif self.time_sampling == "stratified":
-            u = (torch.arange(n, device=self.device) + torch.rand(n, **kw)) / n
-        else:
-            u = torch.rand(n, **kw)
-        return self.t_eps + (1.0 - self.t_eps) * u
+        return sample_times(n, self.time_sampling, self.t_eps, self.device, generator)
 
     def blocks(self, T: int, device=None) -> Tensor:
         return torch.arange(T, device=device) // self.block_size

@@ -42,7 +42,6 @@ import torch
 from torch import Tensor, nn
 
 from dlm.methods.base import DiffusionLM
-from dlm.optim import param_groups
 from dlm.sampling import Generation, Sampler
 from dlm.sampling.d3pm import D3PMSampler
 from dlm.schedules import LinearSchedule, MaskSchedule
@@ -263,39 +262,7 @@ class DiffusionBERT(DiffusionLM):
             "masked_acc": correct.sum() / masked.sum().clamp(min=1) * tokens,
         }
 
-    def configure_optimizers(self):
-        if self.time_embedding is None:
-            return super().configure_optimizers()
-        # The base optimises the backbone's parameters; the time-token embedding is this family's own.
-        if self.optimizer_factory is None:
-            raise ValueError("no optimizer configured: choose one with optimizer=<name> (e.g. optimizer=adamw)")
-        defaults = self.optimizer_factory.keywords
-        groups = param_groups(self, lr=defaults.get("lr", 1e-3), weight_decay=defaults.get("weight_decay", 0.0),
-                              lr_multipliers=self.lr_multipliers)
-        optimizer = self.optimizer_factory(groups)
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer, total_steps=self.trainer.max_steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
     # ---- sampling ------------------------------------------------------------------------------------------
-    def generate(
-        self,
-        prompt: Tensor | None,
-        length: int,
-        sampler: Sampler | None = None,
-        num_samples: int = 1,
-        generator: torch.Generator | None = None,
-    ) -> Generation:
-        """Append `length` masks to each prompt row (or start from `num_samples` all-mask rows) and denoise."""
-        device = self.compute_device
-        if prompt is None:
-            prompt = torch.empty(num_samples, 0, dtype=torch.long, device=device)
-        prompt = prompt.to(device)
-        masks = torch.full((prompt.shape[0], length), self.mask_id, dtype=torch.long, device=device)
-        tokens = torch.cat([prompt, masks], dim=1)
-        return self.infill(tokens, tokens == self.mask_id, sampler=sampler, generator=generator)
-
     def infill(
         self, tokens: Tensor, fill_mask: Tensor, sampler: Sampler | None = None, generator: torch.Generator | None = None
     ) -> Generation:

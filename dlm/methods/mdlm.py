@@ -21,10 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dlm.methods.base import DiffusionLM
+from dlm.methods.time_sampling import check_time_sampling, sample_times
 from dlm.sampling import Generation, Sampler
 from dlm.schedules import MaskSchedule
-
-TIME_SAMPLING = ("antithetic", "stratified", "uniform")
 
 
 class MDLM(DiffusionLM):
@@ -39,10 +38,7 @@ class MDLM(DiffusionLM):
         **base_kwargs,
     ):
         super().__init__(backbone, tokenizer, **base_kwargs)
-        if time_sampling not in TIME_SAMPLING:
-            raise ValueError(f"method.time_sampling={time_sampling!r}; valid: {', '.join(TIME_SAMPLING)}")
-        if not 0.0 <= t_eps < 1.0:
-            raise ValueError(f"method.t_eps must be in [0, 1), got {t_eps}")
+        check_time_sampling(time_sampling, t_eps)
         self.schedule = schedule
         self.time_sampling = time_sampling
         self.t_eps = t_eps
@@ -57,15 +53,8 @@ class MDLM(DiffusionLM):
 
     # ---- the objective ----------------------------------------------------------------------------------
     def sample_time(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """n diffusion times on [t_eps, 1]; antithetic/stratified draws cover [0, 1] evenly (lower variance)."""
-        kw = {"device": self.device, "generator": generator}
-        if self.time_sampling == "antithetic":
-            u = (torch.rand(1, **kw) + torch.arange(n, device=self.device) / n) % 1.0
-        elif self.time_sampling == "stratified":
-            u = (torch.arange(n, device=self.device) + torch.rand(n, **kw)) / n
-        else:
-            u = torch.rand(n, **kw)
-        return self.t_eps + (1.0 - self.t_eps) * u
+        """n diffusion times on [t_eps, 1] (see dlm.methods.time_sampling)."""
+        return sample_times(n, self.time_sampling, self.t_eps, self.device, generator)
 
     def _diffusion_terms(self, batch: dict[str, Tensor], generator: torch.Generator | None):
         """One forward pass at a random t per sequence: per-token bound terms and masked-token accuracy."""
@@ -130,22 +119,6 @@ class MDLM(DiffusionLM):
         clean = (xt != self.mask_id)[..., None]
         copied = torch.full_like(logp, float("-inf")).scatter_(-1, xt[..., None], 0.0)
         return torch.where(clean, copied, logp)
-
-    def generate(
-        self,
-        prompt: Tensor | None,
-        length: int,
-        sampler: Sampler | None = None,
-        num_samples: int = 1,
-        generator: torch.Generator | None = None,
-    ) -> Generation:
-        """Append `length` masks to each prompt row (or start from `num_samples` all-mask rows) and denoise."""
-        if prompt is None:
-            prompt = torch.empty(num_samples, 0, dtype=torch.long, device=self.compute_device)
-        prompt = prompt.to(self.compute_device)
-        masks = torch.full((prompt.shape[0], length), self.mask_id, dtype=torch.long, device=self.compute_device)
-        tokens = torch.cat([prompt, masks], dim=1)
-        return self.infill(tokens, tokens == self.mask_id, sampler=sampler, generator=generator)
 
     def infill(
         self, tokens: Tensor, fill_mask: Tensor, sampler: Sampler | None = None, generator: torch.Generator | None = None

@@ -127,24 +127,6 @@ class SUNDAE(DiffusionLM):
         """log p_θ(x0 | x) over the vocabulary, the mask token at zero probability."""
         return self._logits(x, {}).log_softmax(-1)
 
-    def generate(
-        self,
-        prompt: Tensor | None,
-        length: int,
-        sampler: Sampler | None = None,
-        num_samples: int = 1,
-        generator: torch.Generator | None = None,
-    ) -> Generation:
-        """Append `length` free positions to each prompt row (or `num_samples` empty rows) and refine them."""
-        device = self.compute_device
-        if prompt is None:
-            prompt = torch.empty(num_samples, 0, dtype=torch.long, device=device)
-        prompt = prompt.to(device)
-        tokens = torch.cat([prompt, torch.zeros(prompt.shape[0], length, dtype=torch.long, device=device)], dim=1)
-        fill = torch.zeros_like(tokens, dtype=torch.bool)
-        fill[:, prompt.shape[1]:] = True
-        return self.infill(tokens, fill, sampler=sampler, generator=generator)
-
     def infill(
         self, tokens: Tensor, fill_mask: Tensor, sampler: Sampler | None = None, generator: torch.Generator | None = None
     ) -> Generation:
