@@ -158,6 +158,7 @@ def load_run(path: str | Path, ckpt: str | Path | None = "last", device: str | t
     path: a run folder, or a .ckpt file (then `ckpt` is ignored). ckpt: "last", "best" or a file. The module
     is returned in eval mode on `device`.
     """
+    from dlm.deepspeed_utils import load_state_dict
     from dlm.train import build_module
 
     run_dir, ckpt_file = resolve_run_path(path)
@@ -167,8 +168,7 @@ def load_run(path: str | Path, ckpt: str | Path | None = "last", device: str | t
     if setup_data:
         datamodule.setup("validate")
     module = build_module(cfg, datamodule)
-    checkpoint = torch.load(ckpt_file, map_location="cpu", weights_only=False)
-    state = checkpoint.get("state_dict", checkpoint)
+    state = load_state_dict(ckpt_file)  # a Lightning file, or a DeepSpeed ZeRO folder (consolidated first)
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise RuntimeError(

@@ -88,14 +88,21 @@ def final_results(trainer, callbacks: list, started: float, status: str) -> dict
     return results
 
 
-def export_model(module, path: Path) -> None:
-    """An HF-format (or native safetensors) export beside the checkpoints, where the family can write one."""
-    export = getattr(module, "export_hf", None)
-    if export is None or module.global_rank != 0:
+def export_model(module, run_dir: Path) -> None:
+    """A reusable export in <run_dir>/hf where the model allows one: the family's own (AR: a causal LM), else
+    for an HF backbone the consolidated checkpoint as an HF folder (A2D runs; DeepSpeed ZeRO folders too)."""
+    from dlm.models.hf import HFCausalLM
+
+    if module.global_rank != 0:
         return
     try:
-        export(path)
-    except (ValueError, TypeError, NotImplementedError) as err:  # a backbone without an export format: say so, go on
+        if hasattr(module, "export_hf"):
+            module.export_hf(run_dir / "hf")
+        elif isinstance(module.backbone, HFCausalLM) and (run_dir / ".hydra" / "config.yaml").is_file():
+            from dlm.deepspeed_utils import consolidate_run
+
+            consolidate_run(run_dir)
+    except (ValueError, TypeError, NotImplementedError) as err:  # no export format for this model: say so
         print(f"export: skipped ({err})")
 
 
@@ -150,7 +157,7 @@ def train(cfg: DictConfig) -> Path:
             trainer.validate(module, datamodule=datamodule, verbose=False)
     if not module.nonfinite_stop:
         trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
-        export_model(module, run_dir / "hf")
+        export_model(module, run_dir)
     results = final_results(trainer, callbacks, started, status)
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     finish_loggers(loggers, results)
