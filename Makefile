@@ -46,8 +46,8 @@ lint: install ## ruff over the package and tests
 dry-run: install ## print the plan of the reference A2D command without training
 	$(PY) -m dlm.train model=moe30b schedule=linear trainer=deepspeed dry_run=true
 
-sweep: install ## a small CPU ablation (schedules; methods as they land) that notebooks/compare_runs reads
-	$(PY) -m dlm.train -m schedule=linear,cosine,geometric trainer.max_steps=300 trainer.val_check_interval=100 data.batch_size=32 logger=none hydra.sweep.dir=runs/multirun/sweep
+sweep: install ## a small CPU ablation (methods x schedules) that notebooks/compare_runs reads
+	$(PY) -m dlm.train -m method=mdlm,diffusionbert,bd3lm schedule=linear,cosine trainer.max_steps=300 trainer.val_check_interval=100 data.batch_size=32 logger=none hydra.sweep.dir=runs/multirun/sweep
 	@echo "compare: DLM_SWEEP=runs/multirun/sweep jupyter notebook notebooks/compare_runs.ipynb"
 
 bench: install ## sampler speed vs the naive sampler on a tiny trained model (ARGS='--quick' or '--run runs/...')
