@@ -12,9 +12,16 @@ Logit shift (``shift_logits=True``; Dream, DiffuLLaMA, RND1): a converted AR mod
 trained to predict token i+1, so the prediction for token j is read from position j-1 (token 0 keeps its own
 position's output, as Dream does). It lives in :meth:`MDLM.logits`, the one place the loss, the bound, the
 samplers (through :meth:`MDLM.denoise`) and evaluation read predictions from, so all of them agree.
+
+Prefix KV cache (Fast-dLLM): :meth:`MDLM.infill`'s denoiser carries a ``with_prefix_cache(x, prefix_len)``
+hook (:meth:`MDLM.prefix_cached_denoise`) when the backbone takes ``past_key_values``; only
+``ThresholdSampler(prefix_cache=True)`` uses it (contract and approximation in :mod:`dlm.sampling.threshold`).
 """
 
 from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -113,12 +120,65 @@ class MDLM(DiffusionLM):
         kwargs = {"doc_ids": doc_ids} if doc_ids is not None else {}
         if self._time_conditioned:
             kwargs["time"] = time
-        logits = self.logits(xt, **kwargs).float()
+        return self._subs(self.logits(xt, **kwargs), xt)
+
+    def _subs(self, logits: Tensor, xt: Tensor) -> Tensor:
+        """SUBS log p(x0 | x_t) from logits [B, T, V] of the tokens xt [B, T]."""
+        logits = logits.float()
         logits[..., self.mask_id] = float("-inf")
         logp = logits.log_softmax(-1)
         clean = (xt != self.mask_id)[..., None]
         copied = torch.full_like(logp, float("-inf")).scatter_(-1, xt[..., None], 0.0)
         return torch.where(clean, copied, logp)
+
+    @property
+    def supports_prefix_cache(self) -> bool:
+        """Whether the backbone takes a KV cache (``past_key_values``/``use_cache``): native Transformer, HFCausalLM."""
+        try:
+            params = inspect.signature(self.backbone.forward).parameters
+        except (TypeError, ValueError):
+            return False
+        # a subclass that overrides logits/denoise would be bypassed by the hook's direct backbone calls
+        plain = type(self).logits is MDLM.logits and type(self).denoise is MDLM.denoise
+        return plain and "past_key_values" in params and "use_cache" in params
+
+    @torch.no_grad()
+    def prefix_cached_denoise(
+        self, xt: Tensor, prefix_len: int, time_fn: Callable[[Tensor], Tensor | None] | None = None
+    ) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        """The prefix-KV-cache hook of :class:`~dlm.sampling.ThresholdSampler` (``prefix_cache=True``; the
+        contract is in :mod:`dlm.sampling.threshold`). One full forward over ``xt`` [B, T] gives
+        ``denoise(xt)`` and the keys/values of ``xt[:, :prefix_len]`` (which must hold no masks); returns that
+        log p and ``suffix(z)``: log p [B, T - prefix_len, V] of a later suffix ``z`` computed by a forward over
+        ``z`` only, reading the cached prefix. Approximate under bidirectional attention (the cached prefix does
+        not see later changes of the suffix), exact when the prefix cannot attend to the suffix.
+        ``time_fn(tokens)`` gives a time-conditioned backbone its time from the full tokens or from ``z`` (the
+        prefix is clean, so counting masks on either agrees); the cached prefix keeps the refresh's time.
+        With ``shift_logits`` the token at ``prefix_len`` is read from position ``prefix_len - 1``, so the
+        cache holds one token less and that token is re-run with the suffix."""
+        T = xt.shape[1]
+        if not 0 < prefix_len < T:
+            raise ValueError(f"prefix_len must be in [1, {T - 1}] for {T} tokens, got {prefix_len}")
+        if bool((xt[:, :prefix_len] == self.mask_id).any()):
+            raise ValueError("the cached prefix must not contain mask tokens")
+
+        def kwargs(tokens: Tensor) -> dict:
+            return {"time": time_fn(tokens) if time_fn is not None else None} if self._time_conditioned else {}
+
+        logits, cache = self.backbone(xt, use_cache=True, **kwargs(xt))
+        logits = logits[..., : self.vocab_size]
+        if self.shift_logits:
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        cached = prefix_len - 1 if self.shift_logits else prefix_len
+        cache.crop(cached - T)  # drop the last T - cached tokens (negative: both the native and HF caches)
+        head = xt[:, cached:prefix_len]  # the token before the suffix when shifting, else empty
+
+        def suffix(z: Tensor) -> Tensor:
+            out = self.backbone(torch.cat([head, z], dim=1), past_key_values=cache, use_cache=False, **kwargs(z))
+            out = out[..., : self.vocab_size]
+            return self._subs(out[:, :-1] if self.shift_logits else out, z)
+
+        return self._subs(logits, xt), suffix
 
     def infill(
         self, tokens: Tensor, fill_mask: Tensor, sampler: Sampler | None = None, generator: torch.Generator | None = None
@@ -137,6 +197,13 @@ class MDLM(DiffusionLM):
             # Time-conditioned backbones get t from the fraction still masked (exact for the linear schedule).
             time = (xt == self.mask_id).sum(1) / initial_masks if self._time_conditioned else None
             return self.denoise(xt, time=time)
+
+        if self.supports_prefix_cache:  # the hook of ThresholdSampler(prefix_cache=True); other samplers ignore it
+            def with_prefix_cache(xt: Tensor, prefix_len: int):
+                time_fn = (lambda t: (t == self.mask_id).sum(1) / initial_masks) if self._time_conditioned else None
+                return self.prefix_cached_denoise(xt, prefix_len, time_fn=time_fn)
+
+            denoiser.with_prefix_cache = with_prefix_cache
 
         was_training = self.training
         self.eval()

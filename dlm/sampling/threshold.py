@@ -8,20 +8,44 @@ the other confidence samplers (at least ``ceil(remaining / steps_left)`` are com
 ``steps`` is large so the threshold alone decides. Combine with ``block_length`` for Fast-dLLM's
 semi-autoregressive block decoding.
 
-Prefix KV cache (unfinished): Fast-dLLM additionally reuses the keys/values of the prompt and finished blocks
-across the steps of a block (approximate for a bidirectional model: the prefix's keys/values depend on the
-suffix). The native Transformer and HFCausalLM accept ``past_key_values``/``use_cache``, but samplers here
-only see a ``denoiser(x) -> log p`` callable built by the family (``MDLM.infill``), so the cache needs a
-family-side hook (a denoiser that can be asked for "the suffix from position p, given a cached prefix").
-Until that lands, ``prefix_cache=True`` is rejected with this explanation rather than silently ignored.
-BD3-LM's exact block KV cache already gives the semi-AR version of this speed-up.
+Prefix KV cache (``prefix_cache=True``, Fast-dLLM's "prefix cache"): within a block, the keys/values of the
+prompt and of the finished blocks (the *prefix*) are computed once and reused, and each step's forward runs
+only over the positions from the current block on. The cache is refreshed at every block boundary by one full
+forward, whose output is also that step's prediction, so the cached run makes exactly the same steps (and
+network calls) as the uncached one, each but the first of a block over ``T - prefix_len`` positions instead of
+``T``. Needs ``block_length`` (the refresh points; ``block_length >= completion length`` caches the prompt
+only). The prefix of block ``j`` is every column before ``min_rows(first masked position) + j * block_length``
+(clean in every row, blocks being finished in order).
+
+*Approximate* under bidirectional attention: the prefix's keys/values depend on the suffix, which changes
+within a block; the cache keeps the ones of the block's first step. It is exact when the prefix cannot attend
+to the suffix (e.g. a block-causal backbone whose blocks align with the sampler's; tested), where cached and
+uncached runs give identical tokens for the same generator.
+
+The hook (family-agnostic; the sampler never sees a backbone). The denoiser passed to :meth:`sample` must
+expose ``denoiser.with_prefix_cache(x, prefix_len) -> (logp, suffix_denoiser)``:
+
+* ``x`` ``[B, T]`` is the current state; ``x[:, :prefix_len]`` has no masks and the caller keeps it fixed
+  while it uses ``suffix_denoiser``;
+* ``logp`` ``[B, T, V]`` is ``denoiser(x)`` (one full forward, which also fills the cache);
+* ``suffix_denoiser(z)`` maps ``z = x'[:, prefix_len:]`` (any later state of the suffix) to log-probabilities
+  ``[B, T - prefix_len, V]`` with the same conventions as the denoiser (SUBS, mask excluded), computed
+  against the cached keys/values of ``x[:, :prefix_len]``.
+
+:meth:`dlm.methods.mdlm.MDLM.infill` attaches it for backbones that take ``past_key_values`` (the native
+Transformer and HFCausalLM). A denoiser without it is rejected (ValueError), not silently run uncached.
+Only the prefix is cached; Fast-dLLM's DualCache (also caching the masked suffix after the block) is not
+implemented. BD3-LM's exact block KV cache is the trained-for version of this speed-up.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from dlm.sampling.confidence import ConfidenceSampler
+from dlm.sampling.base import Denoiser, Generation
+from dlm.sampling.confidence import ConfidenceSampler, block_ids
+from dlm.schedules import MaskSchedule
 
 __all__ = ["ThresholdSampler"]
 
@@ -30,7 +54,8 @@ class ThresholdSampler(ConfidenceSampler):
     """Fast-dLLM threshold decoding: commit all positions with confidence > ``threshold``, at least one.
 
     Args: those of :class:`~dlm.sampling.confidence.OrderedUnmaskingSampler` plus ``threshold`` in [0, 1]
-    and ``prefix_cache`` (must be False for now; see the module docstring).
+    and ``prefix_cache`` (Fast-dLLM's approximate prefix KV cache, refreshed at every block boundary: needs
+    ``block_length`` and a denoiser with the ``with_prefix_cache`` hook; see the module docstring).
     """
 
     def __init__(
@@ -48,18 +73,84 @@ class ThresholdSampler(ConfidenceSampler):
         super().__init__(steps, temperature, top_k, top_p, record_trajectory, block_length, eos_id)
         if threshold is None or not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
-        if prefix_cache:
+        if prefix_cache and self.block_length is None:
             raise NotImplementedError(
-                "ThresholdSampler(prefix_cache=True) is not implemented yet: the sampler only sees the family's "
-                "denoiser callable, not the backbone's KV cache. Use prefix_cache=false (exact, one full forward per "
-                "step), or method=bd3lm whose exact block KV cache gives the semi-autoregressive speed-up."
+                "ThresholdSampler(prefix_cache=True) needs block_length: the prefix cache is refreshed at block "
+                "boundaries (Fast-dLLM); a block_length >= the completion length caches the prompt only"
             )
         self.threshold = float(threshold)
-        self.prefix_cache = False
+        self.prefix_cache = bool(prefix_cache)
 
     def _extra_repr(self) -> str:
-        return f"threshold={self.threshold:g}, " + super()._extra_repr()
+        cache = ", prefix_cache=True" if self.prefix_cache else ""
+        return f"threshold={self.threshold:g}, " + super()._extra_repr() + cache
 
     def extra_count(self, sorted_scores: Tensor, eligible: Tensor) -> Tensor:
         # scores are log-probabilities of the predicted tokens (ConfidenceSampler); compare in probability space
         return (sorted_scores.exp() > self.threshold).sum(dim=1)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        denoiser: Denoiser,
+        x: Tensor,
+        *,
+        mask_id: int,
+        schedule: MaskSchedule | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Generation:
+        if not self.prefix_cache:
+            return super().sample(denoiser, x, mask_id=mask_id, schedule=schedule, generator=generator)
+        hook = getattr(denoiser, "with_prefix_cache", None)
+        if hook is None:
+            raise ValueError(
+                "ThresholdSampler(prefix_cache=True) needs a denoiser with the with_prefix_cache(x, prefix_len) hook "
+                "(MDLM on a backbone taking past_key_values: the native Transformer or HFCausalLM); use "
+                "prefix_cache=false for this family / backbone"
+            )
+        x = self._check_input(x, mask_id)
+        trajectory = [x.clone()] if self.record_trajectory else None
+        calls = 0
+        masked = x == mask_id
+        if not masked.any():
+            return Generation(x, 0, trajectory)
+
+        B, T = x.shape
+        blocks, num_blocks = block_ids(masked, self.block_length)
+        first = int(masked.long().argmax(dim=1)[masked.any(dim=1)].min())  # earliest first mask of any row
+        base_steps, extra_steps = divmod(self.steps, num_blocks)
+        for j in range(num_blocks):
+            block_steps = max(1, base_steps + (1 if j < extra_steps else 0))
+            in_block = blocks == j
+            # every row's blocks < j are finished, so columns before p are clean in every row
+            p = min(first + j * self.block_length, T)
+            suffix = None
+            for i in range(block_steps):
+                eligible = (x == mask_id) & in_block
+                remaining = eligible.sum(dim=1)
+                if not remaining.any():
+                    break
+                steps_left = block_steps - i
+                if p == 0:  # nothing to cache (no prompt, first block)
+                    x = self._step(x, self._call(denoiser, x), eligible, remaining, steps_left, mask_id, generator)
+                elif suffix is None:  # the block's first step: full forward, refreshes the cache
+                    logp, suffix = hook(x, p)
+                    x = self._step(x, self._check(logp, x), eligible, remaining, steps_left, mask_id, generator)
+                else:  # later steps: only the columns from p on, against the cached prefix
+                    z = x[:, p:]
+                    logp = self._check(suffix(z), z)
+                    x = x.clone()
+                    x[:, p:] = self._step(z, logp, eligible[:, p:], remaining, steps_left, mask_id, generator)
+                calls += 1
+                if trajectory is not None:
+                    trajectory.append(x.clone())
+        return Generation(x, calls, trajectory)
+
+    @staticmethod
+    def _check(logp: Tensor, x: Tensor) -> Tensor:
+        if logp.dim() != 3 or logp.shape[:2] != x.shape:
+            raise ValueError(
+                f"the prefix-cache hook must return log-probabilities of shape [{x.shape[0]}, {x.shape[1]}, V], "
+                f"got {tuple(logp.shape)}"
+            )
+        return logp
