@@ -70,6 +70,17 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("dlm_mkdir", lambda path: (Path(path).mkdir(parents=True, exist_ok=True), path)[1])
 
 
+def running_hydra_config():
+    """Hydra's config of the job running now, or None outside a Hydra job. (Composing a config with
+    return_hydra_config=True also sets Hydra's global config, without a job: then there is no output_dir.)"""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    return hc if OmegaConf.select(hc, "runtime.output_dir", default=None) is not None else None
+
+
 # ---- run folders and resuming ------------------------------------------------------------------------------
 def run_dir_for(output_root: str, name: str, ckpt_path: str | None) -> str:
     """The run folder: a new timestamped one, or — when resuming — the folder of the run being resumed, so a

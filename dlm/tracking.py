@@ -41,12 +41,13 @@ def resolve_wandb_mode(mode: str = "auto") -> str:
 def hydra_run_names() -> tuple[str | None, str | None]:
     """(group, name) for wandb from Hydra: a sweep's jobs share a group named after the sweep folder and are
     named by their overrides; a single run is grouped by its run name and named by its folder."""
-    from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    if not HydraConfig.initialized():
+    from dlm.config import running_hydra_config
+
+    hc = running_hydra_config()
+    if hc is None:
         return None, None
-    hc = HydraConfig.get()
     output_dir = Path(hc.runtime.output_dir)
     if hc.mode == RunMode.MULTIRUN:
         sweep = Path(hc.sweep.dir)

@@ -18,7 +18,15 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from dlm.config import CONF_DIR, ConfigError, check_config, preflight, register_resolvers, resolve_ckpt_path
+from dlm.config import (
+    CONF_DIR,
+    ConfigError,
+    check_config,
+    preflight,
+    register_resolvers,
+    resolve_ckpt_path,
+    running_hydra_config,
+)
 
 # torch and Lightning are imported where a run starts, so that --cfg, --help and bad overrides answer fast.
 register_resolvers()
@@ -66,7 +74,8 @@ def build_callbacks(cfg: DictConfig) -> list:
 
 
 def log_config(loggers: list, cfg: DictConfig) -> None:
-    choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
+    hc = running_hydra_config()
+    choices = dict(hc.runtime.choices) if hc is not None else {}
     params = OmegaConf.to_container(cfg, resolve=True)
     params["choices"] = {k: v for k, v in choices.items() if not k.startswith("hydra")}
     for logger in loggers:
@@ -172,7 +181,8 @@ def train(cfg: DictConfig) -> Path:
 def in_multirun() -> bool:
     from hydra.types import RunMode
 
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    hc = running_hydra_config()
+    return hc is not None and hc.mode == RunMode.MULTIRUN
 
 
 def record_failure(run_dir: Path, err: BaseException) -> None:

@@ -34,94 +34,23 @@ from __future__ import annotations
 import inspect
 import math
 import re
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from dlm.models.attention import PATTERNS, attention_mask
+from dlm.models.hf_geometry import (  # noqa: F401
+    GPT2_SMALL,
+    KNOWN_GEOMETRIES,
+    QWEN3_0P6B,
+    QWEN3_30B_A3B,
+    pretrained_geometry,
+)
+from dlm.models.moe import count_active_parameters  # noqa: F401  (re-exported)
 from dlm.models.transformer import positions_from_doc_ids
 
-# Geometry of Qwen/Qwen3-30B-A3B-Base (the RND1 starting point): ~30.5B parameters, ~3.3B active per token.
-# Used to build the model on the meta device (dry runs, parameter counts) without the checkpoint.
-QWEN3_30B_A3B: dict[str, Any] = {
-    "model_type": "qwen3_moe",
-    "hidden_size": 2048,
-    "num_hidden_layers": 48,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 4,
-    "head_dim": 128,
-    "num_experts": 128,
-    "num_experts_per_tok": 8,
-    "moe_intermediate_size": 768,
-    "intermediate_size": 6144,
-    "vocab_size": 151936,
-    "max_position_embeddings": 32768,
-    "rope_theta": 1000000.0,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": False,
-}
-
-# Geometry of Qwen/Qwen3-0.6B-Base: ~0.6B parameters (tied embeddings).
-QWEN3_0P6B: dict[str, Any] = {
-    "model_type": "qwen3",
-    "hidden_size": 1024,
-    "num_hidden_layers": 28,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 8,
-    "head_dim": 128,
-    "intermediate_size": 3072,
-    "vocab_size": 151936,
-    "max_position_embeddings": 32768,
-    "rope_theta": 1000000.0,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": True,
-}
-
-# Geometry of openai-community/gpt2 (124M).
-GPT2_SMALL: dict[str, Any] = {
-    "model_type": "gpt2",
-    "n_embd": 768,
-    "n_layer": 12,
-    "n_head": 12,
-    "n_positions": 1024,
-    "vocab_size": 50257,
-}
-
-# Attention implementations that accept an arbitrary explicit 4D mask.
 MASKABLE_IMPLEMENTATIONS = ("sdpa", "eager")
-
-# Geometries of the hub checkpoints our configs name, so that a plan (dry_run=true) works offline.
-KNOWN_GEOMETRIES: dict[str, dict[str, Any]] = {
-    "Qwen/Qwen3-30B-A3B-Base": QWEN3_30B_A3B,
-    "Qwen/Qwen3-30B-A3B": QWEN3_30B_A3B,
-    "Qwen/Qwen3-0.6B-Base": QWEN3_0P6B,
-    "Qwen/Qwen3-0.6B": QWEN3_0P6B,
-    "openai-community/gpt2": GPT2_SMALL,
-    "gpt2": GPT2_SMALL,
-}
-
-
-def pretrained_geometry(pretrained: str) -> dict[str, Any]:
-    """The config of a checkpoint as a plain dict with model_type: read from a local folder or the hub cache,
-    else from KNOWN_GEOMETRIES (offline). Never loads weights."""
-    from transformers import AutoConfig
-
-    if pretrained in KNOWN_GEOMETRIES and not Path(pretrained).is_dir():
-        try:  # the hub cache only: a plan or a refusal must not wait on the network
-            return AutoConfig.from_pretrained(pretrained, local_files_only=True).to_dict()
-        except (OSError, ValueError):
-            return dict(KNOWN_GEOMETRIES[pretrained])
-    try:
-        return AutoConfig.from_pretrained(pretrained).to_dict()
-    except (OSError, ValueError) as err:
-        if pretrained in KNOWN_GEOMETRIES:
-            return dict(KNOWN_GEOMETRIES[pretrained])
-        raise ValueError(
-            f"cannot read the config of {pretrained!r} (offline, or no such checkpoint) and its geometry is not "
-            f"among the known ones ({', '.join(KNOWN_GEOMETRIES)}): pass a local folder as model.pretrained"
-        ) from err
 
 
 def _plain_dict(config: Any) -> dict[str, Any]:
@@ -507,45 +436,3 @@ def annealed_mask(T: int, fraction: float, device=None) -> Tensor:
     reach = int(math.ceil(max(0.0, min(1.0, fraction)) * (T - 1)))
     pos = torch.arange(T, device=device)
     return (pos[None, :] <= pos[:, None] + reach)[None, None]
-
-
-def _top_k_near(parent: nn.Module, root: nn.Module) -> int | None:
-    """Experts chosen per token for the experts living under ``parent``: a router's top_k, else the config's."""
-    for sub in parent.modules():
-        k = getattr(sub, "top_k", None)
-        if isinstance(k, int) and k > 0:
-            return k
-    for sub in root.modules():
-        cfg = getattr(sub, "config", None)
-        for name in ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k"):
-            k = getattr(cfg, name, None) if cfg is not None else None
-            if isinstance(k, int) and k > 0:
-                return k
-    return None
-
-
-def count_active_parameters(module: nn.Module) -> int:
-    """Parameters used per token (shared/tied ones counted once).
-
-    Routed experts (a submodule named ``experts``: a fused module with ``num_experts`` or a ModuleList of
-    experts) count for ``top_k / num_experts`` of their size; everything else (attention, routers, shared
-    experts, embeddings) counts fully. For a dense model this equals the total parameter count.
-    """
-    named = dict(module.named_modules())
-    params = {id(p): p.numel() for p in module.parameters()}
-    active = float(sum(params.values()))
-    seen: set[int] = set()
-    for name, sub in named.items():
-        if name.split(".")[-1] != "experts":
-            continue
-        n_experts = getattr(sub, "num_experts", None)
-        if n_experts is None and isinstance(sub, nn.ModuleList):
-            n_experts = len(sub)
-        parent = named.get(name.rpartition(".")[0], module)
-        top_k = _top_k_near(parent, module)
-        if not n_experts or not top_k:
-            continue
-        size = sum(params[id(p)] for p in sub.parameters() if id(p) not in seen)
-        seen.update(id(p) for p in sub.parameters())
-        active -= size * (1 - min(top_k, n_experts) / n_experts)
-    return round(active)

@@ -1,0 +1,86 @@
+"""Geometries of the hub checkpoints our model configs name, so that plans (dry_run=true), parameter counts and
+consolidation work offline, on the meta device, without the checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+# Geometry of Qwen/Qwen3-30B-A3B-Base (the RND1 starting point): ~30.5B parameters, ~3.3B active per token.
+# Used to build the model on the meta device (dry runs, parameter counts) without the checkpoint.
+QWEN3_30B_A3B: dict[str, Any] = {
+    "model_type": "qwen3_moe",
+    "hidden_size": 2048,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "moe_intermediate_size": 768,
+    "intermediate_size": 6144,
+    "vocab_size": 151936,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+}
+
+# Geometry of Qwen/Qwen3-0.6B-Base: ~0.6B parameters (tied embeddings).
+QWEN3_0P6B: dict[str, Any] = {
+    "model_type": "qwen3",
+    "hidden_size": 1024,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "intermediate_size": 3072,
+    "vocab_size": 151936,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+}
+
+# Geometry of openai-community/gpt2 (124M).
+GPT2_SMALL: dict[str, Any] = {
+    "model_type": "gpt2",
+    "n_embd": 768,
+    "n_layer": 12,
+    "n_head": 12,
+    "n_positions": 1024,
+    "vocab_size": 50257,
+}
+
+# Attention implementations that accept an arbitrary explicit 4D mask.
+
+# Geometries of the hub checkpoints our configs name, so that a plan (dry_run=true) works offline.
+KNOWN_GEOMETRIES: dict[str, dict[str, Any]] = {
+    "Qwen/Qwen3-30B-A3B-Base": QWEN3_30B_A3B,
+    "Qwen/Qwen3-30B-A3B": QWEN3_30B_A3B,
+    "Qwen/Qwen3-0.6B-Base": QWEN3_0P6B,
+    "Qwen/Qwen3-0.6B": QWEN3_0P6B,
+    "openai-community/gpt2": GPT2_SMALL,
+    "gpt2": GPT2_SMALL,
+}
+
+
+def pretrained_geometry(pretrained: str) -> dict[str, Any]:
+    """The config of a checkpoint as a plain dict with model_type: read from a local folder or the hub cache,
+    else from KNOWN_GEOMETRIES (offline). Never loads weights."""
+    from transformers import AutoConfig
+
+    if pretrained in KNOWN_GEOMETRIES and not Path(pretrained).is_dir():
+        try:  # the hub cache only: a plan or a refusal must not wait on the network
+            return AutoConfig.from_pretrained(pretrained, local_files_only=True).to_dict()
+        except (OSError, ValueError):
+            return dict(KNOWN_GEOMETRIES[pretrained])
+    try:
+        return AutoConfig.from_pretrained(pretrained).to_dict()
+    except (OSError, ValueError) as err:
+        if pretrained in KNOWN_GEOMETRIES:
+            return dict(KNOWN_GEOMETRIES[pretrained])
+        raise ValueError(
+            f"cannot read the config of {pretrained!r} (offline, or no such checkpoint) and its geometry is not "
+            f"among the known ones ({', '.join(KNOWN_GEOMETRIES)}): pass a local folder as model.pretrained"
+        ) from err
