@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from typing import Any
 
@@ -79,7 +80,7 @@ def check_special_ids(tok: Any) -> None:
         raise ValueError(f"{name}.mask_token_id={m} equals bos_token_id: use a dedicated mask token")
 
 
-class BaseTokenizer:
+class BaseTokenizer(ABC):
     """Shared helpers; subclasses set the special ids and implement ``encode``/``decode``."""
 
     vocab_size: int
@@ -89,14 +90,14 @@ class BaseTokenizer:
     bos_token_id: int | None = None
     mask_token: str = "<mask>"
 
-    def encode(self, text: str) -> list[int]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def encode(self, text: str) -> list[int]: ...
 
-    def decode(self, ids: Any, skip_special_tokens: bool = True) -> str:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def decode(self, ids: Any, skip_special_tokens: bool = True) -> str: ...
 
-    def fingerprint(self) -> str:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def fingerprint(self) -> str: ...
 
     def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
