@@ -11,7 +11,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 
 SAMPLE_SEED = 0
 
@@ -44,8 +43,9 @@ class WriteSamples(L.Callback):
         self.length = length
         self.metrics: dict[str, float] = {}
 
-    @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
+        # Every rank generates (the same samples, same seed): under ZeRO-3 a forward pass gathers parameters
+        # from all ranks, so a rank-zero-only generation would hang. Rank zero writes and logs.
         if trainer.interrupted or getattr(pl_module, "nonfinite_stop", None):
             return
         datamodule = trainer.datamodule
@@ -58,11 +58,13 @@ class WriteSamples(L.Callback):
             num_prompted=self.num_prompted,
             num_infill=self.num_infill,
         )
+        self.metrics = metrics
+        if not trainer.is_global_zero:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "w") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
-        self.metrics = metrics
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         print("samples: " + ", ".join(f"{k}={v:.3g}" for k, v in metrics.items()) + f" -> {self.path}")
