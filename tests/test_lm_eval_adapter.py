@@ -178,6 +178,26 @@ def test_exact_family_scores_the_continuation_by_the_chain_rule():
     assert len(texts) == 1 and "+" not in texts[0] and len(texts[0]) <= 5
 
 
+@torch.no_grad()
+def test_rolling_likelihood_of_a_long_text_sums_its_windows():
+    from dlm.methods.ar import AR
+    from dlm.models.transformer import Transformer
+
+    tok = CharTokenizer("0123456789+=")
+    torch.manual_seed(0)
+    backbone = Transformer(vocab_size=tok.vocab_size, n_layers=1, d_model=32, n_heads=4, max_seq_len=9)
+    module = AR(backbone, tok).eval()
+    model = DLMHarnessModel(module=module, device="cpu")
+    text = "12+7=19+3=22+1=23"  # 17 tokens; windows of max_seq_len - 1 = 8 (AR scores after a start token)
+
+    def nll(piece: str) -> float:
+        ids = torch.tensor([tok.encode(piece)])
+        return float(module.nll_bound({"input_ids": ids, "loss_mask": torch.ones_like(ids).bool()}).sum())
+
+    (roll,) = model.loglikelihood_rolling(requests("loglikelihood_rolling", [(text,)]))
+    assert roll == pytest.approx(-(nll(text[:8]) + nll(text[8:16]) + nll(text[16:])), abs=1e-4)
+
+
 def test_bad_model_args_are_named(run_dir):
     with pytest.raises(ValueError, match="run="):
         DLMHarnessModel()

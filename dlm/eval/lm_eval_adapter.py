@@ -356,36 +356,37 @@ class DLMHarnessModel(LM):
     # ---- rolling loglikelihood (perplexity tasks) --------------------------------------------------------------
     @torch.no_grad()
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        device = self.module.compute_device
+        """Log-likelihood of whole texts: the family's nll_bound summed over the text (exact for AR, the mean of
+        mc_num draws otherwise). A text longer than the model's context is cut into consecutive windows of at
+        most max_seq_len tokens, each scored on its own (no context carried over: the practice of MDLM's and
+        BD3-LM's OpenWebText evaluations), and the windows' values are summed."""
         exact = bool(getattr(self.module, "exact_nll", False))
-        draws = 1 if exact else self.mc_num
+        limit = None if self.max_len is None else int(self.max_len) - (1 if exact else 0)
         out = []
         for i, req in enumerate(requests):
             ids = self._encode(req.args[0])
-            if not ids:
-                out.append(0.0)
-                continue
-            limit = None if self.max_len is None else int(self.max_len) - (1 if exact else 0)
-            if limit is not None and len(ids) > limit:
-                raise NotImplementedError(
-                    f"loglikelihood_rolling: a text of {len(ids)} tokens exceeds the model's max_seq_len="
-                    f"{self.max_len}; windowed scoring is not implemented for dlm runs"
-                )
-            x = torch.tensor(ids, dtype=torch.long, device=device)
+            windows = [ids] if limit is None else [ids[k : k + limit] for k in range(0, len(ids), limit)]
             gen = self._generator(i)
-            total = 0.0
-            for k in range(0, draws, self.batch_size):
-                b = min(self.batch_size, draws - k)
-                seed = int(torch.randint(2**62, (1,), generator=gen))
-                g = torch.Generator(device=device).manual_seed(seed)
-                torch.manual_seed(seed)
-                batch = {"input_ids": x[None].expand(b, -1).clone(),
-                         "loss_mask": torch.ones(b, len(ids), dtype=torch.bool, device=device)}
-                total += float(self.module.nll_bound(batch, generator=g).float().sum())
-            value = -total / draws
+            value = -sum(self._text_nll(window, gen, exact) for window in windows if window)
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, value)
             out.append(value)
         return out
+
+    def _text_nll(self, ids: list[int], gen: torch.Generator, exact: bool) -> float:
+        """The family's nll_bound of one window, summed over its tokens and averaged over the draws."""
+        device = self.module.compute_device
+        draws = 1 if exact else self.mc_num
+        x = torch.tensor(ids, dtype=torch.long, device=device)
+        total = 0.0
+        for k in range(0, draws, self.batch_size):
+            b = min(self.batch_size, draws - k)
+            seed = int(torch.randint(2**62, (1,), generator=gen))
+            g = torch.Generator(device=device).manual_seed(seed)
+            torch.manual_seed(seed)
+            batch = {"input_ids": x[None].expand(b, -1).clone(),
+                     "loss_mask": torch.ones(b, len(ids), dtype=torch.bool, device=device)}
+            total += float(self.module.nll_bound(batch, generator=g).float().sum())
+        return total / draws
 
     # ---- generation --------------------------------------------------------------------------------------------
     @torch.no_grad()
