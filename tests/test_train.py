@@ -130,6 +130,14 @@ def test_cli_trains_and_prints_the_run_dir_last(tmp_path):
     for name in (".hydra", "metrics.csv", "results.json", "samples.jsonl", "checkpoints/last.ckpt", "wandb"):
         assert (run_dir / name).exists(), name
 
+    # An evaluation later resumes that wandb run by id (offline here) to put its metrics in the run's summary.
+    from dlm.evaluate import update_wandb_summary, wandb_run_id
+    from dlm.run import load_run
+
+    run_id = wandb_run_id(run_dir)
+    assert run_id and update_wandb_summary(load_run(run_dir), {"eval/probe": 1.0}) == run_id
+    assert len(list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
+
 
 def test_cli_lists_every_bad_override_with_the_valid_choices(tmp_path):
     proc = _cli("model=nosuch", "trainer.max_stepz=3", cwd=tmp_path)
