@@ -47,6 +47,7 @@ from dlm.models.hf_geometry import (  # noqa: F401
     QWEN3_30B_A3B,
     pretrained_geometry,
 )
+from dlm.models.inputs import check_inputs
 from dlm.models.moe import count_active_parameters  # noqa: F401  (re-exported)
 from dlm.models.transformer import positions_from_doc_ids
 
@@ -72,6 +73,61 @@ def _resolve_dtype(torch_dtype: str | torch.dtype | None) -> torch.dtype | str |
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown torch_dtype {torch_dtype!r}; use e.g. float32, bfloat16, float16 or auto")
     return dtype
+
+
+def load_hf_model(
+    auto_class, pretrained: str | None, config: Any, *, attn_implementation: str, torch_dtype: str | None,
+    trust_remote_code: bool, owner: str, example_types: str,
+) -> nn.Module:
+    """A transformers model from a checkpoint (``pretrained``: hub id or folder; ``config`` fields override its
+    config before the weights load) or from ``config`` alone (``model_type`` + fields, random init)."""
+    from transformers import AutoConfig
+
+    if pretrained is None and config is None:
+        raise ValueError(
+            f"{owner} needs a model: set model.pretrained (hub id or local folder) "
+            "or model.config (a dict with model_type and its fields)"
+        )
+    overrides = _plain_dict(config) if config is not None else {}
+    model_type = overrides.pop("model_type", None)
+    load_kwargs: dict[str, Any] = {"attn_implementation": attn_implementation}
+    dtype = _resolve_dtype(torch_dtype)
+    if dtype is not None:
+        load_kwargs["dtype"] = dtype
+    if pretrained is not None:
+        hf_config = AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code, **overrides)
+        if model_type is not None and model_type != hf_config.model_type:
+            raise ValueError(
+                f"model.config.model_type={model_type!r} does not match the checkpoint's "
+                f"{hf_config.model_type!r} ({pretrained}); drop model_type from model.config"
+            )
+        return auto_class.from_pretrained(
+            pretrained, config=hf_config, trust_remote_code=trust_remote_code, **load_kwargs
+        )
+    if model_type is None:
+        raise ValueError(f"model.config needs a model_type (e.g. {example_types})")
+    hf_config = AutoConfig.for_model(model_type, **overrides)
+    return auto_class.from_config(hf_config, trust_remote_code=trust_remote_code, **load_kwargs)
+
+
+@torch.no_grad()
+def grow_vocab(hf_model: nn.Module, vocab_size: int) -> None:
+    """Resize the embedding (and an untied output layer) to vocab_size rows; new rows are the mean of the old
+    ones, so a new mask token does not start as a random vector."""
+    old = hf_model.get_input_embeddings().weight.shape[0]
+    out = hf_model.get_output_embeddings()
+    tied = out is not None and out.weight is hf_model.get_input_embeddings().weight
+    old_out = None if out is None or tied else (out.weight[:old].mean(0), getattr(out, "bias", None))
+    if old_out is not None and old_out[1] is not None:
+        old_out = (old_out[0], old_out[1][:old].mean())
+    hf_model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    emb = hf_model.get_input_embeddings().weight
+    emb[old:] = emb[:old].mean(0)
+    out = hf_model.get_output_embeddings()
+    if old_out is not None and out is not None and out.weight is not emb:
+        out.weight[old:] = old_out[0]
+        if old_out[1] is not None and getattr(out, "bias", None) is not None:
+            out.bias[old:] = old_out[1]
 
 
 class HFCausalLM(nn.Module):
@@ -117,7 +173,7 @@ class HFCausalLM(nn.Module):
         router_aux_loss_coef: float | None = None,
     ):
         super().__init__()
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
         from dlm.optim import merge_lr_multipliers
 
@@ -134,40 +190,11 @@ class HFCausalLM(nn.Module):
                 f"attn_implementation={attn_implementation!r} cannot take a custom attention mask, so it only "
                 f"supports attention='causal' (got {attention!r}); use attn_implementation=sdpa or eager"
             )
-        if pretrained is None and config is None:
-            raise ValueError(
-                "HFCausalLM needs a model: set model.pretrained (hub id or local folder) "
-                "or model.config (a dict with model_type and its fields)"
-            )
-
-        overrides = _plain_dict(config) if config is not None else {}
-        dtype = _resolve_dtype(torch_dtype)
-        load_kwargs: dict[str, Any] = {"attn_implementation": attn_implementation}
-        if dtype is not None:
-            load_kwargs["dtype"] = dtype
-
-        if pretrained is not None:
-            model_type = overrides.pop("model_type", None)
-            hf_config = AutoConfig.from_pretrained(
-                pretrained, trust_remote_code=trust_remote_code, **overrides
-            )
-            if model_type is not None and model_type != hf_config.model_type:
-                raise ValueError(
-                    f"model.config.model_type={model_type!r} does not match the checkpoint's "
-                    f"{hf_config.model_type!r} ({pretrained}); drop model_type from model.config"
-                )
-            self.hf_model = AutoModelForCausalLM.from_pretrained(
-                pretrained, config=hf_config, trust_remote_code=trust_remote_code, **load_kwargs
-            )
-        else:
-            model_type = overrides.pop("model_type", None)
-            if model_type is None:
-                raise ValueError("model.config needs a model_type (e.g. qwen3, qwen3_moe, llama, gpt2)")
-            hf_config = AutoConfig.for_model(model_type, **overrides)
-            self.hf_model = AutoModelForCausalLM.from_config(
-                hf_config, trust_remote_code=trust_remote_code, **load_kwargs
-            )
-
+        self.hf_model = load_hf_model(
+            AutoModelForCausalLM, pretrained, config, attn_implementation=attn_implementation,
+            torch_dtype=torch_dtype, trust_remote_code=trust_remote_code, owner="HFCausalLM",
+            example_types="qwen3, qwen3_moe, llama, gpt2",
+        )
         self.hf_model.train()  # from_pretrained returns eval mode; a backbone starts in train mode like any module
         self.attn_implementation = attn_implementation
         self.attention, self.block_size = attention, block_size
@@ -178,7 +205,7 @@ class HFCausalLM(nn.Module):
 
         rows = self.hf_model.get_input_embeddings().weight.shape[0]
         if vocab_size is not None and vocab_size > rows:
-            self._grow_vocab(vocab_size)
+            grow_vocab(self.hf_model, vocab_size)
         self.vocab_size = int(self.hf_model.get_input_embeddings().weight.shape[0])
 
         hf_cfg = self.hf_model.config.get_text_config()
@@ -284,23 +311,6 @@ class HFCausalLM(nn.Module):
         builders = [b for b in builders if callable(b) and b.__module__ == masking_utils.__name__]
         return bool(builders) and all(b in honour_is_causal for b in builders)
 
-    @torch.no_grad()
-    def _grow_vocab(self, vocab_size: int) -> None:
-        old = self.hf_model.get_input_embeddings().weight.shape[0]
-        out = self.hf_model.get_output_embeddings()
-        tied = out is not None and out.weight is self.hf_model.get_input_embeddings().weight
-        old_out = None if out is None or tied else (out.weight[:old].mean(0), getattr(out, "bias", None))
-        if old_out is not None and old_out[1] is not None:
-            old_out = (old_out[0], old_out[1][:old].mean())
-        self.hf_model.resize_token_embeddings(vocab_size, mean_resizing=False)
-        emb = self.hf_model.get_input_embeddings().weight
-        emb[old:] = emb[:old].mean(0)
-        out = self.hf_model.get_output_embeddings()
-        if old_out is not None and out is not None and out.weight is not emb:
-            out.weight[old:] = old_out[0]
-            if old_out[1] is not None and getattr(out, "bias", None) is not None:
-                out.bias[old:] = old_out[1]
-
     def _mask(self, pattern: str, T: int, doc_ids: Tensor | None, device: torch.device) -> Tensor:
         allowed = attention_mask(pattern, T, doc_ids=doc_ids, block_size=self.block_size, device=device)
         if allowed is None:  # plain bidirectional
@@ -349,23 +359,8 @@ class HFCausalLM(nn.Module):
                 f"unknown attention pattern {pattern!r}; valid patterns are {', '.join(PATTERNS)}"
             )
         past = 0 if past_key_values is None else int(past_key_values.get_seq_length())
-        longest = T + past if position_ids is None or not position_ids.numel() else int(position_ids.max()) + 1
-        if longest > self.max_seq_len:
-            raise ValueError(
-                f"sequence length {longest} exceeds the model's max_seq_len={self.max_seq_len}; "
-                "raise model.max_seq_len or lower data.seq_len"
-            )
-        if input_ids.device.type != "meta" and input_ids.numel():
-            lo, hi = int(input_ids.min()), int(input_ids.max())
-            if lo < 0 or hi >= self.vocab_size:
-                raise ValueError(
-                    f"token ids must lie in [0, {self.vocab_size}) but got range [{lo}, {hi}]; "
-                    "model.vocab_size must cover the tokenizer (including any added mask/special tokens)"
-                )
-        if doc_ids is not None and doc_ids.shape != input_ids.shape:
-            raise ValueError(f"doc_ids shape {list(doc_ids.shape)} must equal input_ids shape {[B, T]}")
-        if doc_ids is not None and (attn_mask is not None or past):
-            raise ValueError("doc_ids cannot be combined with attn_mask or a KV cache: fold documents into attn_mask")
+        check_inputs(input_ids, vocab_size=self.vocab_size, max_seq_len=self.max_seq_len, past=past,
+                     position_ids=position_ids, doc_ids=doc_ids, attn_mask=attn_mask)
 
         if attn_mask is not None or past:
             if not self.converted and (attn_mask is not None or pattern != "causal"):

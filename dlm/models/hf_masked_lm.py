@@ -13,13 +13,13 @@ RoBERTa, ... in transformers 5) and ``attn_implementation`` sdpa or eager; other
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from dlm.models.attention import attention_mask
-from dlm.models.hf import MASKABLE_IMPLEMENTATIONS, HFCausalLM, _plain_dict, _resolve_dtype
+from dlm.models.hf import MASKABLE_IMPLEMENTATIONS, grow_vocab, load_hf_model
+from dlm.models.inputs import check_inputs
 from dlm.models.transformer import positions_from_doc_ids
 
 __all__ = ["HFMaskedLM"]
@@ -56,41 +56,18 @@ class HFMaskedLM(nn.Module):
         trust_remote_code: bool = False,
     ):
         super().__init__()
-        from transformers import AutoConfig, AutoModelForMaskedLM
+        from transformers import AutoModelForMaskedLM
 
-        if pretrained is None and config is None:
-            raise ValueError(
-                "HFMaskedLM needs a model: set model.pretrained (hub id or local folder, e.g. bert-base-uncased) "
-                "or model.config (a dict with model_type and its fields)"
-            )
-        overrides = _plain_dict(config) if config is not None else {}
-        model_type = overrides.pop("model_type", None)
-        load_kwargs: dict[str, Any] = {"attn_implementation": attn_implementation}
-        dtype = _resolve_dtype(torch_dtype)
-        if dtype is not None:
-            load_kwargs["dtype"] = dtype
-        if pretrained is not None:
-            hf_config = AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code, **overrides)
-            if model_type is not None and model_type != hf_config.model_type:
-                raise ValueError(
-                    f"model.config.model_type={model_type!r} does not match the checkpoint's "
-                    f"{hf_config.model_type!r} ({pretrained}); drop model_type from model.config"
-                )
-            self.hf_model = AutoModelForMaskedLM.from_pretrained(
-                pretrained, config=hf_config, trust_remote_code=trust_remote_code, **load_kwargs
-            )
-        else:
-            if model_type is None:
-                raise ValueError("model.config needs a model_type (e.g. bert, roberta, distilbert)")
-            hf_config = AutoConfig.for_model(model_type, **overrides)
-            self.hf_model = AutoModelForMaskedLM.from_config(
-                hf_config, trust_remote_code=trust_remote_code, **load_kwargs
-            )
+        self.hf_model = load_hf_model(
+            AutoModelForMaskedLM, pretrained, config, attn_implementation=attn_implementation,
+            torch_dtype=torch_dtype, trust_remote_code=trust_remote_code, owner="HFMaskedLM",
+            example_types="bert, roberta, distilbert",
+        )
         self.attn_implementation = attn_implementation
 
         rows = self.hf_model.get_input_embeddings().weight.shape[0]
         if vocab_size is not None and vocab_size > rows:
-            HFCausalLM._grow_vocab(self, int(vocab_size))  # uses only self.hf_model: same rule as the causal wrapper
+            grow_vocab(self.hf_model, int(vocab_size))  # the same rule as the causal wrapper
         self.vocab_size = int(self.hf_model.get_input_embeddings().weight.shape[0])
 
         limit = getattr(self.hf_model.config, "max_position_embeddings", None)
@@ -150,21 +127,9 @@ class HFMaskedLM(nn.Module):
                 f"HFMaskedLM is a bidirectional encoder; attention={attention!r} is not supported "
                 "(use a native transformer or HFCausalLM for causal / block-causal patterns)"
             )
-        if T > self.max_seq_len:
-            raise ValueError(
-                f"sequence length {T} exceeds the model's max_seq_len={self.max_seq_len}; lower data.seq_len"
-            )
-        if input_ids.device.type != "meta" and input_ids.numel():
-            lo, hi = int(input_ids.min()), int(input_ids.max())
-            if lo < 0 or hi >= self.vocab_size:
-                raise ValueError(
-                    f"token ids must lie in [0, {self.vocab_size}) but got range [{lo}, {hi}]; "
-                    "model.vocab_size must cover the tokenizer (including any added mask/special tokens)"
-                )
+        check_inputs(input_ids, vocab_size=self.vocab_size, max_seq_len=self.max_seq_len, doc_ids=doc_ids)
         mask = position_ids = None
         if doc_ids is not None:
-            if doc_ids.shape != input_ids.shape:
-                raise ValueError(f"doc_ids shape {list(doc_ids.shape)} must equal input_ids shape {[B, T]}")
             if not self.supports_doc_mask:
                 raise ValueError(
                     f"{type(self.hf_model).__name__} with attn_implementation={self.attn_implementation!r} cannot "

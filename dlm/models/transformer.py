@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dlm.models.attention import PATTERNS, attention_mask
+from dlm.models.inputs import check_inputs
 
 
 class RMSNorm(nn.Module):
@@ -246,24 +247,8 @@ class Transformer(nn.Module):
         B, T = input_ids.shape
         pattern = self.attention if attention is None else attention
         past = 0 if past_key_values is None else past_key_values.get_seq_length()
-        if position_ids is None and T + past > self.max_seq_len or (
-            position_ids is not None and position_ids.numel() and int(position_ids.max()) >= self.max_seq_len
-        ):
-            raise ValueError(
-                f"sequence length {T + past} exceeds the model's max_seq_len={self.max_seq_len}; "
-                "raise model.max_seq_len or lower data.seq_len"
-            )
-        if input_ids.device.type != "meta" and input_ids.numel():
-            lo, hi = int(input_ids.min()), int(input_ids.max())
-            if lo < 0 or hi >= self.vocab_size:
-                raise ValueError(
-                    f"token ids must lie in [0, {self.vocab_size}) but got range [{lo}, {hi}]; "
-                    "model.vocab_size must cover the tokenizer (including any added mask/special tokens)"
-                )
-        if doc_ids is not None and doc_ids.shape != input_ids.shape:
-            raise ValueError(f"doc_ids shape {list(doc_ids.shape)} must equal input_ids shape {[B, T]}")
-        if doc_ids is not None and (attn_mask is not None or past):
-            raise ValueError("doc_ids cannot be combined with attn_mask or a KV cache: fold documents into attn_mask")
+        check_inputs(input_ids, vocab_size=self.vocab_size, max_seq_len=self.max_seq_len, past=past,
+                     position_ids=position_ids, doc_ids=doc_ids, attn_mask=attn_mask)
 
         # Plain causal / bidirectional take SDPA's mask-free fast paths; everything else gets a bool mask.
         is_causal = attn_mask is None and pattern == "causal" and doc_ids is None and past == 0
