@@ -38,17 +38,17 @@ own block; anything after that block is not visible.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dlm.methods.base import DiffusionLM
+from dlm.methods.masked_terms import MaskedTermsObjective, masked_token_nll
 from dlm.methods.time_sampling import check_time_sampling, sample_times
 from dlm.models.transformer import positions_from_doc_ids
 from dlm.sampling import Generation, Sampler
 from dlm.schedules import MaskSchedule
 
 
-class BD3LM(DiffusionLM):
+class BD3LM(MaskedTermsObjective, DiffusionLM):
     def __init__(
         self,
         backbone: nn.Module,
@@ -149,34 +149,8 @@ class BD3LM(DiffusionLM):
             logits = self.loop_logits(xt, x0)
         else:
             logits = self.vectorised_logits(xt, x0, batch.get("doc_ids"))
-        masked_logits = logits[masked].float()
-        masked_logits[:, self.mask_id] = float("-inf")
-        nll = torch.zeros(x0.shape, device=x0.device, dtype=masked_logits.dtype)
-        nll[masked] = F.cross_entropy(masked_logits, x0[masked], reduction="none")
-        correct = torch.zeros_like(masked)
-        correct[masked] = masked_logits.argmax(-1) == x0[masked]
+        nll, correct = masked_token_nll(logits, x0, masked, self.mask_id)
         return self.schedule.elbo_weight(t_tok) * nll, masked, correct
-
-    def loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        bound, masked, correct = self._diffusion_terms(batch, generator)
-        tokens = batch["loss_mask"].sum().clamp(min=1)
-        return {
-            "loss": bound.sum() / tokens,
-            "masked_frac": masked.sum() / tokens,
-            "masked_acc": correct.sum() / masked.sum().clamp(min=1),
-        }
-
-    def nll_bound(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
-        return self._diffusion_terms(batch, generator)[0]
-
-    def validation_stats(self, batch: dict[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
-        bound, masked, correct = self._diffusion_terms(batch, generator)
-        tokens = batch["loss_mask"].sum().clamp(min=1)
-        return {
-            "loss": bound.sum(),
-            "nll_bound": bound.sum(),
-            "masked_acc": correct.sum() / masked.sum().clamp(min=1) * tokens,
-        }
 
     # ---- sampling ----------------------------------------------------------------------------------------
     def _subs(self, logits: Tensor, xb: Tensor) -> Tensor:

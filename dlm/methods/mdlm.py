@@ -24,16 +24,16 @@ import inspect
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dlm.methods.base import DiffusionLM
+from dlm.methods.masked_terms import MaskedTermsObjective, masked_token_nll
 from dlm.methods.time_sampling import check_time_sampling, sample_times
 from dlm.sampling import Generation, Sampler
 from dlm.schedules import MaskSchedule
 
 
-class MDLM(DiffusionLM):
+class MDLM(MaskedTermsObjective, DiffusionLM):
     def __init__(
         self,
         backbone: nn.Module,
@@ -75,43 +75,12 @@ class MDLM(DiffusionLM):
         if self._time_conditioned:
             kwargs["time"] = t
         logits = self.logits(xt, **kwargs)
-        # Score only the masked positions: cheaper, and SUBS gives the rest zero loss anyway.
-        masked_logits = logits[masked].float()
-        masked_logits[:, self.mask_id] = float("-inf")
-        nll_masked = F.cross_entropy(masked_logits, x0[masked], reduction="none")
-        nll = torch.zeros(x0.shape, device=x0.device, dtype=nll_masked.dtype)
-        nll[masked] = nll_masked
-        weight = self.schedule.elbo_weight(t)[:, None]
-        correct = torch.zeros_like(masked)
-        correct[masked] = masked_logits.argmax(-1) == x0[masked]
-        return weight * nll, masked, correct
+        nll, correct = masked_token_nll(logits, x0, masked, self.mask_id)
+        return self.schedule.elbo_weight(t)[:, None] * nll, masked, correct
 
     @property
     def _time_conditioned(self) -> bool:
         return bool(getattr(self.backbone, "time_conditioning", False))
-
-    def loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        bound, masked, correct = self._diffusion_terms(batch, generator)
-        tokens = batch["loss_mask"].sum().clamp(min=1)
-        return {
-            "loss": bound.sum() / tokens,
-            "masked_frac": masked.sum() / tokens,
-            "masked_acc": correct.sum() / masked.sum().clamp(min=1),
-        }
-
-    def nll_bound(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
-        bound, _, _ = self._diffusion_terms(batch, generator)
-        return bound
-
-    def validation_stats(self, batch: dict[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
-        bound, masked, correct = self._diffusion_terms(batch, generator)
-        tokens = batch["loss_mask"].sum().clamp(min=1)
-        # masked_acc is logged per counted token by the base class; rescale so it reads as accuracy on masks.
-        return {
-            "loss": bound.sum(),
-            "nll_bound": bound.sum(),
-            "masked_acc": correct.sum() / masked.sum().clamp(min=1) * tokens,
-        }
 
     # ---- sampling ----------------------------------------------------------------------------------------
     @torch.no_grad()
