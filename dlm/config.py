@@ -98,7 +98,7 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
     if ckpt_path is None:
         return None
     path = run_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
-    if not path.is_file():
+    if not path.exists():  # a file, or a DeepSpeed ZeRO checkpoint folder
         raise ConfigError(
             [f"ckpt_path={ckpt_path}: no checkpoint at {path}; pass the .ckpt file of a run, or ckpt_path=last "
              f"with the same name= (and paths.output_root) as the run to resume"]

@@ -7,8 +7,11 @@ Loading pretrained weights under ZeRO-3: the training CLI builds the backbone (`
 ``trainer.fit``, outside ``deepspeed.zero.Init`` (the families define no ``configure_model`` hook, the only
 place Lightning's DeepSpeedStrategy enters the partitioned-init context), so every rank holds the real weights
 on the host and ``deepspeed.initialize`` partitions them. Host memory per node is therefore ranks x model size
-in the load dtype (moe30b in bf16: ~61 GB per rank); ``from_pretrained`` inside ``zero.Init`` instead would
-give empty (partitioned, size-0) tensors that the checkpoint is never copied into.
+in the load dtype (moe30b in bf16: ~61 GB per rank). ``from_pretrained`` inside ``zero.Init`` alone would give
+empty (partitioned, size-0) tensors that the checkpoint is never copied into; with a live
+``transformers.integrations.HfDeepSpeedConfig`` (it needs the ``accelerate`` package) transformers instead
+copies the checkpoint into the partitions itself, experts fused as usual (checked on CPU, 1 and 2 ranks), which
+would need the backbone built in a ``configure_model`` hook. Verified on CPU: tests/test_zero3_cpu.py.
 """
 
 from __future__ import annotations
@@ -55,15 +58,21 @@ def zero_stage(strategy: Any) -> int | None:
 # ---- consolidation into an HF folder -----------------------------------------------------------------------
 def load_state_dict(checkpoint: str | Path, scratch: Path | None = None) -> dict[str, torch.Tensor]:
     """The module state dict of a checkpoint: a Lightning ``.ckpt`` file, or a DeepSpeed ZeRO checkpoint folder
-    (consolidated to fp32 with Lightning's ``convert_zero_checkpoint_to_fp32_state_dict``; the consolidated
-    file is written to ``scratch`` when given, a file ``dlm.run.load_run`` then loads)."""
+    (its shards consolidated to fp32 in memory; also written as a Lightning-loadable file to ``scratch`` when
+    given, with Lightning's ``convert_zero_checkpoint_to_fp32_state_dict``). Nothing is written next to the
+    checkpoint: a ``<name>-fp32.ckpt`` there would be as large as the model in fp32 and match ``best*.ckpt``."""
     checkpoint = Path(checkpoint)
-    if checkpoint.is_dir():
+    if checkpoint.is_dir() and scratch is not None:
         from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
-        out = scratch or checkpoint.with_name(checkpoint.stem + "-fp32.ckpt")
-        convert_zero_checkpoint_to_fp32_state_dict(checkpoint, out)
-        checkpoint = out
+        convert_zero_checkpoint_to_fp32_state_dict(checkpoint, scratch)
+        checkpoint = Path(scratch)
+    elif checkpoint.is_dir():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint))
+        prefix = "_forward_module."  # Lightning < 2.1 wrapped the module
+        return {k.removeprefix(prefix): v for k, v in state.items()}
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     return state.get("state_dict", state)
 

@@ -50,7 +50,7 @@ def resolve_run_path(path: str | Path) -> tuple[Path, Path | None]:
         raise NotARunError(f"{path}: no such file or folder; pass a run folder (printed as `run_dir: ...` by "
                            f"python -m dlm.train) or a .ckpt file inside <run>/checkpoints/")
     ckpt = None
-    if path.is_file():
+    if path.is_file() or (path.suffix == ".ckpt" and path.parent.name == "checkpoints"):  # DeepSpeed: a folder
         if path.suffix != ".ckpt":
             raise NotARunError(f"{path}: not a run folder nor a .ckpt checkpoint")
         ckpt = path.resolve()
@@ -129,7 +129,8 @@ def load_config(run_dir: str | Path) -> DictConfig:
 
 
 def find_checkpoint(run_dir: Path, ckpt: str | Path | None = "last") -> Path:
-    """`last` (checkpoints/last.ckpt), `best` (the best-*.ckpt by validation loss) or a path."""
+    """`last` (checkpoints/last.ckpt), `best` (the best-*.ckpt by validation loss) or a path: a Lightning file or
+    a DeepSpeed ZeRO checkpoint folder (named like one)."""
     folder = run_dir / "checkpoints"
     if ckpt in (None, "last"):
         path = folder / "last.ckpt"
@@ -142,7 +143,7 @@ def find_checkpoint(run_dir: Path, ckpt: str | Path | None = "last") -> Path:
         path = Path(ckpt)
         if not path.is_absolute() and not path.exists():
             path = folder / path
-    if not path.is_file():
+    if not (path.is_file() or (path.is_dir() and (path / "latest").is_file())):
         have = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
         raise NotARunError(
             f"{run_dir}: no checkpoint {path.name} (checkpoints present: {', '.join(have) or 'none'}); the run may "

@@ -106,6 +106,10 @@ def export_model(module, run_dir: Path) -> None:
         return
     try:
         if hasattr(module, "export_hf"):
+            if (run_dir / "checkpoints" / "last.ckpt").is_dir():  # DeepSpeed: ZeRO-3 partitions the live weights,
+                from dlm.run import load_run  # so export a CPU copy loaded from the consolidated checkpoint
+
+                module = load_run(run_dir, setup_data=False).module
             module.export_hf(run_dir / "hf")
         elif isinstance(module.backbone, HFCausalLM) and (run_dir / ".hydra" / "config.yaml").is_file():
             from dlm.deepspeed_utils import consolidate_run
@@ -116,6 +120,10 @@ def export_model(module, run_dir: Path) -> None:
 
 
 def finish_loggers(loggers: list, results: dict) -> None:
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank > 0:  # other ranks hold Lightning's dummy experiments (summary is a no-op function)
+        return
     for logger in loggers:
         experiment = getattr(logger, "experiment", None)
         summary = getattr(experiment, "summary", None)

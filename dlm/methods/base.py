@@ -134,8 +134,10 @@ class DiffusionLM(L.LightningModule, ABC):
 
     def setup(self, stage: str) -> None:
         """Runs before the strategy wraps the model: under DeepSpeed ZeRO-3, MoE blocks become leaf modules."""
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
         strategy = getattr(self._trainer, "strategy", None) if self._trainer is not None else None
-        if strategy is not None and type(strategy).__name__ == "DeepSpeedStrategy":
+        if isinstance(strategy, DeepSpeedStrategy):  # subclasses too (a custom or test strategy)
             from dlm.deepspeed_utils import register_moe_leaf_modules, zero_stage
 
             if zero_stage(strategy) == 3:

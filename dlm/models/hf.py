@@ -231,6 +231,17 @@ class HFCausalLM(nn.Module):
             int(m.group(1)) for name, mod in self.hf_model.named_modules()
             if "experts" in dict(mod.named_children()) and (m := re.search(r"layers\.(\d+)\.", name + "."))
         ]
+        # Router logits come from a hook on each sparse block's router (its `gate`/`router` child), recording only
+        # while a training forward runs: asking the model for output_router_logits instead makes transformers
+        # compute its own balance loss from attention_mask, which it reads as a 2D padding mask, so every 4D
+        # mask (causal, block_causal, packed documents) crashes there.
+        routers = [children.get("gate", children.get("router")) for mod in self.hf_model.modules()
+                   if "experts" in (children := dict(mod.named_children()))]
+        self._router_recorder = _RouterRecorder()
+        self._hooked_routers = bool(routers) and None not in routers  # else: output_router_logits
+        if self._hooked_routers:
+            for gate in routers:
+                gate.register_forward_hook(self._router_recorder)
         self._aux_losses: list[Tensor] = []
         self._expert_load: list[Tensor] = []
         # Attention annealing (DiffuLLaMA): the share of the future each query may see under the bidirectional
@@ -410,19 +421,36 @@ class HFCausalLM(nn.Module):
             kwargs["cache_position"] = torch.arange(past, past + T, device=input_ids.device)
         cached = bool(kwargs)
         router = self.training and self.router_aux_loss_coef > 0 and torch.is_grad_enabled()
-        if router:
+        if router and self._hooked_routers:
+            self._router_recorder.logits = []
+        elif router:
             kwargs["output_router_logits"] = True
-        out = self.hf_model(
-            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=cached, **kwargs
-        )
-        if router and getattr(out, "router_logits", None):
-            self._collect_router_stats(out.router_logits)
+        try:
+            out = self.hf_model(
+                input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=cached, **kwargs
+            )
+        finally:  # stops before backward, so a checkpointed layer's recomputation records nothing
+            recorded, self._router_recorder.logits = self._router_recorder.logits, None
+        router_logits = tuple(recorded or ()) or (getattr(out, "router_logits", None) if router else None)
+        if router_logits:
+            self._collect_router_stats(router_logits)
         logits = out.logits.float()
         if use_cache:
             return logits, past_key_values
         if past_key_values is not None:  # read-only use: drop the tokens this call appended
             past_key_values.crop(-T)
         return logits
+
+
+class _RouterRecorder:
+    """Forward hook on MoE routers: appends each router's logits (its first output) while ``logits`` is a list."""
+
+    def __init__(self) -> None:
+        self.logits: list[Tensor] | None = None
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.logits is not None:
+            self.logits.append(output[0] if isinstance(output, tuple) else output)
 
 
 def annealed_mask(T: int, fraction: float, device=None) -> Tensor:
