@@ -3,6 +3,7 @@
     python benchmarks/samplers.py                 # trains a tiny MDLM on the embedded default data (2000 steps, ~2 min CPU)
     python benchmarks/samplers.py --run runs/...  # or benchmark an existing run
     python benchmarks/samplers.py --quick         # smoke mode (a few training steps, few prompts): used by a test
+    python benchmarks/samplers.py --compile default   # + the same samplers on a torch.compile'd backbone
 
 Every sampler completes the same prompts (the task's validation prompts, grouped by prompt length so a
 group is one batch) through ``module.generate``. Reported per sampler: generated tokens per second, network
@@ -12,6 +13,13 @@ sampler measured in the same process: one full forward per step and one token pe
 ``steps = length``, greedy). Speed is only interesting where the accuracy column holds. The ``+ cache`` rows use
 Fast-dLLM's prefix KV cache (``ThresholdSampler(prefix_cache=True)``; ``prompt cache``: one block, so only the
 prompt is cached): the same network calls as without it, each cheaper, so their gain shows in tok/s only.
+
+``--compile MODE`` (``default``, ``reduce-overhead``: CUDA graphs, ``max-autotune``) then compiles the backbone
+in place (:mod:`dlm.compile`) and times every sampler again: a second table whose ``speed x`` is still against
+the *eager* naive sampler, with ``vs eager`` the gain over the same sampler eager. Compilation (a static graph
+for the first batch size, one with a dynamic batch size for the others) happens in an untimed warm-up pass of
+the naive sampler over every batch. KV-cache calls stay eager, so the ``+ cache`` rows (every call of which
+reads or refreshes the prefix cache) run uncompiled.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dlm.callbacks.samples import cut_at_eos  # noqa: E402
+from dlm.compile import MODES, compile_backbone  # noqa: E402
 from dlm.run import load_run  # noqa: E402
 from dlm.sampling import (  # noqa: E402
     AncestralSampler,
@@ -112,6 +121,14 @@ def measure(module, tokenizer, task, groups, sampler, seed: int, repeats: int) -
             "accuracy": correct / max(total, 1), "calls": calls}
 
 
+def row_line(r: dict, naive: dict) -> str:
+    """One table row; sets the row's speed and calls ratios against the (eager) naive sampler."""
+    r["speed_ratio"] = r["tokens_per_s"] / naive["tokens_per_s"]
+    r["calls_ratio"] = r["calls_per_token"] / naive["calls_per_token"]
+    return (f"{r['sampler']:34s} {r['tokens_per_s']:9.1f} {r['speed_ratio']:8.2f} {r['calls_per_token']:9.3f} "
+            f"{r['calls_ratio']:8.3f} {r['accuracy']:8.3f} {r['accuracy'] - naive['accuracy']:+11.3f}")
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", help="a trained run folder (default: train a tiny MDLM into a temporary folder)")
@@ -121,6 +138,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable timings on shared cores)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="smoke mode: 10 training steps, 16 prompts, 1 repeat")
+    parser.add_argument("--compile", choices=MODES, metavar="MODE",
+                        help=f"also time every sampler on the backbone compiled with torch.compile ({', '.join(MODES)})")
     args = parser.parse_args(argv)
     if args.quick:
         args.train_steps, args.prompts, args.repeats = 10, 16, 1
@@ -147,6 +166,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows = []
         for name, sampler in table.items():
             rows.append({"sampler": name, **measure(module, tokenizer, task, groups, sampler, args.seed, args.repeats)})
+        compiled, warmup = [], 0.0
+        if args.compile:
+            compile_backbone(module.backbone, args.compile)
+            started = time.perf_counter()  # compiles every batch shape: the timed runs below compile nothing
+            measure(module, tokenizer, task, groups, table["naive (confidence, 1 tok/step)"], args.seed, 1)
+            warmup = time.perf_counter() - started
+            for name, sampler in table.items():
+                compiled.append({"sampler": name, "compile": args.compile,
+                                 **measure(module, tokenizer, task, groups, sampler, args.seed, args.repeats)})
     naive = rows[0]
     print(f"run: {run_dir} | {args.prompts} prompts in {len(groups)} batches, completion length {length} "
           f"(seq_len {dm.seq_len}) | torch threads {args.threads} | best of {args.repeats}")
@@ -155,11 +183,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(head)
     print("-" * len(head))
     for r in rows:
-        r["speed_ratio"] = r["tokens_per_s"] / naive["tokens_per_s"]
-        r["calls_ratio"] = r["calls_per_token"] / naive["calls_per_token"]
-        print(f"{r['sampler']:34s} {r['tokens_per_s']:9.1f} {r['speed_ratio']:8.2f} {r['calls_per_token']:9.3f} "
-              f"{r['calls_ratio']:8.3f} {r['accuracy']:8.3f} {r['accuracy'] - naive['accuracy']:+11.3f}")
-    return rows
+        print(row_line(r, naive))
+    if compiled:
+        print(f"\ncompiled backbone (torch.compile mode={args.compile}; warm-up {warmup:.1f} s): speed x against the "
+              f"eager naive sampler above, vs eager against the same sampler eager")
+        print(head + f" {'vs eager':>8s}")
+        print("-" * (len(head) + 9))
+        for r, eager in zip(compiled, rows):
+            r["compiled_ratio"] = r["tokens_per_s"] / eager["tokens_per_s"]
+            print(row_line(r, naive) + f" {r['compiled_ratio']:8.2f}")
+    return rows + compiled
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ class TrainSchema:
     seed: int = 0
     dry_run: bool = False
     ckpt_path: str | None = None
+    compile: str | None = None  # a torch.compile mode (dlm.compile.MODES) or None: eager
     optimized_metric: str | None = None
     samples: SamplesSchema = field(default_factory=SamplesSchema)
     method: Any = None

@@ -13,6 +13,10 @@ animates them (``trajectory: <path>`` on the last line). The AR family records n
 rebuilt exactly from the output (one token per network call, left to right). A family that returns no
 trajectory otherwise (BD3-LM runs its sampler block by block) gets a two-frame page (start and end) that says so.
 
+``compile=<mode>`` (``default``, ``reduce-overhead``: CUDA graphs, ``max-autotune``) compiles the backbone with
+``torch.compile`` (:mod:`dlm.compile`: the samplers' fixed-shape denoiser calls; KV-cache calls stay eager) and
+runs the request once untimed first, so the printed speed leaves compilation out.
+
 Infill templates: literal text with holes ``[MASK]`` (one token) or ``[MASK:n]`` (n tokens), e.g.
 ``"The [MASK:5] sat on the [MASK:3]."`` (text that tokenizes as the run's tokenizer does: the arithmetic
 runs use characters ``0-9 + =``). The template is padded with EOS up to ``length`` (default: the data's
@@ -40,6 +44,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from dlm.compile import check_mode, compile_backbone
 from dlm.config import CONF_DIR, register_resolvers
 from dlm.run import NotARunError
 
@@ -196,12 +201,13 @@ def _ar_trajectory(start: Tensor, final: Tensor, calls: int, mask_id: int) -> li
 
 def run_generation(cfg: DictConfig) -> dict[str, Any]:
     """Generate as the config asks; returns texts, network calls, tokens, seconds and the trajectory path."""
+    compile_mode = cfg.get("compile")
+    check_mode(compile_mode)  # before loading: a bad mode fails at once
     loaded = load_for_generation(cfg.run, ckpt=cfg.get("ckpt", "last"), device=cfg.get("device", "cpu"))
     module, tok = loaded.module, loaded.tokenizer
+    compile_backbone(module.backbone, compile_mode)
     sampler = build_sampler(cfg, loaded)
     device = module.compute_device
-    generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
-    torch.manual_seed(int(cfg.seed))
     n = int(cfg.get("num_samples") or 1)
     if n < 1:
         raise GenerateError(f"num_samples must be >= 1, got {n}")
@@ -210,7 +216,6 @@ def run_generation(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("infill") is not None and cfg.get("prompt") is not None:
         raise GenerateError("give prompt= or infill=, not both")
 
-    started = time.perf_counter()
     if cfg.get("infill") is not None:
         ids, fill = parse_template(str(cfg.infill), tok)
         width = int(length) if length is not None else (loaded.seq_len or len(ids))
@@ -219,9 +224,13 @@ def run_generation(cfg: DictConfig) -> dict[str, Any]:
         tokens = torch.tensor([ids] * n, dtype=torch.long)
         fill_mask = torch.tensor([fill] * n, dtype=torch.bool)
         start = tokens.masked_fill(fill_mask, mask_id)
-        gen = module.infill(tokens, fill_mask, sampler=sampler, generator=generator)
-        texts = [tok.decode(_cut(row.tolist(), eos)) for row in gen.tokens.cpu()]
         new_tokens = int(fill_mask.sum())
+
+        def request(generator):
+            return module.infill(tokens, fill_mask, sampler=sampler, generator=generator)
+
+        def decode(gen) -> list[str]:
+            return [tok.decode(_cut(row.tolist(), eos)) for row in gen.tokens.cpu()]
     else:
         prompt_text = cfg.get("prompt") or ""
         ids = tok.encode(prompt_text) if prompt_text else []
@@ -234,14 +243,29 @@ def run_generation(cfg: DictConfig) -> dict[str, Any]:
         P = len(ids)
         start = torch.cat([torch.tensor([ids] * n, dtype=torch.long).view(n, P),
                            torch.full((n, length), mask_id, dtype=torch.long)], dim=1)
-        gen = module.generate(prompt, length, sampler=sampler, num_samples=n, generator=generator)
-        texts = [prompt_text + tok.decode(_cut(row[P:].tolist(), eos)) for row in gen.tokens.cpu()]
         new_tokens = n * length
+
+        def request(generator):
+            return module.generate(prompt, length, sampler=sampler, num_samples=n, generator=generator)
+
+        def decode(gen) -> list[str]:
+            return [prompt_text + tok.decode(_cut(row[P:].tolist(), eos)) for row in gen.tokens.cpu()]
+
+    compile_seconds = None
+    if compile_mode is not None:  # compile (and capture CUDA graphs) on an untimed run of the same request
+        warm = time.perf_counter()
+        request(torch.Generator(device=device).manual_seed(int(cfg.seed)))
+        compile_seconds = time.perf_counter() - warm
+    generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
+    torch.manual_seed(int(cfg.seed))
+    started = time.perf_counter()
+    gen = request(generator)
     seconds = time.perf_counter() - started
+    texts = decode(gen)
 
     out: dict[str, Any] = {"texts": texts, "network_calls": int(gen.num_network_calls), "tokens": new_tokens,
                            "seconds": seconds, "sampler": repr(sampler) if sampler is not None else "the family's default",
-                           "trajectory": None}
+                           "trajectory": None, "compile": compile_mode, "compile_seconds": compile_seconds}
     if cfg.get("trajectory"):
         from dlm.methods.ar import AR
         from dlm.sampling.trajectory_html import write_trajectory_html
@@ -276,7 +300,8 @@ def hydra_main(cfg: DictConfig) -> None:
         print(text)
     rate = out["tokens"] / max(out["seconds"], 1e-9)
     print(f"network calls: {out['network_calls']} | tokens: {out['tokens']} | {out['seconds']:.3f} s | "
-          f"{rate:.1f} tokens/s | sampler: {out['sampler']}")
+          f"{rate:.1f} tokens/s | sampler: {out['sampler']}"
+          + (f" | compile: {out['compile']} (untimed warm-up run: {out['compile_seconds']:.1f} s)" if out["compile"] else ""))
     if out["trajectory"]:
         print(f"trajectory: {out['trajectory']}")
 

@@ -135,6 +135,7 @@ def finish_loggers(loggers: list, results: dict) -> None:
 def train(cfg: DictConfig) -> Path:
     import lightning as L
 
+    from dlm.compile import compile_backbone
     from dlm.methods.base import NonFiniteLossError
     from dlm.plan import build_plan
 
@@ -158,6 +159,7 @@ def train(cfg: DictConfig) -> Path:
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError([f"data: {err}"]) from err
     module = build_module(cfg, datamodule)
+    compile_backbone(module.backbone, cfg.get("compile"))  # in place: checkpoint keys unchanged (dlm/compile.py)
     loggers = build_loggers(cfg)
     callbacks = build_callbacks(cfg)
     log_config(loggers, cfg)

@@ -3,6 +3,7 @@ id outside the embedding would otherwise be a CUDA device assert)."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 
@@ -17,13 +18,17 @@ def check_inputs(
     attn_mask: Tensor | None = None,
 ) -> None:
     B, T = input_ids.shape
-    longest = T + past if position_ids is None or not position_ids.numel() else int(position_ids.max()) + 1
+    # Under torch.compile the value checks (a host sync each) are skipped: they would split the compiled forward
+    # into graphs around a sync and recompile per observed value. Eager runs (compile=null) check them.
+    values = input_ids.device.type != "meta" and input_ids.numel() and not torch.compiler.is_compiling()
+    given_positions = position_ids is not None and position_ids.numel() and values
+    longest = int(position_ids.max()) + 1 if given_positions else T + past
     if longest > max_seq_len:
         raise ValueError(
             f"sequence length {longest} exceeds the model's max_seq_len={max_seq_len}; "
             "raise model.max_seq_len or lower data.seq_len"
         )
-    if input_ids.device.type != "meta" and input_ids.numel():  # one host sync: cheap next to a forward
+    if values:  # one host sync: cheap next to an eager forward
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= vocab_size:
             raise ValueError(
