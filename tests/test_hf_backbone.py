@@ -207,6 +207,23 @@ def test_config_overrides_the_pretrained_geometry(checkpoints):
         load(checkpoints["qwen3"], "sdpa", config={"model_type": "llama"})
 
 
+def test_architecture_without_weights(checkpoints):
+    """load_weights=false: the checkpoint's geometry with config overrides over it, random weights (for a folder,
+    and offline for a known hub id such as moe30b's)."""
+    source = AutoModelForCausalLM.from_pretrained(checkpoints["qwen3"])
+    model = load(checkpoints["qwen3"], "sdpa", config={"num_hidden_layers": 1}, load_weights=False)
+    assert model.hf_model.config.num_hidden_layers == 1 and model.hf_model.config.hidden_size == 64
+    emb, src = model.hf_model.get_input_embeddings().weight, source.get_input_embeddings().weight
+    assert emb.shape == src.shape and not torch.equal(emb, src)
+    small = {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1,
+             "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+             "intermediate_size": 64, "vocab_size": VOCAB}
+    moe = HFCausalLM(pretrained="Qwen/Qwen3-30B-A3B-Base", load_weights=False, config=small)
+    cfg = moe.hf_model.config
+    assert cfg.model_type == "qwen3_moe" and cfg.num_experts == 4 and cfg.max_position_embeddings == 32768
+    assert moe(tokens(seed=5)).shape == (2, T, VOCAB)
+
+
 def test_gradient_checkpointing_trains(checkpoints):
     model = HFCausalLM(pretrained=checkpoints["qwen3_moe"], gradient_checkpointing=True).train()
     hf = model.hf_model

@@ -77,11 +77,20 @@ def _resolve_dtype(torch_dtype: str | torch.dtype | None) -> torch.dtype | str |
 
 def load_hf_model(
     auto_class, pretrained: str | None, config: Any, *, attn_implementation: str, torch_dtype: str | None,
-    trust_remote_code: bool, owner: str, example_types: str,
+    trust_remote_code: bool, owner: str, example_types: str, load_weights: bool = True,
 ) -> nn.Module:
     """A transformers model from a checkpoint (``pretrained``: hub id or folder; ``config`` fields override its
-    config before the weights load) or from ``config`` alone (``model_type`` + fields, random init)."""
+    config before the weights load) or from ``config`` alone (``model_type`` + fields, random init).
+    ``load_weights=False`` with ``pretrained``: the checkpoint's geometry (read offline for the known hub ids),
+    ``config`` fields over it, random init — e.g. a 2-layer moe30b-shaped model for a throughput check."""
     from transformers import AutoConfig
+
+    if pretrained is not None and not load_weights:
+        geometry = pretrained_geometry(pretrained)
+        overrides = _plain_dict(config) if config is not None else {}
+        if "num_hidden_layers" in overrides:  # a per-layer list derived from the depth: re-derived for the new one
+            geometry.pop("layer_types", None)
+        config, pretrained = {**geometry, **overrides}, None
 
     if pretrained is None and config is None:
         raise ValueError(
@@ -153,6 +162,8 @@ class HFCausalLM(nn.Module):
         router_aux_loss_coef: weight of the MoE load-balancing (Switch) loss added to the training loss;
             None = the checkpoint config's ``router_aux_loss_coef`` (Qwen3-MoE: 0.001), 0 = off. Ignored for
             dense models. Computed in training mode only; see :meth:`pop_aux_loss`.
+        load_weights: False builds ``pretrained``'s architecture (``config`` fields over it) with random weights
+            and downloads nothing but its config (none for the hub ids in ``KNOWN_GEOMETRIES``).
     """
 
     time_conditioning = False
@@ -171,6 +182,7 @@ class HFCausalLM(nn.Module):
         trust_remote_code: bool = False,
         lr_multipliers: dict[str, float] | None = None,
         router_aux_loss_coef: float | None = None,
+        load_weights: bool = True,
     ):
         super().__init__()
         from transformers import AutoModelForCausalLM
@@ -193,7 +205,7 @@ class HFCausalLM(nn.Module):
         self.hf_model = load_hf_model(
             AutoModelForCausalLM, pretrained, config, attn_implementation=attn_implementation,
             torch_dtype=torch_dtype, trust_remote_code=trust_remote_code, owner="HFCausalLM",
-            example_types="qwen3, qwen3_moe, llama, gpt2",
+            example_types="qwen3, qwen3_moe, llama, gpt2", load_weights=load_weights,
         )
         self.hf_model.train()  # from_pretrained returns eval mode; a backbone starts in train mode like any module
         self.attn_implementation = attn_implementation
