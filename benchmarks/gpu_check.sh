@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # GPU check of the trainer configs, run in one device call: the native tiny model under trainer=gpu, and the
 # HF Qwen3-MoE tiny model under DeepSpeed ZeRO-2, ZeRO-3 and ZeRO-3 offload, each for a few bf16 steps
-# through the real CLI. Prints status, loss, NLL bound, tokens/s and peak memory per run.
+# through the real CLI, then a Qwen3-30B-A3B-shaped model cut to 2 layers (model=moe30b geometry, random init:
+# 128 experts top-8, d=2048, vocab 151936; 1.87B parameters, ~28 GiB of weights+grads+Adam) under ZeRO-3.
+# Prints status, loss, NLL bound, tokens/s and peak memory per run.
 # Usage: bash benchmarks/gpu_check.sh [OUT_DIR]      (DEVICE=cpu runs the same script on CPU, for testing it)
+# ONLY_ZERO3=1 skips the plain-GPU and ZeRO-2 runs; SKIP_MOE30B=1 skips the moe30b-shaped one.
 set -u
 OUT=${1:-gpu_check_out}
 DEVICE=${DEVICE:-gpu}
@@ -41,3 +44,8 @@ MOE="model=moe_tiny trainer.devices=1 trainer.max_steps=40 trainer.val_check_int
 [ -n "${ONLY_ZERO3:-}" ] || run zero2_moe_tiny 80 trainer=deepspeed_zero2 $MOE
 run zero3_moe_tiny 80 trainer=deepspeed $MOE
 run zero3_offload_moe_tiny 120 trainer=deepspeed_zero3_offload $MOE
+# model=moe30b without its checkpoint: model.load_weights=false builds its geometry (known offline) with random
+# weights, here cut from 48 layers to 2. Plans on CPU with dry_run=true (1,868,573,184 parameters).
+[ -n "${SKIP_MOE30B:-}" ] || run zero3_moe30b_2layers 180 trainer=deepspeed model=moe30b model.load_weights=false \
+  "model.config={num_hidden_layers:2}" trainer.devices=1 trainer.max_steps=10 trainer.val_check_interval=10 \
+  trainer.limit_val_batches=2 data.batch_size=16
