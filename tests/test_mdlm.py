@@ -159,3 +159,28 @@ def test_a_larger_embedding_than_the_tokenizer_never_yields_unknown_ids():
     assert int(gen.tokens.max()) < TOKENIZER.vocab_size
     logp = model.denoise(torch.full((1, 4), MASK))
     assert logp.shape[-1] == TOKENIZER.vocab_size
+
+
+def test_subs_log_probs_is_the_subs_formula_and_leaves_the_logits_alone():
+    from dlm.methods.masked_terms import subs_log_probs
+
+    def plain_subs(logits, xt, mask_id):  # the formula, out of place
+        logp = logits.float().clone()
+        logp[..., mask_id] = float("-inf")
+        logp = logp.log_softmax(-1)
+        copied = torch.full_like(logp, float("-inf")).scatter_(-1, xt[..., None], 0.0)
+        return torch.where((xt != mask_id)[..., None], copied, logp)
+
+    g = torch.Generator().manual_seed(0)
+    V, mask_id = 12, 11
+    logits = torch.randn(2, 7, V + 3, generator=g)  # spare embedding rows past the tokenizer's vocabulary
+    xt = torch.randint(0, mask_id, (2, 7), generator=g)
+    xt[:, 3:] = mask_id
+    before = logits.clone()
+    out = subs_log_probs(logits, xt, mask_id, V)
+    assert torch.equal(logits, before)
+    ref = plain_subs(logits[..., :V], xt, mask_id)
+    assert torch.equal(torch.isinf(out), torch.isinf(ref))
+    assert torch.allclose(out[torch.isfinite(ref)], ref[torch.isfinite(ref)], atol=1e-6)
+    assert torch.equal(out[:, :3].argmax(-1), xt[:, :3]) and (out[:, 3:, mask_id] == float("-inf")).all()
+    assert torch.allclose(out[:, 3:].exp().sum(-1), torch.ones(2, 4))

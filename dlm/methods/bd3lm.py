@@ -153,14 +153,6 @@ class BD3LM(MaskedTermsObjective, DiffusionLM):
         return self.schedule.elbo_weight(t_tok) * nll, masked, correct
 
     # ---- sampling ----------------------------------------------------------------------------------------
-    def _subs(self, logits: Tensor, xb: Tensor) -> Tensor:
-        """SUBS log p(x0 | x_t) for a block: mask never predicted, clean tokens copied."""
-        logits = logits[..., : self.vocab_size].float()
-        logits[..., self.mask_id] = float("-inf")
-        logp = logits.log_softmax(-1)
-        copied = torch.full_like(logp, float("-inf")).scatter_(-1, xb[..., None], 0.0)
-        return torch.where((xb != self.mask_id)[..., None], copied, logp)
-
     @torch.no_grad()
     def _semi_ar(self, x: Tensor, sampler: Sampler, generator, eos_from: int | None) -> Generation:
         """Fill the masks of x [B, N] block by block. eos_from: stop once every row has an EOS at or after it."""

@@ -1,5 +1,6 @@
 """What the masked-diffusion families (MDLM, block diffusion) share: the SUBS cross-entropy of the masked
-positions, and the loss, bound and validation statistics built from one set of per-token terms."""
+positions, the SUBS log-probabilities the samplers read, and the loss, bound and validation statistics built
+from one set of per-token terms."""
 
 from __future__ import annotations
 
@@ -20,6 +21,25 @@ def masked_token_nll(logits: Tensor, x0: Tensor, masked: Tensor, mask_id: int) -
     return nll, correct
 
 
+@torch.no_grad()
+def subs_log_probs(logits: Tensor, xt: Tensor, mask_id: int, vocab_size: int) -> Tensor:
+    """SUBS log p(x0 | x_t) [B, T, V] for sampling: the mask token never predicted, clean tokens copied (one-hot).
+
+    One float32 copy of the logits, then everything in place on it: at a large vocabulary (151,936 for Qwen3,
+    B=16 x 320 positions: 3 GB per tensor) every extra full-size temporary costs as much memory traffic as a
+    good part of the forward. The copy also keeps the backbone's output untouched (a compiled backbone under
+    CUDA graphs reuses it on its next call). No autograd: sampling only.
+    """
+    logp = logits[..., :vocab_size].to(torch.float32, copy=True)
+    logp[..., mask_id] = float("-inf")
+    logp -= logp.logsumexp(-1, keepdim=True)
+    clean = (xt != mask_id)[..., None]
+    logp.masked_fill_(clean, float("-inf"))
+    # 0 at the copied token of a clean position; at a masked position the scatter hits mask_id, already -inf
+    copied = torch.zeros(clean.shape, dtype=logp.dtype, device=logp.device).masked_fill_(~clean, float("-inf"))
+    return logp.scatter_(-1, xt[..., None], copied)
+
+
 class MaskedTermsObjective:
     """Mixin for a DiffusionLM whose `_diffusion_terms(batch, generator)` returns (per-token bound [B, T],
     masked [B, T], correct [B, T]): the training loss, the bound and the validation statistics follow."""
@@ -35,6 +55,10 @@ class MaskedTermsObjective:
 
     def nll_bound(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
         return self._diffusion_terms(batch, generator)[0]
+
+    def _subs(self, logits: Tensor, xt: Tensor) -> Tensor:
+        """SUBS log p(x0 | x_t) from logits [B, T, V] of the tokens xt [B, T] (sampling; see subs_log_probs)."""
+        return subs_log_probs(logits, xt, self.mask_id, self.vocab_size)
 
     def validation_stats(self, batch: dict[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
         bound, masked, correct = self._diffusion_terms(batch, generator)

@@ -91,16 +91,6 @@ class MDLM(MaskedTermsObjective, DiffusionLM):
             kwargs["time"] = time
         return self._subs(self.logits(xt, **kwargs), xt)
 
-    def _subs(self, logits: Tensor, xt: Tensor) -> Tensor:
-        """SUBS log p(x0 | x_t) from logits [B, T, V] of the tokens xt [B, T]."""
-        # Out of place: float32 logits are the backbone's own output (.float() returns the same tensor), which a
-        # compiled backbone under CUDA graphs reuses on its next call (dlm.compile); never write into it.
-        never = torch.arange(logits.shape[-1], device=logits.device) == self.mask_id
-        logp = logits.float().masked_fill(never, float("-inf")).log_softmax(-1)
-        clean = (xt != self.mask_id)[..., None]
-        copied = torch.full_like(logp, float("-inf")).scatter_(-1, xt[..., None], 0.0)
-        return torch.where(clean, copied, logp)
-
     @property
     def supports_prefix_cache(self) -> bool:
         """Whether the backbone takes a KV cache (``past_key_values``/``use_cache``): native Transformer, HFCausalLM."""
