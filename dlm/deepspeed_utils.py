@@ -3,15 +3,17 @@ run's checkpoint (a DeepSpeed ZeRO folder or a plain Lightning file) into an HF-
 
     python -m dlm.consolidate <run_dir> [--ckpt last|best|PATH] [--out <run_dir>/hf]
 
-Loading pretrained weights under ZeRO-3: the training CLI builds the backbone (``from_pretrained``) before
-``trainer.fit``, outside ``deepspeed.zero.Init`` (the families define no ``configure_model`` hook, the only
-place Lightning's DeepSpeedStrategy enters the partitioned-init context), so every rank holds the real weights
-on the host and ``deepspeed.initialize`` partitions them. Host memory per node is therefore ranks x model size
-in the load dtype (moe30b in bf16: ~61 GB per rank). ``from_pretrained`` inside ``zero.Init`` alone would give
-empty (partitioned, size-0) tensors that the checkpoint is never copied into; with a live
-``transformers.integrations.HfDeepSpeedConfig`` (it needs the ``accelerate`` package) transformers instead
-copies the checkpoint into the partitions itself, experts fused as usual (checked on CPU, 1 and 2 ranks), which
-would need the backbone built in a ``configure_model`` hook. Verified on CPU: tests/test_zero3_cpu.py.
+Loading pretrained weights under ZeRO-3 (the training CLI; see :func:`load_backbone_into_partitions`): with a
+DeepSpeedStrategy at stage 3 and an ``HFCausalLM`` whose ``pretrained`` weights load, the module is built around a
+placeholder backbone on the meta device (the checkpoint's geometry, no weights), and ``DiffusionLM.configure_model``
+builds the real one: Lightning runs that hook inside ``deepspeed.zero.Init``, and with a live
+``transformers.integrations.HfDeepSpeedConfig`` (it needs the ``accelerate`` package) ``from_pretrained`` copies the
+checkpoint into the partitions itself, experts fused as usual. Host memory: rank 0 reads the checkpoint
+(safetensors, memory-mapped: file-backed pages), the other ranks only its keys and shapes, and every rank keeps its own partition
+plus one module's gathered parameters at a time, instead of ranks x model size in the load dtype (moe30b in bf16:
+~61 GB per rank) when every rank loaded the whole model before ``deepspeed.initialize`` partitioned it. Every
+other path (no DeepSpeed, ZeRO-1/2, models from a config, native backbones) builds the backbone before
+``trainer.fit`` as before. Verified on CPU, 1 and 2 ranks: tests/test_zero3_cpu.py.
 """
 
 from __future__ import annotations
@@ -53,6 +55,84 @@ def zero_stage(strategy: Any) -> int | None:
     config = getattr(strategy, "config", None) or {}
     stage = config.get("zero_optimization", {}).get("stage")
     return None if stage is None else int(stage)
+
+
+# ---- pretrained weights straight into ZeRO-3 partitions ---------------------------------------------------
+# Why: under ZeRO-3 a backbone built before trainer.fit is whole on every rank's host until deepspeed.initialize
+# partitions it (ranks x model size per node); built inside the strategy's zero.Init it never is.
+def zero3_strategy(trainer_cfg: Any) -> Any | None:
+    """The trainer config's strategy when it is a Lightning DeepSpeedStrategy (subclasses too) at ZeRO stage 3
+    (instantiated on its own to read its stage; the Trainer builds its own), else None. Nothing is instantiated
+    for any other strategy."""
+    from hydra.utils import get_class, instantiate
+    from lightning.pytorch.strategies import DeepSpeedStrategy, StrategyRegistry
+
+    spec = trainer_cfg.get("strategy") if trainer_cfg is not None else None
+    if isinstance(spec, str):
+        strategy = StrategyRegistry.get(spec) if spec.startswith("deepspeed") and spec in StrategyRegistry else None
+    elif hasattr(spec, "get") and spec.get("_target_") and issubclass(get_class(spec["_target_"]), DeepSpeedStrategy):
+        strategy = instantiate(spec)
+    else:
+        strategy = spec if isinstance(spec, DeepSpeedStrategy) else None
+    return strategy if isinstance(strategy, DeepSpeedStrategy) and zero_stage(strategy) == 3 else None
+
+
+def loads_pretrained_weights(model_cfg: Any) -> bool:
+    """Whether a model config builds an HFCausalLM (subclasses too) from a checkpoint's weights."""
+    from hydra.utils import get_class
+
+    from dlm.models.hf import HFCausalLM
+
+    target = model_cfg.get("_target_")
+    return bool(target and issubclass(get_class(target), HFCausalLM) and model_cfg.get("pretrained")
+                and model_cfg.get("load_weights", True))
+
+
+def placeholder_backbone(model_cfg: Any, vocab_size: int | None) -> nn.Module:
+    """The backbone of ``model_cfg`` on the meta device: the checkpoint's geometry (``config`` fields over it) and
+    no weights, so the module's constructor checks (vocabulary, max_seq_len, lr roles) run before the real
+    backbone exists. Same parameter names and shapes as the loaded one."""
+    from hydra.utils import instantiate
+
+    with torch.device("meta"):
+        backbone = instantiate(model_cfg, vocab_size=vocab_size, load_weights=False)
+    backbone.zero3_placeholder = True
+    return backbone
+
+
+def load_backbone_into_partitions(model_cfg: Any, vocab_size: int | None, strategy: Any,
+                                  compile_mode: str | None = None) -> nn.Module:
+    """The real backbone of ``model_cfg``, built where ``DiffusionLM.configure_model`` runs (inside the
+    strategy's ``deepspeed.zero.Init`` under ZeRO-3). A live ``HfDeepSpeedConfig`` makes ``from_pretrained`` (and
+    the embedding growth's ``resize_token_embeddings``) partition-aware; it is unset afterwards, so later model
+    builds in the process (consolidation on the meta device) are ordinary. MoE blocks become ZeRO-3 leaf modules
+    (``setup`` flagged the placeholder's). Prints how much of the model this rank holds. The model's modules are
+    imported by then (the placeholder was built from them): a first import of ``torch._dynamo`` inside
+    ``zero.Init`` fails (DeepSpeed patches ``Tensor.__new__``)."""
+    from hydra.utils import instantiate
+
+    from dlm.compile import compile_backbone
+
+    if zero_stage(strategy) != 3:  # not partitioned after all: an ordinary build, as before trainer.fit
+        return compile_backbone(instantiate(model_cfg, vocab_size=vocab_size), compile_mode)
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    ds_config = HfDeepSpeedConfig(strategy.config)  # transformers keeps only a weak reference: hold it
+    try:
+        backbone = instantiate(model_cfg, vocab_size=vocab_size)
+    finally:
+        unset_hf_deepspeed_config()
+        del ds_config
+    params = list(backbone.parameters())
+    whole = [n for n, p in backbone.named_parameters() if not hasattr(p, "ds_id")]
+    if whole:
+        raise RuntimeError(f"ZeRO-3 loading left {len(whole)} parameters unpartitioned (e.g. {whole[:3]})")
+    register_moe_leaf_modules(backbone)
+    held, total = sum(p.ds_tensor.numel() for p in params), sum(p.ds_numel for p in params)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    print(f"zero3: rank {rank} loaded {model_cfg.pretrained} into ZeRO-3 partitions: "
+          f"{held:,} of {total:,} parameter elements held", flush=True)
+    return compile_backbone(backbone, compile_mode)
 
 
 # ---- consolidation into an HF folder -----------------------------------------------------------------------

@@ -31,7 +31,8 @@ def parameter_role(name: str, param: nn.Parameter, module: nn.Module | None = No
     """The role of one parameter, from its owning module's type and its qualified name."""
     if isinstance(module, nn.Embedding) or "embed" in name or "lm_head" in name or name.startswith("wte"):
         return "embedding"
-    if param.ndim < 2 or "norm" in name.lower():
+    ndim = len(getattr(param, "ds_shape", param.shape))  # a ZeRO-3 partitioned parameter's own shape is [0]
+    if ndim < 2 or "norm" in name.lower():
         return "norm"  # norm gains and biases
     for role, needles in _NAME_RULES:
         if any(needle in name for needle in needles):
@@ -135,5 +136,5 @@ def freeze_roles(model: nn.Module, lr_multipliers: Mapping[str, float] | None) -
     for name, role in parameter_roles(model).items():
         if role in frozen_roles:
             names[name].requires_grad_(False)
-            counts[role] = counts.get(role, 0) + names[name].numel()
+            counts[role] = counts.get(role, 0) + getattr(names[name], "ds_numel", names[name].numel())
     return counts

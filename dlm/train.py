@@ -7,6 +7,7 @@ and wandb/.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -43,11 +44,30 @@ def build_datamodule(cfg: DictConfig):
         raise
 
 
-def build_module(cfg: DictConfig, datamodule, backbone=None):
-    """The LightningModule of cfg.method around a backbone built for the datamodule's tokenizer."""
+def build_module(cfg: DictConfig, datamodule, backbone=None, defer_to_zero3: bool = False):
+    """The LightningModule of cfg.method around a backbone built for the datamodule's tokenizer.
+
+    ``defer_to_zero3`` (the training CLI): when cfg.trainer is DeepSpeed ZeRO-3 and cfg.model loads pretrained HF
+    weights, the backbone is a meta-device placeholder that ``configure_model`` replaces inside the strategy's
+    ``deepspeed.zero.Init`` (dlm.deepspeed_utils.load_backbone_into_partitions)."""
     tokenizer = datamodule.tokenizer
+    deferred = None
     if backbone is None:
-        backbone = instantiate(cfg.model, vocab_size=tokenizer.vocab_size)
+        from dlm.deepspeed_utils import (
+            load_backbone_into_partitions,
+            loads_pretrained_weights,
+            placeholder_backbone,
+            zero3_strategy,
+        )
+
+        if defer_to_zero3 and loads_pretrained_weights(cfg.model) and zero3_strategy(cfg.get("trainer")) is not None:
+            # ZeRO-3: a meta placeholder now, the checkpoint loaded into partitions in configure_model (inside
+            # deepspeed.zero.Init), so no rank ever holds the whole model on the host
+            backbone = placeholder_backbone(cfg.model, tokenizer.vocab_size)
+            deferred = functools.partial(load_backbone_into_partitions, cfg.model, tokenizer.vocab_size,
+                                         compile_mode=cfg.get("compile"))  # called with the live strategy
+        else:
+            backbone = instantiate(cfg.model, vocab_size=tokenizer.vocab_size)
     max_len = getattr(backbone, "max_seq_len", None)
     if max_len is not None and datamodule.seq_len > max_len:
         raise ConfigError(
@@ -62,7 +82,10 @@ def build_module(cfg: DictConfig, datamodule, backbone=None):
         "optimizer": instantiate(cfg.optimizer),
         "lr_scheduler": instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
     }
-    return instantiate(cfg.method, **parts)
+    module = instantiate(cfg.method, **parts)
+    if deferred is not None:
+        module.defer_backbone(deferred)
+    return module
 
 
 def build_loggers(cfg: DictConfig) -> list:
@@ -158,7 +181,7 @@ def train(cfg: DictConfig) -> Path:
         datamodule.setup("fit")
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError([f"data: {err}"]) from err
-    module = build_module(cfg, datamodule)
+    module = build_module(cfg, datamodule, defer_to_zero3=True)
     compile_backbone(module.backbone, cfg.get("compile"))  # in place: checkpoint keys unchanged (dlm/compile.py)
     loggers = build_loggers(cfg)
     callbacks = build_callbacks(cfg)

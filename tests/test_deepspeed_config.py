@@ -52,14 +52,28 @@ def test_moe_blocks_become_zero3_leaf_modules():
     assert register_moe_leaf_modules(dense) == []
 
 
-def test_families_load_weights_outside_the_partitioned_init():
-    """Lightning enters deepspeed.zero.Init only around configure_model; the families build the (pretrained)
-    backbone in __init__ instead, so from_pretrained never runs inside it."""
+def test_configure_model_builds_only_a_deferred_backbone():
+    """Lightning enters deepspeed.zero.Init around configure_model. The families define it once, in the base
+    class, and it builds a backbone only when the training CLI deferred one (ZeRO-3 + pretrained HF weights:
+    tests/test_zero3_loading.py); otherwise the backbone built in __init__ stays and the hook does nothing."""
     import lightning as L
 
+    from dlm.data.tokenizers import CharTokenizer
+    from dlm.methods.ar import AR
     from dlm.methods.base import DiffusionLM
+    from dlm.methods.bd3lm import BD3LM
+    from dlm.methods.diffusionbert import DiffusionBERT
+    from dlm.methods.mdlm import MDLM
+    from dlm.methods.sundae import SUNDAE
 
-    assert DiffusionLM.configure_model is L.LightningModule.configure_model
+    assert DiffusionLM.configure_model is not L.LightningModule.configure_model
+    assert all(cls.configure_model is DiffusionLM.configure_model for cls in (AR, BD3LM, DiffusionBERT, MDLM, SUNDAE))
+
+    module = AR(backbone=HFCausalLM(config=MOE), tokenizer=CharTokenizer("()[]"))
+    backbone = module.backbone
+    module.configure_model()
+    module.configure_model()
+    assert module.backbone is backbone
 
 
 def test_reference_command_refuses_with_the_numbers():

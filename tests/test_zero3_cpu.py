@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO end to end on the CPU, through the real CLIs (`python -m dlm.train`, `dlm.consolidate`,
-`dlm.generate` in subprocesses): a tiny Qwen3-MoE (`model=moe_tiny`) starts from a local pretrained checkpoint,
-trains under ZeRO-3 (MoE blocks as leaf modules), checkpoints as a ZeRO folder, consolidates into an HF folder
+`dlm.generate` in subprocesses): a tiny Qwen3-MoE (`model=moe_tiny`) starts from a local pretrained checkpoint
+loaded straight into the ZeRO-3 partitions (configure_model inside deepspeed.zero.Init; each rank prints what it
+holds), trains under ZeRO-3 (MoE blocks as leaf modules), checkpoints as a ZeRO folder, consolidates into an HF folder
 that transformers loads, generates, and resumes; ZeRO-2 and ZeRO-3 with CPU offload train and consolidate.
 
 Lightning's DeepSpeedStrategy refuses CPU accelerators; tests/zero_cpu_strategy.py (test-only) lifts that and
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +103,14 @@ def _zero_folder(run_dir: Path, ranks: int = 1) -> Path:
     return ckpt
 
 
+def _partitioned_loads(stdout: str, source: Path) -> dict[int, tuple[int, int]]:
+    """{rank: (parameter elements held, total)} from the lines dlm.deepspeed_utils.load_backbone_into_partitions
+    prints when a rank built its backbone inside deepspeed.zero.Init (the ZeRO-3 loading path was taken)."""
+    pattern = re.compile(rf"zero3: rank (\d+) loaded {re.escape(str(source))} into ZeRO-3 partitions: "
+                         r"([\d,]+) of ([\d,]+) parameter elements held")
+    return {int(m[1]): (int(m[2].replace(",", "")), int(m[3].replace(",", ""))) for m in pattern.finditer(stdout)}
+
+
 def _offline_val_loss(run) -> float:
     """val/loss of a loaded run's module under a plain single-process CPU Trainer (no DeepSpeed)."""
     import lightning as L
@@ -124,6 +134,13 @@ def test_zero3_on_two_ranks_starts_from_the_pretrained_weights(source, tmp_path)
         "trainer.devices=2", "trainer.precision=bf16-mixed", "optimizer.lr=0", "trainer.max_steps=2",
     )
     assert "Traceback" not in proc.stderr, proc.stderr[-4000:]  # rank 1 finished cleanly too
+    # each rank loaded the checkpoint straight into its partition (configure_model inside deepspeed.zero.Init),
+    # holding about half of the model, never the whole of it
+    loaded = _partitioned_loads(proc.stdout, source)
+    assert sorted(loaded) == [0, 1], proc.stdout[-2000:]
+    total = loaded[0][1]
+    assert all(held < total == whole for held, whole in loaded.values()), loaded
+    assert sum(held for held, _ in loaded.values()) >= total  # the partitions cover the model (plus padding)
     results = _results(run_dir)
     assert results["status"] == "completed" and results["global_step"] == 2
     seq_len = load_config(run_dir).data.seq_len
@@ -144,14 +161,49 @@ def test_zero3_on_two_ranks_starts_from_the_pretrained_weights(source, tmp_path)
 
 
 @pytest.mark.slow
+def test_zero3_on_two_ranks_grows_the_vocabulary_in_the_partitions(tmp_path):
+    """A checkpoint with fewer embedding rows (4) than the tokenizer (7): loaded into the partitions, the
+    embedding and the untied output layer grow there (gathered, rank 0's rows kept), new rows the mean of the
+    old ones, exactly as without DeepSpeed. Learning rate 0, fp32: the saved weights are the grown ones."""
+    from omegaconf import OmegaConf
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dlm.deepspeed_utils import load_state_dict
+
+    geometry = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / "moe_tiny.yaml").config)
+    geometry["vocab_size"] = 4
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(geometry.pop("model_type"), **geometry))
+    source = tmp_path / "pretrained_small_vocab"
+    model.save_pretrained(source)
+    run_dir, proc = _train(
+        tmp_path, "trainer=deepspeed", "model=moe_tiny", f"model.pretrained={source}", "model.config=null",
+        "trainer.devices=2", "trainer.precision=32-true", "optimizer.lr=0", "trainer.max_steps=1",
+        "trainer.val_check_interval=1",
+    )
+    assert sorted(_partitioned_loads(proc.stdout, source)) == [0, 1], proc.stdout[-2000:]
+    state = load_state_dict(_zero_folder(run_dir, ranks=2))
+    expected = _source_state(source)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        old, got = expected[name], state[PREFIX + name]
+        assert got.shape == (7, old.shape[1]), name
+        torch.testing.assert_close(got[:4], old, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(got[4:], old.mean(0).expand(3, -1), rtol=0, atol=0, msg=name)
+    for name, value in expected.items():
+        if name not in ("model.embed_tokens.weight", "lm_head.weight"):
+            torch.testing.assert_close(state[PREFIX + name], value, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.slow
 def test_zero3_trains_consolidates_generates_and_resumes(source, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from dlm.deepspeed_utils import load_state_dict
     from dlm.run import load_run
 
-    run_dir, _ = _train(tmp_path, "trainer=deepspeed", "model=moe_tiny", f"model.pretrained={source}",
-                        "model.config=null", "trainer.precision=32-true")
+    run_dir, proc = _train(tmp_path, "trainer=deepspeed", "model=moe_tiny", f"model.pretrained={source}",
+                           "model.config=null", "trainer.precision=32-true")
+    assert list(_partitioned_loads(proc.stdout, source)) == [0], proc.stdout[-2000:]  # loaded inside zero.Init
     results = _results(run_dir)
     assert results["status"] == "completed" and results["global_step"] == 4
     assert "train/moe/balance_loss" in results  # the router loss ran under ZeRO-3 (MoE blocks as leaves)
@@ -246,9 +298,11 @@ def test_zero2_and_zero3_offload_train_and_consolidate(source, tmp_path, option)
 
     if option.endswith("offload") and (reason := _cpu_adam_builds()):
         pytest.skip(reason)
-    run_dir, _ = _train(tmp_path, f"trainer={option}", "model=moe_tiny", f"model.pretrained={source}",
-                        "model.config=null", "trainer.precision=32-true", "trainer.max_steps=2",
-                        "trainer.val_check_interval=2")
+    run_dir, proc = _train(tmp_path, f"trainer={option}", "model=moe_tiny", f"model.pretrained={source}",
+                           "model.config=null", "trainer.precision=32-true", "trainer.max_steps=2",
+                           "trainer.val_check_interval=2")
+    # ZeRO-3 (offloaded parameters too) loads into the partitions; ZeRO-2 builds the whole model before fit
+    assert list(_partitioned_loads(proc.stdout, source)) == ([0] if "zero3" in option else []), proc.stdout[-2000:]
     results = _results(run_dir)
     assert results["status"] == "completed" and results["global_step"] == 2
     state = load_state_dict(_zero_folder(run_dir))

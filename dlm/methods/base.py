@@ -66,7 +66,14 @@ class DiffusionLM(L.LightningModule, ABC):
         self.vocab_size = int(tokenizer.vocab_size)
         self.nonfinite_stop: dict | None = None  # set when training stopped on a NaN/inf loss
         self.last_val_step = -1  # the global step of the latest validation
+        self._build_backbone = None  # set by defer_backbone: the real backbone is built in configure_model
         self._check_vocabulary()
+
+    def defer_backbone(self, build) -> None:
+        """Have ``configure_model`` replace the current (placeholder) backbone with ``build(strategy)``: the
+        training CLI does this under DeepSpeed ZeRO-3 so that pretrained weights load straight into partitioned
+        parameters (see dlm.deepspeed_utils). The placeholder must have the real backbone's geometry."""
+        self._build_backbone = build
 
     def _check_vocabulary(self) -> None:
         vocab = getattr(self.backbone, "vocab_size", None)
@@ -142,6 +149,16 @@ class DiffusionLM(L.LightningModule, ABC):
 
             if zero_stage(strategy) == 3:
                 register_moe_leaf_modules(self.backbone)
+
+    def configure_model(self) -> None:
+        """Build a deferred backbone (:meth:`defer_backbone`), replacing the placeholder before the optimizer
+        exists; Lightning runs this hook inside ``deepspeed.zero.Init`` under ZeRO-3. Frozen roles are applied to
+        the new parameters. Idempotent (Lightning may call it more than once); a no-op when nothing is deferred."""
+        build, self._build_backbone = self._build_backbone, None
+        if build is None:
+            return
+        self.backbone = build(self.trainer.strategy)
+        self.frozen = freeze_roles(self.backbone, self.lr_multipliers)
 
     def step_generator(self, batch_idx: int) -> torch.Generator:
         """The diffusion noise of a training step is a function of (seed, step, rank, micro-batch), not of the

@@ -31,6 +31,7 @@ running each document on its own (as in the native backbone).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import re
@@ -119,24 +120,44 @@ def load_hf_model(
     return auto_class.from_config(hf_config, trust_remote_code=trust_remote_code, **load_kwargs)
 
 
+def _rows(weight: Tensor) -> int:
+    """Rows of an embedding weight; a ZeRO-3 partitioned parameter keeps its full shape in ``ds_shape``."""
+    return int(getattr(weight, "ds_shape", weight.shape)[0])
+
+
+def _gathered(params: list, modifier_rank: int | None = None):
+    """``deepspeed.zero.GatheredParameters`` over the ZeRO-3 partitioned tensors among ``params`` (whole inside the
+    block; with ``modifier_rank`` that rank's writes are kept); a no-op context when none is partitioned."""
+    unique = {id(p): p for p in params if p is not None and hasattr(p, "ds_id")}
+    if not unique:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(unique.values()), modifier_rank=modifier_rank)
+
+
 @torch.no_grad()
 def grow_vocab(hf_model: nn.Module, vocab_size: int) -> None:
     """Resize the embedding (and an untied output layer) to vocab_size rows; new rows are the mean of the old
-    ones, so a new mask token does not start as a random vector."""
-    old = hf_model.get_input_embeddings().weight.shape[0]
+    ones, so a new mask token does not start as a random vector. Under ZeRO-3 (partitioned parameters, loaded
+    with a live ``HfDeepSpeedConfig``) the rows are read and written gathered, rank 0's writes kept."""
+    emb = hf_model.get_input_embeddings().weight
+    old = _rows(emb)
     out = hf_model.get_output_embeddings()
-    tied = out is not None and out.weight is hf_model.get_input_embeddings().weight
-    old_out = None if out is None or tied else (out.weight[:old].mean(0), getattr(out, "bias", None))
-    if old_out is not None and old_out[1] is not None:
-        old_out = (old_out[0], old_out[1][:old].mean())
+    tied = out is not None and out.weight is emb
+    with _gathered([emb] + ([] if out is None or tied else [out.weight, getattr(out, "bias", None)])):
+        old_out = None if out is None or tied else (out.weight[:old].mean(0), getattr(out, "bias", None))
+        if old_out is not None and old_out[1] is not None:
+            old_out = (old_out[0], old_out[1][:old].mean())
     hf_model.resize_token_embeddings(vocab_size, mean_resizing=False)
     emb = hf_model.get_input_embeddings().weight
-    emb[old:] = emb[:old].mean(0)
     out = hf_model.get_output_embeddings()
-    if old_out is not None and out is not None and out.weight is not emb:
-        out.weight[old:] = old_out[0]
-        if old_out[1] is not None and getattr(out, "bias", None) is not None:
-            out.bias[old:] = old_out[1]
+    with _gathered([emb] + ([] if out is None else [out.weight, getattr(out, "bias", None)]), modifier_rank=0):
+        emb[old:] = emb[:old].mean(0)
+        if old_out is not None and out is not None and out.weight is not emb:
+            out.weight[old:] = old_out[0]
+            if old_out[1] is not None and getattr(out, "bias", None) is not None:
+                out.bias[old:] = old_out[1]
 
 
 class HFCausalLM(nn.Module):
@@ -215,10 +236,10 @@ class HFCausalLM(nn.Module):
             self._make_non_causal()
         self.mask_free_bidirectional = self._mask_free_bidirectional_ok()
 
-        rows = self.hf_model.get_input_embeddings().weight.shape[0]
+        rows = _rows(self.hf_model.get_input_embeddings().weight)
         if vocab_size is not None and vocab_size > rows:
             grow_vocab(self.hf_model, vocab_size)
-        self.vocab_size = int(self.hf_model.get_input_embeddings().weight.shape[0])
+        self.vocab_size = _rows(self.hf_model.get_input_embeddings().weight)
 
         hf_cfg = self.hf_model.config.get_text_config()
         limit = getattr(hf_cfg, "max_position_embeddings", None) or getattr(hf_cfg, "n_positions", None)
