@@ -346,7 +346,31 @@ def test_cuda_bf16_training_step(checkpoints, impl):
     x = tokens(seed=6).cuda()
     doc_ids = torch.tensor([[0] * 5 + [1] * (T - 5)] * 2, device="cuda")
     logits = model(x, doc_ids=doc_ids)
-    assert logits.dtype == torch.float32 and logits.shape == (2, T, VOCAB + 1)
-    torch.nn.functional.cross_entropy(logits.flatten(0, 1), x.flatten()).backward()
+    assert logits.dtype == torch.bfloat16 and logits.shape == (2, T, VOCAB + 1)  # consumers upcast
+    torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x.flatten()).backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_bf16_logits_stay_bf16_and_the_masked_diffusion_loss_is_unchanged(checkpoints):
+    """No full-vocabulary float32 copy in the backbone: the loss upcasts the masked rows it scores, and since
+    bf16 -> float32 is exact the loss and gradients equal those of an upcast-everything backbone."""
+    from dlm.methods.masked_terms import masked_token_nll
+
+    model = HFCausalLM(pretrained=checkpoints["qwen3"], torch_dtype="bfloat16").train()
+    x0 = tokens(seed=6)
+    xt = x0.clone()
+    masked = torch.rand(x0.shape, generator=torch.Generator().manual_seed(1)) < 0.5
+    xt[masked] = VOCAB - 1
+    logits = model(xt)
+    assert logits.dtype == torch.bfloat16
+    losses, grads = [], []
+    for upcast in (False, True):
+        model.zero_grad()
+        out = model(xt)
+        nll, _ = masked_token_nll(out.float() if upcast else out, x0, masked, VOCAB - 1)
+        nll.sum().backward()
+        losses.append(nll.detach())
+        grads.append(model.hf_model.get_input_embeddings().weight.grad.clone())
+    assert losses[0].dtype == torch.float32
+    assert torch.equal(losses[0], losses[1]) and torch.equal(grads[0], grads[1])

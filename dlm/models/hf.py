@@ -1,10 +1,11 @@
 """Hugging Face causal LMs as diffusion backbones (the starting point of AR-to-diffusion conversion, A2D).
 
 ``HFCausalLM`` wraps any ``AutoModelForCausalLM`` behind the native backbone's call signature
-``forward(input_ids, *, doc_ids=None, time=None, attention=None) -> float32 logits [B, T, V]``, so every
-method (masked diffusion, block diffusion, AR) runs on it unchanged. Like the native backbone it also takes
-an explicit boolean ``attn_mask`` [B|1, 1, T, S], ``position_ids`` and a KV cache (transformers' own cache
-objects, ``DynamicCache``) through ``past_key_values=`` / ``use_cache=``.
+``forward(input_ids, *, doc_ids=None, time=None, attention=None) -> logits [B, T, V]`` (in the model's dtype:
+consumers upcast what they score), so every method (masked diffusion, block diffusion, AR) runs on it
+unchanged. Like the native backbone it also takes an explicit boolean ``attn_mask`` [B|1, 1, T, S],
+``position_ids`` and a KV cache (transformers' own cache objects, ``DynamicCache``) through
+``past_key_values=`` / ``use_cache=``.
 
 Conversion to bidirectional attention takes two switches, because transformers reads causality from two
 places:
@@ -389,7 +390,11 @@ class HFCausalLM(nn.Module):
         past_key_values: Any = None,
         use_cache: bool = False,
     ) -> Tensor | tuple[Tensor, Any]:
-        """input_ids [B, T] -> float32 logits [B, T, vocab_size] (and the cache when use_cache).
+        """input_ids [B, T] -> logits [B, T, vocab_size] in the model's dtype (and the cache when use_cache).
+
+        Not upcast here: a float32 copy of every position's full-vocabulary logits is B x T x V x 4 bytes (10 GB
+        for 16k tokens at Qwen3's 151,936), plus its gradient. Every consumer upcasts what it scores (the masked
+        rows in training, one float32 copy for sampling), and bf16 -> float32 is exact, so the numbers are the same.
 
         ``time`` is ignored (no time conditioning). ``attn_mask``: bool [B|1, 1, T, S] (True = may attend,
         S = cached + T) replacing the pattern's mask; needs sdpa/eager. ``position_ids`` [B|1, T]: default after
@@ -467,7 +472,7 @@ class HFCausalLM(nn.Module):
         router_logits = tuple(recorded or ()) or (getattr(out, "router_logits", None) if router else None)
         if router_logits:
             self._collect_router_stats(router_logits)
-        logits = out.logits.float()
+        logits = out.logits
         if use_cache:
             return logits, past_key_values
         if past_key_values is not None:  # read-only use: drop the tokens this call appended
