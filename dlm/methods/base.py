@@ -236,7 +236,29 @@ class DiffusionLM(L.LightningModule, ABC):
         trainer = self._trainer
         return trainer.strategy.root_device if trainer is not None else self.device
 
-    def logits(self, tokens: Tensor, **backbone_kwargs) -> Tensor:
+    def logits(self, tokens: Tensor, at: Tensor | None = None, **backbone_kwargs) -> Tensor:
         """Backbone logits restricted to the tokenizer's vocabulary: a pretrained model's embedding may have
-        more rows than the tokenizer uses, and those ids must never be predicted."""
-        return self.backbone(tokens, **backbone_kwargs)[..., : self.vocab_size]
+        more rows than the tokenizer uses, and those ids must never be predicted.
+
+        ``at`` (bool [B, T]): only those positions' logits, [N, V] in ``tokens[at]``'s order. A backbone whose
+        forward takes ``logits_at`` runs its head on those positions only (at a large vocabulary the head and the
+        [B, T, V] logits are a good share of a training step); any other, and a compiled one (the number of
+        selected rows changes every step, which would split the graph and re-record CUDA graphs), computes every
+        position's logits and selects: the same numbers."""
+        if at is None:
+            return self.backbone(tokens, **backbone_kwargs)[..., : self.vocab_size]
+        if self._backbone_takes_logits_at:
+            return self.backbone(tokens, logits_at=at, **backbone_kwargs)[..., : self.vocab_size]
+        return self.backbone(tokens, **backbone_kwargs)[..., : self.vocab_size][at]
+
+    @property
+    def _backbone_takes_logits_at(self) -> bool:
+        import inspect
+
+        from dlm.compile import is_compiled
+
+        try:
+            params = inspect.signature(self.backbone.forward).parameters
+        except (TypeError, ValueError):
+            return False
+        return "logits_at" in params and not is_compiled(self.backbone)

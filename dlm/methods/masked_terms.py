@@ -11,8 +11,12 @@ from torch import Tensor
 
 def masked_token_nll(logits: Tensor, x0: Tensor, masked: Tensor, mask_id: int) -> tuple[Tensor, Tensor]:
     """Per-position -log p(x0) [B, T] under SUBS (the mask token is never predicted), zero where not masked, and
-    whether the argmax is right there. Only the masked positions are scored: SUBS gives the rest zero loss."""
-    masked_logits = logits[masked].float()
+    whether the argmax is right there. Only the masked positions are scored: SUBS gives the rest zero loss.
+
+    ``logits``: every position's [B, T, V], or the masked positions' rows [N, V] already selected (in
+    ``x0[masked]``'s order, e.g. ``MDLM.logits(xt, at=masked)``); float32 rows given that way are taken over (their
+    mask column is overwritten), sparing a copy of them."""
+    masked_logits = (logits[masked] if logits.dim() == 3 else logits).float()
     masked_logits[:, mask_id] = float("-inf")
     nll = torch.zeros(x0.shape, device=x0.device, dtype=masked_logits.dtype)
     nll[masked] = F.cross_entropy(masked_logits, x0[masked], reduction="none")

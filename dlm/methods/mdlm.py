@@ -51,10 +51,27 @@ class MDLM(MaskedTermsObjective, DiffusionLM):
         self.t_eps = t_eps
         self.shift_logits = bool(shift_logits)
 
-    def logits(self, tokens: Tensor, **backbone_kwargs) -> Tensor:
-        """Predictions per position [B, T, V]; with shift_logits the output of position j-1 scores token j."""
-        logits = super().logits(tokens, **backbone_kwargs)
-        if self.shift_logits and logits.shape[1] > 1:
+    def logits(self, tokens: Tensor, at: Tensor | None = None, **backbone_kwargs) -> Tensor:
+        """Predictions per position [B, T, V]; with shift_logits the output of position j-1 scores token j.
+
+        ``at`` (bool [B, T]): only the predictions of those tokens, [N, V] in ``tokens[at]``'s order (see
+        :meth:`DiffusionLM.logits`). With shift_logits the backbone is asked for the positions the predictions
+        come from (max(j - 1, 0) for each selected j), and a row read twice (tokens 0 and 1 both come from
+        position 0) is repeated."""
+        if at is not None and self.shift_logits:
+            T = tokens.shape[1]
+            source = torch.zeros_like(at)  # position j-1 predicts token j; position 0 also predicts token 0
+            source[:, :-1] = at[:, 1:]
+            source[:, 0] |= at[:, 0]
+            rows = super().logits(tokens, at=source, **backbone_kwargs)  # [M, V], M <= N
+            # each selected token's row: the rank of its source position among the selected sources
+            rank = source.flatten().cumsum(0).view_as(source) - 1
+            src_pos = (torch.arange(T, device=tokens.device) - 1).clamp(min=0).expand_as(source)
+            index = rank.gather(1, src_pos)[at]
+            # every source row is read at least once, in order, so equal counts mean no repeat
+            return rows if index.shape[0] == rows.shape[0] else rows[index]
+        logits = super().logits(tokens, at=at, **backbone_kwargs)
+        if at is None and self.shift_logits and logits.shape[1] > 1:
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         return logits
 
@@ -74,8 +91,8 @@ class MDLM(MaskedTermsObjective, DiffusionLM):
         kwargs = self.backbone_kwargs(batch)
         if self._time_conditioned:
             kwargs["time"] = t
-        logits = self.logits(xt, **kwargs)
-        nll, correct = masked_token_nll(logits, x0, masked, self.mask_id)
+        # the head runs on the masked positions only: the rest carry no loss under SUBS
+        nll, correct = masked_token_nll(self.logits(xt, at=masked, **kwargs), x0, masked, self.mask_id)
         return self.schedule.elbo_weight(t)[:, None] * nll, masked, correct
 
     @property

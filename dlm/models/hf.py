@@ -51,9 +51,13 @@ from dlm.models.hf_geometry import (  # noqa: F401
 )
 from dlm.models.inputs import check_inputs
 from dlm.models.moe import count_active_parameters  # noqa: F401  (re-exported)
-from dlm.models.transformer import positions_from_doc_ids
+from dlm.models.transformer import check_logits_at, positions_from_doc_ids
 
 MASKABLE_IMPLEMENTATIONS = ("sdpa", "eager")
+# Model types whose causal-LM forward is exactly ``lm_head(decoder(...).last_hidden_state)`` (final norm inside the
+# decoder; no logit scaling or softcapping), so ``logits_at`` may run the head on the selected hidden states only.
+# Other types compute every position's logits and select.
+PLAIN_HEAD_MODEL_TYPES = ("qwen3", "qwen3_moe", "llama", "gpt2")
 
 
 def _plain_dict(config: Any) -> dict[str, Any]:
@@ -389,6 +393,7 @@ class HFCausalLM(nn.Module):
         position_ids: Tensor | None = None,
         past_key_values: Any = None,
         use_cache: bool = False,
+        logits_at: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Any]:
         """input_ids [B, T] -> logits [B, T, vocab_size] in the model's dtype (and the cache when use_cache).
 
@@ -400,8 +405,12 @@ class HFCausalLM(nn.Module):
         S = cached + T) replacing the pattern's mask; needs sdpa/eager. ``position_ids`` [B|1, T]: default after
         the cached tokens (or per document). ``past_key_values``: a transformers cache (e.g. ``DynamicCache``)
         of earlier tokens; it is appended to when ``use_cache`` and left as it was otherwise.
+        ``logits_at``: bool [B, T]: only those positions' logits, [N, V] in ``input_ids[logits_at]``'s order. For
+        the types in ``PLAIN_HEAD_MODEL_TYPES`` the decoder runs alone and the output embedding sees only the N
+        selected hidden states; any other model computes every position's logits and selects. Not with a cache.
         """
         B, T = input_ids.shape
+        check_logits_at(logits_at, input_ids, past_key_values, use_cache)
         pattern = self.attention if attention is None else attention
         if pattern not in PATTERNS:
             raise ValueError(
@@ -463,16 +472,19 @@ class HFCausalLM(nn.Module):
             self._router_recorder.logits = []
         elif router:
             kwargs["output_router_logits"] = True
+        head_at_selected = logits_at is not None and self.hf_model.config.model_type in PLAIN_HEAD_MODEL_TYPES
+        # the decoder alone (final norm included) when the head runs on selected positions, else the whole model
+        run = self.hf_model.base_model if head_at_selected else self.hf_model
         try:
-            out = self.hf_model(
-                input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=cached, **kwargs
-            )
+            out = run(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=cached, **kwargs)
         finally:  # stops before backward, so a checkpointed layer's recomputation records nothing
             recorded, self._router_recorder.logits = self._router_recorder.logits, None
         router_logits = tuple(recorded or ()) or (getattr(out, "router_logits", None) if router else None)
         if router_logits:
             self._collect_router_stats(router_logits)
-        logits = out.logits
+        if head_at_selected:
+            return self.hf_model.get_output_embeddings()(out.last_hidden_state[logits_at])
+        logits = out.logits if logits_at is None else out.logits[logits_at]
         if use_cache:
             return logits, past_key_values
         if past_key_values is not None:  # read-only use: drop the tokens this call appended

@@ -156,6 +156,22 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     return F.pad(emb, (0, dim % 2))
 
 
+def check_logits_at(logits_at: Tensor | None, input_ids: Tensor, past_key_values, use_cache: bool) -> None:
+    """Validate a backbone's ``logits_at`` (bool [B, T] like ``input_ids``; no KV cache with it)."""
+    if logits_at is None:
+        return
+    if past_key_values is not None or use_cache:
+        raise ValueError(
+            "logits_at (logits at selected positions only) cannot be combined with a KV cache "
+            "(past_key_values / use_cache); ask for full logits and select them instead"
+        )
+    if logits_at.dtype != torch.bool or logits_at.shape != input_ids.shape:
+        raise ValueError(
+            f"logits_at must be a bool tensor shaped like input_ids {tuple(input_ids.shape)}, "
+            f"got {logits_at.dtype} {tuple(logits_at.shape)}"
+        )
+
+
 class Transformer(nn.Module):
     def __init__(
         self,
@@ -237,14 +253,18 @@ class Transformer(nn.Module):
         position_ids: Tensor | None = None,
         past_key_values: KVCache | None = None,
         use_cache: bool = False,
+        logits_at: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, KVCache]:
         """input_ids [B, T] -> float32 logits [B, T, vocab_size] (and the KVCache when use_cache).
 
         attn_mask: bool [B|1, 1, T, S] (True = may attend; S = cached + T) replacing the pattern's mask.
         position_ids: [B|1, T] RoPE positions (default: after the cached tokens, or per document).
         past_key_values: a KVCache of earlier tokens; read always, appended to only when use_cache.
+        logits_at: bool [B, T]: only those positions' logits, [N, vocab_size] in ``input_ids[logits_at]``'s
+            order (the final norm and the head run on the N selected hidden states only). Not with a KV cache.
         """
         B, T = input_ids.shape
+        check_logits_at(logits_at, input_ids, past_key_values, use_cache)
         pattern = self.attention if attention is None else attention
         past = 0 if past_key_values is None else past_key_values.get_seq_length()
         check_inputs(input_ids, vocab_size=self.vocab_size, max_seq_len=self.max_seq_len, past=past,
@@ -280,6 +300,8 @@ class Transformer(nn.Module):
         x = self.drop(self.tok_emb(input_ids))
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask, is_causal, cond, None if cache is None else (cache, i, use_cache))
+        if logits_at is not None:
+            x = x[logits_at]  # the norm is per position: selecting before it changes nothing
         logits = self.lm_head(self.norm(x)).float()
         return (logits, cache) if use_cache else logits
 
