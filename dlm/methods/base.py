@@ -253,12 +253,16 @@ class DiffusionLM(L.LightningModule, ABC):
 
     @property
     def _backbone_takes_logits_at(self) -> bool:
-        import inspect
-
         from dlm.compile import is_compiled
+
+        return self.backbone_accepts("logits_at") and not is_compiled(self.backbone)
+
+    def backbone_accepts(self, *names: str) -> bool:
+        """Whether the backbone's forward takes every one of these keyword arguments."""
+        import inspect
 
         try:
             params = inspect.signature(self.backbone.forward).parameters
         except (TypeError, ValueError):
             return False
-        return "logits_at" in params and not is_compiled(self.backbone)
+        return all(name in params for name in names)

@@ -20,7 +20,6 @@ hook (:meth:`MDLM.prefix_cached_denoise`) when the backbone takes ``past_key_val
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 
 import torch
@@ -111,13 +110,9 @@ class MDLM(MaskedTermsObjective, DiffusionLM):
     @property
     def supports_prefix_cache(self) -> bool:
         """Whether the backbone takes a KV cache (``past_key_values``/``use_cache``): native Transformer, HFCausalLM."""
-        try:
-            params = inspect.signature(self.backbone.forward).parameters
-        except (TypeError, ValueError):
-            return False
         # a subclass that overrides logits/denoise would be bypassed by the hook's direct backbone calls
         plain = type(self).logits is MDLM.logits and type(self).denoise is MDLM.denoise
-        return plain and "past_key_values" in params and "use_cache" in params
+        return plain and self.backbone_accepts("past_key_values", "use_cache")
 
     @torch.no_grad()
     def prefix_cached_denoise(
