@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from dlm.models.attention import attention_mask
-from dlm.models.hf import MASKABLE_IMPLEMENTATIONS, grow_vocab, load_hf_model
+from dlm.models.hf import MASKABLE_IMPLEMENTATIONS
+from dlm.models.hf_loading import grow_vocab, load_hf_model
 from dlm.models.inputs import check_inputs
 from dlm.models.transformer import positions_from_doc_ids
 
