@@ -25,6 +25,7 @@ Batches are dicts with `input_ids` [B, T], `loss_mask` [B, T] (bool) and, for pa
 from __future__ import annotations
 
 import functools
+import inspect
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -74,6 +75,11 @@ class DiffusionLM(L.LightningModule, ABC):
         training CLI does this under DeepSpeed ZeRO-3 so that pretrained weights load straight into partitioned
         parameters (see dlm.deepspeed_utils). The placeholder must have the real backbone's geometry."""
         self._build_backbone = build
+
+    @property
+    def backbone_deferred(self) -> bool:
+        """Whether the backbone is still a placeholder that ``configure_model`` will replace."""
+        return self._build_backbone is not None
 
     def _check_vocabulary(self) -> None:
         vocab = getattr(self.backbone, "vocab_size", None)
@@ -258,11 +264,16 @@ class DiffusionLM(L.LightningModule, ABC):
         return self.backbone_accepts("logits_at") and not is_compiled(self.backbone)
 
     def backbone_accepts(self, *names: str) -> bool:
-        """Whether the backbone's forward takes every one of these keyword arguments."""
-        import inspect
-
-        try:
-            params = inspect.signature(self.backbone.forward).parameters
-        except (TypeError, ValueError):
-            return False
+        """Whether the backbone's forward takes every one of these keyword arguments (asked every training step:
+        the signature is read once per backbone class)."""
+        params = _forward_parameters(type(self.backbone))
         return all(name in params for name in names)
+
+
+@functools.cache
+def _forward_parameters(backbone_class: type) -> frozenset[str]:
+    """The names a backbone class's forward takes (empty when its signature cannot be read)."""
+    try:
+        return frozenset(inspect.signature(backbone_class.forward).parameters)
+    except (TypeError, ValueError):
+        return frozenset()
