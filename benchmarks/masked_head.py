@@ -1,4 +1,4 @@
-"""MDLM training step (forward + backward) with the LM head at the masked positions only vs. full logits.
+"""MDLM or BD3-LM training step (forward + backward) with the LM head at the masked positions only vs. full logits.
 
 A model with a large vocabulary relative to its width (default d=128, 2 layers, vocab 32768, B=8, T=256, one CPU
 thread), where the head and the [B, T, V] logits are most of the step. Both paths run in the same process,
@@ -6,7 +6,11 @@ interleaved, on the same batches and mask draws; prints the median seconds per s
 ratio, and an estimate of the logits-sized activations each path holds (peak RSS on CPU was too noisy to
 separate them; on a GPU read torch.cuda.max_memory_allocated).
 
-Usage: python benchmarks/masked_head.py [--backbone native|qwen3] [--vocab 32768] [--d 128] [--layers 2]
+BD3-LM (``--method bd3lm``) runs the backbone over [x_t ; x_0] (2T positions, 2T + 1 with ``--shift``): the full
+path computes the head on all of them, the selected one only where the masked x_t tokens are read from.
+
+Usage: python benchmarks/masked_head.py [--method mdlm|bd3lm] [--block-size 16] [--shift]
+       [--backbone native|qwen3] [--vocab 32768] [--d 128] [--layers 2]
        [--batch 8] [--seq 256] [--steps 10] [--threads 1] [--device cpu]
 """
 
@@ -24,24 +28,30 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def build(args):
     import torch
 
+    from dlm.methods.bd3lm import BD3LM
     from dlm.methods.mdlm import MDLM
     from dlm.models import Transformer
     from dlm.schedules import LinearSchedule
 
     torch.manual_seed(0)
+    max_len = args.seq + 1  # BD3-LM with shift puts the start token at 0 and x_i at i + 1
     if args.backbone == "native":
         backbone = Transformer(vocab_size=args.vocab, n_layers=args.layers, d_model=args.d, n_heads=args.d // 32,
-                               max_seq_len=args.seq)
+                               max_seq_len=max_len)
     else:
         from dlm.models.hf import HFCausalLM
 
         backbone = HFCausalLM(config=dict(
             model_type="qwen3", hidden_size=args.d, intermediate_size=3 * args.d, num_hidden_layers=args.layers,
             num_attention_heads=args.d // 32, num_key_value_heads=args.d // 32, head_dim=32, vocab_size=args.vocab,
-            max_position_embeddings=args.seq, tie_word_embeddings=True,
+            max_position_embeddings=max_len, tie_word_embeddings=True,
         ), attn_implementation="sdpa")
     tok = SimpleNamespace(vocab_size=args.vocab, pad_token_id=0, eos_token_id=1, mask_token_id=args.vocab - 1)
-    model = MDLM(backbone, tok, LinearSchedule(), shift_logits=args.shift).to(args.device)
+    if args.method == "bd3lm":
+        model = BD3LM(backbone, tok, LinearSchedule(), block_size=args.block_size, shift_logits=args.shift)
+    else:
+        model = MDLM(backbone, tok, LinearSchedule(), shift_logits=args.shift)
+    model = model.to(args.device)
     ids = torch.randint(0, args.vocab - 1, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids.to(args.device), "loss_mask": torch.ones_like(ids, dtype=torch.bool).to(args.device)}
     return model, batch
@@ -50,9 +60,13 @@ def build(args):
 def step(model, batch, full: bool, seed: int) -> float:
     import torch
 
+    from dlm.methods.bd3lm import BD3LM
     from dlm.methods.mdlm import MDLM
 
-    if full:  # the full-logits path: every position's [B, T, V] logits, the masked rows scored
+    # the full-logits path: every position's [B, T, V] logits, the masked rows scored
+    if full and isinstance(model, BD3LM):
+        model.vectorised_logits = lambda xt, x0, doc_ids=None, at=None: BD3LM.vectorised_logits(model, xt, x0, doc_ids)
+    elif full:
         model.logits = lambda xt, at=None, **kw: MDLM.logits(model, xt, **kw)
     model.zero_grad(set_to_none=True)
     sync = torch.cuda.synchronize if batch["input_ids"].is_cuda else (lambda: None)
@@ -64,11 +78,14 @@ def step(model, batch, full: bool, seed: int) -> float:
         sync()
     finally:
         model.__dict__.pop("logits", None)
+        model.__dict__.pop("vectorised_logits", None)
     return time.perf_counter() - start
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", choices=("mdlm", "bd3lm"), default="mdlm")
+    p.add_argument("--block-size", type=int, default=16, help="BD3-LM block size L'")
     p.add_argument("--backbone", choices=("native", "qwen3"), default="native")
     p.add_argument("--vocab", type=int, default=32768)
     p.add_argument("--d", type=int, default=128)
@@ -77,7 +94,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--shift", action="store_true", help="shift_logits=True (A2D)")
+    p.add_argument("--shift", action="store_true", help="shift_logits=True (A2D; BD3-LM: SDAR style)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
 
@@ -91,16 +108,20 @@ def main() -> None:
         for name in times:
             times[name].append(step(model, batch, name == "full", i + 1))
     tokens = args.batch * args.seq
-    print(f"{args.backbone}: d={args.d} layers={args.layers} vocab={args.vocab} B={args.batch} T={args.seq} "
-          f"shift={args.shift} threads={args.threads} device={args.device} steps={args.steps}")
+    method = args.method + (f" L'={args.block_size}" if args.method == "bd3lm" else "")
+    print(f"{method} {args.backbone}: d={args.d} layers={args.layers} vocab={args.vocab} B={args.batch} "
+          f"T={args.seq} shift={args.shift} threads={args.threads} device={args.device} steps={args.steps}")
     med = {name: statistics.median(t) for name, t in times.items()}
     for name, t in med.items():
         print(f"  {name:9s} {t * 1e3:8.1f} ms/step  {tokens / t:9.0f} tokens/s")
     print(f"  speedup selected/full (tokens/s) = {med['full'] / med['selected']:.2f}x")
     # Logits-sized tensors per step (float32): full path [B, T, V] logits, their gradient and the masked rows'
     # float copy; selected path the N masked rows and their gradient. N: on average half the positions.
+    # BD3-LM's full path also has the backbone's [B, 2T, V] logits and their gradient before the [B, T, V]
+    # prediction rows are picked out of them.
     n = tokens / 2
-    full_mb, sel_mb = (tokens * 2 + n) * args.vocab * 4 / 2**20, 2 * n * args.vocab * 4 / 2**20
+    full_rows = tokens * 2 + n + (2 * tokens * 2 if args.method == "bd3lm" else 0)
+    full_mb, sel_mb = full_rows * args.vocab * 4 / 2**20, 2 * n * args.vocab * 4 / 2**20
     print(f"  logits-sized activations (estimate, N = B*T/2): full {full_mb:.0f} MiB, selected {sel_mb:.0f} MiB")
 
 

@@ -12,7 +12,8 @@ with the SUBS parameterisation of MDLM (the mask is never predicted, clean token
 Vectorised training: one forward over [x_t ; x_0] (length 2T, the x_0 copy at the same positions as x_t)
 under a three-part mask: x_t attends block-diagonally to x_t (its own block), x_t block b attends to the
 clean blocks < b of x_0, and x_0 attends block-causally to x_0. :meth:`BD3LM.loop_logits` computes the same
-logits one block at a time (the reference of the tests).
+logits one block at a time (the reference of the tests). The LM head runs only at the positions the masked x_t
+tokens are predicted from (under SUBS the rest carry no loss): ``at`` of :meth:`BD3LM.vectorised_logits`.
 
 ``shift_logits`` (SDAR / Fast-dLLM v2 style, natural when continuing an AR checkpoint): token i is predicted
 from the output at position i - 1, i.e. from the clean stream's last token of the previous block for the
@@ -98,8 +99,13 @@ class BD3LM(MaskedTermsObjective, DiffusionLM):
             mask = mask & (d[:, :, None] == d[:, None, :])[:, None]
         return mask
 
-    def vectorised_logits(self, xt: Tensor, x0: Tensor, doc_ids: Tensor | None = None) -> Tensor:
-        """Logits [B, T, V] predicting x0 from (x_t block, clean earlier blocks) in one forward pass."""
+    def vectorised_logits(
+        self, xt: Tensor, x0: Tensor, doc_ids: Tensor | None = None, at: Tensor | None = None
+    ) -> Tensor:
+        """Logits [B, T, V] predicting x0 from (x_t block, clean earlier blocks) in one forward pass.
+
+        ``at`` (bool [B, T], e.g. the masked positions): only those tokens' rows, [N, V] in ``x0[at]``'s order;
+        the backbone is asked for the positions they are read from only (see :meth:`DiffusionLM.logits`)."""
         B, T = x0.shape
         if self.shift and doc_ids is not None:
             raise ValueError("method.shift_logits=true does not support packed rows (doc_ids); use data.packing=false")
@@ -113,7 +119,16 @@ class BD3LM(MaskedTermsObjective, DiffusionLM):
             pos = (torch.cat([ar, ar])[None] if doc_ids is None else positions_from_doc_ids(doc_ids).repeat(1, 2))
             pred = ar
         mask = self.training_mask(T, doc_ids, x0.device)
-        return self.logits(ids, attn_mask=mask, position_ids=pos)[:, pred]
+        if at is None:
+            return self.logits(ids, attn_mask=mask, position_ids=pos)[:, pred]
+        source = torch.zeros_like(ids, dtype=torch.bool)
+        source[:, pred] = at  # pred is injective: one source position per selected token
+        rows = self.logits(ids, at=source, attn_mask=mask, position_ids=pos)  # [N, V], ascending over ids
+        if not self.shift:
+            return rows  # pred = arange(T): already in x0[at]'s order
+        # block starts are read from the clean stream (after all of x_t): each token's row is its source's rank
+        rank = source.flatten().cumsum(0).view_as(source) - 1
+        return rows[rank[:, pred][at]]
 
     def loop_logits(self, xt: Tensor, x0: Tensor) -> Tensor:
         """Reference for :meth:`vectorised_logits`: one forward per block over [(s,) clean prefix, x_t block]."""
@@ -147,8 +162,8 @@ class BD3LM(MaskedTermsObjective, DiffusionLM):
         xt = torch.where(masked, self.mask_id, x0)
         if loop:
             logits = self.loop_logits(xt, x0)
-        else:
-            logits = self.vectorised_logits(xt, x0, batch.get("doc_ids"))
+        else:  # the head runs for the masked tokens only: the rest carry no loss under SUBS
+            logits = self.vectorised_logits(xt, x0, batch.get("doc_ids"), at=masked)
         nll, correct = masked_token_nll(logits, x0, masked, self.mask_id)
         return self.schedule.elbo_weight(t_tok) * nll, masked, correct
 
