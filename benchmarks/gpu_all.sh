@@ -6,6 +6,8 @@
 #   ar      .device/ar_generate_baseline.py                    (stock: HF generate, static cache + torch.compile)
 #   gen     benchmarks/gpu_generation.py                       (dlm's samplers, eager then reduce-overhead)
 #   report  benchmarks/gpu_generation.py --report $OUT         (dlm's figures beside the stock ones of THIS call)
+#   ardec   benchmarks/ar_decoding.py (not in the default PARTS) dlm's AR decoding vs HF generate (plain; static
+#           cache + compile) on the same weights in ONE process, reduce-overhead: ~3-4 min (two compilations)
 #   tests   python3 -m pytest -m gpu -q                        (the repo's gpu-marked tests)
 #   check   benchmarks/gpu_check.sh $OUT/chk                   (CLI runs: bf16, ZeRO-2/3/offload, moe30b 2 layers)
 #
@@ -27,7 +29,8 @@
 # the full forward first and the naive rows, then the KV-cache variants until its budget stops new runs),
 # report 5 s, tests ~60 s if time is left: 8 min with BUDGET=480. The check alone needs ~5-9 min: run it in a
 # later call with PARTS="smi check" (or PARTS="smi tests check"). Environment: BUDGET (s, default 480), PARTS
-# (default "smi sample ar gen report tests check"), GEN_LIMIT, GEN_ARGS (extra gpu_generation.py arguments,
+# (default "smi sample ar gen report tests check"; add ardec, e.g. PARTS="smi ardec"), GEN_LIMIT, ARDEC_ARGS,
+# GEN_ARGS (extra gpu_generation.py arguments,
 # e.g. "--kv-eager", "--compile reduce-overhead --variants bd3lm_b32,ar_kvcache" or "--compile eager,cudagraphs"),
 # PY (default python3), DEVICE=cpu (a CPU dry run: tiny geometries, eager only, to test this script).
 #
@@ -100,6 +103,9 @@ LEFT=$((BUDGET - (SECONDS - START)))
 part gen $GEN_LIMIT gen_summary -- \
   $PY benchmarks/gpu_generation.py $TINY --out "$OUT/gpu_generation.json" --budget-s $((GEN_LIMIT > 80 ? GEN_LIMIT - 50 : 30)) $GEN_ARGS
 part report 0 "cat" -- $PY benchmarks/gpu_generation.py --report "$OUT"
+if [ "$DEVICE" = cpu ]; then ARDEC_ARGS=${ARDEC_ARGS:---tiny --batches 1 --prompt 8 --gen 8 --repeats 1}
+else ARDEC_ARGS=${ARDEC_ARGS:---device cuda --qwen06b --dtype bfloat16 --batches 1,16 --prompt 64 --gen 256 --mode reduce-overhead --repeats 2}; fi
+part ardec 240 "grep -A 8 '^AR decoding'" -- $PY benchmarks/ar_decoding.py $ARDEC_ARGS --out "$OUT/ar_decoding.json"
 part tests 90 "tail -n 3" -- $PY -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors
 if [ "$DEVICE" = cpu ]; then CHK_LIMIT=150; else CHK_LIMIT=600; fi
 part check $CHK_LIMIT "cat" -- env DEVICE="$DEVICE" PY="$PY" bash benchmarks/gpu_check.sh "$OUT/chk"

@@ -50,12 +50,15 @@ per batch (``forward_ms``: the floor of a diffusion step). The table gives ratio
 Compilation: ``--compile MODE[,MODE...]`` (default ``eager,reduce-overhead`` on CUDA, ``eager`` elsewhere) calls
 ``module.backbone.compile(mode=MODE)`` (``nn.Module.compile``, in place) before that mode's runs;
 ``cudagraphs`` means ``backend="cudagraphs"`` (CUDA graphs without Inductor: seconds to compile, not minutes).
-Every call is compiled, KV-cache ones included (their lengths change per call: Dynamo recompiles once with
-symbolic sizes; the recompile limit is raised to 64); ``--kv-eager`` instead runs calls with
-``past_key_values``/``use_cache`` eagerly, as dlm's own ``compile=`` option (:mod:`dlm.compile`) does. Every (mode, variant, batch) is guarded: a failure is recorded as an error string and
-the rest still run. ``--budget-s`` stops starting new runs after that many seconds (the rest are recorded as
-skipped), and the JSON (``$OUT/gpu_generation.json`` or ``--out``) is rewritten after every run, so a
-``timeout`` kill keeps what ran.
+Every call is compiled: the KV-cache variants (ar_kvcache, bd3lm_b32, threshold_cache_b32) decode through a static
+(preallocated) cache, as dlm's own ``compile=`` option does (``DiffusionLM.static_kv_cache`` null: static exactly
+when compiled; :mod:`dlm.models.kv_cache`), so every call has fixed shapes and CUDA graphs replay them (the
+recompile limit is raised to 64 all the same). ``--kv-eager`` instead keeps growing caches
+(``static_kv_cache=False``) and runs their calls eagerly, the behaviour before static caches.
+
+Every (mode, variant, batch) is guarded: a failure is recorded as an error string and the rest still run.
+``--budget-s`` stops starting new runs after that many seconds (the rest are recorded as skipped), and the JSON
+(``$OUT/gpu_generation.json`` or ``--out``) is rewritten after every run, so a ``timeout`` kill keeps what ran.
 """
 
 from __future__ import annotations
@@ -104,7 +107,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build_modules(tiny: bool, device: torch.device, block: int) -> tuple[dict, int]:
+def build_modules(tiny: bool, device: torch.device, block: int, kv_eager: bool = False) -> tuple[dict, int]:
     """MDLM, BD3-LM and AR modules sharing one bf16 HFCausalLM backbone; returns (modules, vocab size)."""
     from dlm.methods.ar import AR
     from dlm.methods.bd3lm import BD3LM
@@ -130,6 +133,7 @@ def build_modules(tiny: bool, device: torch.device, block: int) -> tuple[dict, i
         "ar": AR(backbone, tok, start_token_id=0),
     }
     for m in modules.values():
+        m.static_kv_cache = False if kv_eager else None  # None: a static KV cache exactly when compiled
         m.to(device).eval()
     return modules, V
 
@@ -258,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="comma-separated modes: eager, default, reduce-overhead, max-autotune, cudagraphs "
                         "(default: eager,reduce-overhead on CUDA, eager elsewhere)")
     p.add_argument("--kv-eager", action="store_true",
-                   help="compiled modes: run the calls with a KV cache eagerly (as dlm's compile option does)")
+                   help="compiled modes: growing KV caches, their calls run eagerly (default: static caches, compiled)")
     p.add_argument("--batches", default="1,16")
     p.add_argument("--variants", default=None, help="comma-separated subset (default: all, in the table's order)")
     p.add_argument("--repeats", type=int, default=1, help="timed calls per run (the fastest counts)")
@@ -280,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     start = time.monotonic()
 
-    modules, V = build_modules(a.tiny, device, block)
+    modules, V = build_modules(a.tiny, device, block, a.kv_eager)
     backbone = modules["mdlm"].backbone
     table = variants(gen, block)
     names = a.variants.split(",") if a.variants else list(table)

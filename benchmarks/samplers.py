@@ -18,8 +18,9 @@ prompt is cached): the same network calls as without it, each cheaper, so their 
 in place (:mod:`dlm.compile`) and times every sampler again: a second table whose ``speed x`` is still against
 the *eager* naive sampler, with ``vs eager`` the gain over the same sampler eager. Compilation (a static graph
 for the first batch size, one with a dynamic batch size for the others) happens in an untimed warm-up pass of
-the naive sampler over every batch. KV-cache calls stay eager, so the ``+ cache`` rows (every call of which
-reads or refreshes the prefix cache) run uncompiled.
+the naive sampler over every batch. The ``+ cache`` rows (every call of which reads or refreshes the prefix
+cache) then run through a static KV cache (:mod:`dlm.models.kv_cache`), compiled as well; their graphs compile
+in the first of the timed repeats, and the fastest repeat counts.
 """
 
 from __future__ import annotations

@@ -7,12 +7,14 @@ What is compiled: the backbone's forward, in place (``nn.Module.compile``), so `
 unchanged (``torch.compile(module)`` would prefix them with ``_orig_mod.``): checkpoints of a compiled run load
 into an uncompiled module and back, and a run resumes with or without compile.
 
-What runs compiled: every backbone call without a KV cache, i.e. training steps and the samplers' denoiser calls
-(one ``[B, T]`` shape for a whole generation: one graph). Calls with a KV cache (``past_key_values`` given or
-``use_cache=True``: AR decoding, BD3-LM's block cache, ``ThresholdSampler(prefix_cache=True)``) run eagerly:
-their length changes every call (compiled, 5 tokens of AR decoding on the native backbone made 19 graphs, and
-its causal fast path ``past == 0`` breaks the graph once the length is symbolic), and the cache tensors they
-return are kept across calls, which CUDA graphs (``reduce-overhead``) overwrite on the next replay.
+What runs compiled: every backbone call without a growing KV cache, i.e. training steps, the samplers' denoiser
+calls (one ``[B, T]`` shape for a whole generation: one graph) and calls with a static (preallocated) KV cache
+(:mod:`dlm.models.kv_cache`: fixed shapes, buffers updated in place at static addresses, so CUDA graphs replay
+them). The cached sampling paths (AR decoding, BD3-LM's block cache, ``ThresholdSampler(prefix_cache=True)``)
+take a static cache when the backbone is compiled (``DiffusionLM.static_kv_cache``, default null = exactly
+then). Calls with a growing cache (``DynamicCache``/``KVCache``, or ``use_cache=True`` without a cache) run
+eagerly: their length changes every call (compiled, 5 tokens of AR decoding on the native backbone made 19
+graphs), and the cache tensors they return are kept across calls, which CUDA graphs overwrite on the next replay.
 ``dynamic=None`` is Dynamo's automatic dynamic shapes: the first shape is compiled static, a second one
 (another batch size or length) once more with that dimension symbolic, not once per shape. The backbones'
 token-id range check (:func:`dlm.models.inputs.check_inputs`) is skipped while compiling: it reads values on
@@ -41,19 +43,25 @@ def check_mode(mode: str | None) -> None:
 
 
 def uses_kv_cache(kwargs: dict) -> bool:
-    """Whether a backbone call reads or fills a KV cache (a call whose shapes change from one call to the next)."""
-    return kwargs.get("past_key_values") is not None or bool(kwargs.get("use_cache"))
+    """Whether a backbone call reads or fills a growing KV cache (one whose shapes change from one call to the
+    next); a static cache (:func:`dlm.models.kv_cache.is_static_cache`) has fixed shapes and does not count."""
+    from dlm.models.kv_cache import is_static_cache
+
+    cache = kwargs.get("past_key_values")
+    if cache is not None:
+        return not is_static_cache(cache)
+    return bool(kwargs.get("use_cache"))
 
 
 def compile_backbone(module: nn.Module, mode: str | None, dynamic: bool | None = None) -> nn.Module:
-    """Compile ``module``'s forward in place with ``torch.compile(mode=mode, dynamic=dynamic)``; KV-cache calls
-    stay eager (see the module docstring). ``mode=None`` leaves it eager. Returns the same module."""
+    """Compile ``module``'s forward in place with ``torch.compile(mode=mode, dynamic=dynamic)``; calls with a
+    growing KV cache stay eager (see the module docstring). ``mode=None`` leaves it eager. Returns the same module."""
     check_mode(mode)
     if mode is None:
         return module
     module.compile(mode=mode, dynamic=dynamic)
     # nn.Module.compile stores the compiled __call__ in _compiled_call_impl (what __call__ runs when set);
-    # route the KV-cache calls around it to the eager one.
+    # route the growing-KV-cache calls around it to the eager one.
     compiled, eager = module._compiled_call_impl, module._call_impl
 
     def call(*args, **kwargs):

@@ -44,6 +44,7 @@ class TrainSchema:
     dry_run: bool = False
     ckpt_path: str | None = None
     compile: str | None = None  # a torch.compile mode (dlm.compile.MODES) or None: eager
+    static_kv_cache: bool | None = None  # the sampling KV cache: None = static exactly when compiled
     optimized_metric: str | None = None
     samples: SamplesSchema = field(default_factory=SamplesSchema)
     method: Any = None

@@ -14,8 +14,9 @@ rebuilt exactly from the output (one token per network call, left to right). A f
 trajectory otherwise (BD3-LM runs its sampler block by block) gets a two-frame page (start and end) that says so.
 
 ``compile=<mode>`` (``default``, ``reduce-overhead``: CUDA graphs, ``max-autotune``) compiles the backbone with
-``torch.compile`` (:mod:`dlm.compile`: the samplers' fixed-shape denoiser calls; KV-cache calls stay eager) and
-runs the request once untimed first, so the printed speed leaves compilation out.
+``torch.compile`` (:mod:`dlm.compile`: the samplers' fixed-shape denoiser calls, and the KV-cache paths through a
+static cache; ``static_kv_cache=false`` keeps a growing cache, run eagerly) and runs the request once untimed first,
+so the printed speed leaves compilation out.
 
 Infill templates: literal text with holes ``[MASK]`` (one token) or ``[MASK:n]`` (n tokens), e.g.
 ``"The [MASK:5] sat on the [MASK:3]."`` (text that tokenizes as the run's tokenizer does: the arithmetic
@@ -203,9 +204,14 @@ def run_generation(cfg: DictConfig) -> dict[str, Any]:
     """Generate as the config asks; returns texts, network calls, tokens, seconds and the trajectory path."""
     compile_mode = cfg.get("compile")
     check_mode(compile_mode)  # before loading: a bad mode fails at once
+    static_kv_cache = cfg.get("static_kv_cache")
+    if static_kv_cache not in (None, True, False):
+        raise GenerateError(f"static_kv_cache must be true, false or null (static exactly when compiled), "
+                            f"got {static_kv_cache!r}")
     loaded = load_for_generation(cfg.run, ckpt=cfg.get("ckpt", "last"), device=cfg.get("device", "cpu"))
     module, tok = loaded.module, loaded.tokenizer
     compile_backbone(module.backbone, compile_mode)
+    module.static_kv_cache = static_kv_cache
     sampler = build_sampler(cfg, loaded)
     device = module.compute_device
     n = int(cfg.get("num_samples") or 1)

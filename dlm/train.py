@@ -182,6 +182,7 @@ def train(cfg: DictConfig) -> Path:
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError([f"data: {err}"]) from err
     module = build_module(cfg, datamodule, defer_to_zero3=True)
+    module.static_kv_cache = cfg.get("static_kv_cache")
     if not module.backbone_deferred:  # a deferred (ZeRO-3) backbone is compiled where it is built
         compile_backbone(module.backbone, cfg.get("compile"))  # in place: checkpoint keys unchanged (dlm/compile.py)
     loggers = build_loggers(cfg)

@@ -1,6 +1,6 @@
 """``compile=<mode>`` (dlm/compile.py): a compiled backbone samples the same tokens with the same network calls as
-the eager one, trains with the same loss and gradients, keeps its state-dict keys, runs KV-cache calls eagerly,
-and a bad mode names the valid ones. CPU inductor compiles a graph in ~10 s, so the default suite compiles two
+the eager one, trains with the same loss and gradients, keeps its state-dict keys, runs growing-KV-cache calls
+eagerly, and a bad mode names the valid ones (compiled static-cache decoding: tests/test_static_kv_cache.py). CPU inductor compiles a graph in ~10 s, so the default suite compiles two
 (one sampling, one training step); the CLIs with compile=default are marked slow."""
 
 from __future__ import annotations
@@ -78,7 +78,9 @@ def test_compiled_greedy_sampling_matches_eager_and_kv_cache_calls_stay_eager():
     assert torch.equal(greedy.tokens, eager["greedy"].tokens)
     assert greedy.num_network_calls == eager["greedy"].num_network_calls == 12
 
-    # KV-cache calls (prefix cache; AR decoding) run eagerly: nothing new compiled, the same tokens
+    # with growing KV caches (static_kv_cache=false) the cached calls (prefix cache; AR decoding) run eagerly:
+    # nothing new compiled, the same tokens
+    model.static_kv_cache = ar.static_kv_cache = False
     before = graphs()
     cached = model.generate(prompt, 12, sampler=samplers["prefix cache"])
     ar_compiled = ar.generate(prompt, 6, sampler=None, generator=torch.Generator().manual_seed(0))

@@ -120,8 +120,9 @@ class AR(DiffusionLM):
 
         Returns [B, P + length] tokens (no start token). A row that emits EOS is finished: its remaining
         positions are EOS, and decoding stops once every row is finished. With ``sampler.use_cache`` (the
-        default) each step feeds only the new token through the KV cache; otherwise the whole prefix is
-        recomputed every step (same tokens for the same generator).
+        default) each step feeds only the new token through the KV cache (a static one when the backbone is
+        compiled: :meth:`DiffusionLM.new_kv_cache`); otherwise the whole prefix is recomputed every step (same
+        tokens for the same generator).
         """
         settings = decoding_settings(sampler or self.sampler)
         device = self.compute_device
@@ -135,13 +136,15 @@ class AR(DiffusionLM):
         seq = torch.cat([torch.full((B, 1), self.start_id, dtype=torch.long, device=device), prompt], dim=1)
         out = torch.full((B, length), self.eos_id, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
-        calls, cache = 0, None
+        calls = 0
         was_training = self.training
         self.eval()
         try:
+            # static (preallocated, compiled decoding) or None: the backbone grows one (see DiffusionLM.new_kv_cache)
+            cache = self.new_kv_cache(B, P + 1 + length) if settings.use_cache else None
             for i in range(length):
                 if settings.use_cache:
-                    new = seq if cache is None else seq[:, -1:]
+                    new = seq if i == 0 else seq[:, -1:]
                     logits, cache = self.backbone(new, attention="causal", past_key_values=cache, use_cache=True)
                     logits = logits[:, -1, : self.vocab_size].float()
                     logits[:, self.mask_id] = float("-inf")

@@ -68,6 +68,10 @@ class DiffusionLM(L.LightningModule, ABC):
         self.nonfinite_stop: dict | None = None  # set when training stopped on a NaN/inf loss
         self.last_val_step = -1  # the global step of the latest validation
         self._build_backbone = None  # set by defer_backbone: the real backbone is built in configure_model
+        # The cached sampling paths' KV cache: True = a preallocated static one, False = a growing one, None = static
+        # exactly when the backbone is compiled (static shapes are what compiled decoding needs; dlm.models.kv_cache).
+        self.static_kv_cache: bool | None = None
+        self._static_cache: tuple | None = None  # (key, cache): reused by calls of the same shape
         self._check_vocabulary()
 
     def defer_backbone(self, build) -> None:
@@ -256,6 +260,37 @@ class DiffusionLM(L.LightningModule, ABC):
         if self._backbone_takes_logits_at:
             return self.backbone(tokens, logits_at=at, **backbone_kwargs)[..., : self.vocab_size]
         return self.backbone(tokens, **backbone_kwargs)[..., : self.vocab_size][at]
+
+    def new_kv_cache(self, batch_size: int, tokens: int):
+        """The KV cache a cached sampling path starts from, for ``tokens`` positions of ``batch_size`` rows: an
+        emptied static cache (see ``static_kv_cache``; its capacity ``tokens`` rounded up to a multiple of 64, and
+        reused across calls of the same shape so that a compiled decoding step is captured once), or None, for the
+        backbone to start a growing one."""
+        if not self._use_static_cache():
+            return None
+        limit = getattr(self.backbone, "max_seq_len", tokens)
+        capacity = min(-(-tokens // 64) * 64, max(limit, tokens))
+        key = (batch_size, capacity, self.compute_device)
+        if self._static_cache is None or self._static_cache[0] != key:
+            self._static_cache = None  # free the old buffers before allocating the new ones
+            self._static_cache = (key, self.backbone.static_cache(batch_size, capacity, device=self.compute_device))
+        cache = self._static_cache[1]
+        cache.reset()
+        return cache
+
+    def _use_static_cache(self) -> bool:
+        from dlm.compile import is_compiled
+
+        # a static cache is attended to under an explicit mask: HF models need sdpa/eager attention ("converted")
+        supported = hasattr(self.backbone, "static_cache") and getattr(self.backbone, "converted", True)
+        if self.static_kv_cache is None:
+            return supported and is_compiled(self.backbone)
+        if self.static_kv_cache and not supported:
+            raise ValueError(
+                f"static_kv_cache=true needs a backbone with a static KV cache (the native Transformer, or HFCausalLM "
+                f"with attn_implementation sdpa/eager); {type(self.backbone).__name__} has none: set it to null"
+            )
+        return bool(self.static_kv_cache)
 
     @property
     def _backbone_takes_logits_at(self) -> bool:

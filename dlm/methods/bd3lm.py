@@ -175,11 +175,14 @@ class BD3LM(MaskedTermsObjective, DiffusionLM):
         L, dev = self.block_size, x.device
         offset = 1 if self.shift else 0
         start = torch.full((B, 1), self.start_id, dtype=torch.long, device=dev)
-        calls, cache, first = 0, None, None  # first: logits predicting the next block's first token (shift)
+        calls, first = 0, None  # first: logits predicting the next block's first token (shift)
+        # a static cache when the backbone is compiled (fixed shapes; DiffusionLM.new_kv_cache), else None: it grows
+        cache = self.new_kv_cache(B, N + offset) if self.kv_cache else None
         done_upto = 0  # x[:, :done_upto] is in the cache
         if self.shift and self.kv_cache:
             logits, cache = self.backbone(start, attn_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=dev),
-                                          position_ids=torch.zeros(1, 1, dtype=torch.long, device=dev), use_cache=True)
+                                          position_ids=torch.zeros(1, 1, dtype=torch.long, device=dev),
+                                          past_key_values=cache, use_cache=True)
             first, calls = logits[:, -1:], 1
 
         def clean_prefix_forward(ids: Tensor, past: int, keep: bool):

@@ -137,7 +137,9 @@ class MDLM(MaskedTermsObjective, DiffusionLM):
         def kwargs(tokens: Tensor) -> dict:
             return {"time": time_fn(tokens) if time_fn is not None else None} if self._time_conditioned else {}
 
-        logits, cache = self.backbone(xt, use_cache=True, **kwargs(xt))
+        # a static cache when the backbone is compiled (fixed shapes; DiffusionLM.new_kv_cache), else None: it grows
+        cache = self.new_kv_cache(xt.shape[0], T)
+        logits, cache = self.backbone(xt, past_key_values=cache, use_cache=True, **kwargs(xt))
         logits = logits[..., : self.vocab_size]
         if self.shift_logits:
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)

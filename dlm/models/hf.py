@@ -4,7 +4,8 @@
 ``forward(input_ids, *, doc_ids=None, time=None, attention=None) -> logits [B, T, V]`` (in the model's dtype:
 consumers upcast what they score), so every method (masked diffusion, block diffusion, AR) runs on it
 unchanged. Like the native backbone it also takes an explicit boolean ``attn_mask`` [B|1, 1, T, S],
-``position_ids`` and a KV cache (transformers' own cache objects, ``DynamicCache``) through
+``position_ids`` and a KV cache (transformers' own cache objects: ``DynamicCache``, or ``StaticCache`` from
+:meth:`HFCausalLM.static_cache` for compiled decoding, see :mod:`dlm.models.kv_cache`) through
 ``past_key_values=`` / ``use_cache=``.
 
 Conversion to bidirectional attention takes two switches, because transformers reads causality from two
@@ -50,6 +51,7 @@ from dlm.models.hf_geometry import (  # noqa: F401
 )
 from dlm.models.hf_loading import _plain_dict, _rows, grow_vocab, load_hf_model  # noqa: F401  (re-exported)
 from dlm.models.inputs import check_inputs
+from dlm.models.kv_cache import check_static_capacity, is_static_cache, static_cache_mask, widen_mask
 from dlm.models.moe import count_active_parameters  # noqa: F401  (re-exported)
 from dlm.models.transformer import check_logits_at, positions_from_doc_ids
 
@@ -132,6 +134,9 @@ class HFCausalLM(nn.Module):
         self.attn_implementation = attn_implementation
         self.attention, self.block_size = attention, block_size
         self.converted = attn_implementation in MASKABLE_IMPLEMENTATIONS
+        # transformers >= 5.2x names the cache argument `cache` (past_key_values is deprecated there).
+        cache_arg = "cache" in inspect.signature(self.hf_model.forward).parameters
+        self._cache_argument = "cache" if cache_arg else "past_key_values"
         if self.converted:
             self._make_non_causal()
         self.mask_free_bidirectional = self._mask_free_bidirectional_ok()
@@ -311,11 +316,32 @@ class HFCausalLM(nn.Module):
             raise ValueError(
                 f"unknown attention pattern {pattern!r}; valid patterns are {', '.join(PATTERNS)}"
             )
-        past = 0 if past_key_values is None else int(past_key_values.get_seq_length())
+        static = is_static_cache(past_key_values)
+        slots = None
+        if static:  # fixed shapes (dlm.models.kv_cache): every slot attended to under a mask built on the device
+            if not self.converted:
+                raise ValueError(
+                    f"a static KV cache needs a model that takes an explicit attention mask; "
+                    f"attn_implementation={self.attn_implementation!r} does not: use sdpa or eager"
+                )
+            if doc_ids is not None:
+                raise ValueError("doc_ids cannot be combined with a KV cache: fold documents into attn_mask")
+            check_static_capacity(past_key_values, B, T)
+            capacity = past_key_values.get_max_length()
+            # the cache's own length as a device tensor (get_seq_length of a static layer): no host sync
+            slots = past_key_values.get_seq_length() + torch.arange(T, device=input_ids.device)
+            if position_ids is None:
+                position_ids = slots[None]
+            if attn_mask is None:
+                attn_mask = static_cache_mask(pattern, slots, capacity, self.block_size)
+            attn_mask = widen_mask(attn_mask, capacity)
+        past = 0 if past_key_values is None or static else int(past_key_values.get_seq_length())
         check_inputs(input_ids, vocab_size=self.vocab_size, max_seq_len=self.max_seq_len, past=past,
-                     position_ids=position_ids, doc_ids=doc_ids, attn_mask=attn_mask)
+                     position_ids=position_ids, doc_ids=doc_ids, attn_mask=None if static else attn_mask)
 
-        if attn_mask is not None or past:
+        if static:
+            mask = self._as_impl_mask(attn_mask.expand(B, 1, T, attn_mask.shape[-1]))
+        elif attn_mask is not None or past:
             if not self.converted and (attn_mask is not None or pattern != "causal"):
                 raise ValueError(
                     f"attn_implementation={self.attn_implementation!r} cannot take a custom attention mask; "
@@ -357,10 +383,8 @@ class HFCausalLM(nn.Module):
                 from transformers import DynamicCache
 
                 past_key_values = DynamicCache(config=self.hf_model.config)
-            # transformers >= 5.2x names the argument `cache` (past_key_values is deprecated there).
-            key = "cache" if "cache" in inspect.signature(self.hf_model.forward).parameters else "past_key_values"
-            kwargs[key] = past_key_values
-            kwargs["cache_position"] = torch.arange(past, past + T, device=input_ids.device)
+            kwargs[self._cache_argument] = past_key_values
+            kwargs["cache_position"] = slots if static else torch.arange(past, past + T, device=input_ids.device)
         cached = bool(kwargs)
         router = self.training and self.router_aux_loss_coef > 0 and torch.is_grad_enabled()
         if router and self._hooked_routers:
@@ -385,6 +409,24 @@ class HFCausalLM(nn.Module):
         if past_key_values is not None:  # read-only use: drop the tokens this call appended
             past_key_values.crop(-T)
         return logits
+
+
+    def static_cache(self, batch_size: int, capacity: int, dtype: torch.dtype | None = None,
+                     device: torch.device | str | None = None):
+        """An empty transformers ``StaticCache`` of ``capacity`` tokens for ``batch_size`` rows, allocated now (in
+        the parameters' dtype and device by default) so that its buffers are marked as static addresses even when
+        the first call that writes it runs compiled (see dlm.models.kv_cache)."""
+        from transformers import StaticCache
+
+        if not 0 < capacity <= self.max_seq_len:
+            raise ValueError(f"a static KV cache needs 0 < capacity <= max_seq_len={self.max_seq_len}, got {capacity}")
+        cfg = self.hf_model.config.get_text_config()
+        weight = self.hf_model.get_input_embeddings().weight
+        cache = StaticCache(config=self.hf_model.config, max_cache_len=capacity)
+        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        cache.early_initialization(batch_size, heads, head_dim, dtype or weight.dtype, device or weight.device)
+        return cache
 
 
 class _RouterRecorder:

@@ -10,7 +10,9 @@ sequence gives the same logits as running each document on its own.
 
 Methods with their own layout (block diffusion's [x_t ; x_0]) pass an explicit boolean ``attn_mask``
 (True = may attend) and ``position_ids``. Decoding passes a :class:`KVCache`: keys/values of earlier tokens
-(after RoPE), appended to when ``use_cache=True`` and only read when ``use_cache=False``.
+(after RoPE), appended to when ``use_cache=True`` and only read when ``use_cache=False``, or a preallocated
+:class:`StaticKVCache` (:meth:`Transformer.static_cache`: fixed shapes, for compiled decoding; see
+:mod:`dlm.models.kv_cache`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,14 @@ from torch import Tensor, nn
 
 from dlm.models.attention import PATTERNS, attention_mask
 from dlm.models.inputs import check_inputs
+from dlm.models.kv_cache import (  # noqa: F401  (KVCache re-exported)
+    KVCache,
+    StaticKVCache,
+    check_static_capacity,
+    is_static_cache,
+    static_cache_mask,
+    widen_mask,
+)
 
 
 class RMSNorm(nn.Module):
@@ -65,30 +75,6 @@ def positions_from_doc_ids(doc_ids: Tensor) -> Tensor:
     is_start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
     start = torch.where(is_start, idx, torch.zeros_like(idx)).cummax(dim=1).values
     return idx - start
-
-
-class KVCache:
-    """Per-layer keys and values [B, n_kv_heads, S, head_dim] of the tokens seen so far (RoPE applied)."""
-
-    def __init__(self):
-        self.layers: list[tuple[Tensor, Tensor] | None] = []
-
-    def get_seq_length(self) -> int:
-        return 0 if not self.layers or self.layers[0] is None else self.layers[0][0].shape[2]
-
-    def read(self, i: int, k: Tensor, v: Tensor, store: bool) -> tuple[Tensor, Tensor]:
-        """Layer i's past keys/values followed by the new ones; kept for later calls when ``store``."""
-        while len(self.layers) <= i:
-            self.layers.append(None)
-        if self.layers[i] is not None:
-            k, v = torch.cat([self.layers[i][0], k], dim=2), torch.cat([self.layers[i][1], v], dim=2)
-        if store:
-            self.layers[i] = (k, v)
-        return k, v
-
-    def crop(self, length: int) -> None:
-        """Keep the first ``length`` cached tokens."""
-        self.layers = [None if kv is None else (kv[0][:, :, :length], kv[1][:, :, :length]) for kv in self.layers]
 
 
 class Attention(nn.Module):
@@ -255,20 +241,33 @@ class Transformer(nn.Module):
         use_cache: bool = False,
         logits_at: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, KVCache]:
-        """input_ids [B, T] -> float32 logits [B, T, vocab_size] (and the KVCache when use_cache).
+        """input_ids [B, T] -> float32 logits [B, T, vocab_size] (and the KV cache when use_cache).
 
         attn_mask: bool [B|1, 1, T, S] (True = may attend; S = cached + T) replacing the pattern's mask.
         position_ids: [B|1, T] RoPE positions (default: after the cached tokens, or per document).
-        past_key_values: a KVCache of earlier tokens; read always, appended to only when use_cache.
+        past_key_values: a KVCache or StaticKVCache (:meth:`static_cache`) of earlier tokens; read always, appended
+            to only when use_cache. With a static cache every key slot is attended to under a mask: the pattern's
+            (built on the device) or ``attn_mask`` padded with False to the capacity.
         logits_at: bool [B, T]: only those positions' logits, [N, vocab_size] in ``input_ids[logits_at]``'s
             order (the final norm and the head run on the N selected hidden states only). Not with a KV cache.
         """
         B, T = input_ids.shape
         check_logits_at(logits_at, input_ids, past_key_values, use_cache)
         pattern = self.attention if attention is None else attention
-        past = 0 if past_key_values is None else past_key_values.get_seq_length()
+        static = is_static_cache(past_key_values)
+        if static:
+            if doc_ids is not None:
+                raise ValueError("doc_ids cannot be combined with a KV cache: fold documents into attn_mask")
+            check_static_capacity(past_key_values, B, T)
+            slots = past_key_values.slots(T)  # on the device: the compiled graph never reads the length on the host
+            if position_ids is None:
+                position_ids = slots[None]
+            if attn_mask is None:
+                attn_mask = static_cache_mask(pattern, slots, past_key_values.capacity, self.block_size)
+            attn_mask = widen_mask(attn_mask, past_key_values.capacity)
+        past = 0 if past_key_values is None or static else past_key_values.get_seq_length()
         check_inputs(input_ids, vocab_size=self.vocab_size, max_seq_len=self.max_seq_len, past=past,
-                     position_ids=position_ids, doc_ids=doc_ids, attn_mask=attn_mask)
+                     position_ids=position_ids, doc_ids=doc_ids, attn_mask=None if static else attn_mask)
 
         # Plain causal / bidirectional take SDPA's mask-free fast paths; everything else gets a bool mask.
         is_causal = attn_mask is None and pattern == "causal" and doc_ids is None and past == 0
@@ -300,10 +299,23 @@ class Transformer(nn.Module):
         x = self.drop(self.tok_emb(input_ids))
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask, is_causal, cond, None if cache is None else (cache, i, use_cache))
+        if static and use_cache:
+            cache.advance(T)  # after every layer wrote at the same slots
         if logits_at is not None:
             x = x[logits_at]  # the norm is per position: selecting before it changes nothing
         logits = self.lm_head(self.norm(x)).float()
         return (logits, cache) if use_cache else logits
+
+    def static_cache(self, batch_size: int, capacity: int, dtype: torch.dtype | None = None,
+                     device: torch.device | str | None = None) -> StaticKVCache:
+        """An empty :class:`StaticKVCache` of ``capacity`` tokens for ``batch_size`` rows (default: the
+        parameters' dtype and device)."""
+        if not 0 < capacity <= self.max_seq_len:
+            raise ValueError(f"a static KV cache needs 0 < capacity <= max_seq_len={self.max_seq_len}, got {capacity}")
+        weight = self.tok_emb.weight
+        attn = self.blocks[0].attn
+        return StaticKVCache(len(self.blocks), batch_size, attn.n_kv_heads, attn.head_dim, capacity,
+                             dtype or weight.dtype, device or weight.device)
 
     @classmethod
     def from_pretrained(cls, path) -> Transformer:
