@@ -150,6 +150,12 @@ def test_ar_export_folder_generates_and_refuses_infill(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert body(proc)[0].startswith("1+1=") and "network calls:" in body(proc)[-1]
     assert (tmp_path / "a.html").is_file()
+    static = generate(f"run={run / 'hf'}", "prompt=1+1=", "length=4", "+sampler_args.temperature=0", "sampler=ar",
+                      "static_kv_cache=true")  # a preallocated KV cache (dlm/models/kv_cache.py): the same text
+    assert static.returncode == 0, static.stderr[-2000:]
+    assert body(static)[0] == body(proc)[0]
+    bad = generate(f"run={run / 'hf'}", "prompt=1", "static_kv_cache=maybe")
+    assert bad.returncode == 2 and "static_kv_cache must be true, false or null" in bad.stderr
     proc = generate(f"run={run / 'hf'}", "infill=1[MASK]1=2")
     assert proc.returncode == 2 and "cannot infill" in proc.stderr
 
