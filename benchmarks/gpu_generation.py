@@ -25,6 +25,7 @@ Every variant runs through dlm's public ``module.generate(prompt, length, sample
                         one cache append per prompt block and per finished block
 ``threshold_cache_b32`` MDLM, ``ThresholdSampler(threshold=1.0, steps=64, block_length=32, prefix_cache=True)``:
                         Fast-dLLM's prefix KV cache (a full forward per block, suffix-only forwards between)
+``dual_cache_b32``      the same with ``dual_cache=True``: Fast-dLLM's DualCache (forwards over the block only)
 ``ar_kvcache``          dlm's AR family (``method=ar``): greedy, one token per forward through its KV cache
 ======================= =================================================================================
 
@@ -50,7 +51,7 @@ per batch (``forward_ms``: the floor of a diffusion step). The table gives ratio
 Compilation: ``--compile MODE[,MODE...]`` (default ``eager,reduce-overhead`` on CUDA, ``eager`` elsewhere) calls
 ``module.backbone.compile(mode=MODE)`` (``nn.Module.compile``, in place) before that mode's runs;
 ``cudagraphs`` means ``backend="cudagraphs"`` (CUDA graphs without Inductor: seconds to compile, not minutes).
-Every call is compiled: the KV-cache variants (ar_kvcache, bd3lm_b32, threshold_cache_b32) decode through a static
+Every call is compiled: the KV-cache variants (ar_kvcache, bd3lm_b32, threshold/dual_cache_b32) decode through a static
 (preallocated) cache, as dlm's own ``compile=`` option does (``DiffusionLM.static_kv_cache`` null: static exactly
 when compiled; :mod:`dlm.models.kv_cache`), so every call has fixed shapes and CUDA graphs replay them (the
 recompile limit is raised to 64 all the same). ``--kv-eager`` instead keeps growing caches
@@ -155,6 +156,9 @@ def variants(gen: int, block: int) -> dict[str, tuple[str, object]]:
         "threshold_cache_b32": ("mdlm", lambda warm: ThresholdSampler(
             threshold=1.0, steps=min(2 * nblocks, fast) if warm else fast, temperature=0.0, block_length=block,
             prefix_cache=True)),
+        "dual_cache_b32": ("mdlm", lambda warm: ThresholdSampler(
+            threshold=1.0, steps=min(2 * nblocks, fast) if warm else fast, temperature=0.0, block_length=block,
+            dual_cache=True)),
         "ar_kvcache": ("ar", lambda warm: ARSampler(temperature=0.0)),
     }
 
@@ -163,7 +167,7 @@ def expected_calls(name: str, gen: int, block: int, prompt: int) -> int:
     """Network calls of the timed call (a check that nothing stopped early)."""
     fast, nblocks = gen // 4, -(-gen // block)
     return {
-        "naive_256": gen, "naive_64": fast, "semi_ar_b32": fast, "threshold_cache_b32": fast,
+        "naive_256": gen, "naive_64": fast, "semi_ar_b32": fast, "threshold_cache_b32": fast, "dual_cache_b32": fast,
         # denoiser calls + one append per prompt block and per finished block but the last
         "bd3lm_b32": fast + prompt // block + nblocks - 1,
         "ar_kvcache": gen,

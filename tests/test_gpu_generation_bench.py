@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_generation.py"
-VARIANTS = {"naive_256", "naive_64", "semi_ar_b32", "bd3lm_b32", "threshold_cache_b32", "ar_kvcache"}
+VARIANTS = {"naive_256", "naive_64", "semi_ar_b32", "bd3lm_b32", "threshold_cache_b32", "dual_cache_b32", "ar_kvcache"}
 
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:

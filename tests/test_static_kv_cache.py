@@ -125,6 +125,8 @@ def families(kind: str):
                                             block_size=4, shift_logits=shift), AncestralSampler(steps=4), 6, 14)
         yield (f"mdlm prefix cache shift={shift}", MDLM(build(kind, attention="bidirectional", layers=1), TOKENIZER,
                                                        LinearSchedule(), shift_logits=shift), prefix, 6, 12)
+    dual = ThresholdSampler(threshold=0.9, temperature=0.0, block_length=4, dual_cache=True)  # always a static cache
+    yield "mdlm dual cache", MDLM(build(kind, attention="bidirectional", layers=1), TOKENIZER, LinearSchedule()), dual, 6, 12
 
 
 @pytest.mark.parametrize("kind", ["native", "hf"])

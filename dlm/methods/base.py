@@ -261,12 +261,13 @@ class DiffusionLM(L.LightningModule, ABC):
             return self.backbone(tokens, logits_at=at, **backbone_kwargs)[..., : self.vocab_size]
         return self.backbone(tokens, **backbone_kwargs)[..., : self.vocab_size][at]
 
-    def new_kv_cache(self, batch_size: int, tokens: int):
+    def new_kv_cache(self, batch_size: int, tokens: int, static: bool | None = None):
         """The KV cache a cached sampling path starts from, for ``tokens`` positions of ``batch_size`` rows: an
         emptied static cache (see ``static_kv_cache``; its capacity ``tokens`` rounded up to a multiple of 64, and
         reused across calls of the same shape so that a compiled decoding step is captured once), or None, for the
-        backbone to start a growing one."""
-        if not self._use_static_cache():
+        backbone to start a growing one. ``static=True``: a static cache whatever ``static_kv_cache`` says (a path
+        that needs one; the backbone must have one)."""
+        if not (self._use_static_cache() if static is None else static):
             return None
         limit = getattr(self.backbone, "max_seq_len", tokens)
         capacity = min(-(-tokens // 64) * 64, max(limit, tokens))

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from dlm.methods.base import DiffusionLM
 from dlm.methods.masked_terms import MaskedTermsObjective, masked_token_nll
 from dlm.methods.time_sampling import check_time_sampling, sample_times
+from dlm.models.attention import attention_mask
 from dlm.sampling import Generation, Sampler
 from dlm.schedules import MaskSchedule
 
@@ -154,6 +155,60 @@ class MDLM(MaskedTermsObjective, DiffusionLM):
 
         return self._subs(logits, xt), suffix
 
+    @property
+    def supports_dual_cache(self) -> bool:
+        """Whether the backbone has a static KV cache (the dual cache writes the block between cached keys)."""
+        return self.supports_prefix_cache and hasattr(self.backbone, "static_cache") and \
+            getattr(self.backbone, "converted", True)
+
+    @torch.no_grad()
+    def dual_cached_denoise(
+        self, xt: Tensor, start: int, end: int, time_fn: Callable[[Tensor], Tensor | None] | None = None
+    ) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        """The DualCache hook of :class:`~dlm.sampling.ThresholdSampler` (``dual_cache=True``; Fast-dLLM). One full
+        forward over ``xt`` [B, T] gives ``denoise(xt)`` and every position's keys/values, kept in a static KV cache
+        (:mod:`dlm.models.kv_cache`); returns that log p and ``block(z)``: log p [B, end - start, V] of a later state
+        ``z`` of the columns ``start:end``, by a forward over ``z`` alone that attends (under the backbone's own
+        pattern) to the cached prefix ``xt[:, :start]`` (no masks) and the cached suffix ``xt[:, end:]`` as this
+        refresh saw them. Approximate under bidirectional attention; exact where the block sees neither a changed
+        prefix nor the suffix (block-causal backbones with aligned blocks). ``time_fn`` as in
+        :meth:`prefix_cached_denoise`, from the full state (the suffix keeps its masks while the block runs).
+        With ``shift_logits`` the token at ``start`` is read from position ``start - 1``: that token is re-run
+        with the block."""
+        B, T = xt.shape
+        if not 0 <= start < end <= T:
+            raise ValueError(f"the block [start, end) must satisfy 0 <= start < end <= {T}, got [{start}, {end})")
+        if bool((xt[:, :start] == self.mask_id).any()):
+            raise ValueError("the cached prefix must not contain mask tokens")
+
+        def kwargs(tokens: Tensor) -> dict:
+            return {"time": time_fn(tokens) if time_fn is not None else None} if self._time_conditioned else {}
+
+        cache = self.new_kv_cache(B, T, static=True)
+        logits, cache = self.backbone(xt, past_key_values=cache, use_cache=True, **kwargs(xt))
+        logits = logits[..., : self.vocab_size]
+        if self.shift_logits:
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        first = start - 1 if self.shift_logits and start > 0 else start  # the first re-run position
+        # the block is written over its own slots (the cache's length is set to `first`), between prefix and suffix
+        cache.crop(first - T)
+        head = xt[:, first:start]
+        n = end - first
+        pattern = attention_mask(self.backbone.attention, T, block_size=self.backbone.block_size, device=xt.device)
+        rows = torch.ones(1, 1, n, T, dtype=torch.bool, device=xt.device) if pattern is None else \
+            pattern[..., first:end, :]
+        prefix, suffix = xt[:, :start], xt[:, end:]
+
+        def block(z: Tensor) -> Tensor:
+            out = self.backbone(torch.cat([head, z], dim=1), attn_mask=rows, past_key_values=cache, use_cache=False,
+                                **kwargs(torch.cat([prefix, z, suffix], dim=1)))
+            out = out[..., : self.vocab_size]
+            if self.shift_logits:
+                out = out[:, :-1] if start > 0 else torch.cat([out[:, :1], out[:, :-1]], dim=1)
+            return self._subs(out, z)
+
+        return self._subs(logits, xt), block
+
     def infill(
         self, tokens: Tensor, fill_mask: Tensor, sampler: Sampler | None = None, generator: torch.Generator | None = None
     ) -> Generation:
@@ -178,6 +233,12 @@ class MDLM(MaskedTermsObjective, DiffusionLM):
                 return self.prefix_cached_denoise(xt, prefix_len, time_fn=time_fn)
 
             denoiser.with_prefix_cache = with_prefix_cache
+        if self.supports_dual_cache:  # the hook of ThresholdSampler(dual_cache=True)
+            def with_dual_cache(xt: Tensor, start: int, end: int):
+                time_fn = (lambda t: (t == self.mask_id).sum(1) / initial_masks) if self._time_conditioned else None
+                return self.dual_cached_denoise(xt, start, end, time_fn=time_fn)
+
+            denoiser.with_dual_cache = with_dual_cache
 
         was_training = self.training
         self.eval()

@@ -13,14 +13,16 @@ prompt and of the finished blocks (the *prefix*) are computed once and reused, a
 only over the positions from the current block on. The cache is refreshed at every block boundary by one full
 forward, whose output is also that step's prediction, so the cached run makes exactly the same steps (and
 network calls) as the uncached one, each but the first of a block over ``T - prefix_len`` positions instead of
-``T``. Needs ``block_length`` (the refresh points; ``block_length >= completion length`` caches the prompt
+``T``. ``dual_cache=True`` (Fast-dLLM's DualCache) also caches the *suffix*, every position after the current
+block (mostly masks), as the refresh saw it: each step's forward then runs over the current block only. Needs ``block_length`` (the refresh points; ``block_length >= completion length`` caches the prompt
 only). The prefix of block ``j`` is every column before ``min_rows(first masked position) + j * block_length``
 (clean in every row, blocks being finished in order).
 
 *Approximate* under bidirectional attention: the prefix's keys/values depend on the suffix, which changes
-within a block; the cache keeps the ones of the block's first step. It is exact when the prefix cannot attend
-to the suffix (e.g. a block-causal backbone whose blocks align with the sampler's; tested), where cached and
-uncached runs give identical tokens for the same generator.
+within a block, and the dual cache's suffix keys/values on the block; the cache keeps the ones of the block's
+first step. It is exact when the prefix cannot attend to the suffix (e.g. a block-causal backbone whose blocks
+align with the sampler's; tested), where cached and uncached runs give identical tokens for the same generator
+(with the dual cache too: the block cannot attend to the later blocks either).
 
 The hook (family-agnostic; the sampler never sees a backbone). The denoiser passed to :meth:`sample` must
 expose ``denoiser.with_prefix_cache(x, prefix_len) -> (logp, suffix_denoiser)``:
@@ -32,10 +34,16 @@ expose ``denoiser.with_prefix_cache(x, prefix_len) -> (logp, suffix_denoiser)``:
   ``[B, T - prefix_len, V]`` with the same conventions as the denoiser (SUBS, mask excluded), computed
   against the cached keys/values of ``x[:, :prefix_len]``.
 
-:meth:`dlm.methods.mdlm.MDLM.infill` attaches it for backbones that take ``past_key_values`` (the native
-Transformer and HFCausalLM). A denoiser without it is rejected (ValueError), not silently run uncached.
-Only the prefix is cached; Fast-dLLM's DualCache (also caching the masked suffix after the block) is not
-implemented. BD3-LM's exact block KV cache is the trained-for version of this speed-up.
+The dual cache's hook is ``denoiser.with_dual_cache(x, start, end) -> (logp, block_denoiser)``: the same, with
+``block_denoiser(z)`` mapping ``z = x'[:, start:end]`` (the current block's columns in any later state) to
+``[B, end - start, V]`` against the cached keys/values of ``x[:, :start]`` and ``x[:, end:]``. With ``eos_id`` a
+committed EOS still fills the row's masks to its right, past the block too (the suffix's cached keys/values then
+keep the masks until the next refresh).
+
+:meth:`dlm.methods.mdlm.MDLM.infill` attaches both hooks for backbones that take ``past_key_values`` (the native
+Transformer and HFCausalLM; the dual cache needs a static KV cache, :mod:`dlm.models.kv_cache`: sdpa or eager
+attention on HF models). A denoiser without the hook is rejected (ValueError), not silently run uncached.
+BD3-LM's exact block KV cache is the trained-for version of this speed-up.
 """
 
 from __future__ import annotations
@@ -55,7 +63,8 @@ class ThresholdSampler(ConfidenceSampler):
 
     Args: those of :class:`~dlm.sampling.confidence.OrderedUnmaskingSampler` plus ``threshold`` in [0, 1]
     and ``prefix_cache`` (Fast-dLLM's approximate prefix KV cache, refreshed at every block boundary: needs
-    ``block_length`` and a denoiser with the ``with_prefix_cache`` hook; see the module docstring).
+    ``block_length`` and a denoiser with the ``with_prefix_cache`` hook; see the module docstring) or
+    ``dual_cache`` (Fast-dLLM's DualCache: the prefix and the suffix after the block; ``with_dual_cache`` hook).
     """
 
     def __init__(
@@ -69,20 +78,25 @@ class ThresholdSampler(ConfidenceSampler):
         eos_id: int | None = None,
         threshold: float = 0.9,
         prefix_cache: bool = False,
+        dual_cache: bool = False,
     ):
         super().__init__(steps, temperature, top_k, top_p, record_trajectory, block_length, eos_id)
         if threshold is None or not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
-        if prefix_cache and self.block_length is None:
+        if prefix_cache and dual_cache:
+            raise ValueError("prefix_cache and dual_cache are exclusive (the dual cache holds the prefix too): pick one")
+        if (prefix_cache or dual_cache) and self.block_length is None:
+            name = "prefix_cache" if prefix_cache else "dual_cache"
             raise NotImplementedError(
-                "ThresholdSampler(prefix_cache=True) needs block_length: the prefix cache is refreshed at block "
-                "boundaries (Fast-dLLM); a block_length >= the completion length caches the prompt only"
+                f"ThresholdSampler({name}=True) needs block_length: the cache is refreshed at block boundaries "
+                "(Fast-dLLM); a block_length >= the completion length caches the prompt only"
             )
         self.threshold = float(threshold)
         self.prefix_cache = bool(prefix_cache)
+        self.dual_cache = bool(dual_cache)
 
     def _extra_repr(self) -> str:
-        cache = ", prefix_cache=True" if self.prefix_cache else ""
+        cache = ", prefix_cache=True" if self.prefix_cache else ", dual_cache=True" if self.dual_cache else ""
         return f"threshold={self.threshold:g}, " + super()._extra_repr() + cache
 
     def extra_count(self, sorted_scores: Tensor, eligible: Tensor) -> Tensor:
@@ -99,14 +113,17 @@ class ThresholdSampler(ConfidenceSampler):
         schedule: MaskSchedule | None = None,
         generator: torch.Generator | None = None,
     ) -> Generation:
-        if not self.prefix_cache:
+        if not (self.prefix_cache or self.dual_cache):
             return super().sample(denoiser, x, mask_id=mask_id, schedule=schedule, generator=generator)
-        hook = getattr(denoiser, "with_prefix_cache", None)
+        dual = self.dual_cache
+        hook = getattr(denoiser, "with_dual_cache" if dual else "with_prefix_cache", None)
         if hook is None:
+            name, signature = ("dual_cache", "with_dual_cache(x, start, end)") if dual else \
+                ("prefix_cache", "with_prefix_cache(x, prefix_len)")
             raise ValueError(
-                "ThresholdSampler(prefix_cache=True) needs a denoiser with the with_prefix_cache(x, prefix_len) hook "
-                "(MDLM on a backbone taking past_key_values: the native Transformer or HFCausalLM); use "
-                "prefix_cache=false for this family / backbone"
+                f"ThresholdSampler({name}=True) needs a denoiser with the {signature} hook (MDLM on a backbone "
+                f"taking past_key_values: the native Transformer or HFCausalLM{', sdpa/eager' if dual else ''}); use "
+                f"{name}=false for this family / backbone"
             )
         x = self._check_input(x, mask_id)
         trajectory = [x.clone()] if self.record_trajectory else None
@@ -124,23 +141,33 @@ class ThresholdSampler(ConfidenceSampler):
             in_block = blocks == j
             # every row's blocks < j are finished, so columns before p are clean in every row
             p = min(first + j * self.block_length, T)
-            suffix = None
+            e = T  # the recomputed columns are [p, e): the dual cache holds the rest
+            cached = None  # the block's cached denoiser, set by its first step
             for i in range(block_steps):
                 eligible = (x == mask_id) & in_block
                 remaining = eligible.sum(dim=1)
                 if not remaining.any():
                     break
                 steps_left = block_steps - i
-                if p == 0:  # nothing to cache (no prompt, first block)
+                if p == 0 and not dual:  # nothing to cache (no prompt, first block)
                     x = self._step(x, self._call(denoiser, x), eligible, remaining, steps_left, mask_id, generator)
-                elif suffix is None:  # the block's first step: full forward, refreshes the cache
-                    logp, suffix = hook(x, p)
+                elif cached is None:  # the block's first step: full forward, refreshes the cache
+                    if dual:  # the block's last column over all rows (rows may start their blocks apart)
+                        e = int(in_block.any(dim=0).nonzero()[-1]) + 1
+                    logp, cached = hook(x, p, e) if dual else hook(x, p)
                     x = self._step(x, self._check(logp, x), eligible, remaining, steps_left, mask_id, generator)
-                else:  # later steps: only the columns from p on, against the cached prefix
-                    z = x[:, p:]
-                    logp = self._check(suffix(z), z)
-                    x = x.clone()
-                    x[:, p:] = self._step(z, logp, eligible[:, p:], remaining, steps_left, mask_id, generator)
+                else:  # later steps: only the columns [p, e), against the cached keys/values of the rest
+                    z = x[:, p:e]
+                    logp = self._check(cached(z), z)
+                    new = self._step(z, logp, eligible[:, p:e], remaining, steps_left, mask_id, generator)
+                    if self.eos_id is not None and e < T:  # a committed EOS fills the masks after it, past e too
+                        commit = torch.zeros_like(eligible)
+                        commit[:, p:e] = (z == mask_id) & (new != mask_id)
+                        new = self._fill_after_eos(torch.cat([x[:, :p], new, x[:, e:]], dim=1), commit, mask_id)
+                        x = new
+                    else:
+                        x = x.clone()
+                        x[:, p:e] = new
                 calls += 1
                 if trajectory is not None:
                     trajectory.append(x.clone())

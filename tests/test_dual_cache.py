@@ -1,0 +1,134 @@
+"""Fast-dLLM's DualCache (ThresholdSampler(dual_cache=True) through MDLM's ``with_dual_cache`` hook): exact where the
+block sees neither a changed prefix nor the suffix (block-causal backbone, aligned blocks; native and HF, shift
+or not, EOS fill, ragged rows), each step but a block's first a forward over the block alone, well-formed on a
+bidirectional model, and bad settings rejected with a message."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dlm.methods.mdlm import MDLM
+from dlm.models import HFCausalLM, Transformer
+from dlm.sampling import ThresholdSampler
+
+VOCAB = 12
+TOKENIZER = SimpleNamespace(vocab_size=VOCAB, pad_token_id=9, eos_token_id=10, mask_token_id=11)
+MASK, EOS = TOKENIZER.mask_token_id, TOKENIZER.eos_token_id
+P, LENGTH, L = 4, 12, 4  # prompt length, completion length, sampler block length
+QWEN3 = dict(model_type="qwen3", num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+             head_dim=8, intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64, initializer_range=0.3)
+
+
+def make_mdlm(kind="native", attention="bidirectional", **kw) -> MDLM:
+    from dlm.schedules import LinearSchedule
+
+    torch.manual_seed(0)
+    if kind == "native":
+        backbone = Transformer(vocab_size=VOCAB, n_layers=2, d_model=64, n_heads=4, max_seq_len=32, attention=attention,
+                               block_size=P, time_conditioning=kw.pop("time_conditioning", False), init_std=0.3)
+    else:
+        backbone = HFCausalLM(config=QWEN3, attention=attention, block_size=P)
+    return MDLM(backbone, TOKENIZER, LinearSchedule(), **kw).eval()
+
+
+def prompts(B=3, seed=1):
+    return torch.randint(0, 9, (B, P), generator=torch.Generator().manual_seed(seed))
+
+
+def forward_lengths(model: MDLM) -> list[int]:
+    seen: list[int] = []
+    model.backbone.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    return seen
+
+
+def run(model, sampler, x=None, fill=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if x is None:
+        return model.generate(prompts(), LENGTH, sampler=sampler, generator=g)
+    return model.infill(x, fill, sampler=sampler, generator=g)
+
+
+@pytest.mark.parametrize("kind", ["native", "hf"])
+@pytest.mark.parametrize("shift", [False, True], ids=["no_shift", "shift_logits"])
+@pytest.mark.parametrize("temperature,tau,eos", [(0.0, 0.9, None), (1.0, 0.3, EOS), (1.0, 0.0, None)])
+def test_dual_cache_equals_uncached_when_the_block_sees_neither_side(kind, shift, temperature, tau, eos):
+    model = make_mdlm(kind, "block_causal", shift_logits=shift)
+    kw = dict(threshold=tau, temperature=temperature, block_length=L, eos_id=eos)
+    plain = run(model, ThresholdSampler(**kw))
+    seen = forward_lengths(model)
+    dual = run(model, ThresholdSampler(dual_cache=True, **kw))
+    assert torch.equal(dual.tokens, plain.tokens)
+    assert dual.num_network_calls == plain.num_network_calls == len(seen)
+    # a block's first step is a full forward (the refresh); the others run over the block (+1 token when shifting)
+    T = P + LENGTH
+    assert all(n in (T, L + shift) for n in seen) and (tau == 0.0 or sum(seen) < len(seen) * T)
+
+
+def test_exact_with_ragged_rows_and_eos_fill_past_the_block():
+    model = make_mdlm("native", "block_causal")
+    x = torch.randint(0, 9, (3, P + LENGTH), generator=torch.Generator().manual_seed(2))
+    fill = torch.zeros_like(x, dtype=torch.bool)
+    fill[0, P:] = True
+    fill[1, P + L :] = True  # this row's blocks start one block later: the recomputed window spans both rows' blocks
+    fill[2, P + 1 :: 2] = True
+    for eos in (None, EOS):
+        kw = dict(threshold=0.5, temperature=1.0, block_length=L, eos_id=eos)
+        plain = run(model, ThresholdSampler(**kw), x, fill, seed=3)
+        dual = run(model, ThresholdSampler(dual_cache=True, **kw), x, fill, seed=3)
+        assert torch.equal(dual.tokens, plain.tokens)
+        assert torch.equal(dual.tokens[~fill], x[~fill])
+
+
+def test_an_eos_committed_in_the_block_fills_the_suffix_too():
+    """A toy hook: the refresh predicts token 3 with low confidence (one commit), the block denoiser then predicts
+    EOS with high confidence; the fill must reach past the block, into the cached suffix."""
+    V, T, mask = 6, 12, 5
+    x = torch.cat([torch.tensor([[1, 2]]), torch.full((1, T - 2), mask)], dim=1)
+
+    def logp_of(tokens, favourite, strength):
+        logits = torch.zeros(tokens.shape[0], tokens.shape[1], V)
+        logits[..., favourite] = strength
+        logits[..., mask] = float("-inf")
+        return logits.log_softmax(-1)
+
+    def denoiser(z):
+        return logp_of(z, 3, 1.0)
+
+    denoiser.with_dual_cache = lambda z, start, end: (logp_of(z, 3, 1.0), lambda b: logp_of(b, 4, 9.0))
+    s = ThresholdSampler(threshold=0.99, temperature=0.0, block_length=4, eos_id=4, steps=T, dual_cache=True)
+    out = s.sample(denoiser, x, mask_id=mask)
+    assert out.tokens[0].tolist() == [1, 2, 3] + [4] * (T - 3) and out.num_network_calls == 2
+
+
+def test_bidirectional_dual_run_is_well_formed_and_cheapest():
+    model = make_mdlm("native", "bidirectional", time_conditioning=True)
+    kw = dict(threshold=1.0, temperature=0.0, block_length=L, steps=LENGTH)  # tau = 1: the even split, same steps
+    seen = forward_lengths(model)
+    runs = {}
+    for name, extra in (("plain", {}), ("prefix", {"prefix_cache": True}), ("dual", {"dual_cache": True})):
+        seen[:] = []
+        runs[name] = (run(model, ThresholdSampler(**kw, **extra)), sum(seen), list(seen))
+    T = P + LENGTH
+    gen, positions, lengths = runs["dual"]
+    assert torch.equal(gen.tokens[:, :P], prompts()) and not (gen.tokens == MASK).any()
+    assert gen.num_network_calls == runs["plain"][0].num_network_calls == LENGTH
+    assert lengths == [T if i % L == 0 else L for i in range(LENGTH)]
+    assert positions < runs["prefix"][1] < runs["plain"][1] == LENGTH * T
+
+
+def test_bad_settings_name_the_fix():
+    with pytest.raises(ValueError, match="exclusive"):
+        ThresholdSampler(prefix_cache=True, dual_cache=True, block_length=4)
+    with pytest.raises(NotImplementedError, match="dual_cache=True\\) needs block_length"):
+        ThresholdSampler(dual_cache=True)
+    x = torch.cat([prompts(1), torch.full((1, 4), MASK)], dim=1)
+    with pytest.raises(ValueError, match="with_dual_cache\\(x, start, end\\) hook"):
+        ThresholdSampler(dual_cache=True, block_length=4).sample(lambda z: z, x, mask_id=MASK)
+    model = make_mdlm()
+    with pytest.raises(ValueError, match="must not contain mask tokens"):
+        model.dual_cached_denoise(x, 5, 8)
+    with pytest.raises(ValueError, match="0 <= start < end <= 8"):
+        model.dual_cached_denoise(x, 4, 9)
