@@ -175,7 +175,9 @@ class BD3LM(MaskedTermsObjective, DiffusionLM):
         L, dev = self.block_size, x.device
         offset = 1 if self.shift else 0
         start = torch.full((B, 1), self.start_id, dtype=torch.long, device=dev)
-        calls, first = 0, None  # first: logits predicting the next block's first token (shift)
+        # first: logits predicting the next block's first token (shift); a copy, as a compiled backbone under CUDA
+        # graphs overwrites its output on the next call
+        calls, first = 0, None
         # a static cache when the backbone is compiled (fixed shapes; DiffusionLM.new_kv_cache), else None: it grows
         cache = self.new_kv_cache(B, N + offset) if self.kv_cache else None
         done_upto = 0  # x[:, :done_upto] is in the cache
@@ -183,7 +185,7 @@ class BD3LM(MaskedTermsObjective, DiffusionLM):
             logits, cache = self.backbone(start, attn_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=dev),
                                           position_ids=torch.zeros(1, 1, dtype=torch.long, device=dev),
                                           past_key_values=cache, use_cache=True)
-            first, calls = logits[:, -1:], 1
+            first, calls = logits[:, -1:].clone(), 1
 
         def clean_prefix_forward(ids: Tensor, past: int, keep: bool):
             """Forward of ids [B, n] at positions past.. (+offset): all of the cache, block-causal among ids."""
@@ -224,7 +226,7 @@ class BD3LM(MaskedTermsObjective, DiffusionLM):
                     break
             if self.kv_cache and b1 < N and bool((x[:, b1:] == self.mask_id).any()):
                 logits, cache = clean_prefix_forward(x[:, done_upto:b1], done_upto, keep=True)
-                first, done_upto, calls = logits[:, -1:], b1, calls + 1
+                first, done_upto, calls = logits[:, -1:].clone(), b1, calls + 1
         return Generation(x, calls)
 
     def _run(self, x: Tensor, sampler, generator, eos_from: int | None) -> Generation:
