@@ -31,6 +31,9 @@ Time conditioning (``method.time_conditioning``):
   * ``layerwise`` — the backbone's own layerwise time path (``model.time_conditioning=true`` on the native
     transformer: a time embedding added in every layer), fed ``t / T``.
 
+Training asks the backbone for logits at the masked positions only (``log_probs(..., at=masked)``, through
+:meth:`DiffusionLM.logits`): at a large vocabulary the LM head and the [B, L, V] logits are much of a step.
+
 Token frequencies for the spindle schedule are counted from ``trainer.datamodule.train_data`` in :meth:`setup`
 (cached next to the tokenised data, :func:`dlm.spindle.token_counts`) and kept in the ``token_counts`` buffer, so
 checkpoints carry them; outside a Trainer call :meth:`set_token_counts`.
@@ -179,8 +182,11 @@ class DiffusionBERT(DiffusionLM):
         time_vec = self.time_embedding(t.to(output.device)).to(output.dtype)
         return torch.cat([time_vec[:, None, :], output[:, 1:]], dim=1)
 
-    def log_probs(self, xt: Tensor, t: Tensor, **backbone_kwargs) -> Tensor:
-        """log p_θ(x0 | x_t, t) ``[B, L, V]`` (float32), the mask token at zero probability."""
+    def log_probs(self, xt: Tensor, t: Tensor, at: Tensor | None = None, **backbone_kwargs) -> Tensor:
+        """log p_θ(x0 | x_t, t) ``[B, L, V]`` (float32), the mask token at zero probability.
+
+        ``at`` (bool [B, L]): only those positions' rows, ``[N, V]`` in ``xt[at]``'s order (the same numbers as
+        ``log_probs(xt, t)[at]``); the backbone runs its head on those positions only where it can."""
         if self.time_conditioning == "layerwise":
             backbone_kwargs["time"] = t.float() / self.num_steps
         if self.time_conditioning == "token":
@@ -188,13 +194,17 @@ class DiffusionBERT(DiffusionLM):
             if "doc_ids" in backbone_kwargs:
                 doc = backbone_kwargs["doc_ids"]
                 backbone_kwargs["doc_ids"] = torch.cat([doc[:, :1], doc], dim=1)
+            if at is not None:  # positions are shifted by the time token, whose output is never scored
+                at = torch.cat([torch.zeros_like(at[:, :1]), at], dim=1)
             self._pending_time = t
             try:
-                logits = self.logits(torch.cat([lead, xt], dim=1), **backbone_kwargs)[:, 1:]
+                logits = self.logits(torch.cat([lead, xt], dim=1), at=at, **backbone_kwargs)
             finally:
                 self._pending_time = None
+            if at is None:
+                logits = logits[:, 1:]
         else:
-            logits = self.logits(xt, **backbone_kwargs)
+            logits = self.logits(xt, at=at, **backbone_kwargs)
         logits = logits.float()
         logits[..., self.mask_id] = float("-inf")
         return logits.log_softmax(-1)
@@ -224,10 +234,9 @@ class DiffusionBERT(DiffusionLM):
         u = torch.rand(x0.shape, device=x0.device, generator=generator, dtype=torch.float64)
         masked = (u >= keep) & counted
         xt = torch.where(masked, self.mask_id, x0)
-        logp = self.log_probs(xt, t, **self.backbone_kwargs(batch))
+        lp = self.log_probs(xt, t, at=masked, **self.backbone_kwargs(batch))  # [N, V]: the masked rows only
         rows = torch.arange(B, device=x0.device)[:, None].expand_as(x0)[masked]
         post = self.posterior_reveal_prob(t)[rows]  # [N, V]
-        lp = logp[masked]
         target = x0[masked]
         kl = self.kl_terms(lp, target, post)
         nll = torch.zeros(x0.shape, device=x0.device, dtype=torch.float64)

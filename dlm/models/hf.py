@@ -411,6 +411,10 @@ class HFCausalLM(nn.Module):
         return logits
 
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The wrapped model's input embedding (what DiffusionBERT's time token hooks into, as on HFMaskedLM)."""
+        return self.hf_model.get_input_embeddings()
+
     def static_cache(self, batch_size: int, capacity: int, dtype: torch.dtype | None = None,
                      device: torch.device | str | None = None):
         """An empty transformers ``StaticCache`` of ``capacity`` tokens for ``batch_size`` rows, allocated now (in
