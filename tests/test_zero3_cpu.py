@@ -311,6 +311,24 @@ def test_zero2_and_zero3_offload_train_and_consolidate(source, tmp_path, option)
         torch.testing.assert_close(value, state[PREFIX + name], rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.slow  # ~3.5 min: three 2-rank runs, two of them compiling
+def test_compiled_training_under_zero2_and_zero3_matches_eager(tmp_path):
+    """compile=default with DeepSpeed: the same losses as eager on 2 ranks; ZeRO-3 warns that its per-module hooks
+    split the compiled graph."""
+    args = ["model=qwen3_tiny", "trainer.devices=2", "trainer.precision=32-true", "samples.num_prompted=0",
+            "samples.num_infill=0"]
+    losses, logs = {}, {}
+    for name, extra in (("eager", ["trainer=deepspeed_zero2"]), ("zero2", ["trainer=deepspeed_zero2", "compile=default"]),
+                        ("zero3", ["trainer=deepspeed", "compile=default"])):
+        run_dir, proc = _train(tmp_path, *args, *extra, f"name={name}")
+        results = _results(run_dir)
+        assert results["status"] == "completed" and results["global_step"] == 4
+        losses[name], logs[name] = (results["train/loss"], results["val/nll_bound"]), proc.stderr
+    for name in ("zero2", "zero3"):
+        assert losses[name] == pytest.approx(losses["eager"], rel=1e-3), losses
+    assert "compile with DeepSpeed ZeRO-3" in logs["zero3"] and "compile with DeepSpeed" not in logs["zero2"]
+
+
 @pytest.mark.parametrize("kwargs", [{}, {"attention": "causal"}, {"attention": "block_causal"}, {"doc_ids": "two"}])
 def test_moe_router_statistics_under_every_attention_mask(kwargs):
     """The router's balance loss is computed from hooked router logits, the same numbers transformers records;
