@@ -132,3 +132,18 @@ def test_bad_settings_name_the_fix():
         model.dual_cached_denoise(x, 5, 8)
     with pytest.raises(ValueError, match="0 <= start < end <= 8"):
         model.dual_cached_denoise(x, 4, 9)
+
+
+@pytest.mark.parametrize("kind", ["native", "hf"])
+@pytest.mark.parametrize("shift", [False, True], ids=["no_shift", "shift_logits"])
+def test_at_the_refresh_state_the_block_denoiser_equals_the_full_forward(kind, shift):
+    """Bidirectional attention: the cache is approximate only because the state moves on; on the state it was filled
+    from, the forward over the block alone reads exactly the keys/values of the full forward."""
+    model = make_mdlm(kind, "bidirectional", shift_logits=shift)
+    x = torch.cat([prompts(2, seed=4), torch.full((2, LENGTH), MASK)], dim=1)
+    x[:, P + 1] = 3  # a committed token inside the first block
+    full = model.denoise(x)
+    for start, end in ((P, P + L), (0, L)):
+        logp, block = model.dual_cached_denoise(x, start, end)
+        torch.testing.assert_close(logp, full)
+        torch.testing.assert_close(block(x[:, start:end]), full[:, start:end], atol=1e-5, rtol=1e-5)

@@ -410,7 +410,6 @@ class HFCausalLM(nn.Module):
             past_key_values.crop(-T)
         return logits
 
-
     def get_input_embeddings(self) -> nn.Embedding:
         """The wrapped model's input embedding (what DiffusionBERT's time token hooks into, as on HFMaskedLM)."""
         return self.hf_model.get_input_embeddings()
