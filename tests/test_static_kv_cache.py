@@ -215,3 +215,19 @@ def test_the_ar_decoding_benchmark_decodes_hf_generates_tokens_on_every_row(tmp_
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 10 and all(r["same_tokens"] for r in rows.values()), rows
     assert rows["hf generate/B2"]["x_hf_generate"] == 1.0
+
+
+@pytest.mark.gpu  # CUDA graphs: the static cache's in-place updates replayed by reduce-overhead
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_reduce_overhead_decodes_the_eager_tokens_on_cuda(fresh_dynamo):
+    prompt = torch.randint(0, 9, (3, 6), generator=torch.Generator().manual_seed(1)).cuda()
+    picked = [f for f in families("native") if f[0] in ("ar", "bd3lm shift=True", "mdlm dual cache")]
+    for name, module, sampler, P, n in picked:
+        module.cuda().eval()
+        eager = module.generate(prompt[:, :P], n, sampler=sampler, generator=torch.Generator("cuda").manual_seed(0))
+        compile_backbone(module.backbone, "reduce-overhead")
+        for _ in range(2):  # the second call replays the recorded graphs
+            torch.compiler.cudagraph_mark_step_begin()
+            out = module.generate(prompt[:, :P], n, sampler=sampler, generator=torch.Generator("cuda").manual_seed(0))
+            assert torch.equal(out.tokens, eager.tokens), name
+            assert out.num_network_calls == eager.num_network_calls, name
