@@ -215,13 +215,38 @@ class DiffusionBERT(DiffusionLM):
         u = (torch.arange(n, device=self.device) + torch.rand(n, device=self.device, generator=generator)) / n
         return (u * self.num_steps).long().clamp(max=self.num_steps - 1) + 1
 
-    def kl_terms(self, logp: Tensor, x0: Tensor, post: Tensor) -> Tensor:
-        """KL(q(x_{t-1} | x_t = mask, x0) || p_θ(x_{t-1} | x_t)) per row: logp [N, V], x0 [N], post (a_j) [N, V]."""
-        lp_i = logp.gather(-1, x0[:, None]).squeeze(-1).double()
-        a_i = post.gather(-1, x0[:, None]).squeeze(-1)
-        stay = 1 - a_i
+    def kl_terms(self, logp: Tensor, x0: Tensor, post: Tensor, rows: Tensor | None = None) -> Tensor:
+        """KL(q(x_{t-1} | x_t = mask, x0) || p_θ(x_{t-1} | x_t)) per row: logp [N, V], x0 [N], post (a_j) float64
+        [S, V], row n's in ``post[rows[n]]`` (``rows=None``: one per row, S = N). float64 [N].
+
+        ``rows`` is best grouped (each sequence's rows consecutive, as the masked rows of a batch are): the
+        [S, V] terms are added per run of equal ``rows``."""
+        lp_i = logp.gather(-1, x0[:, None]).squeeze(-1)
+        a_i = post.gather(-1, x0[:, None]).squeeze(-1) if rows is None else post[rows, x0]
+        return self._kl(lp_i, a_i, self._log_mask_prob(logp, post, rows))
+
+    @staticmethod
+    def _log_mask_prob(logp: Tensor, post: Tensor, rows: Tensor | None) -> Tensor:
+        """log p_θ(x_{t-1} = mask) = logsumexp_j(log p_θ(j) + log(1 − a_j)) per row of logp, in logp's dtype.
+
+        log(1 − a_j) depends on (t, j) only: it is computed once per row of ``post`` (a sequence), and each run of
+        logp rows with the same ``rows`` value (a sequence's masked tokens) adds it by broadcasting, so no [N, V]
+        float64 tensor and no gathered [N, V] copy exist (the [N, V] logsumexp is the only per-token work, and on a
+        CPU the per-sequence pieces are also cache-sized). One host sync for the run lengths."""
         log_stay = torch.where(post < 1, torch.log1p(-post), torch.full_like(post, _BLOCKED)).to(logp.dtype)
-        log_mask_p = torch.logsumexp(logp + log_stay, dim=-1).double()
+        if rows is None:  # one post row per logp row
+            return torch.logsumexp(logp + log_stay, dim=-1)
+        seqs, counts = torch.unique_consecutive(rows, return_counts=True)
+        parts = [torch.logsumexp(part + log_stay[s], dim=-1)
+                 for s, part in zip(seqs.tolist(), logp.split(counts.tolist()))]
+        return torch.cat(parts) if parts else logp.new_zeros(0)
+
+    @staticmethod
+    def _kl(lp_i: Tensor, a_i: Tensor, log_mask_p: Tensor) -> Tensor:
+        """KL_t = −a_i log p_θ(i) + (1 − a_i)[log(1 − a_i) − log p_θ(mask)] from per-token scalars, in float64
+        (1 − a_i and its log lose digits in float32 when a_i is near 1)."""
+        lp_i, a_i, log_mask_p = lp_i.double(), a_i.double(), log_mask_p.double()
+        stay = 1 - a_i
         safe_stay = torch.where(stay > 0, stay, torch.ones_like(stay))
         mask_term = torch.where(stay > 0, stay * (torch.log(safe_stay) - log_mask_p), torch.zeros_like(stay))
         return -a_i * lp_i + mask_term
@@ -236,13 +261,14 @@ class DiffusionBERT(DiffusionLM):
         xt = torch.where(masked, self.mask_id, x0)
         lp = self.log_probs(xt, t, at=masked, **self.backbone_kwargs(batch))  # [N, V]: the masked rows only
         rows = torch.arange(B, device=x0.device)[:, None].expand_as(x0)[masked]
-        post = self.posterior_reveal_prob(t)[rows]  # [N, V]
+        post = self.posterior_reveal_prob(t)  # [B, V]: a_j depends on the sequence's t, not on the token
         target = x0[masked]
-        kl = self.kl_terms(lp, target, post)
+        lp_i = lp.gather(-1, target[:, None]).squeeze(-1)  # shared by the KL and the auxiliary CE: one gather
+        kl = self._kl(lp_i, post[rows, target], self._log_mask_prob(lp, post, rows))
         nll = torch.zeros(x0.shape, device=x0.device, dtype=torch.float64)
         nll[masked] = self.num_steps * kl
         ce = torch.zeros_like(nll)
-        ce[masked] = -lp.gather(-1, target[:, None]).squeeze(-1).double()
+        ce[masked] = -lp_i.double()
         correct = torch.zeros_like(masked)
         correct[masked] = lp.argmax(-1) == target
         return nll.float(), ce.float(), masked, correct
