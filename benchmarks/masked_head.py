@@ -14,10 +14,13 @@ DiffusionBERT (``--method diffusionbert``, spindle schedule with T = ``--num-ste
 of the logits: over [B, T, V] on the full path, over the N masked rows on the selected one. With
 ``--time-conditioning token`` the backbone sees T + 1 positions (the time token leads, never scored).
 
+``--compile MODE`` compiles the backbone first (:mod:`dlm.compile`): the selected path's graph then ends at the
+hidden states and the selection and head run eagerly after it (the number of masked rows changes every step).
+
 Usage: python benchmarks/masked_head.py [--method mdlm|bd3lm|diffusionbert] [--block-size 16] [--shift]
        [--num-steps 512] [--time-conditioning none|token|layerwise]
        [--backbone native|qwen3] [--vocab 32768] [--d 128] [--layers 2]
-       [--batch 8] [--seq 256] [--steps 10] [--threads 1] [--device cpu]
+       [--batch 8] [--seq 256] [--steps 10] [--threads 1] [--device cpu] [--compile MODE]
 """
 
 from __future__ import annotations
@@ -116,13 +119,19 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--shift", action="store_true", help="shift_logits=True (A2D; BD3-LM: SDAR style)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", metavar="MODE", help="torch.compile the backbone first (both paths; dlm.compile)")
     args = p.parse_args()
 
     import torch
 
     torch.set_num_threads(args.threads)
     model, batch = build(args)
-    step(model, batch, True, 0), step(model, batch, False, 0)  # warm-up
+    if args.compile:  # the selected path's graph ends at the hidden states; the head runs eagerly after it
+        from dlm.compile import compile_backbone
+
+        compile_backbone(model.backbone, args.compile)
+    for seed in range(2 if args.compile else 1):  # warm-up (compiled: a second mask count, dynamic shapes settle)
+        step(model, batch, True, seed), step(model, batch, False, seed)
     times = {"full": [], "selected": []}
     for i in range(args.steps):
         for name in times:
@@ -132,7 +141,8 @@ def main() -> None:
               "diffusionbert": f" num_steps={args.num_steps} time={args.time_conditioning}"}
     method = args.method + detail.get(args.method, "")
     print(f"{method} {args.backbone}: d={args.d} layers={args.layers} vocab={args.vocab} B={args.batch} "
-          f"T={args.seq} shift={args.shift} threads={args.threads} device={args.device} steps={args.steps}")
+          f"T={args.seq} shift={args.shift} threads={args.threads} device={args.device} steps={args.steps}"
+          + (f" compile={args.compile}" if args.compile else ""))
     med = {name: statistics.median(t) for name, t in times.items()}
     for name, t in med.items():
         print(f"  {name:9s} {t * 1e3:8.1f} ms/step  {tokens / t:9.0f} tokens/s")

@@ -91,8 +91,8 @@ def test_compiled_greedy_sampling_matches_eager_and_kv_cache_calls_stay_eager():
 
 
 def test_a_compiled_training_step_matches_eager_and_checkpoints_load_uncompiled():
-    def step(module):
-        g = torch.Generator().manual_seed(0)
+    def step(module, seed=0):
+        g = torch.Generator().manual_seed(seed)
         batch = {"input_ids": torch.randint(0, 9, (4, 16), generator=g), "loss_mask": torch.ones(4, 16, dtype=torch.bool)}
         module.zero_grad()
         loss = module.loss(batch, generator=g)["loss"]
@@ -102,12 +102,21 @@ def test_a_compiled_training_step_matches_eager_and_checkpoints_load_uncompiled(
     eager_model = MDLM(tiny_backbone(), TOKENIZER, LinearSchedule()).train()
     model = MDLM(tiny_backbone(), TOKENIZER, LinearSchedule()).train()
     compile_backbone(model.backbone, "default")
-    eager_loss, eager_grads = step(eager_model)
-    loss, grads = step(model)
-    assert graphs() > 0
-    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-6)
+    selected = []  # the LM head runs at the masked positions only, compiled too
+
+    @torch.compiler.disable  # a hook runs inside the compiled call: keep this probe out of the graph
+    def record(module, args, kwargs):
+        selected.append(int(kwargs["logits_at"].sum()))
+
+    model.backbone.register_forward_pre_hook(record, with_kwargs=True)
+    before = graphs()
+    for seed in range(3):  # a different number of masked positions every step: still the one graph
+        eager_loss, eager_grads = step(eager_model, seed)
+        loss, grads = step(model, seed)
+        torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-6)
+    assert graphs() == before + 1 and len(set(selected)) > 1, selected
 
     state = model.state_dict()
     assert list(state) == list(eager_model.state_dict()) and not any("_orig_mod" in k for k in state)

@@ -147,7 +147,7 @@ def test_a_backbone_that_cannot_select_computes_full_logits_and_selects(mode, mo
     model = diffusionbert("native", mode)
     b = batch(packed=True)
     out, bound, grads = run(model, b, full_logits=False)
-    monkeypatch.setattr(DiffusionBERT, "_backbone_takes_logits_at", False)  # as for a compiled backbone
+    monkeypatch.setattr(DiffusionBERT, "_backbone_takes_logits_at", False)  # as for a backbone without logits_at
     calls = record_backbone_calls(model)
     ref_out, ref_bound, ref_grads = run(model, b, full_logits=False)
     assert calls and all(logits_at is None for _, logits_at in calls)

@@ -252,9 +252,9 @@ class DiffusionLM(L.LightningModule, ABC):
 
         ``at`` (bool [B, T]): only those positions' logits, [N, V] in ``tokens[at]``'s order. A backbone whose
         forward takes ``logits_at`` runs its head on those positions only (at a large vocabulary the head and the
-        [B, T, V] logits are a good share of a training step); any other, and a compiled one (the number of
-        selected rows changes every step, which would split the graph and re-record CUDA graphs), computes every
-        position's logits and selects: the same numbers."""
+        [B, T, V] logits are a good share of a training step; compiled, the graph ends at the hidden states and
+        the selection and head run eagerly after it, as the number of rows changes every step); any other computes
+        every position's logits and selects: the same numbers."""
         if at is None:
             return self.backbone(tokens, **backbone_kwargs)[..., : self.vocab_size]
         if self._backbone_takes_logits_at:
@@ -295,9 +295,7 @@ class DiffusionLM(L.LightningModule, ABC):
 
     @property
     def _backbone_takes_logits_at(self) -> bool:
-        from dlm.compile import is_compiled
-
-        return self.backbone_accepts("logits_at") and not is_compiled(self.backbone)
+        return self.backbone_accepts("logits_at")
 
     def backbone_accepts(self, *names: str) -> bool:
         """Whether the backbone's forward takes every one of these keyword arguments (asked every training step:

@@ -402,8 +402,8 @@ class HFCausalLM(nn.Module):
         if router_logits:
             self._collect_router_stats(router_logits)
         if head_at_selected:
-            return self.hf_model.get_output_embeddings()(out.last_hidden_state[logits_at])
-        logits = out.logits if logits_at is None else out.logits[logits_at]
+            return _head_at(self.hf_model.get_output_embeddings(), out.last_hidden_state, logits_at)
+        logits = out.logits if logits_at is None else _rows_at(out.logits, logits_at)
         if use_cache:
             return logits, past_key_values
         if past_key_values is not None:  # read-only use: drop the tokens this call appended
@@ -430,6 +430,18 @@ class HFCausalLM(nn.Module):
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         cache.early_initialization(batch_size, heads, head_dim, dtype or weight.dtype, device or weight.device)
         return cache
+
+
+# Eager even in a compiled backbone: the number of selected rows changes every step, so the compiled graph ends
+# at the decoder's output (one graph, one shape) and the selection runs after it.
+@torch.compiler.disable
+def _head_at(head: nn.Module, hidden: Tensor, at: Tensor) -> Tensor:
+    return head(hidden[at])
+
+
+@torch.compiler.disable
+def _rows_at(logits: Tensor, at: Tensor) -> Tensor:
+    return logits[at]
 
 
 class _RouterRecorder:

@@ -302,9 +302,16 @@ class Transformer(nn.Module):
         if static and use_cache:
             cache.advance(T)  # after every layer wrote at the same slots
         if logits_at is not None:
-            x = x[logits_at]  # the norm is per position: selecting before it changes nothing
+            return self._logits_at(x, logits_at)
         logits = self.lm_head(self.norm(x)).float()
         return (logits, cache) if use_cache else logits
+
+    @torch.compiler.disable
+    def _logits_at(self, x: Tensor, logits_at: Tensor) -> Tensor:
+        """The head on the selected hidden states only (the norm is per position: selecting first changes nothing).
+        Eager even in a compiled backbone: the number of rows changes every step, so the compiled graph ends at
+        the hidden states (one graph, one shape) and this runs after it."""
+        return self.lm_head(self.norm(x[logits_at])).float()
 
     def static_cache(self, batch_size: int, capacity: int, dtype: torch.dtype | None = None,
                      device: torch.device | str | None = None) -> StaticKVCache:
