@@ -285,7 +285,7 @@ def update_wandb_summary(run: LoadedRun, metrics: dict[str, Any]) -> str | None:
 
 def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], Path]:
     started = time.perf_counter()
-    run = load_run(cfg.run, ckpt=cfg.ckpt, device=cfg.device)
+    run = load_run(cfg.run, ckpt=cfg.ckpt, device=cfg.device, use_ema=bool(cfg.get("use_ema", True)))
     out: dict[str, Any] = {"ckpt": str(run.ckpt_path), "seed": int(cfg.seed)}
 
     if cfg.likelihood:

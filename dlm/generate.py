@@ -125,14 +125,15 @@ def load_hf_folder(path: Path, device: str) -> Loaded:
     return Loaded(module, tokenizer, None, None, path, "hf")
 
 
-def load_for_generation(path: str | Path, ckpt: str = "last", device: str = "cpu") -> Loaded:
-    """A run folder / .ckpt (any family) or an HF folder (method=ar)."""
+def load_for_generation(path: str | Path, ckpt: str = "last", device: str = "cpu", use_ema: bool = True) -> Loaded:
+    """A run folder / .ckpt (any family; its EMA weights when it has them and ``use_ema``) or an HF folder
+    (method=ar)."""
     from dlm.run import load_run, plain
 
     p = Path(path).expanduser()
     if p.is_dir() and (p / "config.json").is_file() and not (p / ".hydra" / "config.yaml").is_file():
         return load_hf_folder(p, device)
-    run = load_run(p, ckpt=ckpt, device=device, setup_data=False)
+    run = load_run(p, ckpt=ckpt, device=device, setup_data=False, use_ema=use_ema)
     tokenizer = run.datamodule.tokenizer
     return Loaded(run.module, tokenizer, getattr(run.datamodule, "seq_len", None), plain(run.cfg.get("sampler")),
                   run.run_dir, "run")
@@ -208,7 +209,8 @@ def run_generation(cfg: DictConfig) -> dict[str, Any]:
     if static_kv_cache not in (None, True, False):
         raise GenerateError(f"static_kv_cache must be true, false or null (static exactly when compiled), "
                             f"got {static_kv_cache!r}")
-    loaded = load_for_generation(cfg.run, ckpt=cfg.get("ckpt", "last"), device=cfg.get("device", "cpu"))
+    loaded = load_for_generation(cfg.run, ckpt=cfg.get("ckpt", "last"), device=cfg.get("device", "cpu"),
+                                 use_ema=bool(cfg.get("use_ema", True)))
     module, tok = loaded.module, loaded.tokenizer
     compile_backbone(module.backbone, compile_mode)
     module.static_kv_cache = static_kv_cache

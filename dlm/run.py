@@ -153,12 +153,14 @@ def find_checkpoint(run_dir: Path, ckpt: str | Path | None = "last") -> Path:
 
 
 def load_run(path: str | Path, ckpt: str | Path | None = "last", device: str | torch.device = "cpu",
-             setup_data: bool = True) -> LoadedRun:
+             setup_data: bool = True, use_ema: bool = True) -> LoadedRun:
     """Rebuild a run's data module and LightningModule from its folder and load the checkpoint's weights.
 
     path: a run folder, or a .ckpt file (then `ckpt` is ignored). ckpt: "last", "best" or a file. The module
-    is returned in eval mode on `device`.
+    is returned in eval mode on `device`. A run trained with ``callbacks=ema`` gets its EMA weights (what its
+    validation measured; dlm/callbacks/ema.py) unless ``use_ema=False``.
     """
+    from dlm.callbacks.ema import ema_weights
     from dlm.deepspeed_utils import load_state_dict
     from dlm.train import build_module
 
@@ -176,6 +178,12 @@ def load_run(path: str | Path, ckpt: str | Path | None = "last", device: str | t
             f"{ckpt_file} does not match the model the run's config builds: missing {list(missing)[:5]}, "
             f"unexpected {list(unexpected)[:5]}"
         )
+    shadow = ema_weights(ckpt_file) if use_ema else None
+    if shadow:
+        params = dict(module.named_parameters())
+        with torch.no_grad():
+            for name, value in shadow.items():
+                params[name].copy_(value)
     module.to(device).eval()
     return LoadedRun(module=module, datamodule=datamodule, cfg=cfg, run_dir=run_dir, ckpt_path=ckpt_file,
                      choices=run_choices(run_dir), overrides=run_overrides(run_dir))
