@@ -193,8 +193,11 @@ def export_hf_folder(cfg, state_dict: dict[str, torch.Tensor], out: str | Path, 
     return out
 
 
-def consolidate_run(run_dir: str | Path, ckpt: str = "last", out: str | Path | None = None) -> Path:
-    """A run's checkpoint (``last``, ``best`` or a path; a DeepSpeed folder or a file) -> ``<run_dir>/hf``."""
+def consolidate_run(run_dir: str | Path, ckpt: str = "last", out: str | Path | None = None,
+                    use_ema: bool = True) -> Path:
+    """A run's checkpoint (``last``, ``best`` or a path; a DeepSpeed folder or a file) -> ``<run_dir>/hf``; a run
+    trained with ``callbacks=ema`` exports its EMA weights unless ``use_ema=False``."""
+    from dlm.callbacks.ema import ema_weights
     from dlm.run import load_config
 
     run_dir = Path(run_dir)
@@ -212,11 +215,14 @@ def consolidate_run(run_dir: str | Path, ckpt: str = "last", out: str | Path | N
         raise FileNotFoundError(f"no checkpoint at {path}")
     cfg = load_config(run_dir)
     state = load_state_dict(path)
+    shadow = ema_weights(path) if use_ema else None
+    state.update(shadow or {})  # the EMA weights over the raw ones (the same parameter names)
     method = cfg.method
     extra = {
         "method": str(method._target_).rsplit(".", 1)[-1].lower(),
         "shift_logits": bool(method.get("shift_logits", False)),
         "checkpoint": str(path),
+        "ema": bool(shadow),
     }
     return export_hf_folder(cfg, state, out or run_dir / "hf", extra)
 
@@ -226,5 +232,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir")
     parser.add_argument("--ckpt", default="last", help="last | best | a checkpoint file or DeepSpeed folder")
     parser.add_argument("--out", default=None, help="output folder (default <run_dir>/hf)")
+    parser.add_argument("--raw", action="store_true", help="a callbacks=ema run: export the raw weights, not the EMA")
     args = parser.parse_args(argv)
-    print(f"hf: {consolidate_run(args.run_dir, args.ckpt, args.out)}")
+    print(f"hf: {consolidate_run(args.run_dir, args.ckpt, args.out, use_ema=not args.raw)}")

@@ -180,7 +180,7 @@ def load_run(path: str | Path, ckpt: str | Path | None = "last", device: str | t
         )
     shadow = ema_weights(ckpt_file) if use_ema else None
     if shadow:
-        params = dict(module.named_parameters())
+        params = dict(module.named_parameters(remove_duplicate=False))
         with torch.no_grad():
             for name, value in shadow.items():
                 params[name].copy_(value)

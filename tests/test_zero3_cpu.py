@@ -329,6 +329,28 @@ def test_compiled_training_under_zero2_and_zero3_matches_eager(tmp_path):
     assert "compile with DeepSpeed ZeRO-3" in logs["zero3"] and "compile with DeepSpeed" not in logs["zero2"]
 
 
+@pytest.mark.slow  # ~40 s: a 2-rank ZeRO-2 run
+def test_ema_under_zero2_is_saved_loaded_and_exported(tmp_path):
+    """callbacks=ema on 2 ZeRO-2 ranks: the shadow rides in the DeepSpeed folder's client state, load_run applies
+    it, and the end-of-fit HF export holds the EMA weights (tied output embedding included)."""
+    from transformers import AutoModelForCausalLM
+
+    from dlm.callbacks.ema import ema_weights
+    from dlm.run import load_run
+
+    run_dir, _ = _train(tmp_path, "model=qwen3_tiny", "trainer=deepspeed_zero2", "trainer.devices=2",
+                        "trainer.precision=32-true", "callbacks=ema", "callbacks.ema.decay=0.9",
+                        "samples.num_prompted=0", "samples.num_infill=0")
+    shadow = ema_weights(_zero_folder(run_dir, ranks=2))
+    ema, raw = load_run(run_dir, setup_data=False), load_run(run_dir, setup_data=False, use_ema=False)
+    name = PREFIX + "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(dict(ema.module.named_parameters())[name], shadow[name])
+    assert not torch.equal(dict(raw.module.named_parameters())[name], shadow[name])
+    exported = AutoModelForCausalLM.from_pretrained(run_dir / "hf").state_dict()
+    for key in ("model.layers.0.self_attn.q_proj.weight", "lm_head.weight", "model.embed_tokens.weight"):
+        assert torch.equal(exported[key], shadow[PREFIX + key]), key
+
+
 @pytest.mark.parametrize("kwargs", [{}, {"attention": "causal"}, {"attention": "block_causal"}, {"doc_ids": "two"}])
 def test_moe_router_statistics_under_every_attention_mask(kwargs):
     """The router's balance loss is computed from hooked router logits, the same numbers transformers records;

@@ -40,6 +40,7 @@ class EMA(L.Callback):
             raise ValueError(f"callbacks.ema.decay must be in [0, 1), got {decay!r}")
         self.decay, self.warmup, self.evaluate_with_ema = float(decay), bool(warmup), bool(evaluate_with_ema)
         self.shadow: dict[str, Tensor] = {}
+        self.aliases: dict[str, str] = {}  # tied parameters' other names -> the shadow's (e.g. lm_head -> embedding)
         self.updates = 0
         self._last_step = -1  # the optimizer step of the last update (gradient accumulation: one update per step)
         self._backup: dict[str, Tensor] | None = None  # the raw weights while the EMA ones are swapped in
@@ -61,6 +62,10 @@ class EMA(L.Callback):
                 f"callbacks=ema needs every rank to hold whole parameters; {type(trainer.strategy).__name__} shards "
                 "them (ZeRO-3 / FSDP). Use trainer=deepspeed_zero2, ddp or a single device, or drop the EMA callback"
             )
+        # first in line, so that the EMA weights are in place before the other callbacks' on_fit_end (the samples);
+        # a new list: Lightning is iterating the current one to call this hook
+        if getattr(trainer, "callbacks", None) and trainer.callbacks[0] is not self:
+            trainer.callbacks = [self] + [c for c in trainer.callbacks if c is not self]
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         params = self._params(pl_module)
@@ -70,6 +75,9 @@ class EMA(L.Callback):
             self.shadow = {n: t.to(params[n].device, torch.float32) for n, t in self.shadow.items()}
         else:
             self.shadow = {n: p.detach().float().clone() for n, p in params.items()}
+        names = {id(p): n for n, p in params.items()}
+        self.aliases = {n: names[id(p)] for n, p in pl_module.named_parameters(remove_duplicate=False)
+                        if id(p) in names and names[id(p)] != n}
         self._last_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
@@ -91,17 +99,22 @@ class EMA(L.Callback):
         if trainer.state.fn == "fit" and not self._final:  # back to the raw weights to train on
             self._swap_out(pl_module)
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # from here on (end-of-fit samples, results.json, the export) the module holds the EMA weights; the last
-        # checkpoint, saved after this, still stores the raw ones (on_save_checkpoint)
+        # checkpoint was saved before (on_train_end) with the raw ones
         if self.evaluate_with_ema:
             self._swap_in(pl_module)
             self._final = True
 
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # a crash during validation: the checkpoint written after this (ModelCheckpoint comes last) gets the raw
+        # weights, also under DeepSpeed, whose engine saves the live module
+        self._swap_out(pl_module)
+
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"shadow": {n: t.detach().cpu() for n, t in self.shadow.items()}, "updates": self.updates,
-                "decay": self.decay, "warmup": self.warmup}
+        return {"shadow": {n: t.detach().cpu() for n, t in self.shadow.items()}, "aliases": dict(self.aliases),
+                "updates": self.updates, "decay": self.decay, "warmup": self.warmup}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.shadow = dict(state_dict["shadow"])
@@ -110,7 +123,8 @@ class EMA(L.Callback):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         if self._backup is None or "state_dict" not in checkpoint:
             return
-        # the EMA weights are swapped in: the checkpoint's state_dict must hold the raw ones (resume trains on them)
+        # the EMA weights are swapped in (a checkpoint saved during validation, or by hand after fit): the
+        # checkpoint's state_dict must hold the raw ones (resume trains on them)
         by_id = {id(p): n for n, p in self._params(pl_module).items()}
         for key, tensor in pl_module.state_dict(keep_vars=True).items():
             name = by_id.get(id(tensor))
@@ -141,8 +155,9 @@ class EMA(L.Callback):
 
 
 def ema_weights(checkpoint: str | Path) -> dict[str, Tensor] | None:
-    """The EMA shadow (parameter name -> float32 tensor) saved by :class:`EMA` in a Lightning ``.ckpt`` file or a
-    DeepSpeed checkpoint folder (its client state), or None when the run had no EMA."""
+    """The EMA shadow (parameter name -> float32 tensor; tied parameters under each of their names) saved by
+    :class:`EMA` in a Lightning ``.ckpt`` file or a DeepSpeed checkpoint folder (its client state), or None when the
+    run had no EMA."""
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir():  # DeepSpeed: Lightning's client state sits in the model-states file
         files = sorted(checkpoint.glob("*/mp_rank_00_model_states.pt"))
@@ -152,4 +167,8 @@ def ema_weights(checkpoint: str | Path) -> dict[str, Tensor] | None:
     # memory-mapped: only the shadow's tensors are read (the weights were loaded once already)
     state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
     ema = (state.get("callbacks") or {}).get("EMA") if isinstance(state, dict) else None
-    return None if ema is None else ema["shadow"]
+    if ema is None:
+        return None
+    shadow = dict(ema["shadow"])
+    shadow.update({alias: shadow[name] for alias, name in ema.get("aliases", {}).items()})
+    return shadow
