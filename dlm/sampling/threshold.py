@@ -14,9 +14,10 @@ only over the positions from the current block on. The cache is refreshed at eve
 forward, whose output is also that step's prediction, so the cached run makes exactly the same steps (and
 network calls) as the uncached one, each but the first of a block over ``T - prefix_len`` positions instead of
 ``T``. ``dual_cache=True`` (Fast-dLLM's DualCache) also caches the *suffix*, every position after the current
-block (mostly masks), as the refresh saw it: each step's forward then runs over the current block only. Needs ``block_length`` (the refresh points; ``block_length >= completion length`` caches the prompt
-only). The prefix of block ``j`` is every column before ``min_rows(first masked position) + j * block_length``
-(clean in every row, blocks being finished in order).
+block (mostly masks), as the refresh saw it: each step's forward then runs over the current block only. Both
+need ``block_length`` (the refresh points; ``block_length >= completion length`` caches the prompt only). The
+prefix of block ``j`` is every column before ``min_rows(first masked position) + j * block_length`` (clean in
+every row, blocks being finished in order).
 
 *Approximate* under bidirectional attention: the prefix's keys/values depend on the suffix, which changes
 within a block, and the dual cache's suffix keys/values on the block; the cache keeps the ones of the block's
@@ -163,8 +164,7 @@ class ThresholdSampler(ConfidenceSampler):
                     if self.eos_id is not None and e < T:  # a committed EOS fills the masks after it, past e too
                         commit = torch.zeros_like(eligible)
                         commit[:, p:e] = (z == mask_id) & (new != mask_id)
-                        new = self._fill_after_eos(torch.cat([x[:, :p], new, x[:, e:]], dim=1), commit, mask_id)
-                        x = new
+                        x = self._fill_after_eos(torch.cat([x[:, :p], new, x[:, e:]], dim=1), commit, mask_id)
                     else:
                         x = x.clone()
                         x[:, p:e] = new
