@@ -13,7 +13,8 @@ sampler measured in the same process: one full forward per step and one token pe
 ``steps = length``, greedy). Speed is only interesting where the accuracy column holds. The ``+ cache`` rows use
 Fast-dLLM's prefix KV cache (``ThresholdSampler(prefix_cache=True)``; ``prompt cache``: one block, so only the
 prompt is cached) and its DualCache (``+ dual``: the suffix after the block too, each step a forward over the block
-alone): the same network calls as without them, each cheaper, so their gain shows in tok/s only.
+alone; ``/2``: refreshed every 2nd step, ``refresh_every=2``): the same network calls as without them, each
+cheaper, so their gain shows in tok/s only.
 
 ``--compile MODE`` (``default``, ``reduce-overhead``: CUDA graphs, ``max-autotune``) then compiles the backbone
 in place (:mod:`dlm.compile`) and times every sampler again: a second table whose ``speed x`` is still against
@@ -95,6 +96,8 @@ def samplers(length: int) -> dict[str, object]:
                                                                prefix_cache=True),
         "threshold tau=0.9 blocks 4 + dual": ThresholdSampler(threshold=0.9, temperature=0.0, block_length=4,
                                                               dual_cache=True),
+        "threshold tau=0.9 blocks 4 + dual/2": ThresholdSampler(threshold=0.9, temperature=0.0, block_length=4,
+                                                                dual_cache=True, refresh_every=2),
         "threshold tau=0.9 + prompt cache": ThresholdSampler(threshold=0.9, temperature=0.0, block_length=length,
                                                              prefix_cache=True),
         "remdm cap 0.02, L steps": ReMDMSampler(steps=length, eta_cap=0.02, temperature=0.0),

@@ -181,7 +181,7 @@ def test_the_sampler_benchmark_adds_compiled_rows_with_the_same_calls_and_accura
     heads = [i for i, ln in enumerate(lines) if ln.startswith("sampler")]
     assert len(heads) == 2 and lines[heads[1]].endswith("vs eager")
     eager, compiled = lines[heads[0] + 2 : heads[1] - 1], lines[heads[1] + 2 :]
-    assert "compile mode=default" in lines[heads[1] - 1] and len(eager) == len(compiled) == 17
+    assert "compile mode=default" in lines[heads[1] - 1] and len(eager) == len(compiled) == 18
     for e, c in zip(eager, compiled):
         # greedy samplers: the same calls per token and accuracy (columns calls/tok .. acc - naive)
         assert e.split()[-4:] == c.split()[-5:-1], (e, c)

@@ -147,3 +147,22 @@ def test_at_the_refresh_state_the_block_denoiser_equals_the_full_forward(kind, s
         logp, block = model.dual_cached_denoise(x, start, end)
         torch.testing.assert_close(logp, full)
         torch.testing.assert_close(block(x[:, start:end]), full[:, start:end], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cache", ["prefix_cache", "dual_cache"])
+def test_refresh_every_step_is_the_uncached_sampler_and_every_k_steps_in_between(cache):
+    """Bidirectional attention (the caches are approximate): refreshing on every step is exact; every 2nd step
+    makes a full forward on every other step of a block."""
+    model = make_mdlm("native", "bidirectional")
+    kw = dict(threshold=1.0, temperature=0.0, block_length=L, steps=LENGTH)  # tau = 1: the even split, same steps
+    plain = run(model, ThresholdSampler(**kw))
+    seen = forward_lengths(model)
+    every = run(model, ThresholdSampler(**kw, **{cache: True}, refresh_every=1))
+    assert torch.equal(every.tokens, plain.tokens) and every.num_network_calls == plain.num_network_calls
+    T = P + LENGTH
+    assert seen == [T] * LENGTH
+    seen[:] = []
+    run(model, ThresholdSampler(**kw, **{cache: True}, refresh_every=2))
+    assert [n == T for n in seen] == [i % 2 == 0 for i in range(LENGTH)]
+    with pytest.raises(ValueError, match="refresh_every must be an integer >= 1"):
+        ThresholdSampler(block_length=4, dual_cache=True, refresh_every=0)

@@ -41,6 +41,10 @@ The dual cache's hook is ``denoiser.with_dual_cache(x, start, end) -> (logp, blo
 committed EOS still fills the row's masks to its right, past the block too (the suffix's cached keys/values then
 keep the masks until the next refresh).
 
+``refresh_every=k`` also refreshes the cache on every k-th step inside a block (a full forward, as on the block's
+first step), trading speed back for accuracy; ``refresh_every=1`` refreshes on every step, which is the uncached
+sampler (tested: identical tokens). None: at block boundaries only (Fast-dLLM).
+
 :meth:`dlm.methods.mdlm.MDLM.infill` attaches both hooks for backbones that take ``past_key_values`` (the native
 Transformer and HFCausalLM; the dual cache needs a static KV cache, :mod:`dlm.models.kv_cache`: sdpa or eager
 attention on HF models). A denoiser without the hook is rejected (ValueError), not silently run uncached.
@@ -65,7 +69,8 @@ class ThresholdSampler(ConfidenceSampler):
     Args: those of :class:`~dlm.sampling.confidence.OrderedUnmaskingSampler` plus ``threshold`` in [0, 1]
     and ``prefix_cache`` (Fast-dLLM's approximate prefix KV cache, refreshed at every block boundary: needs
     ``block_length`` and a denoiser with the ``with_prefix_cache`` hook; see the module docstring) or
-    ``dual_cache`` (Fast-dLLM's DualCache: the prefix and the suffix after the block; ``with_dual_cache`` hook).
+    ``dual_cache`` (Fast-dLLM's DualCache: the prefix and the suffix after the block; ``with_dual_cache`` hook),
+    and ``refresh_every`` (with a cache: also refresh it every k steps inside a block).
     """
 
     def __init__(
@@ -80,6 +85,7 @@ class ThresholdSampler(ConfidenceSampler):
         threshold: float = 0.9,
         prefix_cache: bool = False,
         dual_cache: bool = False,
+        refresh_every: int | None = None,
     ):
         super().__init__(steps, temperature, top_k, top_p, record_trajectory, block_length, eos_id)
         if threshold is None or not 0.0 <= threshold <= 1.0:
@@ -92,12 +98,20 @@ class ThresholdSampler(ConfidenceSampler):
                 f"ThresholdSampler({name}=True) needs block_length: the cache is refreshed at block boundaries "
                 "(Fast-dLLM); a block_length >= the completion length caches the prompt only"
             )
+        if refresh_every is not None and (isinstance(refresh_every, bool) or int(refresh_every) != refresh_every
+                                          or refresh_every < 1):
+            raise ValueError(
+                f"refresh_every must be an integer >= 1 or None (block boundaries only), got {refresh_every!r}"
+            )
         self.threshold = float(threshold)
         self.prefix_cache = bool(prefix_cache)
         self.dual_cache = bool(dual_cache)
+        self.refresh_every = None if refresh_every is None else int(refresh_every)
 
     def _extra_repr(self) -> str:
         cache = ", prefix_cache=True" if self.prefix_cache else ", dual_cache=True" if self.dual_cache else ""
+        if cache and self.refresh_every is not None:
+            cache += f", refresh_every={self.refresh_every}"
         return f"threshold={self.threshold:g}, " + super()._extra_repr() + cache
 
     def extra_count(self, sorted_scores: Tensor, eligible: Tensor) -> Tensor:
@@ -152,7 +166,8 @@ class ThresholdSampler(ConfidenceSampler):
                 steps_left = block_steps - i
                 if p == 0 and not dual:  # nothing to cache (no prompt, first block)
                     x = self._step(x, self._call(denoiser, x), eligible, remaining, steps_left, mask_id, generator)
-                elif cached is None:  # the block's first step: full forward, refreshes the cache
+                elif cached is None or (self.refresh_every is not None and i % self.refresh_every == 0):
+                    # the block's first step (and every refresh_every-th): a full forward refreshes the cache
                     if dual:  # the block's last column over all rows (rows may start their blocks apart)
                         e = int(in_block.any(dim=0).nonzero()[-1]) + 1
                     logp, cached = hook(x, p, e) if dual else hook(x, p)
