@@ -5,50 +5,28 @@ bidirectional model, and bad settings rejected with a message."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
+from test_prefix_cache import EOS, LENGTH, MASK, TOKENIZER, VOCAB, L, P, prompts, run
+from test_prefix_cache import count_positions as forward_lengths
+from test_prefix_cache import make_mdlm as make_native_mdlm
 
 from dlm.methods.mdlm import MDLM
-from dlm.models import HFCausalLM, Transformer
+from dlm.models import HFCausalLM
 from dlm.sampling import ThresholdSampler
 
-VOCAB = 12
-TOKENIZER = SimpleNamespace(vocab_size=VOCAB, pad_token_id=9, eos_token_id=10, mask_token_id=11)
-MASK, EOS = TOKENIZER.mask_token_id, TOKENIZER.eos_token_id
-P, LENGTH, L = 4, 12, 4  # prompt length, completion length, sampler block length
 QWEN3 = dict(model_type="qwen3", num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
              head_dim=8, intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64, initializer_range=0.3)
 
 
 def make_mdlm(kind="native", attention="bidirectional", **kw) -> MDLM:
+    """The prefix-cache tests' native MDLM (blocks of the prompt length), or the same on a tiny HF Qwen3."""
+    if kind == "native":
+        return make_native_mdlm(attention, block_size=P, **kw)
     from dlm.schedules import LinearSchedule
 
     torch.manual_seed(0)
-    if kind == "native":
-        backbone = Transformer(vocab_size=VOCAB, n_layers=2, d_model=64, n_heads=4, max_seq_len=32, attention=attention,
-                               block_size=P, time_conditioning=kw.pop("time_conditioning", False), init_std=0.3)
-    else:
-        backbone = HFCausalLM(config=QWEN3, attention=attention, block_size=P)
-    return MDLM(backbone, TOKENIZER, LinearSchedule(), **kw).eval()
-
-
-def prompts(B=3, seed=1):
-    return torch.randint(0, 9, (B, P), generator=torch.Generator().manual_seed(seed))
-
-
-def forward_lengths(model: MDLM) -> list[int]:
-    seen: list[int] = []
-    model.backbone.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
-    return seen
-
-
-def run(model, sampler, x=None, fill=None, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    if x is None:
-        return model.generate(prompts(), LENGTH, sampler=sampler, generator=g)
-    return model.infill(x, fill, sampler=sampler, generator=g)
+    return MDLM(HFCausalLM(config=QWEN3, attention=attention, block_size=P), TOKENIZER, LinearSchedule(), **kw).eval()
 
 
 @pytest.mark.parametrize("kind", ["native", "hf"])
