@@ -263,14 +263,17 @@ class DiffusionLM(L.LightningModule, ABC):
 
     def new_kv_cache(self, batch_size: int, tokens: int, static: bool | None = None):
         """The KV cache a cached sampling path starts from, for ``tokens`` positions of ``batch_size`` rows: an
-        emptied static cache (see ``static_kv_cache``; its capacity ``tokens`` rounded up to a multiple of 64, and
-        reused across calls of the same shape so that a compiled decoding step is captured once), or None, for the
+        emptied static cache (see ``static_kv_cache``; its capacity is ``tokens`` rounded up to a multiple of
+        min(64, the next power of two >= tokens): few distinct capacities, little padding, as every call attends
+        over all slots; reused across calls of the same capacity so that a compiled decoding step is captured
+        once), or None, for the
         backbone to start a growing one. ``static=True``: a static cache whatever ``static_kv_cache`` says (a path
         that needs one; the backbone must have one)."""
         if not (self._use_static_cache() if static is None else static):
             return None
         limit = getattr(self.backbone, "max_seq_len", tokens)
-        capacity = min(-(-tokens // 64) * 64, max(limit, tokens))
+        granule = min(64, 1 << max(tokens - 1, 0).bit_length())
+        capacity = min(-(-tokens // granule) * granule, max(limit, tokens))
         key = (batch_size, capacity, self.compute_device)
         if self._static_cache is None or self._static_cache[0] != key:
             self._static_cache = None  # free the old buffers before allocating the new ones
