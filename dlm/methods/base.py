@@ -266,9 +266,8 @@ class DiffusionLM(L.LightningModule, ABC):
         emptied static cache (see ``static_kv_cache``; its capacity is ``tokens`` rounded up to a multiple of
         min(64, the next power of two >= tokens): few distinct capacities, little padding, as every call attends
         over all slots; reused across calls of the same capacity so that a compiled decoding step is captured
-        once), or None, for the
-        backbone to start a growing one. ``static=True``: a static cache whatever ``static_kv_cache`` says (a path
-        that needs one; the backbone must have one)."""
+        once), or None, for the backbone to start a growing one. ``static=True``: a static cache whatever
+        ``static_kv_cache`` says (a path that needs one; the backbone must have one)."""
         if not (self._use_static_cache() if static is None else static):
             return None
         limit = getattr(self.backbone, "max_seq_len", tokens)
