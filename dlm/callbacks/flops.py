@@ -1,0 +1,88 @@
+"""Model FLOPs of the training forwards, for MFU (model FLOPs utilisation), torchtitan's convention.
+
+Per backbone position: ``6 N + 12 L d T`` with a backward pass, ``2 N + 4 L d T`` without, where N counts the
+parameters a token passes through as matrix products (MoE: the routed experts' active share; the input embedding
+is a lookup and left out, the output projection counts, tied or not), L the layers, d the model width and T the
+length of that forward's sequence (attention scores and values, causal or not). The positions are counted where
+they happen, by a hook on the backbone: a family that runs it on [x_t ; x_0] (BD3-LM), unrolls it (SUNDAE) or
+adds a time token (DiffusionBERT) is counted as it runs, with no per-family factor. "Model" FLOPs: what a plain
+implementation computes; dlm's LM head at the masked positions only does less work than counted, as activation
+recomputation does more.
+
+Peak: ``peak_tflops`` (per device), or for a recognised CUDA device its dense bf16 peak (:data:`PEAK_BF16_TFLOPS`);
+on a CPU or an unknown device nothing is logged unless ``peak_tflops`` is given.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dlm.models.moe import count_active_parameters
+
+# Dense bf16 tensor-core peaks (TFLOP/s per device) from the vendors' datasheets; matched against the device name.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+
+
+def device_peak_tflops(device: torch.device) -> float | None:
+    """The dense bf16 peak of a recognised CUDA device, else None."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def _embeddings(backbone: nn.Module) -> tuple[nn.Parameter | None, nn.Parameter | None]:
+    """(input embedding weight, output projection weight) of a native or HF backbone."""
+    model = getattr(backbone, "hf_model", backbone)
+    get_in = getattr(model, "get_input_embeddings", None)
+    emb = get_in() if callable(get_in) else getattr(backbone, "tok_emb", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else getattr(backbone, "lm_head", None)
+    return getattr(emb, "weight", None), getattr(head, "weight", None)
+
+
+def _numel(p: torch.Tensor) -> int:
+    return int(getattr(p, "ds_numel", 0) or p.numel())  # a ZeRO-3 partition's own numel is 0
+
+
+def backbone_geometry(backbone: nn.Module) -> tuple[int, int, int]:
+    """(N matmul parameters per position, layers, width) of a native Transformer or an HF wrapper."""
+    emb, head = _embeddings(backbone)
+    n = count_active_parameters(backbone)
+    if emb is not None:
+        n -= _numel(emb)  # a lookup, not a product
+    if head is not None and emb is not None and head is emb:
+        n += _numel(head)  # tied: the same matrix is also the output projection, a product
+    cfg = getattr(getattr(backbone, "hf_model", None), "config", None)
+    if cfg is not None:
+        text = cfg.get_text_config()
+        layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", 0)
+        width = getattr(text, "hidden_size", None) or getattr(text, "n_embd", 0)
+    else:
+        layers = len(getattr(backbone, "blocks", []))
+        width = emb.shape[1] if emb is not None else 0
+    return int(n), int(layers), int(width)
+
+
+class FlopCounter:
+    """Counts the model FLOPs of the training forwards of ``backbone`` (a forward pre-hook) into ``flops``."""
+
+    def __init__(self, backbone: nn.Module):
+        self.n, self.layers, self.width = backbone_geometry(backbone)
+        self.flops = 0.0
+        self._handle = backbone.register_forward_pre_hook(self._count)
+
+    def per_position(self, seq_len: int, backward: bool) -> float:
+        k = 3 if backward else 1  # a backward pass costs twice the forward
+        return k * (2 * self.n + 4 * self.layers * self.width * seq_len)
+
+    @torch.compiler.disable  # runs before a compiled backbone's graph, not traced into it
+    def _count(self, module: nn.Module, args: tuple) -> None:
+        if not module.training or not args:
+            return
+        ids = args[0]
+        self.flops += ids.numel() * self.per_position(ids.shape[-1], torch.is_grad_enabled())
+
+    def remove(self) -> None:
+        self._handle.remove()
