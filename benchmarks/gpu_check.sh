@@ -27,7 +27,8 @@ try:
     r = json.load(open(path))
 except FileNotFoundError:
     print(f"{name:28s} rc={rc} {secs}s  no results.json"); sys.exit()
-keys = ["train/loss", "val/nll_bound", "train/tokens_per_s", "train/peak_mem_gib", "sample/valid_frac"]
+keys = ["train/loss", "val/nll_bound", "train/tokens_per_s", "train/tflops", "train/mfu", "train/peak_mem_gib",
+        "sample/valid_frac"]
 fig = "  ".join(f"{k.split('/')[1]}={r[k]:.4g}" for k in keys if k in r)
 print(f"{name:28s} rc={rc} {secs}s  {r['status']} step={r['global_step']}  {fig}")
 PY
