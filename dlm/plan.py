@@ -1,5 +1,5 @@
 """The resolved plan of a run, printed by `dry_run=true`: parameters (total and active), tokens per optimizer
-step, steps, memory per GPU under each ZeRO stage, and where outputs go. Built without allocating weights:
+step, steps, model FLOPs and GPU-hours, memory per GPU under each ZeRO stage, and where outputs go. Built without allocating weights:
 the backbone is instantiated on the meta device, so a 30B model is planned on a laptop."""
 
 from __future__ import annotations
@@ -7,10 +7,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from dlm.flops import PEAK_BF16_TFLOPS, flops_per_token
 from dlm.models import count_active_parameters, count_parameters
+
+PLAN_MFU = 0.4  # the utilisation the GPU-hours estimate assumes (a well-tuned dense run reaches 40-50%)
 
 # Bytes per parameter in mixed-precision Adam training: bf16 weights (2) and gradients (2), fp32 master
 # weights, momentum and variance (12). ZeRO partitions these across the data-parallel GPUs.
@@ -50,6 +53,7 @@ class Plan:
     seq_len: int
     accumulate: int
     max_steps: int
+    flops_per_token: float = 0.0  # training model FLOPs per data token (dlm.flops)
 
     @property
     def world_size(self) -> int:
@@ -67,12 +71,24 @@ class Plan:
             f"tokens per optimizer step: {self.tokens_per_step:,} (batch {self.batch_size} x seq_len {self.seq_len}"
             f" x accumulate {self.accumulate} x {self.world_size} device(s))",
             f"steps: {self.max_steps:,} -> {self.tokens_per_step * max(self.max_steps, 0):,} tokens",
+            *self._compute_lines(),
             "memory per GPU for weights+grads+Adam (bf16 mixed precision, activations excluded):",
         ]
         for gpus in sorted({1, 8, self.world_size}):
             mem = zero_memory_per_gpu(self.total_params, gpus)
             lines.append(f"  {gpus:>3} GPU(s): " + ", ".join(f"{k} {v:,.1f} GiB" for k, v in mem.items()))
         return lines
+
+
+    def _compute_lines(self) -> list[str]:
+        if not self.flops_per_token:
+            return []
+        total = self.flops_per_token * self.tokens_per_step * max(self.max_steps, 0)
+        seconds = total / (PLAN_MFU * PEAK_BF16_TFLOPS["H100"] * 1e12)
+        time = f"{seconds / 3600:,.1f} H100-hours" if seconds >= 360 else f"{seconds:.2g} H100-seconds"
+        return [f"model FLOPs: {self.flops_per_token:.3g} per token (6N + 12 L d T over the family's forwards), "
+                f"{total:.3g} for the run: ~{time} at {PLAN_MFU:.0%} MFU "
+                f"({PEAK_BF16_TFLOPS['H100']:g} TFLOP/s bf16)"]
 
 
 def build_plan(cfg: DictConfig, vocab_size: int | None) -> Plan:
@@ -96,6 +112,8 @@ def build_plan(cfg: DictConfig, vocab_size: int | None) -> Plan:
         seq_len=int(cfg.data.seq_len),
         accumulate=int(cfg.trainer.get("accumulate_grad_batches", 1)),
         max_steps=int(cfg.trainer.max_steps),
+        flops_per_token=flops_per_token(backbone, int(cfg.data.seq_len),
+                                        get_class(cfg.method._target_).training_layout(cfg.method)),
     )
 
 

@@ -1,4 +1,4 @@
-"""Model FLOPs for MFU (dlm/callbacks/flops.py): the 6N + 12 L d T count equals torch's own FLOP counter on the
+"""Model FLOPs for MFU (dlm/flops.py): the 6N + 12 L d T count equals torch's own FLOP counter on the
 native and HF backbones (tied or not), forward-only calls count a third, eval calls nothing; a family's own layout
 (BD3-LM's [x_t ; x_0]) is counted as it runs; a training run logs train/tflops and train/mfu."""
 
@@ -12,7 +12,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from dlm.callbacks.flops import FlopCounter
+from dlm.flops import FlopCounter
 from dlm.models import HFCausalLM, Transformer
 from dlm.train import train
 
@@ -78,3 +78,22 @@ def test_a_run_logs_model_tflops_and_mfu(run_cfg):
 
     with pytest.raises((ValueError, InstantiationException), match="peak_tflops must be > 0"):
         train(run_cfg("callbacks.throughput.peak_tflops=-1"))
+
+
+@pytest.mark.parametrize("method", ["mdlm", "bd3lm", "sundae", "ar"])
+def test_the_plans_flops_per_token_is_what_a_training_step_runs(run_cfg, method):
+    """dry_run's estimate (the family's training layout over the backbone's geometry) = the FLOPs counted where
+    the backbone runs during one training step, per data token."""
+    from dlm.plan import build_plan
+    from dlm.train import build_datamodule, build_module
+
+    cfg = run_cfg(f"method={method}")
+    datamodule = build_datamodule(cfg)
+    datamodule.setup("fit")
+    plan = build_plan(cfg, vocab_size=datamodule.tokenizer.vocab_size)
+    module = build_module(cfg, datamodule).train()
+    counter = FlopCounter(module.backbone)
+    batch = next(iter(datamodule.train_dataloader()))
+    module.loss(batch, generator=torch.Generator().manual_seed(0))["loss"].backward()
+    assert counter.flops / batch["input_ids"].numel() == pytest.approx(plan.flops_per_token, rel=1e-9)
+    assert any(line.startswith("model FLOPs: ") for line in plan.lines())

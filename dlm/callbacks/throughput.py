@@ -2,7 +2,7 @@
 memory: logged as training goes.
 
 ``train/tflops`` is the model FLOPs of the training forwards and backwards per second on this device, counted where
-the backbone runs (dlm/callbacks/flops.py, torchtitan's 6N + 12 L d T convention); ``train/mfu`` divides it by the
+the backbone runs (dlm/flops.py, torchtitan's 6N + 12 L d T convention); ``train/mfu`` divides it by the
 device's peak (``peak_tflops``, or the dense bf16 peak of a recognised GPU; not logged on a CPU unless given).
 """
 
@@ -13,7 +13,7 @@ import time
 import lightning as L
 import torch
 
-from dlm.callbacks.flops import FlopCounter, device_peak_tflops
+from dlm.flops import FlopCounter, device_peak_tflops
 
 
 class ThroughputLogger(L.Callback):

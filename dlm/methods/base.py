@@ -74,6 +74,13 @@ class DiffusionLM(L.LightningModule, ABC):
         self._static_cache: tuple | None = None  # (key, cache): reused by calls of the same shape
         self._check_vocabulary()
 
+    @classmethod
+    def training_layout(cls, method_cfg) -> tuple[int, int]:
+        """How a training step runs the backbone over a row of T tokens: (forwards, sequence-length multiple). The
+        plan's FLOPs estimate reads it (dlm.flops.flops_per_token); the live count needs none (it is counted where
+        the backbone runs). Most families: one forward over T."""
+        return 1, 1
+
     def defer_backbone(self, build) -> None:
         """Have ``configure_model`` replace the current (placeholder) backbone with ``build(strategy)``: the
         training CLI does this under DeepSpeed ZeRO-3 so that pretrained weights load straight into partitioned

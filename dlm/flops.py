@@ -9,8 +9,9 @@ adds a time token (DiffusionBERT) is counted as it runs, with no per-family fact
 implementation computes; dlm's LM head at the masked positions only does less work than counted, as activation
 recomputation does more.
 
-Peak: ``peak_tflops`` (per device), or for a recognised CUDA device its dense bf16 peak (:data:`PEAK_BF16_TFLOPS`);
-on a CPU or an unknown device nothing is logged unless ``peak_tflops`` is given.
+Used by ``ThroughputLogger`` (``train/tflops``, ``train/mfu``: peak ``peak_tflops`` per device, or for a
+recognised CUDA device its dense bf16 peak, :data:`PEAK_BF16_TFLOPS`; nothing on a CPU unless given) and by the
+``dry_run=true`` plan (:func:`flops_per_token`, from the family's training layout).
 """
 
 from __future__ import annotations
@@ -65,6 +66,20 @@ def backbone_geometry(backbone: nn.Module) -> tuple[int, int, int]:
     return int(n), int(layers), int(width)
 
 
+def per_position(n: int, layers: int, width: int, seq_len: int, backward: bool = True) -> float:
+    """Model FLOPs of one backbone position in a sequence of ``seq_len``: 6N + 12 L d T, a third without backward."""
+    k = 3 if backward else 1  # a backward pass costs twice the forward
+    return k * (2 * n + 4 * layers * width * seq_len)
+
+
+def flops_per_token(backbone: nn.Module, seq_len: int, layout: tuple[int, int] = (1, 1)) -> float:
+    """Training model FLOPs per data token: ``layout`` = (backbone forwards per row, sequence-length multiple), the
+    family's :meth:`~dlm.methods.base.DiffusionLM.training_layout` (BD3-LM: one forward over 2T; SUNDAE: one per
+    unrolled step)."""
+    forwards, stretch = layout
+    return forwards * stretch * per_position(*backbone_geometry(backbone), seq_len * stretch)
+
+
 class FlopCounter:
     """Counts the model FLOPs of the training forwards of ``backbone`` (a forward pre-hook) into ``flops``."""
 
@@ -74,8 +89,7 @@ class FlopCounter:
         self._handle = backbone.register_forward_pre_hook(self._count)
 
     def per_position(self, seq_len: int, backward: bool) -> float:
-        k = 3 if backward else 1  # a backward pass costs twice the forward
-        return k * (2 * self.n + 4 * self.layers * self.width * seq_len)
+        return per_position(self.n, self.layers, self.width, seq_len, backward)
 
     @torch.compiler.disable  # runs before a compiled backbone's graph, not traced into it
     def _count(self, module: nn.Module, args: tuple) -> None:
