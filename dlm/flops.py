@@ -60,9 +60,9 @@ def backbone_geometry(backbone: nn.Module) -> tuple[int, int, int]:
         text = cfg.get_text_config()
         layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", 0)
         width = getattr(text, "hidden_size", None) or getattr(text, "n_embd", 0)
-    else:
+    else:  # the native Transformer (module attributes: right under ZeRO-3 partitioning too)
         layers = len(getattr(backbone, "blocks", []))
-        width = emb.shape[1] if emb is not None else 0
+        width = getattr(getattr(backbone, "tok_emb", None), "embedding_dim", 0)
     return int(n), int(layers), int(width)
 
 

@@ -97,3 +97,31 @@ def test_the_plans_flops_per_token_is_what_a_training_step_runs(run_cfg, method)
     module.loss(batch, generator=torch.Generator().manual_seed(0))["loss"].backward()
     assert counter.flops / batch["input_ids"].numel() == pytest.approx(plan.flops_per_token, rel=1e-9)
     assert any(line.startswith("model FLOPs: ") for line in plan.lines())
+
+
+@pytest.mark.slow  # ~15 s: DeepSpeed in a subprocess
+def test_the_geometry_of_a_zero3_partitioned_backbone_is_the_whole_models(tmp_path):
+    """Under ZeRO-3 a parameter's own numel is 0 (its shard lives elsewhere): the count reads ds_numel."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "z3.py"
+    script.write_text(
+        "import os, torch, deepspeed\n"
+        "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT='29541', RANK='0', WORLD_SIZE='1', LOCAL_RANK='0')\n"
+        "deepspeed.init_distributed(dist_backend='gloo')\n"
+        "from dlm.models import Transformer\n"
+        "from dlm.flops import backbone_geometry\n"
+        "kw = dict(vocab_size=500, n_layers=2, d_model=64, n_heads=4, max_seq_len=64)\n"
+        "plain = Transformer(**kw)\n"
+        "cfg = {'train_batch_size': 1, 'zero_optimization': {'stage': 3, 'stage3_param_persistence_threshold': 0}}\n"
+        "with deepspeed.zero.Init(config_dict_or_path=cfg):\n"
+        "    part = Transformer(**kw)\n"
+        "assert sum(p.numel() for p in part.parameters()) == 0\n"
+        "print(backbone_geometry(plain) == backbone_geometry(part))\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "True"

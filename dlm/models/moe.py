@@ -28,7 +28,8 @@ def count_active_parameters(module: nn.Module) -> int:
     experts, embeddings) counts fully. For a dense model this equals the total parameter count.
     """
     named = dict(module.named_modules())
-    params = {id(p): p.numel() for p in module.parameters()}
+    # under ZeRO-3 a parameter's own numel is 0 (its shard lives elsewhere): ds_numel is its whole size
+    params = {id(p): getattr(p, "ds_numel", None) or p.numel() for p in module.parameters()}
     active = float(sum(params.values()))
     seen: set[int] = set()
     for name, sub in named.items():
