@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_prefix_cache import EOS, LENGTH, MASK, TOKENIZER, VOCAB, L, P, prompts, run
+from test_prefix_cache import EOS, LENGTH, MASK, TOKENIZER, VOCAB, L, P, prompts, ragged_infill, run
 from test_prefix_cache import count_positions as forward_lengths
 from test_prefix_cache import make_mdlm as make_native_mdlm
 
@@ -47,11 +47,7 @@ def test_dual_cache_equals_uncached_when_the_block_sees_neither_side(kind, shift
 
 def test_exact_with_ragged_rows_and_eos_fill_past_the_block():
     model = make_mdlm("native", "block_causal")
-    x = torch.randint(0, 9, (3, P + LENGTH), generator=torch.Generator().manual_seed(2))
-    fill = torch.zeros_like(x, dtype=torch.bool)
-    fill[0, P:] = True
-    fill[1, P + L :] = True  # this row's blocks start one block later: the recomputed window spans both rows' blocks
-    fill[2, P + 1 :: 2] = True
+    x, fill = ragged_infill()  # rows start their blocks apart: the recomputed window spans both rows' blocks
     for eos in (None, EOS):
         kw = dict(threshold=0.5, temperature=1.0, block_length=L, eos_id=eos)
         plain = run(model, ThresholdSampler(**kw), x, fill, seed=3)

@@ -64,13 +64,19 @@ def test_cached_equals_uncached_when_the_prefix_cannot_see_the_suffix(shift, tem
     assert sum(seen) < plain.num_network_calls * (P + LENGTH) or tau == 0.0
 
 
-def test_exact_with_ragged_rows_and_eos_fill():
-    model = make_mdlm("block_causal", block_size=P)
+def ragged_infill() -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows whose blocks start apart, one with holes between given tokens: (tokens, fill mask)."""
     x = torch.randint(0, 9, (3, P + LENGTH), generator=torch.Generator().manual_seed(2))
     fill = torch.zeros_like(x, dtype=torch.bool)
     fill[0, P:] = True
     fill[1, P + L :] = True  # this row's blocks start one block later: the shared prefix is the earliest row's
     fill[2, P + 1 :: 2] = True  # holes with given tokens between them
+    return x, fill
+
+
+def test_exact_with_ragged_rows_and_eos_fill():
+    model = make_mdlm("block_causal", block_size=P)
+    x, fill = ragged_infill()
     for eos in (None, EOS):
         kw = dict(threshold=0.5, temperature=1.0, block_length=L, eos_id=eos)
         plain = run(model, ThresholdSampler(**kw), x, fill, seed=3)

@@ -288,11 +288,16 @@ class DiffusionLM(L.LightningModule, ABC):
         cache.reset()
         return cache
 
+    @property
+    def backbone_has_static_cache(self) -> bool:
+        """Whether the backbone can build a static KV cache: it is attended to under an explicit mask, so HF models
+        need sdpa/eager attention ("converted")."""
+        return hasattr(self.backbone, "static_cache") and getattr(self.backbone, "converted", True)
+
     def _use_static_cache(self) -> bool:
         from dlm.compile import is_compiled
 
-        # a static cache is attended to under an explicit mask: HF models need sdpa/eager attention ("converted")
-        supported = hasattr(self.backbone, "static_cache") and getattr(self.backbone, "converted", True)
+        supported = self.backbone_has_static_cache
         if self.static_kv_cache is None:
             return supported and is_compiled(self.backbone)
         if self.static_kv_cache and not supported:

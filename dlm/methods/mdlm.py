@@ -158,8 +158,7 @@ class MDLM(MaskedTermsObjective, DiffusionLM):
     @property
     def supports_dual_cache(self) -> bool:
         """Whether the backbone has a static KV cache (the dual cache writes the block between cached keys)."""
-        return self.supports_prefix_cache and hasattr(self.backbone, "static_cache") and \
-            getattr(self.backbone, "converted", True)
+        return self.supports_prefix_cache and self.backbone_has_static_cache
 
     @torch.no_grad()
     def dual_cached_denoise(
