@@ -12,6 +12,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from dlm.errors import UserError
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = (
     "method", "model", "schedule", "optimizer", "lr_scheduler", "trainer", "data", "sampler", "logger",
@@ -20,7 +22,7 @@ GROUPS = (
 _STARTED = datetime.now()  # one timestamp per process, however often the run-dir resolver is evaluated
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """Every problem found in a config, reported together."""
 
     def __init__(self, problems: list[str]):

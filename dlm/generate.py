@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from dlm.compile import check_mode, compile_backbone
 from dlm.config import CONF_DIR, register_resolvers
+from dlm.errors import UserError
 from dlm.run import NotARunError
 
 register_resolvers()
@@ -55,7 +56,7 @@ HOLE = re.compile(r"\[MASK(?::(\d+))?\]")
 DEFAULT_LENGTH = 32
 
 
-class GenerateError(ValueError):
+class GenerateError(UserError):
     """A request the CLI cannot serve; the message says what is supported."""
 
 

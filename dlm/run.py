@@ -22,13 +22,15 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from dlm.errors import UserError
+
 __all__ = ["LoadedRun", "NotARunError", "find_checkpoint", "load_config", "load_run", "resolve_run_path",
            "run_choices", "run_overrides"]
 
 _HYDRA_REF = re.compile(r"\$\{hydra:([^}]+)\}")
 
 
-class NotARunError(FileNotFoundError):
+class NotARunError(UserError, FileNotFoundError):
     """The path is not a run folder (nor a checkpoint inside one)."""
 
 
