@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,6 @@ GROUPS = (
     "method", "model", "schedule", "optimizer", "lr_scheduler", "trainer", "data", "sampler", "logger",
     "callbacks", "experiment", "paths", "launcher", "hparams_search",
 )
-_STARTED = datetime.now()  # one timestamp per process, however often the run-dir resolver is evaluated
 
 
 class ConfigError(UserError):
@@ -69,6 +67,11 @@ def register_resolvers() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainSchema)
     if not OmegaConf.has_resolver("dlm_run_dir"):
         OmegaConf.register_new_resolver("dlm_run_dir", run_dir_for)
+    if not OmegaConf.has_resolver("dlm_sweep_dir"):
+        from dlm.sweep import sweep_dir_for
+
+        # cached: a sweep's jobs (Hydra copies the cache into each job's config) all see the one folder
+        OmegaConf.register_new_resolver("dlm_sweep_dir", sweep_dir_for, use_cache=True)
     if not OmegaConf.has_resolver("dlm_mkdir"):
         # A folder that must exist before anything runs (sqlite cannot create the folder of its database).
         OmegaConf.register_new_resolver("dlm_mkdir", lambda path: (Path(path).mkdir(parents=True, exist_ok=True), path)[1])
@@ -87,15 +90,18 @@ def running_hydra_config():
 
 # ---- run folders and resuming ------------------------------------------------------------------------------
 def run_dir_for(output_root: str, name: str, ckpt_path: str | None) -> str:
-    """The run folder: a new timestamped one, or — when resuming — the folder of the run being resumed, so a
-    run keeps one folder however often it is restarted."""
+    """The run folder: when resuming, the folder of the run being resumed (a run keeps one folder however often it
+    is restarted); else a new timestamped one, claimed atomically (dlm.run_folder.claim_run_dir: a suffix when a
+    run of the same name started in the same second holds it)."""
+    from dlm.run_folder import CHECKPOINTS, LAST_CKPT, claim_run_dir, timestamp
+
     if ckpt_path == "last":
-        candidates = sorted(Path(output_root, name).glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        candidates = sorted(Path(output_root, name).glob(f"*/{CHECKPOINTS}/{LAST_CKPT}"), key=lambda p: p.stat().st_mtime)
         if candidates:
             return str(candidates[-1].parent.parent)
-    elif ckpt_path and Path(ckpt_path).parent.name == "checkpoints":
+    elif ckpt_path and Path(ckpt_path).parent.name == CHECKPOINTS:
         return str(Path(ckpt_path).parent.parent)
-    return str(Path(output_root, name, _STARTED.strftime("%Y-%m-%d_%H-%M-%S")))
+    return str(claim_run_dir(Path(output_root, name), timestamp()))
 
 
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
@@ -178,7 +184,7 @@ def explain_override(override: str, base_overrides: list[str], error: Exception)
     if key in GROUPS:
         return f"{override}: no such option; valid options for {key}: {', '.join(group_options(key))}"
     parent, _, leaf = key.rpartition(".")
-    cfg = _compose(base_overrides)
+    cfg = compose_train(base_overrides)
     node = OmegaConf.select(cfg, parent) if parent else cfg
     if isinstance(node, DictConfig) and leaf not in node:
         valid = sorted(str(k) for k in node.keys())
@@ -190,13 +196,15 @@ def explain_override(override: str, base_overrides: list[str], error: Exception)
     return f"{override}: {first_line}"
 
 
-def _compose(overrides: list[str]) -> DictConfig:
+def compose_train(overrides: list[str], return_hydra_config: bool = False) -> DictConfig:
+    """conf/train.yaml composed with ``overrides``, outside a Hydra job."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    register_resolvers()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=overrides)
+        return compose("train", overrides=overrides, return_hydra_config=return_hydra_config)
 
 
 def preflight(overrides: list[str]) -> list[str]:
@@ -204,7 +212,7 @@ def preflight(overrides: list[str]) -> list[str]:
     Returns the problems (empty when the config composes)."""
     plain = [o for o in overrides if not o.startswith(("hydra.", "hydra/", "--", "-"))]
     try:
-        _compose(plain)
+        compose_train(plain)
         return []
     except Exception:
         pass
@@ -212,7 +220,7 @@ def preflight(overrides: list[str]) -> list[str]:
     good, problems = [], []
     for override in groups_first:
         try:
-            _compose(good + [override])
+            compose_train(good + [override])
             good.append(override)
         except Exception as err:  # Hydra raises several exception types for bad overrides
             problems.append(explain_override(override, good, err))

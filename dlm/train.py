@@ -28,6 +28,8 @@ from dlm.config import (
     resolve_ckpt_path,
     running_hydra_config,
 )
+from dlm.errors import user_errors
+from dlm.run_folder import append_resume_record, drop_metrics_after, release_run_dir, write_hydra_record
 
 # torch and Lightning are imported where a run starts, so that --cfg, --help and bad overrides answer fast.
 register_resolvers()
@@ -106,10 +108,17 @@ def log_config(loggers: list, cfg: DictConfig) -> None:
 
 
 def final_results(trainer, callbacks: list, started: float, status: str) -> dict:
+    """results.json: the status, the final metrics, and the wall time of this segment and (summed over the earlier
+    segments of a resumed run, dlm/callbacks/continuity.py) of the whole run."""
+    from dlm.callbacks.continuity import RunContinuity
+
+    segment = time.perf_counter() - started
+    before = sum(c.before for c in callbacks if isinstance(c, RunContinuity))
     results = {
         "status": status,
         "global_step": trainer.global_step,
-        "wall_time_s": round(time.perf_counter() - started, 2),
+        "wall_time_s": round(before + segment, 2),
+        "segment_wall_time_s": round(segment, 2),
     }
     for key, value in trainer.callback_metrics.items():
         results[key] = float(value)
@@ -155,6 +164,27 @@ def finish_loggers(loggers: list, results: dict) -> None:
             experiment.finish()
 
 
+def record_run(cfg: DictConfig, run_dir: Path, module, ckpt_path: str | None) -> None:
+    """What the run used, written once its checks passed: .hydra/ (under Hydra), and on a resume the checkpoint's
+    fit to the model (checked first), a line in resumes.jsonl, and metrics.csv without the rows past the
+    checkpoint's step (they are logged again)."""
+    from dlm.resume import check_checkpoint_fits
+
+    resumed_step = None
+    if ckpt_path is not None:
+        resumed_step = check_checkpoint_fits(module, Path(ckpt_path), run_dir)
+    hc = running_hydra_config()
+    if hc is not None:
+        write_hydra_record(run_dir, cfg, hc)
+    if ckpt_path is not None:
+        overrides = list(hc.overrides.task) if hc is not None else []
+        append_resume_record(run_dir, str(ckpt_path), resumed_step, overrides)
+        if resumed_step is not None:
+            dropped = drop_metrics_after(run_dir, resumed_step)
+            if dropped:
+                print(f"resume: dropped {dropped} metrics.csv rows logged after step {resumed_step} (logged again)")
+
+
 def train(cfg: DictConfig) -> Path:
     import lightning as L
 
@@ -175,6 +205,7 @@ def train(cfg: DictConfig) -> Path:
         for line in plan.lines():
             print("  " + line)
         print(f"  outputs: {run_dir} (checkpoints/, metrics.csv, results.json, samples.jsonl, wandb/)")
+        release_run_dir(run_dir)  # a plan leaves no empty run folder behind
         return run_dir
 
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
@@ -183,6 +214,7 @@ def train(cfg: DictConfig) -> Path:
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError([f"data: {err}"]) from err
     module = build_module(cfg, datamodule, defer_to_zero3=True)
+    record_run(cfg, run_dir, module, ckpt_path)  # after every check: a refused run writes nothing
     module.static_kv_cache = cfg.get("static_kv_cache")
     if not module.backbone_deferred:  # a deferred (ZeRO-3) backbone is compiled where it is built
         compile_backbone(module.backbone, cfg.get("compile"))  # in place: checkpoint keys unchanged (dlm/compile.py)
@@ -245,10 +277,15 @@ def hydra_main(cfg: DictConfig) -> float | None:
     except Exception as err:
         # In a sweep one failing job is reported and the others go on; a single run exits non-zero.
         if in_multirun():
+            hc = running_hydra_config()
+            if not (run_dir / ".hydra" / "config.yaml").is_file():  # the sweep's table lists the failed job too
+                write_hydra_record(run_dir, cfg, hc)
             record_failure(run_dir, err)
             print(f"error: job {HydraConfig.get().job.num} failed: {err}", file=sys.stderr)
             print(f"run_dir: {run_dir}")
             return float("inf") if cfg.get("optimized_metric") else None
+        if isinstance(err, ConfigError):
+            release_run_dir(run_dir)  # refused before training: no empty run folder is left
         if isinstance(err, (ConfigError, NonFiniteLossError)):
             print(f"error: {err}", file=sys.stderr)
             if isinstance(err, NonFiniteLossError):
@@ -271,7 +308,11 @@ def optimized_value(cfg: DictConfig, run_dir: Path) -> float | None:
 
 
 def main() -> None:
-    """Check the overrides first, so that every bad one is reported at once with the valid choices."""
+    """Check the overrides first, so that every bad one is reported at once with the valid choices; a resume
+    (``ckpt_path=``) is resolved to its run and that run's own overrides before Hydra starts (dlm.resume)."""
+    from dlm import sweep
+    from dlm.resume import override_key, resolve_resume
+
     multirun = any(a in ("-m", "--multirun") for a in sys.argv[1:])
     overrides = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
     if not multirun and not any("," in o.split("=", 1)[1] and "[" not in o for o in overrides):
@@ -279,7 +320,16 @@ def main() -> None:
         if problems:
             print("error: invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
             sys.exit(2)
+        if any(override_key(o) == "ckpt_path" for o in overrides):
+            with user_errors():
+                resume = resolve_resume(overrides)
+            if resume is not None:
+                flags = [a for a in sys.argv[1:] if a not in overrides]
+                sys.argv[1:] = flags + resume.overrides
+                print(f"resume: {resume.checkpoint} with overrides {' '.join(resume.overrides)}")
     hydra_main()
+    if sweep.failed_jobs():
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -168,8 +168,9 @@ def test_a_failing_sweep_job_is_reported_and_the_others_keep_their_results(tmp_p
     proc = _cli("-m", "trainer.max_steps=2,0", "trainer.val_check_interval=1", "trainer.limit_val_batches=1",
                 "data.source.num_train=256", "data.batch_size=8", "samples.num_prompted=1", "samples.num_infill=1",
                 "samples.num_unconditional=1", "logger=none", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stderr[-3000:]  # the sweep's exit status says a job failed
     good = json.loads((sweep / "0" / "results.json").read_text())
     bad = json.loads((sweep / "1" / "results.json").read_text())
     assert good["status"] == "completed" and bad["status"].startswith("failed") and "max_steps" in bad["status"]
     assert "job 1 failed" in proc.stderr
+    assert "2 jobs, 1 failed" in proc.stdout

@@ -1,0 +1,153 @@
+"""Which run a ``ckpt_path=`` command resumes, and with which overrides: decided before Hydra starts the job, so
+that a refused resume writes nothing into the run it named.
+
+A resumed run keeps the overrides it was started with (its ``.hydra/overrides.yaml``): the command line's are
+merged over them, key by key, so ``python -m dlm.train ckpt_path=last trainer.max_steps=4000`` continues the same
+data, model and method with more steps. ``ckpt_path=last`` picks the newest run of the name whose model and data,
+composed that way, are the ones it was trained with (a command that names ``data=arithmetic`` skips newer runs of
+the name that trained on brackets), or says why none fits. ``ckpt_path=<file>`` resumes that checkpoint, refused
+with the differing keys when the command composes another model or data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from dlm.config import ConfigError, compose_train
+from dlm.run_folder import CHECKPOINTS, HYDRA_DIR, LAST_CKPT
+
+# Data keys that say how the data is read, not what it is: they may change on resume.
+_DATA_RUNTIME_KEYS = ("cache_dir", "num_workers", "batch_size")
+
+
+@dataclass
+class Resume:
+    checkpoint: Path
+    run_dir: Path | None  # None: a checkpoint outside a run folder
+    overrides: list[str]  # the effective overrides: the run's own, the command line's merged over them
+
+
+def override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def merge_overrides(saved: list[str], given: list[str]) -> list[str]:
+    """``saved`` with every key that ``given`` sets replaced, then ``given``; ``ckpt_path`` is never inherited."""
+    keys = {override_key(o) for o in given}
+    return [o for o in saved if override_key(o) not in keys and override_key(o) != "ckpt_path"] + list(given)
+
+
+def saved_overrides(run_dir: Path) -> list[str]:
+    path = run_dir / HYDRA_DIR / "overrides.yaml"
+    return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
+
+
+def _plain(node: Any) -> Any:
+    try:
+        return OmegaConf.to_container(node, resolve=True)
+    except Exception:  # noqa: BLE001 - an interpolation only Hydra's job answers: compare as written
+        return OmegaConf.to_container(node, resolve=False)
+
+
+def _differences(a: Any, b: Any, prefix: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b), key=str):
+            out += _differences(a.get(key), b.get(key), f"{prefix}.{key}")
+        return out
+    return [] if a == b else [f"{prefix}: {b!r} in the run, {a!r} now"]
+
+
+def fit_problems(composed: DictConfig, trained: DictConfig) -> list[str]:
+    """How the model and data that ``composed`` builds differ from those the run was ``trained`` with."""
+    problems = _differences(_plain(composed.model), _plain(trained.model), "model")
+    data_now, data_then = _plain(composed.data), _plain(trained.data)
+    for data in (data_now, data_then):
+        for key in _DATA_RUNTIME_KEYS:
+            if isinstance(data, dict):
+                data.pop(key, None)
+    return problems + _differences(data_now, data_then, "data")
+
+
+def _compose(overrides: list[str]) -> DictConfig:
+    from hydra.core.hydra_config import HydraConfig
+
+    cfg = compose_train(overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # so that ${hydra:runtime.choices...} (the run name) resolves
+    return cfg
+
+
+def _candidates(ckpt_path: str, composed: DictConfig) -> list[Path]:
+    if ckpt_path != "last":
+        return [Path(ckpt_path).expanduser()]
+    root = Path(composed.paths.output_root, composed.name)
+    found = sorted(root.glob(f"*/{CHECKPOINTS}/{LAST_CKPT}"), key=lambda p: p.stat().st_mtime, reverse=True)
+    if not found:
+        raise ConfigError([f"ckpt_path=last: no run named {composed.name} under {composed.paths.output_root} has "
+                           f"{CHECKPOINTS}/{LAST_CKPT}; pass the .ckpt file of a run, or the name= (and "
+                           f"paths.output_root) of the run to resume"])
+    return found
+
+
+def resolve_resume(given: list[str]) -> Resume | None:
+    """The run a command line with ``ckpt_path=`` resumes (None without one). Raises a ConfigError naming each
+    candidate and why it does not fit when none does."""
+    from dlm.run import load_config
+
+    ckpt = next((o.split("=", 1)[1] for o in given if override_key(o) == "ckpt_path"), None)
+    if ckpt in (None, "", "null"):
+        return None
+    composed = _compose(given)
+    reasons = []
+    for checkpoint in _candidates(ckpt, composed):
+        if not checkpoint.exists():
+            raise ConfigError([f"ckpt_path={ckpt}: no checkpoint at {checkpoint}; pass the .ckpt file of a run, or "
+                               f"ckpt_path=last with the same name= (and paths.output_root) as the run to resume"])
+        run_dir = checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else None
+        if run_dir is None or not (run_dir / HYDRA_DIR / "config.yaml").is_file():
+            return Resume(checkpoint, None, list(given))
+        merged = merge_overrides(saved_overrides(run_dir), [o for o in given if override_key(o) != "ckpt_path"])
+        merged.append(f"ckpt_path={checkpoint}")
+        problems = fit_problems(_compose(merged), load_config(run_dir))
+        if not problems:
+            return Resume(checkpoint, run_dir, merged)
+        reasons.append(f"{run_dir}: " + "; ".join(problems[:4]) + (" ..." if len(problems) > 4 else ""))
+    hint = ("drop the overrides that change them, or start a new run without ckpt_path" if ckpt != "last" else
+            "name the model and data it was trained with, or start a new run without ckpt_path")
+    raise ConfigError([f"ckpt_path={ckpt}: the command builds another model or data than the run was trained with "
+                       f"({hint}):"] + reasons)
+
+
+def check_checkpoint_fits(module, checkpoint: Path, run_dir: Path | None) -> int | None:
+    """Refuse, before anything is written, a checkpoint whose tensors do not fit ``module`` (the model this command
+    builds): a ConfigError naming the first mismatched tensors and the config the checkpoint came from. Returns the
+    checkpoint's global step (None for a DeepSpeed folder, which DeepSpeed itself checks)."""
+    import torch
+
+    checkpoint = Path(checkpoint)
+    if checkpoint.is_dir():
+        return None
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    state = saved.get("state_dict", {}) if isinstance(saved, dict) else {}
+    live = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
+    problems = [f"{k}: {list(have[k])} in the checkpoint, {list(live[k])} now" for k in live if k in have
+                and have[k] != live[k]]
+    problems += [f"{k}: missing from the checkpoint" for k in live if k not in have]
+    problems += [f"{k}: in the checkpoint, not in this model" for k in have if k not in live]
+    if problems:
+        origin = ""
+        if run_dir is not None and (run_dir / HYDRA_DIR / "hydra.yaml").is_file():
+            from dlm.run import run_choices
+
+            choices = run_choices(run_dir)
+            origin = (f"; it comes from {run_dir} (model={choices.get('model')}, method={choices.get('method')}, "
+                      f"data={choices.get('data')}: {run_dir / HYDRA_DIR / 'config.yaml'})")
+        raise ConfigError([f"ckpt_path={checkpoint} does not fit the model this command builds ({len(problems)} "
+                           f"tensors differ){origin}; resume with the model it was trained with, or start a new run "
+                           f"without ckpt_path. First differences:"] + problems[:5])
+    return int(saved.get("global_step", 0))

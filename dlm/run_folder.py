@@ -1,0 +1,120 @@
+"""The run folder: its layout, claiming a fresh one atomically, and the records written into it.
+
+    <run_dir>/.hydra/{config,hydra,overrides}.yaml   what the run used (written once the run's checks passed)
+    <run_dir>/checkpoints/last.ckpt                  and best-*.ckpt
+    <run_dir>/metrics.csv  results.json  samples.jsonl  resumes.jsonl  wandb/  hf/
+
+Two runs of one name started in the same second must not share a folder: :func:`claim_run_dir` creates the
+timestamped folder with ``mkdir(exist_ok=False)`` and takes the next free suffix (``-1``, ``-2``, ...) when the name
+is taken. A folder claimed by this process that holds nothing of a run yet (a dry run, a config refused before
+training) is removed again by :func:`release_run_dir`, so no empty run folders are left behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import time
+from datetime import datetime
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+HYDRA_DIR = ".hydra"
+CHECKPOINTS = "checkpoints"
+LAST_CKPT = "last.ckpt"
+RESULTS = "results.json"
+METRICS = "metrics.csv"
+RESUMES = "resumes.jsonl"
+
+STARTED = datetime.now()  # one timestamp per process, however often a folder resolver is evaluated
+_claimed: dict[tuple[str, str], Path] = {}  # (parent, stem) -> the folder this process claimed for it
+
+
+def timestamp() -> str:
+    return STARTED.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def claim_run_dir(parent: str | Path, stem: str) -> Path:
+    """``parent/stem``, created now; ``parent/stem-<k>`` for the smallest free k when another run holds it. The
+    same (parent, stem) asked again in this process gets the folder it already claimed (Hydra resolves the run
+    folder more than once)."""
+    key = (str(parent), stem)
+    if key in _claimed:
+        return _claimed[key]
+    Path(parent).mkdir(parents=True, exist_ok=True)
+    for k in range(10_000):
+        folder = Path(parent, stem if k == 0 else f"{stem}-{k}")
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        _claimed[key] = folder
+        return folder
+    raise RuntimeError(f"{parent}: no free run folder named {stem}-<k>")
+
+
+def release_run_dir(run_dir: str | Path) -> bool:
+    """Remove ``run_dir`` when this process claimed it and nothing of a run was written into it (only Hydra's own
+    files, if any). Returns whether it was removed."""
+    run_dir = Path(run_dir).resolve()
+    if run_dir not in {p.resolve() for p in _claimed.values()} or not run_dir.is_dir():
+        return False
+    if any(p.name not in (HYDRA_DIR, "train.log") for p in run_dir.iterdir()):
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return True
+
+
+def write_hydra_record(run_dir: Path, cfg: DictConfig, hydra_cfg: DictConfig) -> None:
+    """``.hydra/config.yaml`` (the task config, interpolations kept), ``hydra.yaml`` and ``overrides.yaml``, as
+    Hydra writes them at job start; dlm writes them itself once the run's checks passed, so a refused resume never
+    rewrites the record of the run it named."""
+    folder = run_dir / HYDRA_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
+    files = {"config.yaml": task, "hydra.yaml": OmegaConf.create({"hydra": hydra_cfg}),
+             "overrides.yaml": hydra_cfg.overrides.task}
+    for name, node in files.items():
+        _atomic_write(folder / name, OmegaConf.to_yaml(node))
+
+
+def append_resume_record(run_dir: Path, checkpoint: str, step: int, overrides: list[str]) -> None:
+    """One line per resume in ``resumes.jsonl``: when, from which checkpoint and step, with which overrides."""
+    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "checkpoint": checkpoint, "step": step,
+              "overrides": list(overrides)}
+    with open(run_dir / RESUMES, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def drop_metrics_after(run_dir: Path, step: int) -> int:
+    """Remove the rows of ``metrics.csv`` logged after ``step`` (a resume from that step logs them again).
+    Returns the number of rows dropped."""
+    path = run_dir / METRICS
+    if not path.is_file():
+        return 0
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        rows = list(reader)
+    if not header or "step" not in header:
+        return 0
+    at = header.index("step")
+    kept = [r for r in rows if not (len(r) > at and r[at].strip() and float(r[at]) > step)]
+    if len(kept) == len(rows):
+        return 0
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(kept)
+    os.replace(tmp, path)
+    return len(rows) - len(kept)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
