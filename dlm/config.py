@@ -93,7 +93,7 @@ def run_dir_for(output_root: str, name: str, ckpt_path: str | None) -> str:
     """The run folder: when resuming, the folder of the run being resumed (a run keeps one folder however often it
     is restarted); else a new timestamped one, claimed atomically (dlm.run_folder.claim_run_dir: a suffix when a
     run of the same name started in the same second holds it)."""
-    from dlm.run_folder import CHECKPOINTS, LAST_CKPT, claim_run_dir, timestamp
+    from dlm.run_folder import CHECKPOINTS, LAST_CKPT, claim_run_dir
 
     if ckpt_path == "last":
         candidates = sorted(Path(output_root, name).glob(f"*/{CHECKPOINTS}/{LAST_CKPT}"), key=lambda p: p.stat().st_mtime)
@@ -101,7 +101,7 @@ def run_dir_for(output_root: str, name: str, ckpt_path: str | None) -> str:
             return str(candidates[-1].parent.parent)
     elif ckpt_path and Path(ckpt_path).parent.name == CHECKPOINTS:
         return str(Path(ckpt_path).parent.parent)
-    return str(claim_run_dir(Path(output_root, name), timestamp()))
+    return str(claim_run_dir(Path(output_root, name)))
 
 
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:

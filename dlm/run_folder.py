@@ -29,22 +29,18 @@ RESULTS = "results.json"
 METRICS = "metrics.csv"
 RESUMES = "resumes.jsonl"
 
-STARTED = datetime.now()  # one timestamp per process, however often a folder resolver is evaluated
-_claimed: dict[tuple[str, str], Path] = {}  # (parent, stem) -> the folder this process claimed for it
+_claimed: dict[str, Path] = {}  # parent -> the folder this process claimed under it for the run in progress
 
 
-def timestamp() -> str:
-    return STARTED.strftime("%Y-%m-%d_%H-%M-%S")
-
-
-def claim_run_dir(parent: str | Path, stem: str) -> Path:
-    """``parent/stem``, created now; ``parent/stem-<k>`` for the smallest free k when another run holds it. The
-    same (parent, stem) asked again in this process gets the folder it already claimed (Hydra resolves the run
-    folder more than once)."""
-    key = (str(parent), stem)
+def claim_run_dir(parent: str | Path) -> Path:
+    """``parent/<time>`` (``%Y-%m-%d_%H-%M-%S``), created now; ``parent/<time>-<k>`` for the smallest free k when
+    another run holds it. Asked again in this process (Hydra resolves the run folder more than once) it returns the
+    folder it already claimed, until :func:`forget_claims`."""
+    key = str(parent)
     if key in _claimed:
         return _claimed[key]
     Path(parent).mkdir(parents=True, exist_ok=True)
+    stem = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     for k in range(10_000):
         folder = Path(parent, stem if k == 0 else f"{stem}-{k}")
         try:
@@ -54,6 +50,11 @@ def claim_run_dir(parent: str | Path, stem: str) -> Path:
         _claimed[key] = folder
         return folder
     raise RuntimeError(f"{parent}: no free run folder named {stem}-<k>")
+
+
+def forget_claims() -> None:
+    """End of a run in this process: the next run claims a folder of its own (tests run several in one process)."""
+    _claimed.clear()
 
 
 def release_run_dir(run_dir: str | Path) -> bool:

@@ -16,7 +16,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from dlm.run_folder import claim_run_dir, timestamp
+from dlm.run_folder import claim_run_dir
 
 _METRICS = ("global_step", "val/nll_bound", "val/loss", "sample/valid_frac", "wall_time_s")
 _last: dict[str, Any] = {}  # the summary of the sweep that ended last in this process
@@ -24,7 +24,7 @@ _last: dict[str, Any] = {}  # the summary of the sweep that ended last in this p
 
 def sweep_dir_for(parent: str) -> str:
     """A new ``parent/<time>`` folder (``-<k>`` when a sweep started in the same second holds it)."""
-    return str(claim_run_dir(Path(parent), timestamp()))
+    return str(claim_run_dir(Path(parent)))
 
 
 def summary_rows(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -65,6 +65,9 @@ def job_failed(status: str | None) -> bool:
 
 class SweepSummary(Callback):
     """Prints the sweep's table when it ends and remembers how many jobs failed."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _last.clear()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))

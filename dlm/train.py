@@ -29,7 +29,13 @@ from dlm.config import (
     running_hydra_config,
 )
 from dlm.errors import user_errors
-from dlm.run_folder import append_resume_record, drop_metrics_after, release_run_dir, write_hydra_record
+from dlm.run_folder import (
+    append_resume_record,
+    drop_metrics_after,
+    forget_claims,
+    release_run_dir,
+    write_hydra_record,
+)
 
 # torch and Lightning are imported where a run starts, so that --cfg, --help and bad overrides answer fast.
 register_resolvers()
@@ -327,7 +333,10 @@ def main() -> None:
                 flags = [a for a in sys.argv[1:] if a not in overrides]
                 sys.argv[1:] = flags + resume.overrides
                 print(f"resume: {resume.checkpoint} with overrides {' '.join(resume.overrides)}")
-    hydra_main()
+    try:
+        hydra_main()
+    finally:
+        forget_claims()
     if sweep.failed_jobs():
         sys.exit(1)
 

@@ -59,3 +59,46 @@ def run_cfg(tmp_path):
         )
 
     return make
+
+
+# A tiny run through the training CLI (dlm.train.main, in-process).
+TINY_CLI = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
+            "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
+            "data.batch_size=8", "samples.num_unconditional=1", "samples.num_prompted=1", "samples.num_infill=1",
+            "sampler.steps=2", "logger=none", "name=resume"]
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A working directory with the output and cache roots inside it (DLM_OUTPUT_ROOT, DLM_CACHE_DIR)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DLM_OUTPUT_ROOT", str(tmp_path / "runs"))
+    monkeypatch.setenv("DLM_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path
+
+
+@pytest.fixture
+def train_cli(monkeypatch, capsys):
+    """``train_cli(*args) -> (exit code, stdout, stderr)``: python -m dlm.train <args>, run in this process."""
+    import sys
+
+    from dlm.train import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["dlm.train", *args])
+        code = 0
+        try:
+            main()
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def run_dir_of(stdout: str):
+    """The run folder a training CLI printed on its last line."""
+    from pathlib import Path
+
+    return Path(stdout.strip().splitlines()[-1].removeprefix("run_dir: "))
