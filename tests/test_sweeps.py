@@ -1,4 +1,4 @@
-"""Every sweep command of the README runs as written (its default sweep folder included), as a subprocess, with
+"""Optuna hyper-parameter search with sqlite storage; every sweep command of the README runs as written (its default sweep folder included), as a subprocess, with
 tiny settings appended; a sweep ends with one table of its jobs and exits non-zero when a job failed."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
@@ -66,3 +67,14 @@ def test_a_sweep_with_a_failed_job_says_so_and_exits_non_zero(tmp_path):
     assert "2 jobs, 1 failed" in proc.stdout
     table = proc.stdout[proc.stdout.index("2 jobs, 1 failed"):]
     assert re.search(r"\n0\s+data.seq_len=16\s.*completed", table) and "failed: ConfigError" in table
+
+
+def test_optuna_search_optimises_the_named_metric_and_stores_the_study(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    proc = sweep(["hparams_search=optuna", "hydra.sweeper.n_trials=2", *TINY], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (folder,) = (tmp_path / "runs" / "multirun" / "optuna").iterdir()  # the default sweep folder
+    best = yaml.safe_load((folder / "optimization_results.yaml").read_text())
+    values = [json.loads((folder / str(i) / "results.json").read_text())["val/nll_bound"] for i in (0, 1)]
+    assert best["best_value"] == pytest.approx(min(values))
+    assert (tmp_path / "runs" / "optuna.db").is_file()
