@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from dlm.models.moe import count_active_parameters
+from dlm.parallel.params import numel
 
 # Dense bf16 tensor-core peaks (TFLOP/s per device) from the vendors' datasheets; matched against the device name.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
@@ -43,18 +44,14 @@ def _embeddings(backbone: nn.Module) -> tuple[nn.Parameter | None, nn.Parameter 
     return getattr(emb, "weight", None), getattr(head, "weight", None)
 
 
-def _numel(p: torch.Tensor) -> int:
-    return int(getattr(p, "ds_numel", 0) or p.numel())  # a ZeRO-3 partition's own numel is 0
-
-
 def backbone_geometry(backbone: nn.Module) -> tuple[int, int, int]:
     """(N matmul parameters per position, layers, width) of a native Transformer or an HF wrapper."""
     emb, head = _embeddings(backbone)
     n = count_active_parameters(backbone)
     if emb is not None:
-        n -= _numel(emb)  # a lookup, not a product
+        n -= numel(emb)  # a lookup, not a product
     if head is not None and emb is not None and head is emb:
-        n += _numel(head)  # tied: the same matrix is also the output projection, a product
+        n += numel(head)  # tied: the same matrix is also the output projection, a product
     cfg = getattr(getattr(backbone, "hf_model", None), "config", None)
     if cfg is not None:
         text = cfg.get_text_config()

@@ -15,6 +15,9 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from dlm.parallel.params import numel as parameter_numel
+from dlm.parallel.params import shape as parameter_shape
+
 ROLES = ("attention", "mlp", "experts", "router", "embedding", "norm")
 _NO_DECAY_ROLES = {"embedding", "norm"}
 
@@ -31,7 +34,7 @@ def parameter_role(name: str, param: nn.Parameter, module: nn.Module | None = No
     """The role of one parameter, from its owning module's type and its qualified name."""
     if isinstance(module, nn.Embedding) or "embed" in name or "lm_head" in name or name.startswith("wte"):
         return "embedding"
-    ndim = len(getattr(param, "ds_shape", param.shape))  # a ZeRO-3 partitioned parameter's own shape is [0]
+    ndim = len(parameter_shape(param))  # the whole shape, also of a ZeRO-3 partitioned parameter
     if ndim < 2 or "norm" in name.lower():
         return "norm"  # norm gains and biases
     for role, needles in _NAME_RULES:
@@ -136,5 +139,5 @@ def freeze_roles(model: nn.Module, lr_multipliers: Mapping[str, float] | None) -
     for name, role in parameter_roles(model).items():
         if role in frozen_roles:
             names[name].requires_grad_(False)
-            counts[role] = counts.get(role, 0) + getattr(names[name], "ds_numel", names[name].numel())
+            counts[role] = counts.get(role, 0) + parameter_numel(names[name])
     return counts

@@ -118,13 +118,23 @@ def build_plan(cfg: DictConfig, vocab_size: int | None) -> Plan:
 
 
 def _strategy_stage(trainer_cfg: DictConfig) -> tuple[str, bool]:
-    """(memory column of zero_memory_per_gpu, parameters offloaded to CPU) for the configured strategy."""
-    strategy = trainer_cfg.get("strategy")
-    target = str(strategy.get("_target_", "")) if isinstance(strategy, DictConfig) else str(strategy or "")
-    if "DeepSpeed" in target:
-        stage = int(strategy.get("stage", 3))
-        return (f"zero{stage}" if stage else "zero0 (ddp)"), bool(strategy.get("offload_parameters", False))
-    if "FSDP" in target:
+    """(memory column of zero_memory_per_gpu, parameters offloaded to CPU) for the configured strategy, by its
+    class (subclasses too): a DeepSpeedStrategy shards by its ZeRO stage, an FSDPStrategy like ZeRO-3, any other
+    strategy keeps a whole copy per GPU. A strategy given by registry name ("deepspeed_stage_2") is looked up."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, StrategyRegistry
+
+    spec = trainer_cfg.get("strategy")
+    if isinstance(spec, str) and spec in StrategyRegistry:
+        entry = StrategyRegistry[spec]
+        cls, kwargs = entry["strategy"], dict(entry["init_params"])
+    elif isinstance(spec, DictConfig) and spec.get("_target_"):
+        cls, kwargs = get_class(spec._target_), spec
+    else:
+        return "zero0 (ddp)", False
+    if issubclass(cls, DeepSpeedStrategy):
+        stage = int(kwargs.get("stage", 2))  # DeepSpeedStrategy's own default stage
+        return (f"zero{stage}" if stage else "zero0 (ddp)"), bool(kwargs.get("offload_parameters", False))
+    if issubclass(cls, FSDPStrategy):
         return "zero3", False
     return "zero0 (ddp)", False
 

@@ -4,13 +4,13 @@ DeepSpeed ZeRO-3 (partitioned parameters) as well as plain ones."""
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from dlm.models.hf_geometry import pretrained_geometry
+from dlm.parallel.params import gathered, shape
 
 
 def _plain_dict(config: Any) -> dict[str, Any]:
@@ -79,19 +79,8 @@ def load_hf_model(
 
 
 def _rows(weight: Tensor) -> int:
-    """Rows of an embedding weight; a ZeRO-3 partitioned parameter keeps its full shape in ``ds_shape``."""
-    return int(getattr(weight, "ds_shape", weight.shape)[0])
-
-
-def _gathered(params: list, modifier_rank: int | None = None):
-    """``deepspeed.zero.GatheredParameters`` over the ZeRO-3 partitioned tensors among ``params`` (whole inside the
-    block; with ``modifier_rank`` that rank's writes are kept); a no-op context when none is partitioned."""
-    unique = {id(p): p for p in params if p is not None and hasattr(p, "ds_id")}
-    if not unique:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(unique.values()), modifier_rank=modifier_rank)
+    """Rows of an embedding weight (of the whole weight, also when it is a ZeRO-3 partition)."""
+    return int(shape(weight)[0])
 
 
 @torch.no_grad()
@@ -103,14 +92,14 @@ def grow_vocab(hf_model: nn.Module, vocab_size: int) -> None:
     old = _rows(emb)
     out = hf_model.get_output_embeddings()
     tied = out is not None and out.weight is emb
-    with _gathered([emb] + ([] if out is None or tied else [out.weight, getattr(out, "bias", None)])):
+    with gathered([emb] + ([] if out is None or tied else [out.weight, getattr(out, "bias", None)])):
         old_out = None if out is None or tied else (out.weight[:old].mean(0), getattr(out, "bias", None))
         if old_out is not None and old_out[1] is not None:
             old_out = (old_out[0], old_out[1][:old].mean())
     hf_model.resize_token_embeddings(vocab_size, mean_resizing=False)
     emb = hf_model.get_input_embeddings().weight
     out = hf_model.get_output_embeddings()
-    with _gathered([emb] + ([] if out is None else [out.weight, getattr(out, "bias", None)]), modifier_rank=0):
+    with gathered([emb] + ([] if out is None else [out.weight, getattr(out, "bias", None)]), modifier_rank=0):
         emb[old:] = emb[:old].mean(0)
         if old_out is not None and out is not None and out.weight is not emb:
             out.weight[old:] = old_out[0]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from dlm.parallel.params import numel
+
 
 def _top_k_near(parent: nn.Module, root: nn.Module) -> int | None:
     """Experts chosen per token for the experts living under ``parent``: a router's top_k, else the config's."""
@@ -28,8 +30,7 @@ def count_active_parameters(module: nn.Module) -> int:
     experts, embeddings) counts fully. For a dense model this equals the total parameter count.
     """
     named = dict(module.named_modules())
-    # under ZeRO-3 a parameter's own numel is 0 (its shard lives elsewhere): ds_numel is its whole size
-    params = {id(p): getattr(p, "ds_numel", None) or p.numel() for p in module.parameters()}
+    params = {id(p): numel(p) for p in module.parameters()}  # whole sizes, also under ZeRO-3
     active = float(sum(params.values()))
     seen: set[int] = set()
     for name, sub in named.items():
