@@ -165,10 +165,10 @@ class NonFiniteGuard(L.Callback):
         step = trainer.global_step
         names = {id(p): n for n, p in pl_module.named_parameters()}
         bad_params = _bad_names(params, names)
-        if loss is not None:
-            reason = f"the loss was {loss}"
-        elif bad_params:
+        if bad_params:  # the cause of a non-finite loss too, when there is one
             reason = f"parameter {bad_params[0]} was non-finite (after the previous update)"
+        elif loss is not None:
+            reason = f"the loss was {loss}"
         else:
             bad_grads = _bad_names([p.grad for p in params if p.grad is not None],
                                    {id(p.grad): names.get(id(p), "?") for p in params if p.grad is not None})

@@ -196,7 +196,7 @@ class DiffusionLM(L.LightningModule, ABC):
         if not torch.isfinite(total):
             # no backward: dlm.callbacks.nonfinite.NonFiniteGuard drops the step's update and stops or skips on.
             # DeepSpeed cannot skip a backward (Lightning refuses None there): the guard raises before its step.
-            self.nonfinite_loss = float(total)
+            self.nonfinite_loss = float(total.detach())
             from lightning.pytorch.strategies import DeepSpeedStrategy
 
             return total if isinstance(self.trainer.strategy, DeepSpeedStrategy) else None
