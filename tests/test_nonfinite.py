@@ -45,6 +45,23 @@ class InjectNaN(L.Callback):
             self.after[trainer.global_step - 1] = _snapshot(trainer, pl_module)
 
 
+class InjectNaNLoss(L.Callback):
+    """The loss becomes NaN from optimizer step `step` on (importable by a subprocess run: tests/ on PYTHONPATH)."""
+
+    def __init__(self, step: int = 3):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            real = type(pl_module).loss
+
+            def nan_loss(batch, generator=None):
+                out = real(pl_module, batch, generator)
+                return {**out, "loss": out["loss"] * float("nan")}
+
+            pl_module.loss = nan_loss
+
+
 def _snapshot(trainer, pl_module) -> dict:
     state = {f"w.{n}": p.detach().clone() for n, p in pl_module.named_parameters()}
     for i, s in enumerate(trainer.optimizers[0].state.values()):
@@ -209,3 +226,34 @@ def test_skip_is_refused_under_deepspeed():
     with pytest.raises(ConfigError, match="action=skip is not supported under DeepSpeed"):
         NonFiniteGuard(action="skip").setup(trainer, None, "fit")
     NonFiniteGuard(action="stop").setup(trainer, None, "fit")
+
+
+@pytest.mark.slow  # ~1-2 min here: DeepSpeed's setup in a subprocess
+def test_under_deepspeed_a_nan_loss_stops_before_the_engine_steps(tmp_path):
+    """ZeRO-2 (the test-only CPU strategy): the gradients live in the engine, so the guard raises before
+    engine.step; Lightning's "None from training_step is not supported by DeepSpeed" no longer fires; the
+    last ZeRO folder written (step 4) is finite and named."""
+    import os
+    import subprocess
+    import sys
+
+    tests = Path(__file__).resolve().parent
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")]),
+           "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "DLM_CACHE_DIR": str(tmp_path / "c")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "dlm.train", "trainer=deepspeed_zero2",
+         "trainer.strategy._target_=zero_cpu_strategy.CPUDeepSpeedStrategy", "trainer.accelerator=cpu",
+         "trainer.devices=1", "trainer.precision=32-true", "trainer.max_steps=10", "trainer.val_check_interval=100",
+         "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "data.batch_size=4",
+         "data.source.num_train=256", "logger=none", "callbacks.last_checkpoint.every_n_train_steps=2",
+         "+callbacks.inject._target_=test_nonfinite.InjectNaNLoss", "+callbacks.inject.step=5",
+         f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    assert f"training stopped at step 5: the loss was nan; the last finite checkpoint is {ckpt}" in proc.stderr
+    assert "action=skip" not in proc.stderr.split("training stopped")[-1]
+    states = torch.load(ckpt / "checkpoint" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    assert states["global_step"] == 4
+    assert all(torch.isfinite(t).all() for t in states["module"].values() if t.is_floating_point())

@@ -207,12 +207,18 @@ class NonFiniteGuard(L.Callback):
         trainer.should_stop = True
 
     def _message(self, trainer: L.Trainer, step: int, reason: str, ckpt: Path | None, saved: bool) -> str:
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
         where = (f"the last finite checkpoint is {ckpt}" + (f" (step {trainer.global_step}, the update of step "
                  f"{step} not applied)" if saved else "")) if ckpt else "no checkpoint was written yet"
+        other = ["raise trainer.gradient_clip_val"]
+        if str(trainer.precision) not in ("32-true", "32", "64-true", "64"):
+            other.append("use trainer.precision=32-true")
+        if self.action == "stop" and not isinstance(trainer.strategy, DeepSpeedStrategy):
+            other.append("callbacks.nonfinite.action=skip")
         resume = f"ckpt_path={ckpt} " if ckpt else ""
-        return (f"training stopped at step {step}: {reason}; {where}. Lower the learning rate or raise "
-                f"trainer.gradient_clip_val (or use trainer.precision=32-true, or callbacks.nonfinite.action=skip), "
-                f"then resume: {resume}optimizer.lr=<lower>")
+        return (f"training stopped at step {step}: {reason}; {where}. Lower the learning rate (or "
+                f"{', or '.join(other)}), then resume: {resume}optimizer.lr=<lower>")
 
     # ---- every checkpoint written ------------------------------------------------------------------------------
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
