@@ -18,8 +18,6 @@ from hydra.utils import instantiate
 
 from dlm.checkpoint_io import AtomicCheckpointIO
 
-from conftest import compose
-
 
 def _env(tmp_path: Path) -> dict:
     tmpdir = tmp_path / "tmpdir"
@@ -60,6 +58,8 @@ def test_sigterm_saves_a_finite_last_checkpoint_and_exits_nonzero(tmp_path):
 
 
 def test_the_trainer_writes_checkpoints_through_the_atomic_writer(tmp_path):
+    from conftest import compose
+
     cfg = compose([f"paths.run_dir={tmp_path}", "logger=none"])
     trainer = instantiate(cfg.trainer, logger=False)
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import functools
 import inspect
 from abc import ABC, abstractmethod
-from pathlib import Path
 
 import lightning as L
 import torch
