@@ -141,3 +141,42 @@ def freeze_roles(model: nn.Module, lr_multipliers: Mapping[str, float] | None) -
             names[name].requires_grad_(False)
             counts[role] = counts.get(role, 0) + parameter_numel(names[name])
     return counts
+
+
+def reapply_hparams(optimizer: torch.optim.Optimizer, configured: list[dict], scheduler=None) -> list[str]:
+    """Put the composed config's optimizer settings (one dict per group, as built: lr with its role multiplier,
+    weight_decay, betas, ...) back after a resume restored the checkpoint's, which would otherwise win. The
+    moments and step counts stay. A new base lr keeps the schedule's position: the group's lr is scaled by the
+    same factor as its base, and the scheduler's ``base_lrs`` follow. Returns the changes, ``key[group] old -> new``."""
+    groups = optimizer.param_groups
+    if len(groups) != len(configured):  # not the same groups: leave the restored state alone
+        return []
+    base_lrs = getattr(scheduler, "base_lrs", None)
+    changes = []
+    for i, (group, want) in enumerate(zip(groups, configured)):
+        name = group.get("name", i)
+        for key, value in want.items():
+            if key == "name" or key not in group:
+                continue
+            if key == "lr":
+                old = group.get("initial_lr", group["lr"])
+                if old == value:
+                    continue
+                group["lr"] = group["lr"] * (value / old) if old else value
+                if "initial_lr" in group:
+                    group["initial_lr"] = value
+                if base_lrs is not None and i < len(base_lrs):
+                    base_lrs[i] = value
+            else:
+                old = group[key]
+                if _plain(old) == _plain(value):
+                    continue
+                group[key] = value
+            changes.append(f"{key}[{name}] {old} -> {value}")
+    if scheduler is not None and hasattr(scheduler, "_last_lr"):
+        scheduler._last_lr = [group["lr"] for group in groups]
+    return changes
+
+
+def _plain(value):
+    return tuple(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig" else value

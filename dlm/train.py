@@ -101,7 +101,18 @@ def build_loggers(cfg: DictConfig) -> list:
 
 
 def build_callbacks(cfg: DictConfig) -> list:
-    return [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
+    try:
+        return [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
+    except InstantiationException as err:
+        if isinstance(err.__cause__, ConfigError):  # a callback's own check of its arguments: one clear message
+            raise err.__cause__ from None
+        raise
+
+
+class Terminated(RuntimeError):
+    """The run got SIGTERM: it stopped at a step boundary and saved last.ckpt (exit status 143 = 128 + SIGTERM)."""
+
+    exit_code = 143
 
 
 def log_config(loggers: list, cfg: DictConfig) -> None:
@@ -233,11 +244,19 @@ def train(cfg: DictConfig) -> Path:
     callbacks = build_callbacks(cfg)
     log_config(loggers, cfg)
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:  # Lightning's SIGTERM handler stops fit at a batch boundary with a SystemExit(0)
+        pass
+    terminated = trainer.received_sigterm
 
     status = "completed"
     if module.nonfinite_stop:
-        status = "stopped: non-finite loss"
+        status = f"stopped: non-finite ({module.nonfinite_stop['reason']})"
+    elif terminated:
+        status = "interrupted: SIGTERM"
     elif trainer.interrupted:
         status = "interrupted"
     else:
@@ -245,15 +264,16 @@ def train(cfg: DictConfig) -> Path:
             trainer.validate(module, datamodule=datamodule, verbose=False)
     if not module.nonfinite_stop:
         trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
-        export_model(module, run_dir)
+        if not terminated:
+            export_model(module, run_dir)
     results = final_results(trainer, callbacks, started, status)
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     finish_loggers(loggers, results)
     if module.nonfinite_stop:
-        stop = module.nonfinite_stop
-        raise NonFiniteLossError(
-            f"training stopped at step {stop['step']}: loss was {stop['loss']}; last finite state: {stop['checkpoint']}"
-        )
+        raise NonFiniteLossError(module.nonfinite_stop["message"])
+    if terminated:
+        raise Terminated(f"stopped by SIGTERM at step {trainer.global_step}; checkpoint saved: {run_dir}/checkpoints/"
+                         f"last.ckpt; resume with ckpt_path=last (same name=) or ckpt_path={run_dir}/checkpoints/last.ckpt")
     return run_dir
 
 
@@ -289,14 +309,16 @@ def hydra_main(cfg: DictConfig) -> float | None:
             record_failure(run_dir, err)
             print(f"error: job {HydraConfig.get().job.num} failed: {err}", file=sys.stderr)
             print(f"run_dir: {run_dir}")
+            if isinstance(err, Terminated):  # the sweep was told to stop, not just this job
+                sys.exit(err.exit_code)
             return float("inf") if cfg.get("optimized_metric") else None
         if isinstance(err, ConfigError):
             release_run_dir(run_dir)  # refused before training: no empty run folder is left
-        if isinstance(err, (ConfigError, NonFiniteLossError)):
+        if isinstance(err, (ConfigError, NonFiniteLossError, Terminated)):
             print(f"error: {err}", file=sys.stderr)
-            if isinstance(err, NonFiniteLossError):
+            if not isinstance(err, ConfigError):
                 print(f"run_dir: {run_dir}")
-            sys.exit(2 if isinstance(err, ConfigError) else 1)
+            sys.exit(2 if isinstance(err, ConfigError) else getattr(err, "exit_code", 1))
         raise
     print(f"run_dir: {run_dir}")
     return optimized_value(cfg, run_dir)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import functools
 import inspect
 from abc import ABC, abstractmethod
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -38,7 +37,8 @@ from dlm.sampling import Generation, Sampler
 
 
 class NonFiniteLossError(RuntimeError):
-    """Raised by the training CLI after a run stopped on a NaN/inf loss (a checkpoint was written first)."""
+    """Raised by the training CLI after a run stopped on a NaN/inf loss, gradient or parameter; the message names
+    the step and the last finite checkpoint (dlm.callbacks.nonfinite)."""
 
 
 class DiffusionLM(L.LightningModule, ABC):
@@ -65,7 +65,9 @@ class DiffusionLM(L.LightningModule, ABC):
         self.eos_id = int(tokenizer.eos_token_id)
         self.pad_id = int(tokenizer.pad_token_id)
         self.vocab_size = int(tokenizer.vocab_size)
-        self.nonfinite_stop: dict | None = None  # set when training stopped on a NaN/inf loss
+        self.nonfinite_stop: dict | None = None  # set by dlm.callbacks.nonfinite when training stopped on a NaN/inf
+        self.nonfinite_loss: float | None = None  # this step's non-finite loss, for that guard to act on
+        self.configured_hparams: list[dict] = []  # each optimizer group's settings as the config composed them
         self.last_val_step = -1  # the global step of the latest validation
         self._build_backbone = None  # set by defer_backbone: the real backbone is built in configure_model
         # The cached sampling paths' KV cache: True = a preallocated static one, False = a growing one, None = static
@@ -191,8 +193,12 @@ class DiffusionLM(L.LightningModule, ABC):
         aux, aux_stats = pop_aux() if pop_aux is not None else (None, {})
         total = loss if aux is None else loss + aux.to(loss.dtype)
         if not torch.isfinite(total):
-            self._stop_on_nonfinite(total, batch_idx)
-            return None  # skips the optimizer step: the weights stay as they were before this batch
+            # no backward: dlm.callbacks.nonfinite.NonFiniteGuard drops the step's update and stops or skips on.
+            # DeepSpeed cannot skip a backward (Lightning refuses None there): the guard raises before its step.
+            self.nonfinite_loss = float(total.detach())
+            from lightning.pytorch.strategies import DeepSpeedStrategy
+
+            return total if isinstance(self.trainer.strategy, DeepSpeedStrategy) else None
         batch_size = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         for key, value in {**out, **aux_stats}.items():
@@ -225,22 +231,24 @@ class DiffusionLM(L.LightningModule, ABC):
             lr_multipliers=self.lr_multipliers,
         )
         optimizer = self.optimizer_factory(groups)
+        self.configured_hparams = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer, total_steps=self.trainer.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def _stop_on_nonfinite(self, loss: Tensor, batch_idx: int) -> None:
-        step = self.global_step
-        checkpoint = Path(self.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
-        self.trainer.save_checkpoint(checkpoint)
-        self.nonfinite_stop = {"step": step, "loss": loss.item(), "checkpoint": str(checkpoint)}
-        self.trainer.should_stop = True
-        print(
-            f"\nloss became {float(loss)} at step {step} (batch {batch_idx}); stopped training. The last finite "
-            f"state is saved at {checkpoint}. Lower optimizer.lr, raise trainer.gradient_clip_val or use "
-            f"trainer.precision=32-true, then resume with ckpt_path={checkpoint}."
-        )
+    def on_train_start(self) -> None:
+        # A resume restores the checkpoint's optimizer and schedule state, hyper-parameters included: put the composed
+        # config's back (an explicit optimizer.lr=... on resume takes effect), keeping the moments and the step.
+        if self.trainer.ckpt_path and self.configured_hparams:
+            from dlm.optim import reapply_hparams
+
+            configs = self.trainer.lr_scheduler_configs
+            changes = reapply_hparams(self.trainer.optimizers[0], self.configured_hparams,
+                                      configs[0].scheduler if configs else None)
+            if changes and self.global_rank == 0:
+                print("resume: the config's optimizer settings replace the checkpoint's (moments kept): "
+                      + ", ".join(changes), flush=True)
 
     # ---- helpers for families -----------------------------------------------------------------------------
     def backbone_kwargs(self, batch: dict[str, Tensor]) -> dict:
