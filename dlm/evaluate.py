@@ -254,29 +254,32 @@ def merge_results(path: Path, metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def wandb_run_id(run_dir: Path) -> str | None:
-    """The id of the run's wandb run, from its folder name (`[offline-]run-<time>-<id>`)."""
-    folders = sorted((run_dir / "wandb").glob("*run-*-*"), key=lambda p: p.name.split("run-", 1)[1])
-    folders = [p for p in folders if p.is_dir()]
-    return folders[-1].name.rsplit("-", 1)[1] if folders else None
+    """The id of the run's wandb run (dlm.tracking.existing_run_id)."""
+    from dlm.tracking import existing_run_id
+
+    return existing_run_id(run_dir)
 
 
 def update_wandb_summary(run: LoadedRun, metrics: dict[str, Any]) -> str | None:
-    """Resume the run's wandb run by id (offline without credentials) and write the metrics to its summary.
-    Returns the run id, or None when the run has no wandb run."""
+    """Resume the run's wandb run by id (offline without credentials or without a reachable server, as training
+    decides) and write the metrics to its summary. Returns the run id, or None when the run has no wandb run."""
     run_id = wandb_run_id(run.run_dir)
     if run_id is None:
         return None
     import wandb
 
-    from dlm.tracking import resolve_wandb_mode
+    from dlm.tracking import INIT_TIMEOUT_S, choose_wandb_mode, offline_note
 
     node = OmegaConf.select(run.cfg, "logger.wandb") or {}
     project = plain(node).get("project", "dlm") if node else "dlm"
     entity = plain(node).get("entity") if node else None
+    mode, reason = choose_wandb_mode("auto")
+    if reason:
+        print(offline_note(reason, run.run_dir, run_id))
     experiment = wandb.init(
         project=project, entity=entity, id=run_id, resume="allow", dir=str(run.run_dir),
-        mode=resolve_wandb_mode("auto"), job_type="eval",
-        settings=wandb.Settings(init_timeout=60, silent=True, console="off"),
+        mode=mode, job_type="eval",
+        settings=wandb.Settings(init_timeout=INIT_TIMEOUT_S, silent=True, console="off"),
     )
     experiment.summary.update({k: v for k, v in metrics.items() if v is not None})
     experiment.finish()
