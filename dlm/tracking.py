@@ -4,6 +4,7 @@ when the run is resumed; and metrics.csv in the run folder."""
 
 from __future__ import annotations
 
+import configparser
 import csv
 import netrc
 import os
@@ -18,7 +19,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 _MODES = ("auto", "online", "offline", "disabled")
-DEFAULT_BASE_URL = "https://api.wandb.ai"
+DEFAULT_BASE_URL = "https://api.wandb.ai"  # when the installed wandb names no default
 PROBE_TIMEOUT_S = 3.0  # how long the server may take to answer before the run goes offline
 INIT_TIMEOUT_S = 30  # an online start past a good probe; a failure then falls back offline (wandb's default: 90)
 RUN_ID_FILE = "run_id"  # <save_dir>/wandb/run_id: the run folder's wandb run, continued when the run resumes
@@ -49,7 +50,26 @@ def resolve_wandb_mode(mode: str = "auto") -> str:
 
 
 def wandb_base_url() -> str:
-    return (os.environ.get("WANDB_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+    """The server wandb will use: WANDB_BASE_URL, else the host `wandb login --host` saved in wandb's settings files
+    (./wandb/settings, then $WANDB_CONFIG_DIR or ~/.config/wandb), else the installed wandb's default."""
+    url = os.environ.get("WANDB_BASE_URL")
+    if not url:
+        config_dir = Path(os.environ.get("WANDB_CONFIG_DIR") or Path.home() / ".config" / "wandb")
+        for path in (Path("wandb") / "settings", config_dir / "settings"):
+            parser = configparser.ConfigParser()
+            try:
+                parser.read(path)
+            except (configparser.Error, OSError):
+                continue
+            url = parser.get("default", "base_url", fallback=None)
+            if url:
+                break
+    if not url:
+        try:
+            from wandb.sdk.lib.urls import DEFAULT_BASE_URL as url
+        except ImportError:  # another wandb layout
+            url = DEFAULT_BASE_URL
+    return url.rstrip("/")
 
 
 def probe_wandb_server(url: str | None = None, timeout: float = PROBE_TIMEOUT_S) -> str | None:

@@ -182,3 +182,14 @@ def test_resumed_training_continues_the_same_wandb_run(tmp_path):
     assert len(list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))) == 2  # both starts, one run id
     other = train(_cfg(tmp_path, tmp_path / "other"))
     assert existing_run_id(other) not in (None, run_id)
+
+
+def test_probed_server_is_the_one_wandb_will_use(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "settings").write_text("[default]\nbase_url = http://127.0.0.1:9/\n")  # wandb login --host
+    assert tracking.wandb_base_url() == "http://127.0.0.1:9"
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:10")
+    assert tracking.wandb_base_url() == "http://127.0.0.1:10"
