@@ -13,6 +13,7 @@ import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -27,15 +28,17 @@ _RUN_ID = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 def wandb_credentials_present() -> bool:
-    """True when an API key is in the environment or in ~/.netrc (where `wandb login` stores it)."""
-    if os.environ.get("WANDB_API_KEY"):
+    """True when an API key (or identity token file) is in the environment, or ~/.netrc (where `wandb login`
+    stores it) holds a key for the server wandb will use or for any wandb host."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
     netrc_path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
     try:
         hosts = netrc.netrc(str(netrc_path)).hosts
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
-    return any("wandb" in host for host in hosts)
+    server = urlsplit(wandb_base_url()).hostname
+    return any(host == server or "wandb" in host for host in hosts)
 
 
 def resolve_wandb_mode(mode: str = "auto") -> str:
@@ -103,6 +106,8 @@ def choose_wandb_mode(mode: str = "auto") -> tuple[str, str]:
     dashboard costs less than losing the run, and the offline run syncs later."""
     resolved = resolve_wandb_mode(mode)
     if resolved == "online":
+        if not wandb_credentials_present():  # wandb would ask for a key on a terminal (blocking) or fail elsewhere
+            return "offline", "online asked for, but no credentials found: WANDB_API_KEY or `wandb login`"
         problem = probe_wandb_server()
         return ("offline", f"{wandb_base_url()} unreachable: {problem}") if problem else ("online", "")
     if resolved in ("offline", "dryrun"):

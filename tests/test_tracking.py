@@ -193,3 +193,18 @@ def test_probed_server_is_the_one_wandb_will_use(tmp_path, monkeypatch):
     assert tracking.wandb_base_url() == "http://127.0.0.1:9"
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:10")
     assert tracking.wandb_base_url() == "http://127.0.0.1:10"
+
+
+def test_online_without_credentials_is_offline_and_says_why(tmp_path, monkeypatch, fake_wandb):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.setenv("WANDB_BASE_URL", fake_wandb("closed"))
+    monkeypatch.setenv("WANDB_MODE", "online")
+    mode, reason = tracking.choose_wandb_mode("auto")
+    assert mode == "offline" and "no credentials found" in reason
+    # `wandb login` stores the key in ~/.netrc under the server's host (api.wandb.ai, or a --host server)
+    (tmp_path / "netrc").write_text("machine 127.0.0.1\n  login user\n  password " + "0" * 40 + "\n")
+    (tmp_path / "netrc").chmod(0o600)
+    assert tracking.wandb_credentials_present()
+    mode, reason = tracking.choose_wandb_mode("auto")
+    assert mode == "offline" and "unreachable" in reason  # credentials, but the (closed) server does not answer
