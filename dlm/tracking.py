@@ -179,11 +179,12 @@ class RunWandbLogger(WandbLogger):
     @property
     @rank_zero_experiment
     def experiment(self):
+        import wandb
+        from wandb.sdk.lib.runid import generate_id
+
         if self._experiment is not None:
             return self._experiment
         save_dir = self._wandb_init["dir"]
-        from wandb.sdk.lib.runid import generate_id
-
         run_id = self._wandb_init.get("id") or existing_run_id(save_dir) or generate_id()
         self._wandb_init["id"] = self._id = run_id
         mode, reason = choose_wandb_mode(self._requested_mode)
@@ -197,8 +198,6 @@ class RunWandbLogger(WandbLogger):
                 raise
             first = (str(err).strip().splitlines() or [""])[0]
             print(offline_note(f"online start failed: {type(err).__name__}: {first}", save_dir, run_id), flush=True)
-            import wandb
-
             wandb.teardown()  # the failed start still holds the run id in wandb's service process
             self._experiment = None
             self._wandb_init["mode"] = "offline"

@@ -141,3 +141,18 @@ def test_lm_eval_bars_count_every_request(monkeypatch):
     assert [(b.description, b.total, b.completed) for b in RecordingBar.made] == [
         ("lm-eval loglikelihood", 3, 3), ("lm-eval loglikelihood_rolling", 2, 2), ("lm-eval generate_until", 3, 3)]
     assert not RecordingBar.made[1].shown  # lm_eval's disable_tqdm
+
+
+def test_text_summary_has_no_flops(tiny, caplog):
+    import lightning as L
+
+    from dlm.callbacks.summary import ModelSummary
+
+    module, _ = tiny
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False)
+    with caplog.at_level("INFO"):
+        ModelSummary().on_fit_start(trainer, module)
+        ModelSummary(enabled=False).on_fit_start(trainer, module)  # trainer.enable_model_summary=false
+    (record,) = [r for r in caplog.records if "Total params" in r.getMessage()]
+    assert "backbone" in record.getMessage() and "FLOPs" not in record.getMessage()

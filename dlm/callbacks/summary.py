@@ -5,6 +5,7 @@ DiffusionLM has not, so it printed ``Total FLOPs: 0``. dlm counts model FLOPs wh
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from lightning.pytorch.callbacks import ModelSummary as LightningModelSummary
@@ -12,6 +13,7 @@ from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBar
 from lightning.pytorch.utilities.model_summary.model_summary import get_formatted_model_size, get_human_readable_count
 
 DROPPED_COLUMNS = ("FLOPs",)
+log = logging.getLogger("lightning.pytorch.callbacks.model_summary")  # where Lightning's text summary goes
 
 
 class ModelSummary(LightningModelSummary):
@@ -39,7 +41,7 @@ class ModelSummary(LightningModelSummary):
         if isinstance(trainer.progress_bar_callback, RichProgressBar):
             print_rich(columns, totals, self._summarize_kwargs.get("header_style", "bold magenta"))
         else:
-            print(text_table(columns, totals), flush=True)
+            log.info("\n" + text_table(columns, totals))
 
 
 def text_table(columns: list[tuple[str, list[str]]], totals: list[tuple[str, str]]) -> str:
