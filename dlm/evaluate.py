@@ -29,6 +29,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dlm.config import CONF_DIR, register_resolvers
+from dlm.progress import Bar
 from dlm.run import LoadedRun, NotARunError, load_run, plain
 
 register_resolvers()
@@ -39,16 +40,29 @@ MC_SEED_STRIDE = 1000
 
 # ---- likelihood ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def likelihood(module, loader, num_mc: int = 8, seed: int = 0, max_batches: int | None = None) -> dict[str, Any]:
+def likelihood(module, loader, num_mc: int = 8, seed: int = 0, max_batches: int | None = None,
+               progress: bool = True) -> dict[str, Any]:
     """The per-token NLL bound over `loader`, averaged over num_mc Monte-Carlo draws.
 
     Draw k evaluates every batch b with `torch.Generator().manual_seed(seed + 1000 * k + b)`: fixed, so two
     evaluations of one checkpoint agree exactly, and independent across draws, so their spread gives the
     Monte-Carlo standard error. Families with `exact_nll = True` are evaluated once (K = 1, stderr 0).
-    Returns plain numbers; `nll_bound` is None with `error` set when the family has no bound.
+    Returns plain numbers; `nll_bound` is None with `error` set when the family has no bound. ``progress``: a bar
+    over the draws' batches (dlm.progress: on a terminal only).
     """
     exact = bool(getattr(module, "exact_nll", False))
     draws = 1 if exact else max(1, int(num_mc))
+    try:
+        batches = len(loader)
+    except TypeError:  # an iterable without a length: a bar without a total
+        batches = None
+    if batches is not None and max_batches is not None:
+        batches = min(batches, max(int(max_batches), 0))
+    with Bar(draws * batches if batches is not None else None, "likelihood", enabled=progress) as bar:
+        return _likelihood(module, loader, exact, draws, seed, max_batches, bar)
+
+
+def _likelihood(module, loader, exact: bool, draws: int, seed: int, max_batches: int | None, bar) -> dict[str, Any]:
     device = module.compute_device
     totals: list[float] = []  # per draw: summed NLL over all counted tokens
     per_seq: torch.Tensor | None = None  # summed over draws, per sequence
@@ -76,6 +90,7 @@ def likelihood(module, loader, num_mc: int = 8, seed: int = 0, max_batches: int 
             if k == 0:
                 seq_tokens.append(batch["loss_mask"].sum(1).cpu())
                 num_tokens += int(batch["loss_mask"].sum())
+            bar.advance()
         totals.append(total)
         sums = torch.cat(seq_sums)
         per_seq = sums if per_seq is None else per_seq + sums
@@ -226,7 +241,8 @@ class HydraChoice:
         return HydraConfig.get().runtime.choices.get(group)
 
 
-def generation(run: LoadedRun, sampler, samples: DictConfig, seed: int) -> tuple[list[dict], dict[str, Any]]:
+def generation(run: LoadedRun, sampler, samples: DictConfig, seed: int,
+               progress: bool = True) -> tuple[list[dict], dict[str, Any]]:
     from dlm.callbacks.samples import write_samples
 
     module, dm = run.module, run.datamodule
@@ -236,7 +252,7 @@ def generation(run: LoadedRun, sampler, samples: DictConfig, seed: int) -> tuple
         return write_samples(
             module, tokenizer=dm.tokenizer, task=getattr(dm, "task", None),
             length=samples.get("length") or dm.seq_len, num_unconditional=samples.num_unconditional,
-            num_prompted=samples.num_prompted, num_infill=samples.num_infill, seed=seed,
+            num_prompted=samples.num_prompted, num_infill=samples.num_infill, seed=seed, progress=progress,
         )
     finally:
         module.sampler = previous
@@ -254,29 +270,32 @@ def merge_results(path: Path, metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def wandb_run_id(run_dir: Path) -> str | None:
-    """The id of the run's wandb run, from its folder name (`[offline-]run-<time>-<id>`)."""
-    folders = sorted((run_dir / "wandb").glob("*run-*-*"), key=lambda p: p.name.split("run-", 1)[1])
-    folders = [p for p in folders if p.is_dir()]
-    return folders[-1].name.rsplit("-", 1)[1] if folders else None
+    """The id of the run's wandb run (dlm.tracking.existing_run_id)."""
+    from dlm.tracking import existing_run_id
+
+    return existing_run_id(run_dir)
 
 
 def update_wandb_summary(run: LoadedRun, metrics: dict[str, Any]) -> str | None:
-    """Resume the run's wandb run by id (offline without credentials) and write the metrics to its summary.
-    Returns the run id, or None when the run has no wandb run."""
+    """Resume the run's wandb run by id (offline without credentials or without a reachable server, as training
+    decides) and write the metrics to its summary. Returns the run id, or None when the run has no wandb run."""
     run_id = wandb_run_id(run.run_dir)
     if run_id is None:
         return None
     import wandb
 
-    from dlm.tracking import resolve_wandb_mode
+    from dlm.tracking import INIT_TIMEOUT_S, choose_wandb_mode, offline_note
 
     node = OmegaConf.select(run.cfg, "logger.wandb") or {}
     project = plain(node).get("project", "dlm") if node else "dlm"
     entity = plain(node).get("entity") if node else None
+    mode, reason = choose_wandb_mode("auto")
+    if reason:
+        print(offline_note(reason, run.run_dir, run_id))
     experiment = wandb.init(
         project=project, entity=entity, id=run_id, resume="allow", dir=str(run.run_dir),
-        mode=resolve_wandb_mode("auto"), job_type="eval",
-        settings=wandb.Settings(init_timeout=60, silent=True, console="off"),
+        mode=mode, job_type="eval",
+        settings=wandb.Settings(init_timeout=INIT_TIMEOUT_S, silent=True, console="off"),
     )
     experiment.summary.update({k: v for k, v in metrics.items() if v is not None})
     experiment.finish()
@@ -287,6 +306,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], Path]:
     started = time.perf_counter()
     run = load_run(cfg.run, ckpt=cfg.ckpt, device=cfg.device, use_ema=bool(cfg.get("use_ema", True)))
     out: dict[str, Any] = {"ckpt": str(run.ckpt_path), "seed": int(cfg.seed)}
+    progress = bool(cfg.get("progress_bar", True))
 
     if cfg.likelihood:
         loader = run.datamodule.val_dataloader()
@@ -295,12 +315,13 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], Path]:
 
             loader = DataLoader(loader.dataset, batch_size=int(cfg.batch_size), shuffle=False,
                                 collate_fn=loader.collate_fn)
-        out.update(likelihood(run.module, loader, num_mc=cfg.num_mc, seed=cfg.seed, max_batches=cfg.max_batches))
+        out.update(likelihood(run.module, loader, num_mc=cfg.num_mc, seed=cfg.seed, max_batches=cfg.max_batches,
+                              progress=progress))
 
     sampler, sampler_cfg, sampler_name = build_sampler(cfg, run)
     out["sampler"] = sampler_name
     out.update({f"sampler/{k}": v for k, v in sampler_cfg.items() if not isinstance(v, (dict, list))})
-    rows, sample_metrics = generation(run, sampler, cfg.samples, cfg.seed)
+    rows, sample_metrics = generation(run, sampler, cfg.samples, cfg.seed, progress=progress)
     out.update(sample_metrics)  # keys sample/...
     if rows:
         with open(run.run_dir / "eval_samples.jsonl", "w") as f:

@@ -206,11 +206,13 @@ def train(cfg: DictConfig) -> Path:
     import lightning as L
 
     from dlm.compile import compile_backbone
+    from dlm.console import quiet_lightning_logging
     from dlm.deepspeed_utils import zero3_strategy
     from dlm.methods.base import NonFiniteLossError
     from dlm.plan import build_plan
 
     started = time.perf_counter()
+    quiet_lightning_logging()
     run_dir = Path(cfg.paths.run_dir)
     check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)

@@ -12,6 +12,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from dlm.progress import Bar
+
 SAMPLE_SEED = 0
 
 
@@ -57,6 +59,7 @@ class WriteSamples(L.Callback):
             num_unconditional=self.num_unconditional,
             num_prompted=self.num_prompted,
             num_infill=self.num_infill,
+            progress=trainer.progress_bar_callback is not None and trainer.is_global_zero,
         )
         self.metrics = metrics
         if not trainer.is_global_zero:
@@ -80,13 +83,27 @@ def write_samples(
     num_prompted: int,
     num_infill: int,
     seed: int = SAMPLE_SEED,
+    progress: bool = True,
 ) -> tuple[list[dict], dict[str, float]]:
-    """Generate and score; returns the jsonl rows and the metrics (keys `sample/...`)."""
+    """Generate and score; returns the jsonl rows and the metrics (keys `sample/...`). ``progress``: a bar over
+    the samples (dlm.progress: on a terminal only)."""
     generator = torch.Generator(device=module.compute_device).manual_seed(seed)
-    eos = tokenizer.eos_token_id
     rows: list[dict] = []
     metrics: dict[str, float] = {}
+    prompts = task.prompts(num_prompted, seed) if task is not None and num_prompted > 0 else []
+    # Families that cannot condition on a suffix (AR) have no infill metric rather than a made-up one.
+    items = []
+    if task is not None and num_infill > 0 and getattr(module, "supports_infill", True):
+        items = [(t, p) for t, p in task.infill_items(num_infill, seed) if len(tokenizer.encode(t)) == len(t)]
+    with Bar(max(num_unconditional, 0) + len(prompts) + len(items), "sampling", enabled=progress) as bar:
+        _unconditional(module, tokenizer, task, length, num_unconditional, generator, rows, metrics, bar)
+        _prompted(module, tokenizer, task, length, prompts, generator, rows, metrics, bar)
+        _infill(module, tokenizer, task, length, items, generator, rows, metrics, bar)
+    return rows, metrics
 
+
+def _unconditional(module, tokenizer, task, length, num_unconditional, generator, rows, metrics, bar) -> None:
+    eos = tokenizer.eos_token_id
     if num_unconditional > 0:
         start = time.perf_counter()
         gen = module.generate(None, length, num_samples=num_unconditional, generator=generator)
@@ -100,9 +117,12 @@ def write_samples(
         metrics["sample/tokens_per_s"] = gen.tokens.numel() / max(elapsed, 1e-9)
         if task is not None:
             metrics.update({f"sample/{k}": v for k, v in task.score_samples(texts).items()})
+        bar.advance(num_unconditional)
 
-    if task is not None and num_prompted > 0:
-        prompts = task.prompts(num_prompted, seed)
+
+def _prompted(module, tokenizer, task, length, prompts, generator, rows, metrics, bar) -> None:
+    eos = tokenizer.eos_token_id
+    if prompts:
         correct = 0
         for prompt in prompts:  # prompts differ in length: one call each keeps this simple and exact
             ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long)
@@ -111,11 +131,13 @@ def write_samples(
             ok = task.is_valid(prompt + completion)
             correct += ok
             rows.append({"kind": "prompted", "prompt": prompt, "text": prompt + completion, "valid": ok})
+            bar.advance()
         metrics["sample/prompted_acc"] = correct / len(prompts)
 
-    # Families that cannot condition on a suffix (AR) have no infill metric rather than a made-up one.
-    if task is not None and num_infill > 0 and getattr(module, "supports_infill", True):
-        items = [(t, p) for t, p in task.infill_items(num_infill, seed) if len(tokenizer.encode(t)) == len(t)]
+
+def _infill(module, tokenizer, task, length, items, generator, rows, metrics, bar) -> None:
+    eos = tokenizer.eos_token_id
+    if items:
         correct = 0
         for text, positions in items:  # a character-level tokenizer: character i is token i
             doc = tokenizer.encode(text) + [eos] * (length - len(text))
@@ -128,6 +150,5 @@ def write_samples(
             correct += ok
             template = "".join("_" if i in positions else c for i, c in enumerate(text))
             rows.append({"kind": "infill", "prompt": template, "text": filled, "valid": ok})
-        if items:
-            metrics["sample/infill_acc"] = correct / len(items)
-    return rows, metrics
+            bar.advance()
+        metrics["sample/infill_acc"] = correct / len(items)

@@ -66,6 +66,8 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from omegaconf import OmegaConf
 
+from dlm.progress import Bar
+
 log = logging.getLogger(__name__)
 
 __all__ = ["DLMHarnessModel", "mc_continuation_nll"]
@@ -291,24 +293,27 @@ class DLMHarnessModel(LM):
             context, continuation = req.args[0], req.args[1]
             cont = self._encode(continuation)
             pairs.append((self._fit(self._encode(context), cont), cont))
-        if self.estimator == "exact":
-            results = self._exact(pairs)
-        else:
-            results = []
-            for i, (ctx, cont) in enumerate(pairs):
-                gen = self._generator(i)
-                if self.estimator == "mc":
-                    tail = self._tail(len(ctx) + len(cont))
-                    nll, greedy = mc_continuation_nll(self.module, ctx, cont, self.mc_num, gen, self.batch_size, tail)
-                else:
-                    nll, greedy = self._bound(ctx, cont, gen), False
-                results.append((-nll, greedy))
+        with Bar(len(pairs), "lm-eval loglikelihood", enabled=not disable_tqdm) as bar:
+            if self.estimator == "exact":
+                results = self._exact(pairs, bar)
+            else:
+                results = []
+                for i, (ctx, cont) in enumerate(pairs):
+                    gen = self._generator(i)
+                    if self.estimator == "mc":
+                        tail = self._tail(len(ctx) + len(cont))
+                        nll, greedy = mc_continuation_nll(self.module, ctx, cont, self.mc_num, gen, self.batch_size,
+                                                          tail)
+                    else:
+                        nll, greedy = self._bound(ctx, cont, gen), False
+                    results.append((-nll, greedy))
+                    bar.advance()
         for req, res in zip(requests, results):
             self.cache_hook.add_partial("loglikelihood", req.args, res)
         return results
 
     @torch.no_grad()
-    def _exact(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+    def _exact(self, pairs: list[tuple[list[int], list[int]]], bar) -> list[tuple[float, bool]]:
         module, device = self.module, self.module.compute_device
         out: list[tuple[float, bool]] = []
         for i in range(0, len(pairs), self.batch_size):
@@ -330,6 +335,7 @@ class DLMHarnessModel(LM):
                 greedy = torch.zeros_like(counted)
             for j in range(len(chunk)):
                 out.append((-float(nll[j].sum()), bool(greedy[j].all()) if logits is not None else False))
+            bar.advance(len(chunk))
         return out
 
     @torch.no_grad()
@@ -363,13 +369,15 @@ class DLMHarnessModel(LM):
         exact = bool(getattr(self.module, "exact_nll", False))
         limit = None if self.max_len is None else int(self.max_len) - (1 if exact else 0)
         out = []
-        for i, req in enumerate(requests):
-            ids = self._encode(req.args[0])
-            windows = [ids] if limit is None else [ids[k : k + limit] for k in range(0, len(ids), limit)]
-            gen = self._generator(i)
-            value = -sum(self._text_nll(window, gen, exact) for window in windows if window)
-            self.cache_hook.add_partial("loglikelihood_rolling", req.args, value)
-            out.append(value)
+        with Bar(len(requests), "lm-eval loglikelihood_rolling", enabled=not disable_tqdm) as bar:
+            for i, req in enumerate(requests):
+                ids = self._encode(req.args[0])
+                windows = [ids] if limit is None else [ids[k : k + limit] for k in range(0, len(ids), limit)]
+                gen = self._generator(i)
+                value = -sum(self._text_nll(window, gen, exact) for window in windows if window)
+                self.cache_hook.add_partial("loglikelihood_rolling", req.args, value)
+                out.append(value)
+                bar.advance()
         return out
 
     def _text_nll(self, ids: list[int], gen: torch.Generator, exact: bool) -> float:
@@ -407,18 +415,20 @@ class DLMHarnessModel(LM):
         groups: dict[tuple[int, int], list] = {}
         for item in prepared:
             groups.setdefault((len(item[1]), item[2]), []).append(item)
-        for (_, length), items in groups.items():
-            for s in range(0, len(items), self.batch_size):
-                chunk = items[s : s + self.batch_size]
-                prompt = torch.tensor([it[1] for it in chunk], dtype=torch.long).reshape(len(chunk), -1)
-                gen = self._generator(chunk[0][0])
-                out = self.module.generate(prompt if prompt.shape[1] else None, length, sampler=self.sampler,
-                                           num_samples=len(chunk), generator=gen)
-                tokens = out.tokens
-                for row, (idx, ids, _, until) in zip(tokens.cpu(), chunk):
-                    text = self.tok.decode_until_eos(row[len(ids) :])
-                    cut = min((text.find(u) for u in until if u and u in text), default=len(text))
-                    results[idx] = text[:cut]
+        with Bar(len(prepared), "lm-eval generate_until", enabled=not disable_tqdm) as bar:
+            for (_, length), items in groups.items():
+                for s in range(0, len(items), self.batch_size):
+                    chunk = items[s : s + self.batch_size]
+                    prompt = torch.tensor([it[1] for it in chunk], dtype=torch.long).reshape(len(chunk), -1)
+                    gen = self._generator(chunk[0][0])
+                    out = self.module.generate(prompt if prompt.shape[1] else None, length, sampler=self.sampler,
+                                               num_samples=len(chunk), generator=gen)
+                    tokens = out.tokens
+                    for row, (idx, ids, _, until) in zip(tokens.cpu(), chunk):
+                        text = self.tok.decode_until_eos(row[len(ids) :])
+                        cut = min((text.find(u) for u in until if u and u in text), default=len(text))
+                        results[idx] = text[:cut]
+                    bar.advance(len(chunk))
         for req, text in zip(requests, results):
             self.cache_hook.add_partial("generate_until", req.args, text)
         return [r if r is not None else "" for r in results]
