@@ -19,6 +19,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from dlm import safe_load
 from dlm.config import (
     CONF_DIR,
     ConfigError,
@@ -28,6 +29,7 @@ from dlm.config import (
     resolve_ckpt_path,
     running_hydra_config,
 )
+from dlm.errors import UserError, user_errors
 
 # torch and Lightning are imported where a run starts, so that --cfg, --help and bad overrides answer fast.
 register_resolvers()
@@ -178,6 +180,7 @@ def train(cfg: DictConfig) -> Path:
         return run_dir
 
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
+    resume = safe_load.check(ckpt_path)  # a hostile or corrupt checkpoint is refused before anything is built
     try:
         datamodule.setup("fit")
     except (ValueError, FileNotFoundError) as err:
@@ -195,7 +198,8 @@ def train(cfg: DictConfig) -> Path:
     callbacks = build_callbacks(cfg)
     log_config(loggers, cfg)
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    with resume.allowing():  # Lightning's own load: weights_only, under the same allowlist
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=resume.weights_only)
 
     status = "completed"
     if module.nonfinite_stop:
@@ -249,11 +253,11 @@ def hydra_main(cfg: DictConfig) -> float | None:
             print(f"error: job {HydraConfig.get().job.num} failed: {err}", file=sys.stderr)
             print(f"run_dir: {run_dir}")
             return float("inf") if cfg.get("optimized_metric") else None
-        if isinstance(err, (ConfigError, NonFiniteLossError)):
+        if isinstance(err, (UserError, NonFiniteLossError)):
             print(f"error: {err}", file=sys.stderr)
             if isinstance(err, NonFiniteLossError):
                 print(f"run_dir: {run_dir}")
-            sys.exit(2 if isinstance(err, ConfigError) else 1)
+            sys.exit(2 if isinstance(err, UserError) else 1)
         raise
     print(f"run_dir: {run_dir}")
     return optimized_value(cfg, run_dir)
@@ -270,6 +274,19 @@ def optimized_value(cfg: DictConfig, run_dir: Path) -> float | None:
     return float(results[metric])
 
 
+def check_resume_checkpoint(overrides: list[str]) -> None:
+    """``ckpt_path=``: the checkpoint to resume is vetted (dlm/safe_load.py) before Hydra writes into its run folder."""
+    if not any(o.startswith("ckpt_path=") and o != "ckpt_path=null" for o in overrides):
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # answers ${hydra:runtime.choices...} in the run folder's name
+    safe_load.check(resolve_ckpt_path(cfg.ckpt_path, Path(cfg.hydra.run.dir)))
+
+
 def main() -> None:
     """Check the overrides first, so that every bad one is reported at once with the valid choices."""
     multirun = any(a in ("-m", "--multirun") for a in sys.argv[1:])
@@ -279,6 +296,8 @@ def main() -> None:
         if problems:
             print("error: invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
             sys.exit(2)
+        with user_errors():
+            check_resume_checkpoint(overrides)
     hydra_main()
 
 
