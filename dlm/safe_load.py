@@ -11,8 +11,11 @@ A global you trust can be allowed knowingly, for one command, by its dotted name
 
     DLM_TRUSTED_GLOBALS=mypkg.scalers.MyScaler,collections.Counter python -m dlm.generate run=...
 
-(an alias works too: ``os.system`` matches the ``posix.system`` a Linux pickle names). Each name is imported and
-may then be called by the file with any arguments: trust only what you would run yourself.
+Names are matched as Python imports them (``os.system`` is the ``posix.system`` a Linux pickle names,
+``subprocess.Popen`` the ``commands.Popen`` of torch's pickle protocol 2). Each name is imported and may then be
+called by the file with any arguments: trust only what you would run yourself. Torch's restricted unpickler never
+loads ``os``/``sys`` globals even when allowed; a file that needs one you trusted is loaded by the ordinary
+unpickler, after the scan (which sees every global a torch checkpoint can name) showed it names nothing else.
 
 DeepSpeed reads its ZeRO folders with its own, unrestricted unpickler, so :func:`check` first reads every file of
 the folder with the restricted one (without running anything) and refuses the folder before DeepSpeed opens it.
