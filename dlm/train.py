@@ -279,8 +279,10 @@ def check_resume_checkpoint(overrides: list[str]) -> None:
     if not any(o.startswith("ckpt_path=") and o != "ckpt_path=null" for o in overrides):
         return
     from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
 
+    GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)  # answers ${hydra:runtime.choices...} in the run folder's name

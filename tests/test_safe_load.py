@@ -352,3 +352,20 @@ def test_lightning_resume_loads_under_the_allowlist(genuine, tmp_path, capsys, m
     code, err = run_cli(dlm.train.main, [*argv, "trainer.max_steps=3"], capsys)
     assert code == 0, err[-3000:]
     assert json.loads((run / "results.json").read_text())["global_step"] == 3
+
+
+
+def test_the_data_cache_never_unpickles(tmp_path, marker):
+    """A cached .npz holding a pickled object array is not unpickled: safe_load refuses it, the cache rebuilds it."""
+    import numpy as np
+
+    from dlm.data.cache import load_or_build
+
+    payload = np.empty(1, dtype=object)
+    payload[0] = Call(os.system, f"touch {marker}")
+    np.savez(tmp_path / "k.npz", ids=payload)
+    with pytest.raises(ValueError, match="allow_pickle"):
+        safe_load.load_arrays(tmp_path / "k.npz")
+    out = load_or_build(tmp_path, "k", lambda: {"ids": np.arange(3)})
+    assert out["ids"].tolist() == [0, 1, 2] and not marker.exists()
+    assert safe_load.load_arrays(tmp_path / "k.npz")["ids"].tolist() == [0, 1, 2]
