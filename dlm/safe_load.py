@@ -19,6 +19,8 @@ unpickler, after the scan (which sees every global a torch checkpoint can name) 
 
 DeepSpeed reads its ZeRO folders with its own, unrestricted unpickler, so :func:`check` first reads every file of
 the folder with the restricted one (without running anything) and refuses the folder before DeepSpeed opens it.
+An FSDP sharded folder (``trainer=fsdp``: torch.distributed.checkpoint, whose ``.metadata`` torch reads with plain
+pickle and whose non-tensor entries with ``weights_only=False``) is vetted the same way, entry by entry.
 
 A file that is not a readable checkpoint (empty, truncated by an interrupted write, random bytes, a folder that is
 not a ZeRO checkpoint) raises :class:`CorruptCheckpointError`, saying so, instead of torch's weights_only text.
@@ -47,8 +49,9 @@ __all__ = ["PLAIN_GLOBALS", "TRUSTED_ENV", "CheckpointError", "Checked", "Corrup
 TRUSTED_ENV = "DLM_TRUSTED_GLOBALS"
 
 # Beyond torch's own weights_only set (tensors, OrderedDict, torch.Size, dtypes ...). Measured: Lightning checkpoints
-# of every family (mdlm, ar, bd3lm, sundae, diffusionbert) with callbacks=default and callbacks=ema need none of
-# these; DeepSpeed ZeRO-2/-3 optimizer-state files need the three marked "measured". Each is a class whose
+# of every family (mdlm, ar, bd3lm, sundae, diffusionbert; native and HF backbones; callbacks=default, ema, a2d;
+# bf16-mixed) need none of these; DeepSpeed ZeRO-2/-3 optimizer-state files and FSDP sharded folders need those
+# marked "measured". Each is a class whose
 # construction only stores its arguments (a weights_only unpickler may call an allowed class with the file's
 # arguments, so no function, and no class that acts when built, is ever listed).
 PLAIN_GLOBALS: dict[str, str] = {
@@ -56,8 +59,8 @@ PLAIN_GLOBALS: dict[str, str] = {
     "deepspeed.runtime.fp16.loss_scaler.LossScaler": "the static loss scale, one float (measured, ZeRO-2/-3)",
     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler": "the fp16 loss scale and its counters (16-mixed runs)",
     "deepspeed.utils.tensor_fragment.fragment_address": "a dataclass of two ints (measured, ZeRO-2)",
-    "pathlib.PosixPath": "a path value in callback state (construction parses a string)",
-    "pathlib.WindowsPath": "a path value in callback state, written on Windows",
+    "pathlib.PosixPath": "a path (measured: the checkpoint_id in an FSDP sharded folder's .metadata)",
+    "pathlib.WindowsPath": "the same path, written on Windows",
 }
 
 _BLOCKED = ("os", "sys", "posix", "nt")  # torch's weights_only unpickler refuses these modules even when allowed
@@ -249,8 +252,8 @@ def _check_zero_folder(path: Path) -> Checked:
     """Every file DeepSpeed may unpickle from the folder, scanned and then read with the restricted unpickler
     (memory-mapped: tensors are not read in): the folder reaches DeepSpeed only when all of them load safely."""
     if not (path / "latest").is_file():
-        raise CorruptCheckpointError(path, "a folder, but not a DeepSpeed ZeRO checkpoint (no `latest` file); a "
-                                           "Lightning checkpoint is a .ckpt file")
+        raise CorruptCheckpointError(path, "a folder, but not a DeepSpeed ZeRO checkpoint (no `latest` file) nor an "
+                                           "FSDP sharded one (no `.metadata`); a Lightning checkpoint is a .ckpt file")
     tag = (path / "latest").read_text(errors="replace").strip()
     if not tag or not (path / tag).is_dir() or not any((path / tag).glob("*model_states.pt")):
         raise CorruptCheckpointError(path, f"a DeepSpeed ZeRO checkpoint folder without its shards (`latest` names "
@@ -275,6 +278,112 @@ def _check_zero_folder(path: Path) -> Checked:
     return Checked(tuple({id(g): g for c in plans for g in c.globals}.values()), all(c.weights_only for c in plans))
 
 
+# ---- FSDP sharded folders (torch.distributed.checkpoint) ---------------------------------------------------------
+# torch reads a DCP folder's `.metadata` with plain pickle.load and each non-tensor entry with torch.load(weights_only=
+# False); both are vetted here first. Measured (a DCP save of a state dict with tensors, ints, strings): the metadata
+# names torch's own metadata dataclasses, torch.Size, dtypes, torch.serialization._get_layout and pathlib.PosixPath.
+_DCP_GLOBALS = {
+    *(f"torch.distributed.checkpoint.metadata.{n}" for n in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")),
+    "torch.distributed.checkpoint.filesystem._StorageInfo",
+}
+
+
+class _Stub:
+    """Stands in for every global while a pickle's globals are listed, so that nothing real is called."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Stub:
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def append(self, item: Any) -> None:
+        pass
+
+    def extend(self, items: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+
+class _Restricted(pickle.Unpickler):
+    """The pickle documentation's "restricting globals": only ``allowed`` names are imported (``stub``: none)."""
+
+    def __init__(self, file: Any, allowed: dict[str, Any] | None):
+        super().__init__(file)
+        self.allowed, self.seen = allowed, set()
+
+    def find_class(self, module: str, name: str) -> Any:
+        self.seen.add(f"{module}.{name}")
+        if self.allowed is None:
+            return _Stub
+        if f"{module}.{name}" not in self.allowed:
+            raise pickle.UnpicklingError(f"GLOBAL {module}.{name}")
+        return self.allowed[f"{module}.{name}"]
+
+
+def _check_dcp_folder(path: Path) -> Checked:
+    import io
+
+    from torch._weights_only_unpickler import _get_allowed_globals
+
+    metadata_file = path / ".metadata"
+    raw = metadata_file.read_bytes()
+    lister = _Restricted(io.BytesIO(raw), None)
+    try:
+        lister.load()
+    except Exception as err:  # noqa: BLE001 - a stub cannot build everything; the names were read before
+        if not lister.seen:
+            raise CorruptCheckpointError(metadata_file, f"not a torch.distributed.checkpoint metadata file "
+                                                        f"({_first_line(err)})") from None
+    torch_own = _get_allowed_globals()
+    plain = {n for n in lister.seen if n in torch_own or n in _DCP_GLOBALS}
+    checked = _plan(metadata_file, lister.seen - plain)  # refuses anything beyond the allowlist
+    allowed = {n: torch_own.get(n) or _resolve(n) for n in plain}
+    allowed.update({(g[1] if isinstance(g, tuple) else _key(g)): (g[0] if isinstance(g, tuple) else g)
+                    for g in checked.globals})
+    try:
+        metadata = _Restricted(io.BytesIO(raw), allowed).load()
+    except pickle.UnpicklingError as err:  # a global past the point where the listing pass stopped
+        found = re.findall(r"GLOBAL ([\w.]+)", str(err))
+        if found:
+            raise UnsafeCheckpointError(metadata_file, [canonical(n) for n in found]) from None
+        raise CorruptCheckpointError(metadata_file, f"damaged metadata ({_first_line(err)})") from None
+    except Exception as err:  # noqa: BLE001
+        raise CorruptCheckpointError(metadata_file, f"damaged metadata ({_first_line(err)})") from None
+    # the non-tensor entries (torch.save blobs inside the .distcp files): each vetted like a checkpoint file
+    byte_items = {k for k, v in metadata.state_dict_metadata.items()
+                  if type(v).__name__ == "BytesStorageMetadata"}
+    plans = [checked]
+    for index, info in (metadata.storage_data or {}).items():
+        if index.fqn not in byte_items:
+            continue
+        with open(path / info.relative_path, "rb") as f:
+            f.seek(info.offset)
+            blob = f.read(info.length)
+        names = _globals_in_bytes(blob, path / info.relative_path)
+        plans.append(_plan(path / info.relative_path, names))
+    return Checked(tuple({id(g): g for c in plans for g in c.globals}.values()), all(c.weights_only for c in plans))
+
+
+def _globals_in_bytes(blob: bytes, where: Path) -> set[str]:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".pt") as tmp:
+        tmp.write(blob)
+        tmp.flush()
+        try:
+            return _globals_in(Path(tmp.name))
+        except CorruptCheckpointError as err:
+            raise CorruptCheckpointError(where, str(err).split(": ", 1)[1].split("; use another")[0]) from None
+
+
 # ---- the entry points ----------------------------------------------------------------------------------------------
 def check(path: str | Path | None) -> Checked:
     """Refuse a checkpoint (a file or a DeepSpeed ZeRO folder) that is hostile or unreadable, without running
@@ -283,7 +392,14 @@ def check(path: str | Path | None) -> Checked:
     if path is None:
         return Checked()
     path = Path(path)
-    return _check_zero_folder(path) if path.is_dir() else _plan(path, _globals_in(path))
+    if not path.is_dir():
+        return _plan(path, _globals_in(path))
+    if (path / ".metadata").is_file():  # an FSDP sharded checkpoint (trainer=fsdp); Lightning's meta.pt beside it
+        meta = path / "meta.pt"
+        plans = [_check_dcp_folder(path), *([_plan(meta, _globals_in(meta))] if meta.is_file() else [])]
+        return Checked(tuple({id(g): g for c in plans for g in c.globals}.values()),
+                       all(c.weights_only for c in plans))
+    return _check_zero_folder(path)
 
 
 def load_arrays(path: str | Path) -> dict[str, Any]:

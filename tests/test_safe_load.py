@@ -369,3 +369,27 @@ def test_the_data_cache_never_unpickles(tmp_path, marker):
     out = load_or_build(tmp_path, "k", lambda: {"ids": np.arange(3)})
     assert out["ids"].tolist() == [0, 1, 2] and not marker.exists()
     assert safe_load.load_arrays(tmp_path / "k.npz")["ids"].tolist() == [0, 1, 2]
+
+
+def test_an_fsdp_sharded_folder_is_vetted_entry_by_entry(tmp_path, marker):
+    """trainer=fsdp saves torch.distributed.checkpoint folders: torch unpickles `.metadata` and non-tensor entries
+    without restriction, so each is vetted first."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    state = {"model": {"w": torch.ones(3)}, "step": 3, "name": "x"}
+    dcp.save(state, checkpoint_id=tmp_path / "good")
+    torch.save({"epoch": 1, "loops": {}}, tmp_path / "good" / "meta.pt")  # Lightning's file beside the shards
+    assert safe_load.check(tmp_path / "good").weights_only
+    dcp.save({**state, "extra": Call(os.system, f"touch {marker}")}, checkpoint_id=tmp_path / "entry")
+    with pytest.raises(UnsafeCheckpointError, match=r"__0_0\.distcp.*os\.system"):
+        safe_load.check(tmp_path / "entry")
+    shutil.copytree(tmp_path / "good", tmp_path / "meta")
+    (tmp_path / "meta" / ".metadata").write_bytes(pickle.dumps(Call(os.system, f"touch {marker}")))
+    with pytest.raises(UnsafeCheckpointError, match=r"\.metadata.*os\.system"):
+        safe_load.check(tmp_path / "meta")
+    (tmp_path / "meta" / ".metadata").write_bytes(os.urandom(64))
+    with pytest.raises(CorruptCheckpointError, match="metadata"):
+        safe_load.check(tmp_path / "meta")
+    assert not marker.exists()
