@@ -51,9 +51,8 @@ TRUSTED_ENV = "DLM_TRUSTED_GLOBALS"
 # Beyond torch's own weights_only set (tensors, OrderedDict, torch.Size, dtypes ...). Measured: Lightning checkpoints
 # of every family (mdlm, ar, bd3lm, sundae, diffusionbert; native and HF backbones; callbacks=default, ema, a2d;
 # bf16-mixed) need none of these; DeepSpeed ZeRO-2/-3 optimizer-state files and FSDP sharded folders need those
-# marked "measured". Each is a class whose
-# construction only stores its arguments (a weights_only unpickler may call an allowed class with the file's
-# arguments, so no function, and no class that acts when built, is ever listed).
+# marked "measured". Each is a class whose construction only stores its arguments (a weights_only unpickler may call
+# an allowed class with the file's arguments, so no function, and no class that acts when built, is ever listed).
 PLAIN_GLOBALS: dict[str, str] = {
     "deepspeed.runtime.zero.config.ZeroStageEnum": "an int enum: the ZeRO stage (measured, ZeRO-2 and ZeRO-3)",
     "deepspeed.runtime.fp16.loss_scaler.LossScaler": "the static loss scale, one float (measured, ZeRO-2/-3)",
