@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dlm.errors import user_errors
+
 
 # ---- ZeRO-3 leaf modules -----------------------------------------------------------------------------------
 def moe_block_classes(model: nn.Module) -> list[type]:
@@ -141,7 +143,11 @@ def load_state_dict(checkpoint: str | Path, scratch: Path | None = None) -> dict
     (its shards consolidated to fp32 in memory; also written as a Lightning-loadable file to ``scratch`` when
     given, with Lightning's ``convert_zero_checkpoint_to_fp32_state_dict``). Nothing is written next to the
     checkpoint: a ``<name>-fp32.ckpt`` there would be as large as the model in fp32 and match ``best*.ckpt``."""
+    from dlm.safe_load import check, load_checkpoint
+
     checkpoint = Path(checkpoint)
+    if checkpoint.is_dir():  # DeepSpeed unpickles its files without restriction: every one is vetted first
+        check(checkpoint)
     if checkpoint.is_dir() and scratch is not None:
         from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
@@ -153,8 +159,8 @@ def load_state_dict(checkpoint: str | Path, scratch: Path | None = None) -> dict
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint))
         prefix = "_forward_module."  # Lightning < 2.1 wrapped the module
         return {k.removeprefix(prefix): v for k, v in state.items()}
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    return state.get("state_dict", state)
+    state = load_checkpoint(checkpoint)  # weights_only, dlm's allowlist (dlm/safe_load.py)
+    return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
 def export_hf_folder(cfg, state_dict: dict[str, torch.Tensor], out: str | Path, extra: dict | None = None) -> Path:
@@ -234,4 +240,5 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="output folder (default <run_dir>/hf)")
     parser.add_argument("--raw", action="store_true", help="a callbacks=ema run: export the raw weights, not the EMA")
     args = parser.parse_args(argv)
-    print(f"hf: {consolidate_run(args.run_dir, args.ckpt, args.out, use_ema=not args.raw)}")
+    with user_errors():
+        print(f"hf: {consolidate_run(args.run_dir, args.ckpt, args.out, use_ema=not args.raw)}")

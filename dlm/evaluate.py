@@ -29,8 +29,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dlm.config import CONF_DIR, register_resolvers
+from dlm.errors import user_errors
 from dlm.progress import Bar
-from dlm.run import LoadedRun, NotARunError, load_run, plain
+from dlm.run import LoadedRun, load_run, plain
 
 register_resolvers()
 
@@ -305,6 +306,8 @@ def update_wandb_summary(run: LoadedRun, metrics: dict[str, Any]) -> str | None:
 def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], Path]:
     started = time.perf_counter()
     run = load_run(cfg.run, ckpt=cfg.ckpt, device=cfg.device, use_ema=bool(cfg.get("use_ema", True)))
+    # loaded before anything is written: a scorer that cannot load (a refused checkpoint) leaves no trace
+    scorer = make_scorer(cfg.scorer, cfg.device, cfg.num_mc, cfg.seed, cfg.scorer_batch_size) if cfg.get("scorer") else None
     out: dict[str, Any] = {"ckpt": str(run.ckpt_path), "seed": int(cfg.seed)}
     progress = bool(cfg.get("progress_bar", True))
 
@@ -327,9 +330,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], Path]:
         with open(run.run_dir / "eval_samples.jsonl", "w") as f:
             for row in rows:
                 f.write(json.dumps({**row, "sampler": sampler_name, "steps": sampler_cfg.get("steps")}) + "\n")
-    if cfg.get("scorer"):
+    if scorer is not None:
         texts = [r["text"] for r in rows if r["kind"] == "unconditional"]
-        scorer = make_scorer(cfg.scorer, cfg.device, cfg.num_mc, cfg.seed, cfg.scorer_batch_size)
         out.update(generative_perplexity(texts, scorer))
     out["time_s"] = round(time.perf_counter() - started, 2)
 
@@ -371,11 +373,8 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
 def hydra_main(cfg: DictConfig) -> None:
-    try:
+    with user_errors():  # NotARunError, a refused or corrupt checkpoint ...: one line, exit 2
         metrics, path = evaluate(cfg)
-    except NotARunError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     for line in summary_lines(metrics):
         print(line)
     print(f"results: {path}")

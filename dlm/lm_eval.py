@@ -27,7 +27,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.argv = ["lm-eval", *argv]
     else:
         sys.argv[0] = "lm-eval"
-    cli_evaluate()
+    from dlm.errors import user_errors
+
+    with user_errors():  # a run that cannot load (NotARunError, a refused checkpoint): one line, exit 2
+        cli_evaluate()
 
 
 if __name__ == "__main__":

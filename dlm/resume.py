@@ -126,12 +126,12 @@ def check_checkpoint_fits(module, checkpoint: Path, run_dir: Path | None) -> int
     """Refuse, before anything is written, a checkpoint whose tensors do not fit ``module`` (the model this command
     builds): a ConfigError naming the first mismatched tensors and the config the checkpoint came from. Returns the
     checkpoint's global step (None for a DeepSpeed folder, which DeepSpeed itself checks)."""
-    import torch
+    from dlm.safe_load import load_checkpoint
 
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir():
         return None
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    saved = load_checkpoint(checkpoint, mmap=True)
     state = saved.get("state_dict", {}) if isinstance(saved, dict) else {}
     live = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     have = {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}

@@ -145,7 +145,7 @@ def find_checkpoint(run_dir: Path, ckpt: str | Path | None = "last") -> Path:
         path = Path(ckpt)
         if not path.is_absolute() and not path.exists():
             path = folder / path
-    if not (path.is_file() or (path.is_dir() and (path / "latest").is_file())):
+    if not path.exists():  # a folder that is not a ZeRO checkpoint is said so by dlm.safe_load
         have = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
         raise NotARunError(
             f"{run_dir}: no checkpoint {path.name} (checkpoints present: {', '.join(have) or 'none'}); the run may "

@@ -19,6 +19,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from dlm import safe_load
 from dlm.config import (
     CONF_DIR,
     ConfigError,
@@ -28,7 +29,7 @@ from dlm.config import (
     resolve_ckpt_path,
     running_hydra_config,
 )
-from dlm.errors import user_errors
+from dlm.errors import UserError, user_errors
 from dlm.run_folder import (
     append_resume_record,
     drop_metrics_after,
@@ -228,6 +229,7 @@ def train(cfg: DictConfig) -> Path:
         return run_dir
 
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
+    vetted = safe_load.check(ckpt_path)  # a hostile or corrupt checkpoint is refused before anything is built
     try:
         datamodule.setup("fit")
     except (ValueError, FileNotFoundError) as err:
@@ -249,7 +251,8 @@ def train(cfg: DictConfig) -> Path:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        with vetted.allowing():  # Lightning's own load: weights_only, under the same allowlist
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=vetted.weights_only)
     except SIGTERMException:  # Lightning's SIGTERM handler stops fit at a batch boundary with a SystemExit(0)
         pass
     terminated = trainer.received_sigterm
@@ -314,13 +317,13 @@ def hydra_main(cfg: DictConfig) -> float | None:
             if isinstance(err, Terminated):  # the sweep was told to stop, not just this job
                 sys.exit(err.exit_code)
             return float("inf") if cfg.get("optimized_metric") else None
-        if isinstance(err, ConfigError):
+        if isinstance(err, UserError):
             release_run_dir(run_dir)  # refused before training: no empty run folder is left
-        if isinstance(err, (ConfigError, NonFiniteLossError, Terminated)):
+        if isinstance(err, (UserError, NonFiniteLossError, Terminated)):
             print(f"error: {err}", file=sys.stderr)
-            if not isinstance(err, ConfigError):
+            if not isinstance(err, UserError):
                 print(f"run_dir: {run_dir}")
-            sys.exit(2 if isinstance(err, ConfigError) else getattr(err, "exit_code", 1))
+            sys.exit(2 if isinstance(err, UserError) else getattr(err, "exit_code", 1))
         raise
     print(f"run_dir: {run_dir}")
     return optimized_value(cfg, run_dir)
@@ -353,6 +356,8 @@ def main() -> None:
         if any(override_key(o) == "ckpt_path" for o in overrides):
             with user_errors():
                 resume = resolve_resume(overrides)
+                if resume is not None:  # vetted (dlm/safe_load.py) before Hydra starts the job
+                    safe_load.check(resume.checkpoint)
             if resume is not None:
                 flags = [a for a in sys.argv[1:] if a not in overrides]
                 sys.argv[1:] = flags + resume.overrides

@@ -12,6 +12,7 @@ import torch
 
 from dlm.methods.mdlm import MDLM
 from dlm.models.hf import HFCausalLM
+from dlm.safe_load import load_checkpoint
 from dlm.schedules import LinearSchedule
 from dlm.train import build_module, train
 
@@ -35,7 +36,7 @@ def test_ar_run_exports_an_hf_folder_that_a_diffusion_run_starts_from(ar_run, ru
 
     datamodule = instantiate(cfg.data)
     module = build_module(cfg, datamodule)
-    ar_state = torch.load(ar_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    ar_state = load_checkpoint(ar_dir / "checkpoints" / "last.ckpt")["state_dict"]
     for name, value in module.state_dict().items():
         torch.testing.assert_close(value, ar_state[name], rtol=0, atol=0, msg=name)
     assert module.backbone.attention == "bidirectional" and module.backbone.converted
@@ -61,7 +62,7 @@ def test_ar_run_exports_an_hf_folder_that_a_diffusion_run_starts_from(ar_run, ru
     out = export_hf_folder(cfg, state, tmp / "mdlm_hf", {"method": "mdlm", "shift_logits": True})
     assert json.loads((out / "dlm_export.json").read_text())["shift_logits"] is True
     loaded = AutoModelForCausalLM.from_pretrained(out).eval()
-    trained = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    trained = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["state_dict"]
     for name, value in loaded.state_dict().items():
         torch.testing.assert_close(value, trained[f"backbone.hf_model.{name}"], rtol=0, atol=0, msg=name)
     # config.json keeps is_causal: false, so plain transformers already runs the export bidirectionally, as does

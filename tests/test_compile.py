@@ -20,6 +20,7 @@ from dlm.compile import MODES, compile_backbone, is_compiled
 from dlm.methods.ar import AR
 from dlm.methods.mdlm import MDLM
 from dlm.models import Transformer
+from dlm.safe_load import load_checkpoint
 from dlm.sampling import ConfidenceSampler, ThresholdSampler
 from dlm.schedules import LinearSchedule
 
@@ -152,7 +153,7 @@ def test_compiled_training_run_resumes_and_loads_uncompiled_and_generate_takes_c
     from dlm.run import load_run
 
     run_dir = run_dir_of(train_cli(tmp_path, "compile=default"))
-    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    state = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["state_dict"]
     assert not any("_orig_mod" in k for k in state)
     loaded = load_run(run_dir)  # an uncompiled module, strict key match
     assert not is_compiled(loaded.module.backbone)

@@ -12,6 +12,7 @@ import torch
 
 from dlm.methods.diffusionbert import DiffusionBERT
 from dlm.models import Transformer
+from dlm.safe_load import load_checkpoint
 from dlm.sampling import D3PMSampler, LowConfidenceSampler
 from dlm.schedules import CosineSchedule, LinearSchedule
 from dlm.spindle import SpindleSchedule
@@ -197,7 +198,7 @@ def test_training_run_counts_tokens_into_the_checkpoint(run_cfg):
     results = json.loads((run_dir / "results.json").read_text())
     assert results["val/nll_bound"] > 0 and results["val/loss"] >= results["val/nll_bound"]
     assert 0.0 <= results["sample/valid_frac"] <= 1.0
-    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    state = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["state_dict"]
     assert state["token_counts"].sum() > 0
     rows = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert rows and all("_" not in r["text"] for r in rows if r["kind"] != "infill")

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from dlm.callbacks.ema import EMA, ema_weights
+from dlm.safe_load import load_checkpoint
 from dlm.train import train
 
 
@@ -100,7 +101,7 @@ def test_a_run_with_ema_resumes_exactly_and_loads_its_ema_weights(run_cfg, tmp_p
     split = tmp_path / "b"
     train(run_cfg(*common, "trainer.max_steps=3", run_dir=split))
     train(run_cfg(*common, "trainer.max_steps=6", "ckpt_path=last", run_dir=split))
-    ckpts = [torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False) for d in (straight, split)]
+    ckpts = [load_checkpoint(d / "checkpoints" / "last.ckpt") for d in (straight, split)]
     for key in ckpts[0]["state_dict"]:
         torch.testing.assert_close(ckpts[0]["state_dict"][key], ckpts[1]["state_dict"][key], rtol=0, atol=1e-6)
     shadows = [c["callbacks"]["EMA"] for c in ckpts]

@@ -16,6 +16,7 @@ from test_analysis import make_tiny_sweep
 
 from dlm.evaluate import HFScorer, evaluate, generative_perplexity, likelihood
 from dlm.run import NotARunError, load_run
+from dlm.safe_load import load_checkpoint
 
 
 @pytest.fixture
@@ -43,7 +44,7 @@ def test_load_run_from_folder_or_checkpoint(run_dir):
     again = load_run(run_dir / "checkpoints" / "last.ckpt")
     for key, value in run.module.state_dict().items():
         torch.testing.assert_close(value, again.module.state_dict()[key])
-    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    saved = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["state_dict"]
     assert saved.keys() == run.module.state_dict().keys()
     for key, value in saved.items():
         torch.testing.assert_close(run.module.state_dict()[key], value)

@@ -14,13 +14,14 @@ import torch
 
 from dlm.config import ConfigError
 from dlm.methods.base import NonFiniteLossError
+from dlm.safe_load import load_checkpoint
 from dlm.train import train
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def load_state(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    return load_checkpoint(path)["state_dict"]
 
 
 def test_run_writes_the_documented_outputs(run_cfg, tmp_path):

@@ -164,8 +164,10 @@ def ema_weights(checkpoint: str | Path) -> dict[str, Tensor] | None:
         if not files:
             return None
         checkpoint = files[0]
-    # memory-mapped: only the shadow's tensors are read (the weights were loaded once already)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+    from dlm.safe_load import load_checkpoint
+
+    # memory-mapped: only the shadow's tensors are read (the weights were loaded once already); weights_only
+    state = load_checkpoint(checkpoint, mmap=True)
     ema = (state.get("callbacks") or {}).get("EMA") if isinstance(state, dict) else None
     if ema is None:
         return None

@@ -10,7 +10,10 @@ from typing import Any
 
 from lightning.pytorch.callbacks import ModelSummary as LightningModelSummary
 from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBar
-from lightning.pytorch.utilities.model_summary.model_summary import get_formatted_model_size, get_human_readable_count
+from lightning.pytorch.utilities.model_summary.model_summary import (
+    get_formatted_model_size,
+    get_human_readable_count,
+)
 
 DROPPED_COLUMNS = ("FLOPs",)
 log = logging.getLogger("lightning.pytorch.callbacks.model_summary")  # where Lightning's text summary goes

@@ -41,8 +41,9 @@ def cache_key(**parts: Any) -> str:
 
 
 def _load(path: str) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    from dlm.safe_load import load_arrays
+
+    return load_arrays(path)  # no pickle
 
 
 def load_or_build(
