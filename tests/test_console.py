@@ -119,9 +119,9 @@ def test_likelihood_bar_counts_every_batch_of_every_draw(tiny, bars):
 @torch.no_grad()
 def test_lm_eval_bars_count_every_request(monkeypatch):
     pytest.importorskip("lm_eval")
-    import dlm.eval.lm_eval_adapter as adapter
     from lm_eval.api.instance import Instance
 
+    import dlm.eval.lm_eval_adapter as adapter
     from dlm.data.tokenizers import CharTokenizer
     from dlm.methods.ar import AR
     from dlm.models.transformer import Transformer

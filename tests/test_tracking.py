@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import FAST, compose
+
 from dlm import tracking
 from dlm.tracking import existing_run_id, make_wandb_logger, probe_wandb_server
 
