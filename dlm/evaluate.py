@@ -51,7 +51,7 @@ def likelihood(module, loader, num_mc: int = 8, seed: int = 0, max_batches: int 
     Returns plain numbers; `nll_bound` is None with `error` set when the family has no bound. ``progress``: a bar
     over the draws' batches (dlm.progress: on a terminal only).
     """
-    exact = bool(getattr(module, "exact_nll", False))
+    exact = module.exact_nll
     draws = 1 if exact else max(1, int(num_mc))
     try:
         batches = len(loader)
@@ -175,7 +175,7 @@ class RunScorer:
     def __init__(self, run: LoadedRun, num_mc: int = 8, seed: int = 0, batch_size: int = 16):
         self.run = run
         self.name = str(run.run_dir)
-        self.exact = bool(getattr(run.module, "exact_nll", False))
+        self.exact = run.module.exact_nll
         self.num_mc = 1 if self.exact else num_mc
         self.seed = seed
         self.batch_size = batch_size

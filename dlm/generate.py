@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from dlm.compile import check_mode, compile_backbone
 from dlm.config import CONF_DIR, register_resolvers
 from dlm.errors import UserError
+from dlm.models.capabilities import BackboneCapabilities
 from dlm.run import NotARunError
 
 register_resolvers()
@@ -79,6 +80,8 @@ class HFCausalBackbone(nn.Module):
         self.model = model
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
         self.max_seq_len = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+
+    capabilities = BackboneCapabilities(kv_cache=True)
 
     def forward(self, input_ids: Tensor, *, attention: str | None = None, past_key_values=None, use_cache: bool = False,
                 **_: Any):

@@ -165,7 +165,7 @@ class NoLogitsAt(nn.Module):
 @SHIFTS
 def test_a_backbone_without_logits_at_falls_back_to_selecting(shift):
     plain, wrapped = bd3lm("native", 3, shift), bd3lm("native", 3, shift, net=NoLogitsAt(backbone("native")))
-    assert plain._backbone_takes_logits_at and not wrapped._backbone_takes_logits_at
+    assert plain.backbone_caps.logits_at and not wrapped.backbone_caps.logits_at
     x0 = batch()["input_ids"]
     xt, masked = noisy(x0)
     with torch.no_grad():

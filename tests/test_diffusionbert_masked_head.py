@@ -4,6 +4,7 @@ token shifts the backbone's positions by one), packed rows, nothing masked, and 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported anywhere
@@ -17,6 +18,7 @@ from torch import nn  # noqa: E402
 
 from dlm.methods.diffusionbert import DiffusionBERT  # noqa: E402
 from dlm.models import Transformer  # noqa: E402
+from dlm.models.capabilities import capabilities_of  # noqa: E402
 from dlm.models.hf import HFCausalLM  # noqa: E402
 from dlm.spindle import SpindleSchedule  # noqa: E402
 
@@ -147,7 +149,9 @@ def test_a_backbone_that_cannot_select_computes_full_logits_and_selects(mode, mo
     model = diffusionbert("native", mode)
     b = batch(packed=True)
     out, bound, grads = run(model, b, full_logits=False)
-    monkeypatch.setattr(DiffusionBERT, "_backbone_takes_logits_at", False)  # as for a backbone without logits_at
+    # as for a backbone that does not declare logits_at
+    undeclared = property(lambda self: dataclasses.replace(capabilities_of(self.backbone), logits_at=False))
+    monkeypatch.setattr(DiffusionBERT, "backbone_caps", undeclared)
     calls = record_backbone_calls(model)
     ref_out, ref_bound, ref_grads = run(model, b, full_logits=False)
     assert calls and all(logits_at is None for _, logits_at in calls)

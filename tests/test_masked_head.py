@@ -179,7 +179,7 @@ class NoLogitsAt(nn.Module):
 def test_a_backbone_without_logits_at_falls_back_to_selecting(shift_logits):
     plain = mdlm("native", shift_logits).eval()
     wrapped = MDLM(NoLogitsAt(backbone("native")), TOKENIZER, LinearSchedule(), shift_logits=shift_logits).eval()
-    assert plain._backbone_takes_logits_at and not wrapped._backbone_takes_logits_at
+    assert plain.backbone_caps.logits_at and not wrapped.backbone_caps.logits_at
     x, at = tokens_and_selection()
     with torch.no_grad():
         torch.testing.assert_close(wrapped.logits(x, at=at), plain.logits(x, at=at), atol=1e-5, rtol=1e-5)

@@ -93,7 +93,7 @@ def write_samples(
     prompts = task.prompts(num_prompted, seed) if task is not None and num_prompted > 0 else []
     # Families that cannot condition on a suffix (AR) have no infill metric rather than a made-up one.
     items = []
-    if task is not None and num_infill > 0 and getattr(module, "supports_infill", True):
+    if task is not None and num_infill > 0 and module.supports_infill:
         items = [(t, p) for t, p in task.infill_items(num_infill, seed) if len(tokenizer.encode(t)) == len(t)]
     with Bar(max(num_unconditional, 0) + len(prompts) + len(items), "sampling", enabled=progress) as bar:
         _unconditional(module, tokenizer, task, length, num_unconditional, generator, rows, metrics, bar)

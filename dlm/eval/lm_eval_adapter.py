@@ -211,7 +211,7 @@ class DLMHarnessModel(LM):
 
     # ---- set-up ----------------------------------------------------------------------------------------------
     def _resolve_estimator(self, estimator: str) -> str:
-        exact = bool(getattr(self.module, "exact_nll", False))
+        exact = self.module.exact_nll
         mdlm = _subclasses_mdlm(self.module)
         if estimator == "auto":
             if exact:
@@ -366,7 +366,7 @@ class DLMHarnessModel(LM):
         mc_num draws otherwise). A text longer than the model's context is cut into consecutive windows of at
         most max_seq_len tokens, each scored on its own (no context carried over: the practice of MDLM's and
         BD3-LM's OpenWebText evaluations), and the windows' values are summed."""
-        exact = bool(getattr(self.module, "exact_nll", False))
+        exact = self.module.exact_nll
         limit = None if self.max_len is None else int(self.max_len) - (1 if exact else 0)
         out = []
         with Bar(len(requests), "lm-eval loglikelihood_rolling", enabled=not disable_tqdm) as bar:

@@ -25,14 +25,15 @@ Batches are dicts with `input_ids` [B, T], `loss_mask` [B, T] (bool) and, for pa
 from __future__ import annotations
 
 import functools
-import inspect
 from abc import ABC, abstractmethod
+from typing import ClassVar
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 
-from dlm.optim import freeze_roles, merge_lr_multipliers, param_groups
+from dlm.models.capabilities import BackboneCapabilities, capabilities_of
+from dlm.optim import freeze_roles, merge_lr_multipliers, param_groups, reapply_hparams
 from dlm.sampling import Generation, Sampler
 
 
@@ -42,6 +43,10 @@ class NonFiniteLossError(RuntimeError):
 
 
 class DiffusionLM(L.LightningModule, ABC):
+    # What the family can do, declared here and read as attributes (no probing):
+    exact_nll: ClassVar[bool] = False  # nll_bound is the exact NLL: evaluation needs one pass, not Monte-Carlo draws
+    supports_infill: ClassVar[bool] = True  # infill() fills any positions given both sides
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -241,8 +246,6 @@ class DiffusionLM(L.LightningModule, ABC):
         # A resume restores the checkpoint's optimizer and schedule state, hyper-parameters included: put the composed
         # config's back (an explicit optimizer.lr=... on resume takes effect), keeping the moments and the step.
         if self.trainer.ckpt_path and self.configured_hparams:
-            from dlm.optim import reapply_hparams
-
             configs = self.trainer.lr_scheduler_configs
             changes = reapply_hparams(self.trainer.optimizers[0], self.configured_hparams,
                                       configs[0].scheduler if configs else None)
@@ -272,7 +275,7 @@ class DiffusionLM(L.LightningModule, ABC):
         every position's logits and selects: the same numbers."""
         if at is None:
             return self.backbone(tokens, **backbone_kwargs)[..., : self.vocab_size]
-        if self._backbone_takes_logits_at:
+        if self.backbone_caps.logits_at:
             return self.backbone(tokens, logits_at=at, **backbone_kwargs)[..., : self.vocab_size]
         return self.backbone(tokens, **backbone_kwargs)[..., : self.vocab_size][at]
 
@@ -297,15 +300,14 @@ class DiffusionLM(L.LightningModule, ABC):
         return cache
 
     @property
-    def backbone_has_static_cache(self) -> bool:
-        """Whether the backbone can build a static KV cache: it is attended to under an explicit mask, so HF models
-        need sdpa/eager attention ("converted")."""
-        return hasattr(self.backbone, "static_cache") and getattr(self.backbone, "converted", True)
+    def backbone_caps(self) -> BackboneCapabilities:
+        """What the backbone declares it can do (time conditioning, logits_at, a KV cache, a static cache)."""
+        return capabilities_of(self.backbone)
 
     def _use_static_cache(self) -> bool:
         from dlm.compile import is_compiled
 
-        supported = self.backbone_has_static_cache
+        supported = self.backbone_caps.static_cache
         if self.static_kv_cache is None:
             return supported and is_compiled(self.backbone)
         if self.static_kv_cache and not supported:
@@ -314,22 +316,3 @@ class DiffusionLM(L.LightningModule, ABC):
                 f"with attn_implementation sdpa/eager); {type(self.backbone).__name__} has none: set it to null"
             )
         return bool(self.static_kv_cache)
-
-    @property
-    def _backbone_takes_logits_at(self) -> bool:
-        return self.backbone_accepts("logits_at")
-
-    def backbone_accepts(self, *names: str) -> bool:
-        """Whether the backbone's forward takes every one of these keyword arguments (asked every training step:
-        the signature is read once per backbone class)."""
-        params = _forward_parameters(type(self.backbone))
-        return all(name in params for name in names)
-
-
-@functools.cache
-def _forward_parameters(backbone_class: type) -> frozenset[str]:
-    """The names a backbone class's forward takes (empty when its signature cannot be read)."""
-    try:
-        return frozenset(inspect.signature(backbone_class.forward).parameters)
-    except (TypeError, ValueError):
-        return frozenset()

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from dlm.methods.base import DiffusionLM
 from dlm.methods.masked_terms import MaskedTermsObjective, masked_token_nll
 from dlm.methods.time_sampling import check_time_sampling, sample_times
+from dlm.models.capabilities import capabilities_of
 from dlm.models.transformer import positions_from_doc_ids
 from dlm.sampling import Generation, Sampler
 from dlm.schedules import MaskSchedule
@@ -67,7 +68,7 @@ class BD3LM(MaskedTermsObjective, DiffusionLM):
         if isinstance(block_size, bool) or int(block_size) != block_size or block_size < 1:
             raise ValueError(f"method.block_size must be an integer >= 1, got {block_size!r}")
         check_time_sampling(time_sampling, t_eps)
-        if getattr(backbone, "time_conditioning", False):
+        if capabilities_of(backbone).time_conditioning:
             raise ValueError("method=bd3lm needs a backbone without time conditioning (the noise level is per block)")
         self.schedule = schedule
         self.block_size = int(block_size)

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from dlm.methods.base import DiffusionLM
+from dlm.models.capabilities import capabilities_of
 from dlm.sampling import Generation, Sampler
 from dlm.sampling.d3pm import D3PMSampler
 from dlm.schedules import LinearSchedule, MaskSchedule
@@ -85,7 +86,7 @@ class DiffusionBERT(DiffusionLM):
             raise ValueError(
                 f"method=diffusionbert needs schedule=spindle or a per-time MaskSchedule, got {type(schedule).__name__}"
             )
-        backbone_timed = bool(getattr(backbone, "time_conditioning", False))
+        backbone_timed = bool(capabilities_of(backbone).time_conditioning)
         if time_conditioning == "layerwise" and not backbone_timed:
             raise ValueError(
                 "method.time_conditioning=layerwise needs a backbone with a layerwise time path: set "

@@ -97,7 +97,7 @@ class MDLM(MaskedTermsObjective, DiffusionLM):
 
     @property
     def _time_conditioned(self) -> bool:
-        return bool(getattr(self.backbone, "time_conditioning", False))
+        return self.backbone_caps.time_conditioning
 
     # ---- sampling ----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -113,7 +113,7 @@ class MDLM(MaskedTermsObjective, DiffusionLM):
         """Whether the backbone takes a KV cache (``past_key_values``/``use_cache``): native Transformer, HFCausalLM."""
         # a subclass that overrides logits/denoise would be bypassed by the hook's direct backbone calls
         plain = type(self).logits is MDLM.logits and type(self).denoise is MDLM.denoise
-        return plain and self.backbone_accepts("past_key_values", "use_cache")
+        return plain and self.backbone_caps.kv_cache
 
     @torch.no_grad()
     def prefix_cached_denoise(
@@ -158,7 +158,7 @@ class MDLM(MaskedTermsObjective, DiffusionLM):
     @property
     def supports_dual_cache(self) -> bool:
         """Whether the backbone has a static KV cache (the dual cache writes the block between cached keys)."""
-        return self.supports_prefix_cache and self.backbone_has_static_cache
+        return self.supports_prefix_cache and self.backbone_caps.static_cache
 
     @torch.no_grad()
     def dual_cached_denoise(

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dlm.methods.base import DiffusionLM
+from dlm.models.capabilities import capabilities_of
 from dlm.sampling import Generation, Sampler
 from dlm.sampling.sundae import ArgmaxUnrolledSampler, SundaeSampler, uniform_noise
 
@@ -53,7 +54,7 @@ class SUNDAE(DiffusionLM):
             raise ValueError(f"method.unroll_steps must be an integer >= 1, got {unroll_steps!r}")
         if not unroll_temperature > 0:
             raise ValueError(f"method.unroll_temperature must be > 0, got {unroll_temperature!r}")
-        if getattr(backbone, "time_conditioning", False):
+        if capabilities_of(backbone).time_conditioning:
             raise ValueError(
                 "method=sundae is time-agnostic (its corruption has no diffusion time), but the model has "
                 "time_conditioning=true: set model.time_conditioning=false"

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from dlm.models.attention import PATTERNS, attention_mask
+from dlm.models.capabilities import BackboneCapabilities
 from dlm.models.hf_geometry import (  # noqa: F401
     GPT2_SMALL,
     KNOWN_GEOMETRIES,
@@ -281,6 +282,11 @@ class HFCausalLM(nn.Module):
         if not dtype.is_floating_point:
             dtype = torch.float32
         return torch.where(allowed, torch.zeros((), dtype=dtype, device=allowed.device), torch.finfo(dtype).min)
+
+    @property
+    def capabilities(self) -> BackboneCapabilities:
+        # a static cache is attended to under an explicit mask: the converted (sdpa/eager) attention only
+        return BackboneCapabilities(logits_at=True, kv_cache=True, static_cache=self.converted)
 
     def forward(
         self,

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dlm.models.attention import PATTERNS, attention_mask
+from dlm.models.capabilities import BackboneCapabilities
 from dlm.models.inputs import check_inputs
 from dlm.models.kv_cache import (  # noqa: F401  (KVCache re-exported)
     KVCache,
@@ -227,6 +228,11 @@ class Transformer(nn.Module):
         for block in self.blocks:
             for proj in (block.attn.wo, block.mlp.w2):
                 nn.init.normal_(proj.weight, mean=0.0, std=init_std / math.sqrt(2 * n_layers))
+
+    @property
+    def capabilities(self) -> BackboneCapabilities:
+        return BackboneCapabilities(time_conditioning=bool(self.time_conditioning), logits_at=True, kv_cache=True,
+                                    static_cache=True)
 
     def forward(
         self,
