@@ -152,6 +152,11 @@ def check_config(cfg: DictConfig) -> None:
         memory = _host_memory_problem(cfg)  # before a pretrained download that could never be trained here
         if memory:
             problems.append(memory)
+    pretrained = OmegaConf.select(cfg, "model.pretrained", default=None)
+    if isinstance(pretrained, str) and pretrained and not cfg.get("dry_run"):  # a dry run plans without weights
+        from dlm.data.hub import model_problem
+
+        problems += [p for p in [model_problem(pretrained)] if p]
     if problems:
         raise ConfigError(problems)
 

@@ -190,7 +190,7 @@ def train(cfg: DictConfig) -> Path:
     log_config(loggers, cfg)
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    trainer = build(cfg.trainer, "trainer", MisconfigurationException, logger=loggers or False, callbacks=callbacks)
+    trainer = build(cfg.trainer, "trainer", MisconfigurationException, TypeError, logger=loggers or False, callbacks=callbacks)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
     status = "completed"

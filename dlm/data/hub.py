@@ -11,7 +11,8 @@ from pathlib import Path
 
 from dlm.errors import UserError
 
-__all__ = ["HubUnavailableError", "dataset_problem", "hub_offline", "in_hub_cache", "tokenizer_problem"]
+__all__ = ["HubUnavailableError", "dataset_problem", "hub_offline", "in_hub_cache", "model_problem",
+           "tokenizer_problem"]
 
 _TRUE = ("1", "true", "yes", "on")
 
@@ -94,3 +95,14 @@ def tokenizer_problem(name_or_path: str) -> str | None:
     return (f"data.tokenizer.name_or_path={name_or_path} is a tokenizer on the Hugging Face Hub and this machine is "
             f"offline (HF_HUB_OFFLINE=1) with no copy in the local HF cache: point data.tokenizer.name_or_path at a "
             f"local folder with its tokenizer files (written by save_pretrained), or run once online to cache it")
+
+
+def model_problem(pretrained: str) -> str | None:
+    """Why the checkpoint ``pretrained`` (model.pretrained) cannot load here, or None when it may."""
+    if looks_like_path(pretrained) and not os.path.exists(os.path.expanduser(pretrained)):
+        return f"model.pretrained={pretrained}: no such folder (cwd: {os.getcwd()}); give a local HF model folder or a hub id"
+    if not hub_offline() or os.path.exists(os.path.expanduser(pretrained)) or in_hub_cache(pretrained, "model"):
+        return None
+    return (f"model.pretrained={pretrained} is a model on the Hugging Face Hub and this machine is offline "
+            f"(HF_HUB_OFFLINE=1) with no copy in the local HF cache: point model.pretrained at a local folder "
+            f"(written by save_pretrained), run once online to cache it, or dry_run=true to see the plan")
