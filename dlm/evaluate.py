@@ -188,19 +188,27 @@ class RunScorer:
         return out["nll_bound"] * out["nll_bound_tokens"], out["nll_bound_tokens"]
 
 
-def make_scorer(spec: str, device: str, num_mc: int, seed: int, batch_size: int):
+def scorer_problem(spec: str) -> str | None:
+    """Why the scorer ``spec`` cannot be loaded here (no such folder; a hub model while offline), or None. Checked
+    before the evaluation starts, not after it."""
     from dlm.data.hub import looks_like_path, tokenizer_problem
 
     path = Path(spec).expanduser()
     if (path / ".hydra" / "config.yaml").is_file() or path.suffix == ".ckpt":
-        return RunScorer(load_run(path, device=device), num_mc=num_mc, seed=seed, batch_size=batch_size)
+        return None
     if looks_like_path(str(spec)) and not path.exists():
-        raise UserError(f"scorer={spec}: no such folder; give a dlm run folder, a local HF causal LM folder, or a "
-                        f"hub id such as gpt2")
+        return f"scorer={spec}: no such folder; give a dlm run folder, a local HF causal LM folder, or a hub id such as gpt2"
     offline = tokenizer_problem(str(spec))
-    if offline:
-        raise UserError("scorer: " + offline.replace("data.tokenizer.name_or_path", "scorer").replace(
-            "a tokenizer", "a model"))
+    return offline.replace("data.tokenizer.name_or_path", "scorer").replace("a tokenizer", "a model") if offline else None
+
+
+def make_scorer(spec: str, device: str, num_mc: int, seed: int, batch_size: int):
+    path = Path(spec).expanduser()
+    if (path / ".hydra" / "config.yaml").is_file() or path.suffix == ".ckpt":
+        return RunScorer(load_run(path, device=device), num_mc=num_mc, seed=seed, batch_size=batch_size)
+    problem = scorer_problem(spec)
+    if problem:
+        raise UserError(problem)
     try:
         return HFScorer(spec, device=device, batch_size=batch_size)
     except OSError as err:  # transformers' answer to a folder or id without a causal LM
@@ -325,6 +333,8 @@ def check_request(cfg: DictConfig) -> None:
         torch.device(str(cfg.get("device", "cpu")))
     except RuntimeError:
         problems.append(f"device={cfg.get('device')!r} is not a torch device; use cpu, cuda or cuda:<index>")
+    if cfg.get("scorer"):
+        problems += [p for p in [scorer_problem(str(cfg.scorer))] if p]
     if problems:
         raise ConfigError(problems)
 
