@@ -400,3 +400,42 @@ def test_the_command_line_itself(cli, args, expect, where, trained_run):
     assert "error:" in proc.stderr
     for text in expect:
         assert text in proc.stderr, proc.stderr[-3000:]
+
+
+def _train_args(where, *args: str) -> list[str]:
+    return argv_for(T("simulated", *args, expect=[]), where, None)
+
+
+def test_an_unreadable_data_file_is_named(where, capsys, monkeypatch):
+    """Root reads any file whatever its mode, so the fault is injected: open() refuses the corpus."""
+    import builtins
+
+    import dlm.data.sources as sources
+
+    def refusing_open(path, *args, **kwargs):
+        if str(path) == where["good"]:
+            raise PermissionError(13, "Permission denied", str(path))
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(sources, "open", refusing_open, raising=False)
+    monkeypatch.chdir(where["tmp"])
+    code, out = call_main("train", _train_args(where, "data=text_files", f"data.source.paths={where['good']}",
+                                               f"paths.cache_dir={where['tmp']}/cache_unreadable"), capsys)
+    assert code == 2 and "Traceback" not in out, out[-3000:]
+    assert f"cannot read {where['good']} (Permission denied)" in out and "make it readable" in out
+
+
+def test_a_read_only_output_root_is_refused_before_hydra_writes(where, capsys, monkeypatch):
+    """Root writes anywhere, so the fault is injected: the permission check says the folder is read-only."""
+    import dlm.config
+
+    read_only = Path(where["tmp"]) / "read_only"
+    read_only.mkdir(exist_ok=True)
+    real_access = os.access
+    monkeypatch.setattr(dlm.config.os, "access",
+                        lambda p, mode: False if Path(p) == read_only else real_access(p, mode))
+    monkeypatch.chdir(where["tmp"])
+    code, out = call_main("train", _train_args(where, f"paths.output_root={read_only}/runs"), capsys)
+    assert code == 2 and "Traceback" not in out, out[-3000:]
+    assert f"paths.output_root={read_only}/runs: {read_only} is not writable" in out
+    assert not any(read_only.iterdir())  # refused before Hydra made the run folder
