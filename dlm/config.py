@@ -337,5 +337,6 @@ def build(node: Any, key: str, *also: type[BaseException], **kwargs: Any) -> Any
         if isinstance(cause, (ValueError, *also)) or (isinstance(cause, TypeError) and "argument" in str(cause)):
             raise ConfigError([f"{key}: {cause}"]) from err
         if isinstance(cause, (ImportError, AttributeError)) or "Error locating target" in str(err):
-            raise ConfigError([f"{key}: {str(err).strip().splitlines()[0]} (check {key}._target_)"]) from err
+            first = str(err).strip().splitlines()[0].split(", set env var HYDRA_FULL_ERROR")[0]
+            raise ConfigError([f"{key}: {first} (check {key}._target_)"]) from err
         raise

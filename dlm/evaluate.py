@@ -198,8 +198,10 @@ def scorer_problem(spec: str) -> str | None:
         return None
     if looks_like_path(str(spec)) and not path.exists():
         return f"scorer={spec}: no such folder; give a dlm run folder, a local HF causal LM folder, or a hub id such as gpt2"
-    offline = tokenizer_problem(str(spec))
-    return offline.replace("data.tokenizer.name_or_path", "scorer").replace("a tokenizer", "a model") if offline else None
+    if tokenizer_problem(str(spec)):  # a hub id, offline, not cached (the tokenizer's check answers for the model)
+        return (f"scorer={spec} is a model on the Hugging Face Hub and this machine is offline (HF_HUB_OFFLINE=1) with "
+                f"no copy in the local HF cache: point scorer at a local HF causal LM folder or a dlm run folder")
+    return None
 
 
 def make_scorer(spec: str, device: str, num_mc: int, seed: int, batch_size: int):
