@@ -4,6 +4,7 @@ checks that turn a bad override into one message listing every problem and the v
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,8 @@ def check_config(cfg: DictConfig) -> None:
 
     for key in ("data.batch_size", "trainer.accumulate_grad_batches", "trainer.val_check_interval"):
         positive(key)
-    if OmegaConf.select(cfg, "trainer.max_steps") in (None, -1) or cfg.trainer.max_steps <= 0:
+    max_steps = OmegaConf.select(cfg, "trainer.max_steps")
+    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps <= 0:
         problems.append(
             f"trainer.max_steps={OmegaConf.select(cfg, 'trainer.max_steps')}: training is counted in optimizer "
             "steps (the data loader is infinite); set trainer.max_steps to a positive number"
@@ -138,6 +140,7 @@ def check_config(cfg: DictConfig) -> None:
     for key in ("num_unconditional", "num_prompted", "num_infill"):
         if cfg.samples[key] < 0:
             problems.append(f"samples.{key}={cfg.samples[key]} must be >= 0")
+    problems += _value_problems(cfg)
     accelerator = OmegaConf.select(cfg, "trainer.accelerator")
     if accelerator in ("gpu", "cuda") and not cfg.get("dry_run"):
         import torch
@@ -151,21 +154,90 @@ def check_config(cfg: DictConfig) -> None:
             )
         elif memory:
             problems.append(f"not enough GPU memory: {memory}")
+    elif accelerator == "cpu" and not cfg.get("dry_run") and not problems:
+        memory = _host_memory_problem(cfg)  # before a pretrained download that could never be trained here
+        if memory:
+            problems.append(memory)
+    pretrained = OmegaConf.select(cfg, "model.pretrained", default=None)
+    if isinstance(pretrained, str) and pretrained and not cfg.get("dry_run"):  # a dry run plans without weights
+        from dlm.data.hub import model_problem
+
+        problems += [p for p in [model_problem(pretrained)] if p]
     if problems:
         raise ConfigError(problems)
+
+
+# Mandatory values (???) that the run fills in itself; every other one must come from the command line.
+FILLED_AT_RUN_TIME = ("model.vocab_size",)
+MISSING_HINTS = {"data.source.paths": "a file, folder or glob, or a list of them, e.g. data.source.paths=corpus.txt "
+                                      "or data.source.paths='[a.txt,texts/]'"}
+
+
+def _missing_values(node: Any, prefix: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [k for key, v in node.items() for k in _missing_values(v, f"{prefix}{key}.")]
+    return [prefix[:-1]] if node == "???" else []
+
+
+def _value_problems(cfg: DictConfig) -> list[str]:
+    """Types and ranges of the values that are only read once training has started (the optimizer and the
+    learning-rate schedule are partials built inside trainer.fit), so a bad one fails before any work."""
+    from dlm import checks as c
+
+    missing = [k for k in _missing_values(OmegaConf.to_container(cfg, resolve=False)) if k not in FILLED_AT_RUN_TIME]
+    problems = [f"{k} is required: give {MISSING_HINTS.get(k, f'{k}=<value>')}" for k in missing]
+    problems += c.collect(
+        c.integer(cfg, "seed", 0, 2**32 - 1),  # Lightning replaces an out-of-range seed by 0 with a warning
+        c.number(cfg, "optimizer.lr", 0, low_open=True),
+        c.number(cfg, "optimizer.weight_decay", 0),
+        c.number(cfg, "optimizer.eps", 0, low_open=True),
+        c.integer(cfg, "lr_scheduler.warmup_steps", 0),
+        c.number(cfg, "lr_scheduler.min_lr_ratio", 0, 1),
+        c.number(cfg, "trainer.gradient_clip_val", 0, nullable=True),
+        c.boolean(cfg, "data.packing"),
+        c.integer(cfg, "samples.length", 1, nullable=True, null_means=": the data's seq_len"),
+    )
+    betas = OmegaConf.select(cfg, "optimizer.betas")
+    if betas is not None and not (
+        len(betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)
+    ):
+        problems.append(f"optimizer.betas={list(betas)} must be two numbers in [0, 1), e.g. [0.9, 0.98]")
+    return problems
+
+
+def _plan_vocab(cfg: DictConfig) -> int | None:
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(cfg.data.tokenizer).vocab_size if OmegaConf.select(cfg, "data.tokenizer") else None
+    except Exception:  # e.g. an HF tokenizer that is not available offline: the model's own vocabulary
+        return None
+
+
+def _host_memory_problem(cfg: DictConfig) -> str | None:
+    """A CPU run whose weights + grads + Adam state (fp32: 16 bytes a parameter) exceed this machine's memory,
+    with the numbers; None when it fits or when the plan cannot be built here (the run then reports why)."""
+    from dlm.plan import build_plan
+
+    try:
+        params = build_plan(cfg, _plan_vocab(cfg)).total_params
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    except Exception:  # noqa: BLE001 - a plan that cannot be built must not hide the real error
+        return None
+    need = params * 16 / 1024**3
+    if need <= have:
+        return None
+    return (f"trainer.accelerator=cpu: this model ({params / 1e9:.2f}B parameters) needs {need:,.1f} GiB of host "
+            f"memory for fp32 weights+grads+Adam (activations extra) but this machine has {have:,.1f} GiB: choose a "
+            f"smaller model (e.g. model=moe_tiny), train on GPUs (trainer=deepspeed), or dry_run=true for the plan")
 
 
 def _gpu_memory_problem(cfg: DictConfig) -> str | None:
     """The numbers behind a GPU run that cannot fit (dlm.plan.gpu_memory_check); None when it fits or when the
     plan cannot be built here (then the run itself reports what is wrong)."""
-    from hydra.utils import instantiate
-
     from dlm.plan import gpu_memory_check
 
-    try:
-        vocab = instantiate(cfg.data.tokenizer).vocab_size if OmegaConf.select(cfg, "data.tokenizer") else None
-    except Exception:  # e.g. an HF tokenizer that is not available offline: the model's own vocabulary
-        vocab = None
+    vocab = _plan_vocab(cfg)
     try:
         return gpu_memory_check(cfg, vocab)
     except Exception:  # noqa: BLE001 - a plan that cannot be built must not hide the real error
@@ -178,13 +250,13 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
 
 
-def explain_override(override: str, base_overrides: list[str], error: Exception) -> str:
+def explain_override(override: str, base_overrides: list[str], error: Exception, config_name: str = "train") -> str:
     """A message for one override that Hydra refused, naming the valid choices or keys."""
     key = override.split("=", 1)[0].lstrip("+~")
     if key in GROUPS:
         return f"{override}: no such option; valid options for {key}: {', '.join(group_options(key))}"
     parent, _, leaf = key.rpartition(".")
-    cfg = compose_train(base_overrides)
+    cfg = compose_train(base_overrides, config_name=config_name)
     node = OmegaConf.select(cfg, parent) if parent else cfg
     if isinstance(node, DictConfig) and leaf not in node:
         valid = sorted(str(k) for k in node.keys())
@@ -192,36 +264,87 @@ def explain_override(override: str, base_overrides: list[str], error: Exception)
         hint = f" (did you mean {parent + '.' if parent else ''}{close[0]}?)" if close else ""
         where = parent or "the top level"
         return f"{override}: unknown key {leaf!r} in {where}{hint}; valid keys: {', '.join(valid)}; add a new key with +{key}=..."
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    # A schema type error ("Error merging override seed=abc") says what was expected in its cause.
+    reason = error.__cause__ if error.__cause__ is not None and str(error.__cause__).strip() else error
+    first_line = str(reason).strip().splitlines()[0] if str(reason).strip() else type(reason).__name__
     return f"{override}: {first_line}"
 
 
-def compose_train(overrides: list[str], return_hydra_config: bool = False) -> DictConfig:
-    """conf/train.yaml composed with ``overrides``, outside a Hydra job."""
+def compose_train(overrides: list[str], return_hydra_config: bool = False, config_name: str = "train") -> DictConfig:
+    """conf/<config_name>.yaml (train.yaml by default) composed with ``overrides``, outside a Hydra job."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     register_resolvers()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=overrides, return_hydra_config=return_hydra_config)
+        return compose(config_name, overrides=overrides, return_hydra_config=return_hydra_config)
 
 
-def preflight(overrides: list[str]) -> list[str]:
+def folder_problem(key: str, path: str | os.PathLike) -> str | None:
+    """Why the folder ``path`` (config key ``key``) cannot be created or written, or None. Checked before Hydra
+    makes the run folder, so an unwritable root is one line instead of a chain of tracebacks."""
+    target = Path(path).expanduser().absolute()
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "it" if probe == target else f"{probe}"
+        return f"{key}={path}: {where} is a file, not a folder; give a folder that exists or can be created"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{key}={path}: {probe} is not writable by this user; give a folder you can write to"
+    return None
+
+
+def _folder_problems(cfg: DictConfig) -> list[str]:
+    keys = ["paths.output_root", "paths.cache_dir"]
+    if OmegaConf.select(cfg, "data.cache_dir", default=None) != OmegaConf.select(cfg, "paths.cache_dir", default=None):
+        keys.append("data.cache_dir")
+    problems = []
+    for key in keys:
+        try:
+            path = OmegaConf.select(cfg, key, default=None)
+        except Exception:  # noqa: BLE001 - an interpolation answered only inside a Hydra job: checked by then
+            continue
+        if isinstance(path, str) and path:
+            problems.append(folder_problem(key, path))
+    return [p for p in problems if p]
+
+
+def preflight(overrides: list[str], config_name: str = "train") -> list[str]:
     """Compose with the command line's overrides; if that fails, try each one alone to name every culprit.
-    Returns the problems (empty when the config composes)."""
+    Returns the problems (empty when the config composes and, for training, its output folders can be written)."""
     plain = [o for o in overrides if not o.startswith(("hydra.", "hydra/", "--", "-"))]
     try:
-        compose_train(plain)
-        return []
+        cfg = compose_train(plain, config_name=config_name)
+        return _folder_problems(cfg) if config_name == "train" else []
     except Exception:
         pass
     groups_first = sorted(plain, key=lambda o: o.split("=", 1)[0].lstrip("+~") not in GROUPS)
     good, problems = [], []
     for override in groups_first:
         try:
-            compose_train(good + [override])
+            compose_train(good + [override], config_name=config_name)
             good.append(override)
         except Exception as err:  # Hydra raises several exception types for bad overrides
-            problems.append(explain_override(override, good, err))
+            problems.append(explain_override(override, good, err, config_name))
     return problems or ["the overrides do not compose together (each composes alone); run with --cfg job to see"]
+
+
+def build(node: Any, key: str, *also: type[BaseException], **kwargs: Any) -> Any:
+    """``instantiate(node, **kwargs)``, where a constructor that refuses its arguments (a ValueError, a bad
+    keyword, a class that does not exist, or one of ``also``) becomes a ConfigError naming the config key;
+    anything else propagates with its traceback (a bug)."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, (ValueError, *also)) or (isinstance(cause, TypeError) and "argument" in str(cause)):
+            raise ConfigError([f"{key}: {cause}"]) from err
+        if isinstance(cause, (ImportError, AttributeError)) or "Error locating target" in str(err):
+            first = str(err).strip().splitlines()[0].split(", set env var HYDRA_FULL_ERROR")[0]
+            raise ConfigError([f"{key}: {first} (check {key}._target_)"]) from err
+        raise

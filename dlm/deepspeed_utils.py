@@ -204,22 +204,20 @@ def consolidate_run(run_dir: str | Path, ckpt: str = "last", out: str | Path | N
     """A run's checkpoint (``last``, ``best`` or a path; a DeepSpeed folder or a file) -> ``<run_dir>/hf``; a run
     trained with ``callbacks=ema`` exports its EMA weights unless ``use_ema=False``."""
     from dlm.callbacks.ema import ema_weights
-    from dlm.run import load_config
+    from dlm.errors import UserError
+    from dlm.run import find_checkpoint, load_config, resolve_run_path
 
-    run_dir = Path(run_dir)
-    folder = run_dir / "checkpoints"
-    if ckpt == "last":
-        path = folder / "last.ckpt"
-    elif ckpt == "best":
-        found = sorted(folder.glob("best*.ckpt"), key=lambda p: p.stat().st_mtime)
-        if not found:
-            raise FileNotFoundError(f"{folder}: no best-*.ckpt")
-        path = found[-1]
-    else:
-        path = Path(ckpt)
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+    run_dir, _ = resolve_run_path(run_dir)  # NotARunError (one line) for anything but a run folder
     cfg = load_config(run_dir)
+    target = cfg.model.get("_target_")
+    if target != "dlm.models.hf.HFCausalLM":  # say so before reading a checkpoint that cannot be exported
+        raise UserError(
+            f"dlm.consolidate exports runs whose model is an HF backbone (model._target_=dlm.models.hf.HFCausalLM); "
+            f"{run_dir} has model._target_={target}. Use the run folder itself instead: dlm.generate run=<run>, "
+            f"dlm.evaluate run=<run> and dlm.run.load_run read its checkpoint as it is (an AR run also writes "
+            f"<run>/hf at the end of training)"
+        )
+    path = find_checkpoint(run_dir, ckpt)
     state = load_state_dict(path)
     shadow = ema_weights(path) if use_ema else None
     state.update(shadow or {})  # the EMA weights over the raw ones (the same parameter names)
@@ -240,5 +238,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="output folder (default <run_dir>/hf)")
     parser.add_argument("--raw", action="store_true", help="a callbacks=ema run: export the raw weights, not the EMA")
     args = parser.parse_args(argv)
+    from dlm.errors import UserError
+
     with user_errors():
+        if args.out is not None:
+            from dlm.config import folder_problem
+
+            problem = folder_problem("--out", args.out)
+            if problem:
+                raise UserError(problem)
         print(f"hf: {consolidate_run(args.run_dir, args.ckpt, args.out, use_ema=not args.raw)}")

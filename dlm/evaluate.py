@@ -25,11 +25,11 @@ from typing import Any
 
 import hydra
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from dlm.config import CONF_DIR, register_resolvers
-from dlm.errors import user_errors
+from dlm import checks
+from dlm.config import CONF_DIR, ConfigError, build, preflight, register_resolvers
+from dlm.errors import EXIT_USER_ERROR, UserError, user_errors
 from dlm.progress import Bar
 from dlm.run import LoadedRun, load_run, plain
 
@@ -51,8 +51,10 @@ def likelihood(module, loader, num_mc: int = 8, seed: int = 0, max_batches: int 
     Returns plain numbers; `nll_bound` is None with `error` set when the family has no bound. ``progress``: a bar
     over the draws' batches (dlm.progress: on a terminal only).
     """
+    if int(num_mc) < 1 or (max_batches is not None and int(max_batches) < 1):
+        raise ValueError(f"num_mc={num_mc} and max_batches={max_batches} must be >= 1 (max_batches: or None, all)")
     exact = module.exact_nll
-    draws = 1 if exact else max(1, int(num_mc))
+    draws = 1 if exact else int(num_mc)
     try:
         batches = len(loader)
     except TypeError:  # an iterable without a length: a bar without a total
@@ -201,11 +203,35 @@ class RunScorer:
         return out["nll_bound"] * out["nll_bound_tokens"], out["nll_bound_tokens"]
 
 
+def scorer_problem(spec: str) -> str | None:
+    """Why the scorer ``spec`` cannot be loaded here (no such folder; a hub model while offline), or None. Checked
+    before the evaluation starts, not after it."""
+    from dlm.data.hub import looks_like_path, tokenizer_problem
+
+    path = Path(spec).expanduser()
+    if (path / ".hydra" / "config.yaml").is_file() or path.suffix == ".ckpt":
+        return None
+    if looks_like_path(str(spec)) and not path.exists():
+        return f"scorer={spec}: no such folder; give a dlm run folder, a local HF causal LM folder, or a hub id such as gpt2"
+    if tokenizer_problem(str(spec)):  # a hub id, offline, not cached (the tokenizer's check answers for the model)
+        return (f"scorer={spec} is a model on the Hugging Face Hub and this machine is offline (HF_HUB_OFFLINE=1) with "
+                f"no copy in the local HF cache: point scorer at a local HF causal LM folder or a dlm run folder")
+    return None
+
+
 def make_scorer(spec: str, device: str, num_mc: int, seed: int, batch_size: int):
     path = Path(spec).expanduser()
     if (path / ".hydra" / "config.yaml").is_file() or path.suffix == ".ckpt":
         return RunScorer(load_run(path, device=device), num_mc=num_mc, seed=seed, batch_size=batch_size)
-    return HFScorer(spec, device=device, batch_size=batch_size)
+    problem = scorer_problem(spec)
+    if problem:
+        raise UserError(problem)
+    try:
+        return HFScorer(spec, device=device, batch_size=batch_size)
+    except OSError as err:  # transformers' answer to a folder or id without a causal LM
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"scorer={spec}: could not load an HF causal LM ({first}); give a dlm run folder, a local "
+                        f"HF causal LM folder, or a hub id such as gpt2") from err
 
 
 def generative_perplexity(texts: list[str], scorer) -> dict[str, Any]:
@@ -229,7 +255,7 @@ def build_sampler(cfg: DictConfig, run: LoadedRun):
     base.update(OmegaConf.to_container(cfg.get("sampler_args") or OmegaConf.create({}), resolve=True))
     name = (HydraChoice.get("sampler") if node is not None else None) or run.choices.get("sampler")
     name = name or str(base.get("_target_", "sampler")).rsplit(".", 1)[-1]
-    return instantiate(OmegaConf.create(base)), base, name
+    return build(OmegaConf.create(base), "sampler"), base, name
 
 
 class HydraChoice:
@@ -303,7 +329,39 @@ def update_wandb_summary(run: LoadedRun, metrics: dict[str, Any]) -> str | None:
     return run_id
 
 
+def check_request(cfg: DictConfig) -> None:
+    """The request's own values, checked before the run is loaded; every problem in one ConfigError."""
+    problems = []
+    if OmegaConf.is_missing(cfg, "run") or not cfg.get("run"):
+        problems.append("run= is required: a run folder (printed as `run_dir: ...` by python -m dlm.train) or a .ckpt "
+                        "inside <run>/checkpoints/")
+    problems += checks.collect(
+        checks.integer(cfg, "num_mc", 1),
+        checks.integer(cfg, "max_batches", 1, nullable=True, null_means=": the whole validation split"),
+        checks.integer(cfg, "batch_size", 1, nullable=True, null_means=": the data's val_batch_size"),
+        checks.integer(cfg, "steps", 1, nullable=True, null_means=": the sampler's own"),
+        checks.integer(cfg, "seed", 0, 2**32 - 1),
+        checks.integer(cfg, "scorer_batch_size", 1),
+        checks.integer(cfg, "samples.num_unconditional", 0),
+        checks.integer(cfg, "samples.num_prompted", 0),
+        checks.integer(cfg, "samples.num_infill", 0),
+        checks.integer(cfg, "samples.length", 1, nullable=True, null_means=": the data's seq_len"),
+        checks.boolean(cfg, "likelihood"),
+        checks.boolean(cfg, "use_ema"),
+        checks.choice(cfg, "wandb", ("auto", "off")),
+    )
+    try:
+        torch.device(str(cfg.get("device", "cpu")))
+    except RuntimeError:
+        problems.append(f"device={cfg.get('device')!r} is not a torch device; use cpu, cuda or cuda:<index>")
+    if cfg.get("scorer"):
+        problems += [p for p in [scorer_problem(str(cfg.scorer))] if p]
+    if problems:
+        raise ConfigError(problems)
+
+
 def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], Path]:
+    check_request(cfg)
     started = time.perf_counter()
     run = load_run(cfg.run, ckpt=cfg.ckpt, device=cfg.device, use_ema=bool(cfg.get("use_ema", True)))
     # loaded before anything is written: a scorer that cannot load (a refused checkpoint) leaves no trace
@@ -373,7 +431,7 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
 def hydra_main(cfg: DictConfig) -> None:
-    with user_errors():  # NotARunError, a refused or corrupt checkpoint ...: one line, exit 2
+    with user_errors():
         metrics, path = evaluate(cfg)
     for line in summary_lines(metrics):
         print(line)
@@ -381,6 +439,10 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    problems = preflight([a for a in sys.argv[1:] if "=" in a], "evaluate")  # e.g. sampler=nosuch: one message
+    if problems:
+        print("error: invalid arguments:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
     hydra_main()
 
 

@@ -45,15 +45,17 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from dlm import checks
 from dlm.compile import check_mode, compile_backbone
-from dlm.config import CONF_DIR, register_resolvers
-from dlm.errors import UserError
+from dlm.config import CONF_DIR, ConfigError, build, preflight, register_resolvers
+from dlm.errors import EXIT_USER_ERROR, UserError, user_errors
 from dlm.models.capabilities import BackboneCapabilities
 from dlm.run import NotARunError
 
 register_resolvers()
 
 HOLE = re.compile(r"\[MASK(?::(\d+))?\]")
+HOLE_LIKE = re.compile(r"\[\s*mask\b[^\]]*\]?", re.IGNORECASE)  # anything that was meant as a hole
 DEFAULT_LENGTH = 32
 
 
@@ -146,6 +148,12 @@ def load_for_generation(path: str | Path, ckpt: str = "last", device: str = "cpu
 # ---- requests -----------------------------------------------------------------------------------------------------
 def parse_template(template: str, tokenizer) -> tuple[list[int], list[bool]]:
     """Token ids and the positions to fill of an infill template with ``[MASK]`` / ``[MASK:n]`` holes."""
+    for match in HOLE_LIKE.finditer(template):
+        if not HOLE.fullmatch(match.group(0)):
+            raise GenerateError(
+                f"infill: malformed hole {match.group(0)!r} at character {match.start()} of {template!r}; write "
+                f"[MASK] (one token) or [MASK:n] (n tokens, n a positive integer)"
+            )
     ids: list[int] = []
     fill: list[bool] = []
     pos = 0
@@ -155,7 +163,8 @@ def parse_template(template: str, tokenizer) -> tuple[list[int], list[bool]]:
         fill += [False] * len(literal)
         n = int(match.group(1) or 1)
         if n < 1:
-            raise GenerateError(f"a hole needs at least one token: {match.group(0)!r}")
+            raise GenerateError(f"infill: a hole needs at least one token: {match.group(0)!r}; write [MASK] or "
+                                f"[MASK:n] with n >= 1")
         ids += [tokenizer.mask_token_id] * n
         fill += [True] * n
         pos = match.end()
@@ -180,7 +189,7 @@ def build_sampler(cfg: DictConfig, loaded: Loaded):
     if cfg.get("steps") is not None:
         base["steps"] = int(cfg.steps)
     base.update(overrides)
-    sampler = instantiate(OmegaConf.create(base))
+    sampler = build(OmegaConf.create(base), "sampler")
     if cfg.get("trajectory") and hasattr(sampler, "record_trajectory"):
         sampler.record_trajectory = True
     if cfg.get("eos_fill") and hasattr(sampler, "eos_id"):
@@ -205,8 +214,35 @@ def _ar_trajectory(start: Tensor, final: Tensor, calls: int, mask_id: int) -> li
     return frames
 
 
+def check_request(cfg: DictConfig) -> None:
+    """The request's own values, checked before the run is loaded; every problem in one ConfigError."""
+    problems = []
+    if OmegaConf.is_missing(cfg, "run") or not cfg.get("run"):
+        problems.append("run= is required: a run folder (printed as `run_dir: ...` by python -m dlm.train), a .ckpt "
+                        "inside <run>/checkpoints/, or an HF folder written by AR.export_hf")
+    problems += checks.collect(
+        checks.integer(cfg, "num_samples", 1),
+        checks.integer(cfg, "length", 1, nullable=True, null_means=": the data's seq_len"),
+        checks.integer(cfg, "steps", 1, nullable=True, null_means=": the sampler's own"),
+        checks.integer(cfg, "seed", 0, 2**32 - 1),
+        checks.boolean(cfg, "use_ema"),
+        checks.boolean(cfg, "trajectory"),
+        checks.boolean(cfg, "eos_fill"),
+    )
+    for key in ("prompt", "infill"):
+        if cfg.get(key) is not None and not isinstance(cfg.get(key), str):
+            problems.append(f"{key}={cfg.get(key)!r} must be text (quote it: {key}='...')")
+    try:
+        torch.device(str(cfg.get("device", "cpu")))
+    except RuntimeError:
+        problems.append(f"device={cfg.get('device')!r} is not a torch device; use cpu, cuda or cuda:<index>")
+    if problems:
+        raise ConfigError(problems)
+
+
 def run_generation(cfg: DictConfig) -> dict[str, Any]:
     """Generate as the config asks; returns texts, network calls, tokens, seconds and the trajectory path."""
+    check_request(cfg)
     compile_mode = cfg.get("compile")
     check_mode(compile_mode)  # before loading: a bad mode fails at once
     static_kv_cache = cfg.get("static_kv_cache")
@@ -220,9 +256,7 @@ def run_generation(cfg: DictConfig) -> dict[str, Any]:
     module.static_kv_cache = static_kv_cache
     sampler = build_sampler(cfg, loaded)
     device = module.compute_device
-    n = int(cfg.get("num_samples") or 1)
-    if n < 1:
-        raise GenerateError(f"num_samples must be >= 1, got {n}")
+    n = int(cfg.num_samples)  # checked >= 1 (check_request): 0 is refused, never read as 1
     eos, mask_id = int(tok.eos_token_id), int(module.mask_id)
     length = cfg.get("length")
     if cfg.get("infill") is not None and cfg.get("prompt") is not None:
@@ -304,10 +338,11 @@ def hydra_main(cfg: DictConfig) -> None:
     from dlm.methods.ar import InfillNotSupportedError
 
     try:
-        out = run_generation(cfg)
+        with user_errors():
+            out = run_generation(cfg)
     except (NotARunError, ValueError, InfillNotSupportedError, NotImplementedError) as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_USER_ERROR)
     for text in out["texts"]:
         print(text)
     rate = out["tokens"] / max(out["seconds"], 1e-9)
@@ -335,6 +370,10 @@ def quote_text_overrides(argv: list[str]) -> list[str]:
 
 def main() -> None:
     sys.argv[1:] = quote_text_overrides(sys.argv[1:])
+    problems = preflight([a for a in sys.argv[1:] if "=" in a], "generate")  # e.g. sampler=nosuch: one message
+    if problems:
+        print("error: invalid arguments:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
     hydra_main()
 
 

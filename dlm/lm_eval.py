@@ -22,14 +22,13 @@ def main(argv: list[str] | None = None) -> None:
     import lm_eval.models  # noqa: F401  (lm_eval's own models stay available beside dlm)
 
     import dlm.eval.lm_eval_adapter  # noqa: F401  (registers --model dlm)
+    from dlm.errors import user_errors
 
     if argv is not None:
         sys.argv = ["lm-eval", *argv]
     else:
         sys.argv[0] = "lm-eval"
-    from dlm.errors import user_errors
-
-    with user_errors():  # a run that cannot load (NotARunError, a refused checkpoint): one line, exit 2
+    with user_errors():  # a bad run= or model_arg: one line, exit 2
         cli_evaluate()
 
 

@@ -15,21 +15,20 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dlm import safe_load
 from dlm.config import (
     CONF_DIR,
     ConfigError,
+    build,
     check_config,
     preflight,
     register_resolvers,
     resolve_ckpt_path,
     running_hydra_config,
 )
-from dlm.errors import UserError, user_errors
+from dlm.errors import EXIT_USER_ERROR, UserError, user_errors
 from dlm.run_folder import (
     append_resume_record,
     drop_metrics_after,
@@ -44,13 +43,7 @@ register_resolvers()
 
 def build_datamodule(cfg: DictConfig):
     """The datamodule of cfg.data; a bad path or value becomes a ConfigError naming it (no traceback)."""
-    try:
-        return instantiate(cfg.data)
-    except InstantiationException as err:
-        cause = err.__cause__
-        if isinstance(cause, (ValueError, FileNotFoundError)):
-            raise ConfigError([f"data: {cause}"]) from err
-        raise
+    return build(cfg.data, "data", FileNotFoundError)
 
 
 def build_module(cfg: DictConfig, datamodule, backbone=None, defer_to_zero3: bool = False):
@@ -76,7 +69,7 @@ def build_module(cfg: DictConfig, datamodule, backbone=None, defer_to_zero3: boo
             deferred = functools.partial(load_backbone_into_partitions, cfg.model, tokenizer.vocab_size,
                                          compile_mode=cfg.get("compile"))  # called with the live strategy
         else:
-            backbone = instantiate(cfg.model, vocab_size=tokenizer.vocab_size)
+            backbone = build(cfg.model, "model", vocab_size=tokenizer.vocab_size)
     max_len = getattr(backbone, "max_seq_len", None)
     if max_len is not None and datamodule.seq_len > max_len:
         raise ConfigError(
@@ -86,28 +79,23 @@ def build_module(cfg: DictConfig, datamodule, backbone=None, defer_to_zero3: boo
     parts = {
         "backbone": backbone,
         "tokenizer": tokenizer,
-        "schedule": instantiate(cfg.schedule),
-        "sampler": instantiate(cfg.sampler),
-        "optimizer": instantiate(cfg.optimizer),
-        "lr_scheduler": instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
+        "schedule": build(cfg.schedule, "schedule"),
+        "sampler": build(cfg.sampler, "sampler"),
+        "optimizer": build(cfg.optimizer, "optimizer"),
+        "lr_scheduler": build(cfg.lr_scheduler, "lr_scheduler") if cfg.get("lr_scheduler") else None,
     }
-    module = instantiate(cfg.method, **parts)
+    module = build(cfg.method, "method", **parts)
     if deferred is not None:
         module.defer_backbone(deferred)
     return module
 
 
 def build_loggers(cfg: DictConfig) -> list:
-    return [instantiate(node) for node in (cfg.get("logger") or {}).values() if node is not None]
+    return [build(node, "logger") for node in (cfg.get("logger") or {}).values() if node is not None]
 
 
 def build_callbacks(cfg: DictConfig) -> list:
-    try:
-        return [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
-    except InstantiationException as err:
-        if isinstance(err.__cause__, ConfigError):  # a callback's own check of its arguments: one clear message
-            raise err.__cause__ from None
-        raise
+    return [build(node, "callbacks") for node in (cfg.get("callbacks") or {}).values() if node is not None]
 
 
 class Terminated(RuntimeError):
@@ -247,9 +235,10 @@ def train(cfg: DictConfig) -> Path:
     loggers = build_loggers(cfg)
     callbacks = build_callbacks(cfg)
     log_config(loggers, cfg)
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    trainer = build(cfg.trainer, "trainer", MisconfigurationException, TypeError, logger=loggers or False, callbacks=callbacks)
     try:
         with vetted.allowing():  # Lightning's own load: weights_only, under the same allowlist
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=vetted.weights_only)
@@ -323,7 +312,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
             print(f"error: {err}", file=sys.stderr)
             if not isinstance(err, UserError):
                 print(f"run_dir: {run_dir}")
-            sys.exit(2 if isinstance(err, UserError) else getattr(err, "exit_code", 1))
+            sys.exit(EXIT_USER_ERROR if isinstance(err, UserError) else getattr(err, "exit_code", 1))
         raise
     print(f"run_dir: {run_dir}")
     return optimized_value(cfg, run_dir)

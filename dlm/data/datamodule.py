@@ -19,6 +19,7 @@ sampler with a DistributedSampler, and one fancy-index gathers a batch).  It nev
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,8 +30,10 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_
 from torch.utils.data._utils.collate import default_collate
 
 from dlm.data.cache import cache_key, load_or_build
+from dlm.data.hub import HubUnavailableError
 from dlm.data.packing import pack, pad_each
 from dlm.data.tokenizers import check_special_ids
+from dlm.errors import UserError
 
 __all__ = ["DLMDataModule", "ResumableRandomSampler"]
 
@@ -223,7 +226,7 @@ class DLMDataModule(L.LightningDataModule):
         try:
             arrays = fn(docs, self.seq_len, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
         except ValueError as e:
-            if counter[0] == 0:
+            if counter[0] == 0 and not isinstance(e, UserError):  # the source's own message says more
                 raise ValueError(
                     f"corpus is empty: the {split!r} split of {self.source!r} has no documents. "
                     "Point the source at non-empty data (for TextFilesSource give >= 2 documents and "
@@ -232,9 +235,25 @@ class DLMDataModule(L.LightningDataModule):
             raise
         return arrays
 
+    def _check_available(self) -> None:
+        """Offline, a hub dataset or tokenizer with no local copy is one clear line before any loader tries (the
+        dataset is not needed when its tokenised rows are already in cache_dir)."""
+        tok = getattr(self.tokenizer, "hub_problem", lambda: None)()
+        src = getattr(self.source, "hub_problem", lambda: None)()
+        if src and not tok and self.cache_dir is not None and all(
+            os.path.isfile(os.path.join(self.cache_dir, f"{self.cache_key(s)}.npz")) for s in ("train", "val")
+        ):
+            src = None
+        if src and tok:
+            raise HubUnavailableError(src + "; the tokenizer " + tok.split(" is a ", 1)[0] + " is not cached either: "
+                                      "point it at a local tokenizer folder")
+        if src or tok:
+            raise HubUnavailableError(src or tok)
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_data is not None and self.val_data is not None:
             return
+        self._check_available()
         check_special_ids(self.tokenizer)
         loaded = {}
         for split in ("train", "val"):

@@ -8,6 +8,7 @@ Nothing heavy happens at construction: files are read and HF datasets are loaded
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import json
@@ -21,8 +22,14 @@ import numpy as np
 
 from dlm.data.arithmetic import ArithmeticTask, _split_name
 from dlm.data.brackets import BracketsTask
+from dlm.data.hub import dataset_problem
+from dlm.errors import UserError
 
-__all__ = ["ArithmeticSource", "BracketsSource", "HFDatasetSource", "TextFilesSource"]
+__all__ = ["ArithmeticSource", "BracketsSource", "DataFileError", "HFDatasetSource", "TextFilesSource"]
+
+
+class DataFileError(UserError):
+    """A data file that cannot be read as text: unreadable, binary, or not in the configured encoding."""
 
 
 class ArithmeticSource:
@@ -96,6 +103,11 @@ class TextFilesSource:
             raise ValueError(f"TextFilesSource: split_on={split_on!r} is not one of {_SPLIT_ON}")
         if not 0.0 <= float(val_fraction) < 1.0:
             raise ValueError(f"TextFilesSource: val_fraction must be in [0, 1), got {val_fraction}")
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise ValueError(f"TextFilesSource: encoding={encoding!r} is not a Python codec; use e.g. utf-8 or "
+                             "latin-1") from None
         self.paths = paths
         self.val_fraction = float(val_fraction)
         self.split_on = split_on
@@ -128,6 +140,11 @@ class TextFilesSource:
                 files.extend(found)
             elif os.path.isfile(ep):
                 files.append(ep)
+            elif os.path.exists(ep):
+                raise FileNotFoundError(
+                    f"TextFilesSource: path {p!r} is neither a regular file nor a folder (a device, pipe or socket); "
+                    "give text files, folders of them, or a glob"
+                )
             else:
                 raise FileNotFoundError(
                     f"TextFilesSource: path {p!r} does not exist (cwd: {os.getcwd()}); "
@@ -135,11 +152,34 @@ class TextFilesSource:
                 )
         return [os.path.abspath(f) for f in dict.fromkeys(files)]
 
+    def _text(self, f: str) -> str:
+        """The file's text. Refused, not repaired: a file that is binary or not in ``encoding`` would otherwise be
+        decoded with replacement characters and trained on, silently (a count in a warning is lost in the log)."""
+        try:
+            with open(f, "rb") as fh:
+                raw = fh.read()
+        except OSError as e:
+            raise DataFileError(f"data.source.paths: cannot read {f} ({e.strerror or e}); make it readable or "
+                                "leave it out of data.source.paths") from None
+        if b"\0" in raw and "16" not in self.encoding and "32" not in self.encoding:
+            raise DataFileError(
+                f"data.source.paths: {f} looks binary ({raw.count(0)} NUL bytes), not text; leave it out of "
+                "data.source.paths (e.g. a glob such as dir/**/*.txt)"
+            )
+        try:
+            text = raw.decode(self.encoding)
+        except UnicodeDecodeError as e:
+            raise DataFileError(
+                f"data.source.paths: {f} is not valid {self.encoding} text (byte {e.start} is "
+                f"{raw[e.start:e.start + 1]!r}); convert it (iconv -f <its codec> -t utf-8), set "
+                "+data.source.encoding=<its codec> (e.g. latin-1), or leave it out of data.source.paths"
+            ) from None
+        return text.replace("\r\n", "\n").replace("\r", "\n")  # as text-mode reading did
+
     def _read(self) -> list[str]:
         docs: list[str] = []
         for f in self.files:
-            with open(f, encoding=self.encoding, errors="replace") as fh:
-                text = fh.read()
+            text = self._text(f)
             if self.split_on == "file":
                 parts = [text]
             elif self.split_on == "line":
@@ -153,7 +193,7 @@ class TextFilesSource:
         if self._splits is None:
             docs = self._read()
             if not docs:
-                raise ValueError(
+                raise DataFileError(
                     f"corpus is empty: no non-empty documents in {len(self.files)} file(s) "
                     f"{self.files[:3]}{'...' if len(self.files) > 3 else ''} with split_on={self.split_on!r}; "
                     "point `paths` at files containing text"
@@ -227,6 +267,10 @@ class HFDatasetSource:
         self.max_train_documents = None if max_train_documents is None else int(max_train_documents)
         self.max_val_documents = int(max_val_documents)
         self.load_kwargs = _plain(load_kwargs)
+
+    def hub_problem(self) -> str | None:
+        """Why this dataset cannot be loaded here (offline, not in the local caches), or None when it may be."""
+        return dataset_problem(self.path)
 
     def _load_split(self, split: str) -> Any:
         import datasets

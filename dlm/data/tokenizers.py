@@ -19,17 +19,30 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from typing import Any
+
+from dlm.data.hub import HubUnavailableError, looks_like_path, tokenizer_problem
+from dlm.errors import UserError
 
 __all__ = [
     "BaseTokenizer",
     "ByteTokenizer",
     "CharTokenizer",
     "HFTokenizer",
+    "TokenizerError",
     "check_special_ids",
 ]
+
+# Files one of which a saved HF tokenizer folder holds (fast, slow BPE/WordPiece, SentencePiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+class TokenizerError(UserError, OSError):
+    """A tokenizer that cannot be loaded from what the config names."""
 
 
 def _to_id_list(ids: Any) -> list[int]:
@@ -245,16 +258,36 @@ class HFTokenizer(BaseTokenizer):
             self._load()
         return self._tok
 
+    def hub_problem(self) -> str | None:
+        """Why this tokenizer cannot be loaded here (offline, not in the local caches), or None when it may be."""
+        return tokenizer_problem(self.name_or_path)
+
     def _load(self) -> None:
         from transformers import AutoTokenizer
 
+        path = os.path.expanduser(self.name_or_path)
+        if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+            raise TokenizerError(
+                f"data.tokenizer.name_or_path={self.name_or_path}: the folder has no tokenizer files (one of "
+                f"{', '.join(TOKENIZER_FILES[:4])}, ...); point it at a folder written by a tokenizer's "
+                "save_pretrained, or at a hub id"
+            )
+        if looks_like_path(self.name_or_path) and not os.path.exists(path):
+            raise TokenizerError(
+                f"data.tokenizer.name_or_path={self.name_or_path}: could not load tokenizer: no such folder (cwd: "
+                f"{os.getcwd()}); pass a local folder with a saved tokenizer (save_pretrained), or a hub id"
+            )
+        problem = self.hub_problem()
+        if problem:
+            raise HubUnavailableError(problem)
         try:
             tok = AutoTokenizer.from_pretrained(self.name_or_path, **self._kwargs)
         except Exception as e:
-            raise OSError(
-                f"HFTokenizer: could not load tokenizer {self.name_or_path!r} "
-                f"({type(e).__name__}: {e}). Pass a local folder containing a saved tokenizer, or a hub id "
-                "that is cached locally / reachable."
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise TokenizerError(
+                f"data.tokenizer.name_or_path={self.name_or_path}: could not load tokenizer "
+                f"({type(e).__name__}: {first}); pass a local folder with a saved tokenizer, or a hub id that is "
+                "cached locally or reachable"
             ) from e
         added: dict[str, Any] = {}
         if tok.eos_token is None:

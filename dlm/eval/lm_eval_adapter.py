@@ -66,6 +66,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from omegaconf import OmegaConf
 
+from dlm.errors import UserError
 from dlm.progress import Bar
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,29 @@ __all__ = ["DLMHarnessModel", "mc_continuation_nll"]
 
 ESTIMATORS = ("auto", "mc", "exact", "bound")
 TAILS = ("none", "mask", "eos")
+
+
+class ModelArgsError(UserError):
+    """A --model_args value the dlm model type cannot take; the message names it and the valid form."""
+
+
+def _check_counts(**values: Any) -> None:
+    """model_args that are counts, before the run is loaded: mc_num, batch_size (or auto) and max_gen_toks >= 1,
+    seed >= 0."""
+    problems = []
+    for key, value in values.items():
+        if key == "batch_size" and (value is None or isinstance(value, str) and value.lower() in ("auto", "none", "")):
+            continue
+        low = 0 if key == "seed" else 1
+        try:
+            ok = not isinstance(value, bool) and int(str(value)) == float(str(value)) and int(str(value)) >= low
+        except ValueError:
+            ok = False
+        if not ok:
+            form = "an integer >= 0" if low == 0 else "a positive integer" + (" or auto" if key == "batch_size" else "")
+            problems.append(f"{key}={value!r} must be {form}")
+    if problems:
+        raise ModelArgsError("--model_args: " + "; ".join(problems))
 
 
 def _as_int(value: Any, default: int) -> int:
@@ -169,14 +193,15 @@ class DLMHarnessModel(LM):
         memory (`module=`, with `tokenizer=` defaulting to module.tokenizer and `seq_len=` for tail=mask|eos)."""
         super().__init__()
         if (run is None) == (module is None):
-            raise ValueError("model_args needs run=<run folder | .ckpt>, e.g. --model_args run=runs/mdlm-tiny/<time>"
+            raise ModelArgsError("model_args needs run=<run folder | .ckpt>, e.g. --model_args run=runs/mdlm-tiny/<time>"
                              + ("" if module is None else " (pass run= or module=, not both)"))
         bad = [k for k in sampler_fields if not k.startswith("sampler_")]
         if bad:
-            raise ValueError(
+            raise ModelArgsError(
                 f"unknown model_args {bad}: known are run, ckpt, mc_num, batch_size, device, seed, estimator, tail, "
                 f"sampler, max_gen_toks and sampler_<field> (e.g. sampler_steps=8)"
             )
+        _check_counts(mc_num=mc_num, seed=seed, max_gen_toks=max_gen_toks, batch_size=batch_size)
         from dlm.run import load_run
 
         if device in (None, "", "auto"):
@@ -195,14 +220,14 @@ class DLMHarnessModel(LM):
             self.module = module.to(device).eval()
             self.tok = tokenizer if tokenizer is not None else module.tokenizer
         self._device = torch.device(device)
-        self.mc_num = max(1, int(mc_num))
-        self.batch_size = max(1, _as_int(batch_size, 16))
+        self.mc_num = int(mc_num)  # checked >= 1: 0 is refused, never read as 1
+        self.batch_size = _as_int(batch_size, 16)
         self.seed = int(seed)
         self.max_gen_toks = int(max_gen_toks)
         if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator={estimator!r}: choose one of {', '.join(ESTIMATORS)}")
+            raise ModelArgsError(f"estimator={estimator!r}: choose one of {', '.join(ESTIMATORS)}")
         if tail not in TAILS:
-            raise ValueError(f"tail={tail!r}: choose one of {', '.join(TAILS)}")
+            raise ModelArgsError(f"tail={tail!r}: choose one of {', '.join(TAILS)}")
         self.estimator = self._resolve_estimator(estimator)
         self.tail = tail
         self.seq_len = int(seq_len or 0)
@@ -220,36 +245,34 @@ class DLMHarnessModel(LM):
                 return "mc"
             return "none"  # loglikelihood raises with the alternatives named
         if estimator == "exact" and not exact:
-            raise ValueError(f"estimator=exact needs a family with an exact NLL (method=ar), not "
-                             f"{type(self.module).__name__}; use estimator=mc or bound")
+            raise ModelArgsError(f"estimator=exact needs a family with an exact NLL (method=ar), not "
+                                 f"{type(self.module).__name__}; use estimator=mc or bound")
         if estimator == "mc" and not mdlm:
-            raise ValueError(f"estimator=mc needs a masked diffusion family (method=mdlm), not "
-                             f"{type(self.module).__name__}; use estimator=bound (or exact for AR)")
+            raise ModelArgsError(f"estimator=mc needs a masked diffusion family (method=mdlm), not "
+                                 f"{type(self.module).__name__}; use estimator=bound (or exact for AR)")
         return estimator
 
     def _build_sampler(self, name: str | None, fields: dict[str, Any]):
         if name is None and not fields:
             return None  # the run's own sampler
-        from hydra.utils import instantiate
-
-        from dlm.config import CONF_DIR
+        from dlm.config import CONF_DIR, build
 
         if name is None:
             if self.loaded is None:
-                raise ValueError("sampler_<field> without sampler=<name> needs a run's config; pass sampler=<name>")
+                raise ModelArgsError("sampler_<field> without sampler=<name> needs a run's config; pass sampler=<name>")
             base = OmegaConf.to_container(self.loaded.cfg.sampler, resolve=True)
         else:
             base = self._load_sampler_conf(Path(CONF_DIR) / "sampler", str(name))
         for key, value in fields.items():
             base[key] = value
-        return instantiate(OmegaConf.create(base))
+        return build(OmegaConf.create(base), "--model_args sampler")
 
     @staticmethod
     def _load_sampler_conf(folder: Path, name: str) -> dict:
         path = folder / f"{name}.yaml"
         if not path.is_file():
             have = sorted(p.stem for p in folder.glob("*.yaml"))
-            raise ValueError(f"sampler={name}: no conf/sampler/{name}.yaml; choose one of {', '.join(have)}")
+            raise ModelArgsError(f"sampler={name}: no conf/sampler/{name}.yaml; choose one of {', '.join(have)}")
         node = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
         merged: dict = {}
         for parent in node.pop("defaults", []) or []:

@@ -181,6 +181,11 @@ class Transformer(nn.Module):
         super().__init__()
         # The constructor's arguments: written to config.json by a native export (see from_pretrained).
         self.init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        sizes = {"n_layers": n_layers, "d_model": d_model, "n_heads": n_heads, "max_seq_len": max_seq_len,
+                 "n_kv_heads": n_kv_heads, "d_ff": d_ff, "block_size": block_size}
+        for name, value in sizes.items():  # None: the default of n_kv_heads, d_ff and block_size
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name}={value!r} must be a positive integer")
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         if d_model % n_heads:
             raise ValueError(
