@@ -69,7 +69,7 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("dlm_run_dir"):
         OmegaConf.register_new_resolver("dlm_run_dir", run_dir_for)
     if not OmegaConf.has_resolver("dlm_sweep_dir"):
-        from dlm.sweep import sweep_dir_for
+        from dlm.run_folder import sweep_dir_for
 
         # cached: a sweep's jobs (Hydra copies the cache into each job's config) all see the one folder
         OmegaConf.register_new_resolver("dlm_sweep_dir", sweep_dir_for, use_cache=True)

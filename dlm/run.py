@@ -162,9 +162,8 @@ def load_run(path: str | Path, ckpt: str | Path | None = "last", device: str | t
     is returned in eval mode on `device`. A run trained with ``callbacks=ema`` gets its EMA weights (what its
     validation measured; dlm/callbacks/ema.py) unless ``use_ema=False``.
     """
-    from dlm.callbacks.ema import ema_weights
-    from dlm.deepspeed_utils import load_state_dict
-    from dlm.train import build_module
+    from dlm.build import build_module
+    from dlm.parallel.checkpoint import ema_weights, load_state_dict
 
     run_dir, ckpt_file = resolve_run_path(path)
     cfg = load_config(run_dir)

@@ -52,6 +52,12 @@ def claim_run_dir(parent: str | Path) -> Path:
     raise RuntimeError(f"{parent}: no free run folder named {stem}-<k>")
 
 
+def sweep_dir_for(parent: str) -> str:
+    """A new sweep folder ``parent/<time>`` (``-<k>`` when a sweep started in the same second holds it): the
+    ``dlm_sweep_dir`` resolver of conf/train.yaml."""
+    return str(claim_run_dir(Path(parent)))
+
+
 def forget_claims() -> None:
     """End of a run in this process: the next run claims a folder of its own (tests run several in one process)."""
     _claimed.clear()

@@ -16,15 +16,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from dlm.run_folder import claim_run_dir
-
 _METRICS = ("global_step", "val/nll_bound", "val/loss", "sample/valid_frac", "wall_time_s")
 _last: dict[str, Any] = {}  # the summary of the sweep that ended last in this process
-
-
-def sweep_dir_for(parent: str) -> str:
-    """A new ``parent/<time>`` folder (``-<k>`` when a sweep started in the same second holds it)."""
-    return str(claim_run_dir(Path(parent)))
 
 
 def summary_rows(sweep_dir: Path) -> list[dict[str, Any]]:

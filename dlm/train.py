@@ -7,7 +7,6 @@ and wandb/.
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 import time
@@ -18,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from dlm import safe_load
+from dlm.build import build_callbacks, build_datamodule, build_loggers, build_module
 from dlm.config import (
     CONF_DIR,
     ConfigError,
@@ -39,63 +39,6 @@ from dlm.run_folder import (
 
 # torch and Lightning are imported where a run starts, so that --cfg, --help and bad overrides answer fast.
 register_resolvers()
-
-
-def build_datamodule(cfg: DictConfig):
-    """The datamodule of cfg.data; a bad path or value becomes a ConfigError naming it (no traceback)."""
-    return build(cfg.data, "data", FileNotFoundError)
-
-
-def build_module(cfg: DictConfig, datamodule, backbone=None, defer_to_zero3: bool = False):
-    """The LightningModule of cfg.method around a backbone built for the datamodule's tokenizer.
-
-    ``defer_to_zero3`` (the training CLI): when cfg.trainer is DeepSpeed ZeRO-3 and cfg.model loads pretrained HF
-    weights, the backbone is a meta-device placeholder that ``configure_model`` replaces inside the strategy's
-    ``deepspeed.zero.Init`` (dlm.deepspeed_utils.load_backbone_into_partitions)."""
-    tokenizer = datamodule.tokenizer
-    deferred = None
-    if backbone is None:
-        from dlm.deepspeed_utils import (
-            load_backbone_into_partitions,
-            loads_pretrained_weights,
-            placeholder_backbone,
-            zero3_strategy,
-        )
-
-        if defer_to_zero3 and loads_pretrained_weights(cfg.model) and zero3_strategy(cfg.get("trainer")) is not None:
-            # ZeRO-3: a meta placeholder now, the checkpoint loaded into partitions in configure_model (inside
-            # deepspeed.zero.Init), so no rank ever holds the whole model on the host
-            backbone = placeholder_backbone(cfg.model, tokenizer.vocab_size)
-            deferred = functools.partial(load_backbone_into_partitions, cfg.model, tokenizer.vocab_size,
-                                         compile_mode=cfg.get("compile"))  # called with the live strategy
-        else:
-            backbone = build(cfg.model, "model", vocab_size=tokenizer.vocab_size)
-    max_len = getattr(backbone, "max_seq_len", None)
-    if max_len is not None and datamodule.seq_len > max_len:
-        raise ConfigError(
-            [f"data.seq_len={datamodule.seq_len} exceeds the model's maximum sequence length {max_len}: "
-             f"lower data.seq_len or raise model.max_seq_len"]
-        )
-    parts = {
-        "backbone": backbone,
-        "tokenizer": tokenizer,
-        "schedule": build(cfg.schedule, "schedule"),
-        "sampler": build(cfg.sampler, "sampler"),
-        "optimizer": build(cfg.optimizer, "optimizer"),
-        "lr_scheduler": build(cfg.lr_scheduler, "lr_scheduler") if cfg.get("lr_scheduler") else None,
-    }
-    module = build(cfg.method, "method", **parts)
-    if deferred is not None:
-        module.defer_backbone(deferred)
-    return module
-
-
-def build_loggers(cfg: DictConfig) -> list:
-    return [build(node, "logger") for node in (cfg.get("logger") or {}).values() if node is not None]
-
-
-def build_callbacks(cfg: DictConfig) -> list:
-    return [build(node, "callbacks") for node in (cfg.get("callbacks") or {}).values() if node is not None]
 
 
 class Terminated(RuntimeError):
@@ -150,7 +93,7 @@ def export_model(module, run_dir: Path) -> None:
                 module = load_run(run_dir, setup_data=False).module
             module.export_hf(run_dir / "hf")
         elif isinstance(module.backbone, HFCausalLM) and (run_dir / ".hydra" / "config.yaml").is_file():
-            from dlm.deepspeed_utils import consolidate_run
+            from dlm.parallel.export import consolidate_run
 
             consolidate_run(run_dir)
     except (ValueError, TypeError, NotImplementedError) as err:  # no export format for this model: say so
@@ -196,8 +139,8 @@ def train(cfg: DictConfig) -> Path:
 
     from dlm.compile import compile_backbone
     from dlm.console import quiet_lightning_logging
-    from dlm.deepspeed_utils import zero3_strategy
     from dlm.methods.base import NonFiniteLossError
+    from dlm.parallel.deepspeed import zero3_strategy
     from dlm.plan import build_plan
 
     started = time.perf_counter()

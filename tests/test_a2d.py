@@ -10,11 +10,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from dlm.build import build_module
 from dlm.methods.mdlm import MDLM
 from dlm.models.hf import HFCausalLM
 from dlm.safe_load import load_checkpoint
 from dlm.schedules import LinearSchedule
-from dlm.train import build_module, train
+from dlm.train import train
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,8 @@ def test_ar_run_exports_an_hf_folder_that_a_diffusion_run_starts_from(ar_run, ru
     assert results["status"] == "completed" and results["val/nll_bound"] > 0
 
     # consolidation: the run's checkpoint as an HF folder that transformers loads with the trained weights
-    from dlm.deepspeed_utils import export_hf_folder, load_state_dict
+    from dlm.parallel.checkpoint import load_state_dict
+    from dlm.parallel.export import export_hf_folder
 
     state = load_state_dict(run_dir / "checkpoints" / "last.ckpt")
     out = export_hf_folder(cfg, state, tmp / "mdlm_hf", {"method": "mdlm", "shift_logits": True})

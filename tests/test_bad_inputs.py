@@ -25,7 +25,7 @@ MAIN = {
     "train": "dlm.train",
     "generate": "dlm.generate",
     "evaluate": "dlm.evaluate",
-    "consolidate": "dlm.deepspeed_utils",
+    "consolidate": "dlm.consolidate",
     "lm_eval": "dlm.lm_eval",
 }
 # The shared tiny run: 2 steps, no samples.

@@ -8,8 +8,8 @@ from conftest import compose
 from hydra._internal.utils import _locate
 from hydra.utils import instantiate
 
+from dlm.build import build_module
 from dlm.config import CONF_DIR, GROUPS, group_options, preflight
-from dlm.train import build_module
 
 BASE = ["paths.run_dir=/tmp/dlm-test-run", "paths.cache_dir=/tmp/dlm-test-cache"]
 

@@ -89,7 +89,7 @@ def test_bar_is_shown_on_a_terminal_unless_disabled(monkeypatch):
 @pytest.fixture
 def tiny(run_cfg):
     """A tiny untrained MDLM on the brackets data (a task: prompted and infill samples are scored)."""
-    from dlm.train import build_datamodule, build_module
+    from dlm.build import build_datamodule, build_module
 
     cfg = run_cfg()
     datamodule = build_datamodule(cfg)

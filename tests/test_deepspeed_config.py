@@ -9,8 +9,8 @@ import torch
 from conftest import compose
 from hydra.utils import instantiate
 
-from dlm.deepspeed_utils import moe_block_classes, register_moe_leaf_modules, zero_stage
 from dlm.models.hf import HFCausalLM
+from dlm.parallel.deepspeed import moe_block_classes, register_moe_leaf_modules, zero_stage
 from dlm.plan import gpu_memory_check
 
 BASE = ["paths.run_dir=/tmp/dlm-test-run", "paths.cache_dir=/tmp/dlm-test-cache"]
@@ -100,7 +100,8 @@ def test_zero3_moe_tiny_trains_and_consolidates(run_cfg, tmp_path):
 
     from transformers import AutoModelForCausalLM
 
-    from dlm.deepspeed_utils import export_hf_folder, load_state_dict
+    from dlm.parallel.checkpoint import load_state_dict
+    from dlm.parallel.export import export_hf_folder
     from dlm.train import train
 
     cfg = run_cfg("model=moe_tiny", "trainer=deepspeed", "trainer.devices=1")

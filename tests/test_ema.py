@@ -13,7 +13,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from dlm.callbacks.ema import EMA, ema_weights
+from dlm.callbacks.ema import EMA
+from dlm.parallel.checkpoint import ema_weights
 from dlm.safe_load import load_checkpoint
 from dlm.train import train
 

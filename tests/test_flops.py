@@ -84,8 +84,8 @@ def test_a_run_logs_model_tflops_and_mfu(run_cfg):
 def test_the_plans_flops_per_token_is_what_a_training_step_runs(run_cfg, method):
     """dry_run's estimate (the family's training layout over the backbone's geometry) = the FLOPs counted where
     the backbone runs during one training step, per data token."""
+    from dlm.build import build_datamodule, build_module
     from dlm.plan import build_plan
-    from dlm.train import build_datamodule, build_module
 
     cfg = run_cfg(f"method={method}")
     datamodule = build_datamodule(cfg)

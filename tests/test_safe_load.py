@@ -25,9 +25,8 @@ import dlm.evaluate
 import dlm.generate
 import dlm.train
 from dlm import safe_load
-from dlm.callbacks.ema import ema_weights
-from dlm.deepspeed_utils import load_state_dict
-from dlm.deepspeed_utils import main as consolidate_main
+from dlm.consolidate import main as consolidate_main
+from dlm.parallel.checkpoint import ema_weights, load_state_dict
 from dlm.safe_load import TRUSTED_ENV, CorruptCheckpointError, UnsafeCheckpointError, load_checkpoint
 from dlm.train import train
 
@@ -96,8 +95,9 @@ def genuine(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("safe_load")
     code = 0
     saved = sys.argv
-    sys.argv = ["dlm.train", *TINY, f"paths.output_root={root / 'runs'}", f"paths.cache_dir={root / 'cache'}",
-                "name=safe"]
+    # an HF backbone (built from its config), so that dlm.consolidate reads the checkpoint too
+    sys.argv = ["dlm.train", *TINY, "model=qwen3_tiny", f"paths.output_root={root / 'runs'}",
+                f"paths.cache_dir={root / 'cache'}", "name=safe"]
     try:
         dlm.train.main()
     except SystemExit as exit_:

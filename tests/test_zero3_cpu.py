@@ -104,7 +104,7 @@ def _zero_folder(run_dir: Path, ranks: int = 1) -> Path:
 
 
 def _partitioned_loads(stdout: str, source: Path) -> dict[int, tuple[int, int]]:
-    """{rank: (parameter elements held, total)} from the lines dlm.deepspeed_utils.load_backbone_into_partitions
+    """{rank: (parameter elements held, total)} from the lines dlm.parallel.deepspeed.build_in_partitions
     prints when a rank built its backbone inside deepspeed.zero.Init (the ZeRO-3 loading path was taken)."""
     pattern = re.compile(rf"zero3: rank (\d+) loaded {re.escape(str(source))} into ZeRO-3 partitions: "
                          r"([\d,]+) of ([\d,]+) parameter elements held")
@@ -126,7 +126,7 @@ def test_zero3_on_two_ranks_starts_from_the_pretrained_weights(source, tmp_path)
     """Learning rate 0: what ZeRO-3 partitioned across the two ranks, trained on and saved must be the
     checkpoint's weights, bit for bit in bf16 (not size-0 placeholders, not a random init). bf16-mixed as in
     conf/trainer/deepspeed.yaml; end-of-fit sampling runs on both ranks (its forwards gather parameters)."""
-    from dlm.deepspeed_utils import load_state_dict
+    from dlm.parallel.checkpoint import load_state_dict
     from dlm.run import load_config
 
     run_dir, proc = _train(
@@ -168,7 +168,7 @@ def test_zero3_on_two_ranks_grows_the_vocabulary_in_the_partitions(tmp_path):
     from omegaconf import OmegaConf
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from dlm.deepspeed_utils import load_state_dict
+    from dlm.parallel.checkpoint import load_state_dict
 
     geometry = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / "moe_tiny.yaml").config)
     geometry["vocab_size"] = 4
@@ -198,7 +198,7 @@ def test_zero3_on_two_ranks_grows_the_vocabulary_in_the_partitions(tmp_path):
 def test_zero3_trains_consolidates_generates_and_resumes(source, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from dlm.deepspeed_utils import load_state_dict
+    from dlm.parallel.checkpoint import load_state_dict
     from dlm.run import load_run
 
     run_dir, proc = _train(tmp_path, "trainer=deepspeed", "model=moe_tiny", f"model.pretrained={source}",
@@ -261,7 +261,7 @@ def test_zero3_ar_run_exports_a_causal_lm_that_generate_loads(source, tmp_path):
     loaded from the consolidated checkpoint instead."""
     from transformers import AutoModelForCausalLM
 
-    from dlm.deepspeed_utils import load_state_dict
+    from dlm.parallel.checkpoint import load_state_dict
 
     run_dir, _ = _train(tmp_path, "trainer=deepspeed", "method=ar", "model=moe_tiny", f"model.pretrained={source}",
                         "model.config=null", "trainer.precision=32-true", "trainer.max_steps=2")
@@ -294,7 +294,7 @@ def _cpu_adam_builds() -> str | None:
 def test_zero2_and_zero3_offload_train_and_consolidate(source, tmp_path, option):
     from transformers import AutoModelForCausalLM
 
-    from dlm.deepspeed_utils import load_state_dict
+    from dlm.parallel.checkpoint import load_state_dict
 
     if option.endswith("offload") and (reason := _cpu_adam_builds()):
         pytest.skip(reason)
@@ -335,7 +335,7 @@ def test_ema_under_zero2_is_saved_loaded_and_exported(tmp_path):
     it, and the end-of-fit HF export holds the EMA weights (tied output embedding included)."""
     from transformers import AutoModelForCausalLM
 
-    from dlm.callbacks.ema import ema_weights
+    from dlm.parallel.checkpoint import ema_weights
     from dlm.run import load_run
 
     run_dir, _ = _train(tmp_path, "model=qwen3_tiny", "trainer=deepspeed_zero2", "trainer.devices=2",

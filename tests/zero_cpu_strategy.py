@@ -1,4 +1,4 @@
-"""TEST-ONLY: Lightning's DeepSpeedStrategy on the CPU, so the ZeRO paths of the training CLI run in CPU tests.
+"""TEST-ONLY: dlm's DeepSpeedStrategy (dlm/parallel/deepspeed.py) on the CPU, so the ZeRO paths of the training CLI run in CPU tests.
 
 Why this exists: Lightning refuses every non-CUDA accelerator in ``DeepSpeedStrategy.setup_environment``, but
 DeepSpeed itself runs ZeRO (stages 1-3, CPU offload) on the CPU with its CPU accelerator (``DS_ACCELERATOR=cpu``)
@@ -15,7 +15,7 @@ and a gloo process group. What differs from the GPU path, and all that this clas
 
 Selected from the CLI (tests put this folder on PYTHONPATH):
     trainer=deepspeed trainer.strategy._target_=zero_cpu_strategy.CPUDeepSpeedStrategy trainer.accelerator=cpu
-Not part of dlm: production runs keep Lightning's own strategy on CUDA.
+Not part of dlm: production runs keep dlm's strategy on CUDA.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ import os
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy  # noqa: E402
+from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
+
+from dlm.parallel.deepspeed import DeepSpeedStrategy  # noqa: E402
 
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):

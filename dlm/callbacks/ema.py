@@ -20,7 +20,6 @@ are shards and the run stops at setup with a message (a shadow per shard is not 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -54,7 +53,7 @@ class EMA(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         from lightning.pytorch.strategies import FSDPStrategy
 
-        from dlm.deepspeed_utils import zero_stage
+        from dlm.parallel.deepspeed import zero_stage
 
         sharded = zero_stage(trainer.strategy) == 3 or isinstance(trainer.strategy, FSDPStrategy)
         if sharded:
@@ -152,25 +151,3 @@ class EMA(L.Callback):
             for n, p in self._params(pl_module).items():
                 p.copy_(self._backup[n])
         self._backup = None
-
-
-def ema_weights(checkpoint: str | Path) -> dict[str, Tensor] | None:
-    """The EMA shadow (parameter name -> float32 tensor; tied parameters under each of their names) saved by
-    :class:`EMA` in a Lightning ``.ckpt`` file or a DeepSpeed checkpoint folder (its client state), or None when the
-    run had no EMA."""
-    checkpoint = Path(checkpoint)
-    if checkpoint.is_dir():  # DeepSpeed: Lightning's client state sits in the model-states file
-        files = sorted(checkpoint.glob("*/mp_rank_00_model_states.pt"))
-        if not files:
-            return None
-        checkpoint = files[0]
-    from dlm.safe_load import load_checkpoint
-
-    # memory-mapped: only the shadow's tensors are read (the weights were loaded once already); weights_only
-    state = load_checkpoint(checkpoint, mmap=True)
-    ema = (state.get("callbacks") or {}).get("EMA") if isinstance(state, dict) else None
-    if ema is None:
-        return None
-    shadow = dict(ema["shadow"])
-    shadow.update({alias: shadow[name] for alias, name in ema.get("aliases", {}).items()})
-    return shadow

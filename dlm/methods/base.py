@@ -89,9 +89,9 @@ class DiffusionLM(L.LightningModule, ABC):
         return 1, 1
 
     def defer_backbone(self, build) -> None:
-        """Have ``configure_model`` replace the current (placeholder) backbone with ``build(strategy)``: the
-        training CLI does this under DeepSpeed ZeRO-3 so that pretrained weights load straight into partitioned
-        parameters (see dlm.deepspeed_utils). The placeholder must have the real backbone's geometry."""
+        """Have ``configure_model`` replace the current (placeholder) backbone with ``build()``: the training CLI
+        does this under DeepSpeed ZeRO-3, whose strategy runs that hook where pretrained weights load straight into
+        partitioned parameters (dlm.parallel.deepspeed). The placeholder must have the real backbone's geometry."""
         self._build_backbone = build
 
     @property
@@ -163,25 +163,15 @@ class DiffusionLM(L.LightningModule, ABC):
     def on_fit_start(self) -> None:
         self._noise_seed = torch.initial_seed()  # seed_everything(cfg.seed) ran before fit
 
-    def setup(self, stage: str) -> None:
-        """Runs before the strategy wraps the model: under DeepSpeed ZeRO-3, MoE blocks become leaf modules."""
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-
-        strategy = getattr(self._trainer, "strategy", None) if self._trainer is not None else None
-        if isinstance(strategy, DeepSpeedStrategy):  # subclasses too (a custom or test strategy)
-            from dlm.deepspeed_utils import register_moe_leaf_modules, zero_stage
-
-            if zero_stage(strategy) == 3:
-                register_moe_leaf_modules(self.backbone)
-
     def configure_model(self) -> None:
         """Build a deferred backbone (:meth:`defer_backbone`), replacing the placeholder before the optimizer
-        exists; Lightning runs this hook inside ``deepspeed.zero.Init`` under ZeRO-3. Frozen roles are applied to
-        the new parameters. Idempotent (Lightning may call it more than once); a no-op when nothing is deferred."""
+        exists; Lightning runs this hook inside the strategy's sharded context (under ZeRO-3: ``deepspeed.zero.Init``
+        with the HF DeepSpeed config live). Frozen roles are applied to the new parameters. Idempotent (Lightning may
+        call it more than once); a no-op when nothing is deferred."""
         build, self._build_backbone = self._build_backbone, None
         if build is None:
             return
-        self.backbone = build(self.trainer.strategy)
+        self.backbone = build()
         self.frozen = freeze_roles(self.backbone, self.lr_multipliers)
 
     def step_generator(self, batch_idx: int) -> torch.Generator:

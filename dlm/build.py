@@ -1,0 +1,69 @@
+"""Building a run from its config: the datamodule, the family's LightningModule around its backbone, the
+callbacks and the loggers. Shared by the training CLI and :func:`dlm.run.load_run` (which rebuilds a finished run),
+so that no library code imports a CLI. Everything is built from config with ``_target_`` (dlm.config.build: a
+constructor that refuses its arguments is one message naming the config key)."""
+
+from __future__ import annotations
+
+import functools
+
+from omegaconf import DictConfig
+
+from dlm.config import ConfigError, build
+
+
+def build_datamodule(cfg: DictConfig):
+    """The datamodule of cfg.data; a bad path or value becomes a ConfigError naming it (no traceback)."""
+    return build(cfg.data, "data", FileNotFoundError)
+
+
+def build_module(cfg: DictConfig, datamodule, backbone=None, defer_to_zero3: bool = False):
+    """The LightningModule of cfg.method around a backbone built for the datamodule's tokenizer.
+
+    ``defer_to_zero3`` (the training CLI): when cfg.trainer is DeepSpeed ZeRO-3 and cfg.model loads pretrained HF
+    weights, the backbone is a meta-device placeholder that ``configure_model`` replaces inside the strategy's
+    sharded context (dlm.parallel.deepspeed.build_in_partitions)."""
+    tokenizer = datamodule.tokenizer
+    deferred = None
+    if backbone is None:
+        from dlm.parallel.deepspeed import (  # lazily: Lightning's strategies are a slow import
+            build_in_partitions,
+            loads_pretrained_weights,
+            placeholder_backbone,
+            zero3_strategy,
+        )
+
+        if defer_to_zero3 and loads_pretrained_weights(cfg.model) and zero3_strategy(cfg.get("trainer")) is not None:
+            # ZeRO-3: a meta placeholder now, the checkpoint loaded into partitions in configure_model (inside
+            # deepspeed.zero.Init), so no rank ever holds the whole model on the host
+            backbone = placeholder_backbone(cfg.model, tokenizer.vocab_size)
+            deferred = functools.partial(build_in_partitions, cfg.model, tokenizer.vocab_size,
+                                         compile_mode=cfg.get("compile"))
+        else:
+            backbone = build(cfg.model, "model", vocab_size=tokenizer.vocab_size)
+    max_len = getattr(backbone, "max_seq_len", None)
+    if max_len is not None and datamodule.seq_len > max_len:
+        raise ConfigError(
+            [f"data.seq_len={datamodule.seq_len} exceeds the model's maximum sequence length {max_len}: "
+             f"lower data.seq_len or raise model.max_seq_len"]
+        )
+    parts = {
+        "backbone": backbone,
+        "tokenizer": tokenizer,
+        "schedule": build(cfg.schedule, "schedule"),
+        "sampler": build(cfg.sampler, "sampler"),
+        "optimizer": build(cfg.optimizer, "optimizer"),
+        "lr_scheduler": build(cfg.lr_scheduler, "lr_scheduler") if cfg.get("lr_scheduler") else None,
+    }
+    module = build(cfg.method, "method", **parts)
+    if deferred is not None:
+        module.defer_backbone(deferred)
+    return module
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    return [build(node, "logger") for node in (cfg.get("logger") or {}).values() if node is not None]
+
+
+def build_callbacks(cfg: DictConfig) -> list:
+    return [build(node, "callbacks") for node in (cfg.get("callbacks") or {}).values() if node is not None]

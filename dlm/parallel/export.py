@@ -1,0 +1,78 @@
+"""A run's checkpoint (a DeepSpeed ZeRO folder or a Lightning file) as an HF-format folder (config.json +
+safetensors) that transformers and dlm load: ``python -m dlm.consolidate <run_dir>`` (dlm/consolidate.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from dlm.parallel.checkpoint import ema_weights, load_state_dict
+
+
+def export_hf_folder(cfg, state_dict: dict[str, torch.Tensor], out: str | Path, extra: dict | None = None) -> Path:
+    """Write an HF-format folder (config.json + safetensors) for the HFCausalLM backbone of a run's config, with
+    the weights of ``state_dict`` (keys ``backbone.hf_model.*``). The model is built on the meta device, so no
+    second copy of the weights is allocated and nothing is downloaded beyond the checkpoint's config."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from dlm.models.hf import HFCausalLM, pretrained_geometry
+
+    model_cfg = cfg.model
+    if model_cfg.get("_target_") != "dlm.models.hf.HFCausalLM":
+        raise ValueError(f"consolidation to an HF folder needs an HFCausalLM model, not {model_cfg.get('_target_')}")
+    prefix = "backbone.hf_model."
+    hf_state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if not hf_state:
+        raise ValueError(f"no {prefix}* weights in the checkpoint (keys start {list(state_dict)[:3]})")
+    geometry = dict(OmegaConf.to_container(model_cfg.config, resolve=True)) if model_cfg.get("config") else {}
+    if model_cfg.get("pretrained"):
+        geometry = {**pretrained_geometry(model_cfg.pretrained), **geometry}
+    model_cfg = OmegaConf.merge(model_cfg, {"pretrained": None, "gradient_checkpointing": False})
+    model_cfg.config = geometry
+    with torch.device("meta"):
+        backbone: HFCausalLM = instantiate(model_cfg, vocab_size=None)
+    emb_name = next(n for n, p in backbone.hf_model.named_parameters() if p is backbone.hf_model.get_input_embeddings().weight)
+    rows = hf_state[emb_name].shape[0]
+    if rows != backbone.vocab_size:  # the run grew the embedding for its tokenizer
+        model_cfg.config = {**geometry, "vocab_size": rows}
+        with torch.device("meta"):
+            backbone = instantiate(model_cfg, vocab_size=None)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    backbone.hf_model.save_pretrained(out, state_dict={k: v.contiguous() for k, v in hf_state.items()})
+    (out / "dlm_export.json").write_text(json.dumps(extra or {}, indent=2) + "\n")
+    return out
+
+
+def consolidate_run(run_dir: str | Path, ckpt: str = "last", out: str | Path | None = None,
+                    use_ema: bool = True) -> Path:
+    """A run's checkpoint (``last``, ``best`` or a path; a DeepSpeed folder or a file) -> ``<run_dir>/hf``; a run
+    trained with ``callbacks=ema`` exports its EMA weights unless ``use_ema=False``."""
+    from dlm.errors import UserError
+    from dlm.run import find_checkpoint, load_config, resolve_run_path
+
+    run_dir, _ = resolve_run_path(run_dir)  # NotARunError (one line) for anything but a run folder
+    cfg = load_config(run_dir)
+    target = cfg.model.get("_target_")
+    if target != "dlm.models.hf.HFCausalLM":  # say so before reading a checkpoint that cannot be exported
+        raise UserError(
+            f"dlm.consolidate exports runs whose model is an HF backbone (model._target_=dlm.models.hf.HFCausalLM); "
+            f"{run_dir} has model._target_={target}. Use the run folder itself instead: dlm.generate run=<run>, "
+            f"dlm.evaluate run=<run> and dlm.run.load_run read its checkpoint as it is (an AR run also writes "
+            f"<run>/hf at the end of training)"
+        )
+    path = find_checkpoint(run_dir, ckpt)
+    state = load_state_dict(path)
+    shadow = ema_weights(path) if use_ema else None
+    state.update(shadow or {})  # the EMA weights over the raw ones (the same parameter names)
+    method = cfg.method
+    extra = {
+        "method": str(method._target_).rsplit(".", 1)[-1].lower(),
+        "shift_logits": bool(method.get("shift_logits", False)),
+        "checkpoint": str(path),
+        "ema": bool(shadow),
+    }
+    return export_hf_folder(cfg, state, out or run_dir / "hf", extra)
