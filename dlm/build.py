@@ -6,10 +6,12 @@ constructor that refuses its arguments is one message naming the config key)."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
+from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from dlm.config import ConfigError, build
+from dlm.config import ConfigError, build, compose_train, group_options
 
 
 def build_datamodule(cfg: DictConfig):
@@ -67,3 +69,22 @@ def build_loggers(cfg: DictConfig) -> list:
 
 def build_callbacks(cfg: DictConfig) -> list:
     return [build(node, "callbacks") for node in (cfg.get("callbacks") or {}).values() if node is not None]
+
+
+def sampler_config(name: str) -> dict[str, Any]:
+    """``conf/sampler/<name>.yaml`` as Hydra composes it (its defaults list merged), as a plain dict."""
+    options = group_options("sampler")
+    if name not in options:
+        raise ConfigError([f"sampler={name}: no such option; valid options for sampler: {', '.join(options)}"])
+    return OmegaConf.to_container(compose_train([f"sampler={name}"]).sampler, resolve=True)
+
+
+def build_sampler(base: Mapping[str, Any], steps: int | None = None, fields: Mapping[str, Any] | None = None,
+                  key: str = "sampler"):
+    """The sampler of config ``base`` with ``steps`` and ``fields`` over it (the generate, evaluate and lm-eval
+    requests' shorthands); a constructor that refuses its arguments is one message naming ``key``."""
+    cfg = dict(base)
+    if steps is not None:
+        cfg["steps"] = int(steps)
+    cfg.update(fields or {})
+    return build(OmegaConf.create(cfg), key)

@@ -108,7 +108,9 @@ def run_dir_for(output_root: str, name: str, ckpt_path: str | None) -> str:
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
     if ckpt_path is None:
         return None
-    path = run_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    from dlm.run_folder import RunFolder
+
+    path = RunFolder(run_dir).last_ckpt if ckpt_path == "last" else Path(ckpt_path)
     if not path.exists():  # a file, or a DeepSpeed ZeRO checkpoint folder
         raise ConfigError(
             [f"ckpt_path={ckpt_path}: no checkpoint at {path}; pass the .ckpt file of a run, or ckpt_path=last "

@@ -28,10 +28,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dlm import checks
-from dlm.config import CONF_DIR, ConfigError, build, preflight, register_resolvers
+from dlm.build import build_sampler
+from dlm.config import CONF_DIR, ConfigError, preflight, register_resolvers
 from dlm.errors import EXIT_USER_ERROR, UserError, user_errors
 from dlm.progress import Bar
 from dlm.run import LoadedRun, load_run, plain
+from dlm.run_folder import RunFolder
 
 register_resolvers()
 
@@ -209,7 +211,7 @@ def scorer_problem(spec: str) -> str | None:
     from dlm.data.hub import looks_like_path, tokenizer_problem
 
     path = Path(spec).expanduser()
-    if (path / ".hydra" / "config.yaml").is_file() or path.suffix == ".ckpt":
+    if RunFolder(path).is_run() or path.suffix == ".ckpt":
         return None
     if looks_like_path(str(spec)) and not path.exists():
         return f"scorer={spec}: no such folder; give a dlm run folder, a local HF causal LM folder, or a hub id such as gpt2"
@@ -221,7 +223,7 @@ def scorer_problem(spec: str) -> str | None:
 
 def make_scorer(spec: str, device: str, num_mc: int, seed: int, batch_size: int):
     path = Path(spec).expanduser()
-    if (path / ".hydra" / "config.yaml").is_file() or path.suffix == ".ckpt":
+    if RunFolder(path).is_run() or path.suffix == ".ckpt":
         return RunScorer(load_run(path, device=device), num_mc=num_mc, seed=seed, batch_size=batch_size)
     problem = scorer_problem(spec)
     if problem:
@@ -246,16 +248,17 @@ def generative_perplexity(texts: list[str], scorer) -> dict[str, Any]:
 
 
 # ---- generation ---------------------------------------------------------------------------------------------
-def build_sampler(cfg: DictConfig, run: LoadedRun):
-    """The run's sampler config, or the one composed from conf/sampler, with `steps`/`sampler_args` on top."""
+def request_sampler(cfg: DictConfig, run: LoadedRun):
+    """(sampler, its config, its name): the composed one (cfg.sampler) or the run's, with `steps`/`sampler_args`
+    on top (dlm.build.build_sampler)."""
     node = cfg.get("sampler")
     base = OmegaConf.to_container(node if node is not None else run.cfg.sampler, resolve=True)
-    if cfg.get("steps") is not None:
-        base["steps"] = int(cfg.steps)
-    base.update(OmegaConf.to_container(cfg.get("sampler_args") or OmegaConf.create({}), resolve=True))
+    fields = OmegaConf.to_container(cfg.get("sampler_args") or OmegaConf.create({}), resolve=True)
+    sampler = build_sampler(base, cfg.get("steps"), fields)
+    base = {**base, **({"steps": int(cfg.steps)} if cfg.get("steps") is not None else {}), **fields}
     name = (HydraChoice.get("sampler") if node is not None else None) or run.choices.get("sampler")
     name = name or str(base.get("_target_", "sampler")).rsplit(".", 1)[-1]
-    return build(OmegaConf.create(base), "sampler"), base, name
+    return sampler, base, name
 
 
 class HydraChoice:
@@ -379,7 +382,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], Path]:
         out.update(likelihood(run.module, loader, num_mc=cfg.num_mc, seed=cfg.seed, max_batches=cfg.max_batches,
                               progress=progress))
 
-    sampler, sampler_cfg, sampler_name = build_sampler(cfg, run)
+    sampler, sampler_cfg, sampler_name = request_sampler(cfg, run)
     out["sampler"] = sampler_name
     out.update({f"sampler/{k}": v for k, v in sampler_cfg.items() if not isinstance(v, (dict, list))})
     rows, sample_metrics = generation(run, sampler, cfg.samples, cfg.seed, progress=progress)
@@ -394,7 +397,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], Path]:
     out["time_s"] = round(time.perf_counter() - started, 2)
 
     metrics = {PREFIX + k: v for k, v in out.items()}
-    path = Path(cfg.output) if cfg.get("output") else run.run_dir / "results.json"
+    path = Path(cfg.output) if cfg.get("output") else RunFolder(run.run_dir).results
     merge_results(path, metrics)
     with open(run.run_dir / "eval.jsonl", "a") as f:
         f.write(json.dumps(metrics) + "\n")

@@ -46,11 +46,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from dlm import checks
+from dlm.build import build_sampler
 from dlm.compile import check_mode, compile_backbone
-from dlm.config import CONF_DIR, ConfigError, build, preflight, register_resolvers
+from dlm.config import CONF_DIR, ConfigError, preflight, register_resolvers
 from dlm.errors import EXIT_USER_ERROR, UserError, user_errors
 from dlm.models.capabilities import BackboneCapabilities
 from dlm.run import NotARunError
+from dlm.run_folder import RunFolder
 
 register_resolvers()
 
@@ -99,7 +101,7 @@ def _hf_tokenizer(path: Path):
 
     if any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
         return HFTokenizer(str(path))
-    parent_cfg = path.parent / ".hydra" / "config.yaml"
+    parent_cfg = RunFolder(path.parent).config
     if parent_cfg.is_file():  # <run>/hf: the run's own tokenizer (e.g. characters, which save no files)
         from dlm.run import load_config
 
@@ -137,7 +139,7 @@ def load_for_generation(path: str | Path, ckpt: str = "last", device: str = "cpu
     from dlm.run import load_run, plain
 
     p = Path(path).expanduser()
-    if p.is_dir() and (p / "config.json").is_file() and not (p / ".hydra" / "config.yaml").is_file():
+    if p.is_dir() and (p / "config.json").is_file() and not RunFolder(p).is_run():
         return load_hf_folder(p, device)
     run = load_run(p, ckpt=ckpt, device=device, setup_data=False, use_ema=use_ema)
     tokenizer = run.datamodule.tokenizer
@@ -176,8 +178,9 @@ def parse_template(template: str, tokenizer) -> tuple[list[int], list[bool]]:
     return ids, fill
 
 
-def build_sampler(cfg: DictConfig, loaded: Loaded):
-    """The composed sampler (cfg.sampler), else the run's, else None (the family's default); shorthands on top."""
+def request_sampler(cfg: DictConfig, loaded: Loaded):
+    """The composed sampler (cfg.sampler), else the run's, else None (the family's default); shorthands on top
+    (dlm.build.build_sampler)."""
     node = cfg.get("sampler")
     base = OmegaConf.to_container(node, resolve=True) if node is not None else loaded.sampler_cfg
     overrides = OmegaConf.to_container(cfg.get("sampler_args") or OmegaConf.create({}), resolve=True)
@@ -185,11 +188,7 @@ def build_sampler(cfg: DictConfig, loaded: Loaded):
         if cfg.get("steps") is not None or overrides:
             raise GenerateError("steps / sampler_args need a sampler: choose one with sampler=<name>")
         return None
-    base = dict(base)
-    if cfg.get("steps") is not None:
-        base["steps"] = int(cfg.steps)
-    base.update(overrides)
-    sampler = build(OmegaConf.create(base), "sampler")
+    sampler = build_sampler(base, cfg.get("steps"), overrides)
     if cfg.get("trajectory") and hasattr(sampler, "record_trajectory"):
         sampler.record_trajectory = True
     if cfg.get("eos_fill") and hasattr(sampler, "eos_id"):
@@ -254,7 +253,7 @@ def run_generation(cfg: DictConfig) -> dict[str, Any]:
     module, tok = loaded.module, loaded.tokenizer
     compile_backbone(module.backbone, compile_mode)
     module.static_kv_cache = static_kv_cache
-    sampler = build_sampler(cfg, loaded)
+    sampler = request_sampler(cfg, loaded)
     device = module.compute_device
     n = int(cfg.num_samples)  # checked >= 1 (check_request): 0 is refused, never read as 1
     eos, mask_id = int(tok.eos_token_id), int(module.mask_id)

@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from dlm.config import ConfigError, compose_train
-from dlm.run_folder import CHECKPOINTS, HYDRA_DIR, LAST_CKPT
+from dlm.run_folder import CHECKPOINTS, LAST_CKPT, RunFolder
 
 # Data keys that say how the data is read, not what it is: they may change on resume.
 _DATA_RUNTIME_KEYS = ("cache_dir", "num_workers", "batch_size")
@@ -42,7 +42,7 @@ def merge_overrides(saved: list[str], given: list[str]) -> list[str]:
 
 
 def saved_overrides(run_dir: Path) -> list[str]:
-    path = run_dir / HYDRA_DIR / "overrides.yaml"
+    path = RunFolder(run_dir).overrides
     return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
 
 
@@ -108,7 +108,7 @@ def resolve_resume(given: list[str]) -> Resume | None:
             raise ConfigError([f"ckpt_path={ckpt}: no checkpoint at {checkpoint}; pass the .ckpt file of a run, or "
                                f"ckpt_path=last with the same name= (and paths.output_root) as the run to resume"])
         run_dir = checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else None
-        if run_dir is None or not (run_dir / HYDRA_DIR / "config.yaml").is_file():
+        if run_dir is None or not RunFolder(run_dir).is_run():
             return Resume(checkpoint, None, list(given))
         merged = merge_overrides(saved_overrides(run_dir), [o for o in given if override_key(o) != "ckpt_path"])
         merged.append(f"ckpt_path={checkpoint}")
@@ -141,12 +141,12 @@ def check_checkpoint_fits(module, checkpoint: Path, run_dir: Path | None) -> int
     problems += [f"{k}: in the checkpoint, not in this model" for k in have if k not in live]
     if problems:
         origin = ""
-        if run_dir is not None and (run_dir / HYDRA_DIR / "hydra.yaml").is_file():
+        if run_dir is not None and RunFolder(run_dir).hydra.is_file():
             from dlm.run import run_choices
 
             choices = run_choices(run_dir)
             origin = (f"; it comes from {run_dir} (model={choices.get('model')}, method={choices.get('method')}, "
-                      f"data={choices.get('data')}: {run_dir / HYDRA_DIR / 'config.yaml'})")
+                      f"data={choices.get('data')}: {RunFolder(run_dir).config})")
         raise ConfigError([f"ckpt_path={checkpoint} does not fit the model this command builds ({len(problems)} "
                            f"tensors differ){origin}; resume with the model it was trained with, or start a new run "
                            f"without ckpt_path. First differences:"] + problems[:5])

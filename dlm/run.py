@@ -23,6 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dlm.errors import UserError
+from dlm.run_folder import CHECKPOINTS, LAST_CKPT, RunFolder
 
 __all__ = ["LoadedRun", "NotARunError", "find_checkpoint", "load_config", "load_run", "resolve_run_path",
            "run_choices", "run_overrides"]
@@ -52,14 +53,14 @@ def resolve_run_path(path: str | Path) -> tuple[Path, Path | None]:
         raise NotARunError(f"{path}: no such file or folder; pass a run folder (printed as `run_dir: ...` by "
                            f"python -m dlm.train) or a .ckpt file inside <run>/checkpoints/")
     ckpt = None
-    if path.is_file() or (path.suffix == ".ckpt" and path.parent.name == "checkpoints"):  # DeepSpeed: a folder
+    if path.is_file() or (path.suffix == ".ckpt" and path.parent.name == CHECKPOINTS):  # DeepSpeed: a folder
         if path.suffix != ".ckpt":
             raise NotARunError(f"{path}: not a run folder nor a .ckpt checkpoint")
         ckpt = path.resolve()
-        run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+        run_dir = ckpt.parent.parent if ckpt.parent.name == CHECKPOINTS else ckpt.parent
     else:
         run_dir = path.resolve()
-    if not (run_dir / ".hydra" / "config.yaml").is_file():
+    if not RunFolder(run_dir).is_run():
         hint = ""
         if (run_dir / "config.json").is_file():
             hint = (" It looks like a Hugging Face model folder: evaluating an HF export directly is not supported "
@@ -71,7 +72,7 @@ def resolve_run_path(path: str | Path) -> tuple[Path, Path | None]:
 
 
 def _hydra_node(run_dir: Path) -> DictConfig | None:
-    path = run_dir / ".hydra" / "hydra.yaml"
+    path = RunFolder(run_dir).hydra
     if not path.is_file():
         return None
     node = OmegaConf.load(path)
@@ -89,7 +90,7 @@ def run_choices(run_dir: str | Path) -> dict[str, str]:
 
 
 def run_overrides(run_dir: str | Path) -> list[str]:
-    path = Path(run_dir) / ".hydra" / "overrides.yaml"
+    path = RunFolder(run_dir).overrides
     return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
 
 
@@ -123,7 +124,7 @@ def load_config(run_dir: str | Path) -> DictConfig:
 
     register_resolvers()
     run_dir, _ = resolve_run_path(run_dir)
-    raw = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"), resolve=False)
+    raw = OmegaConf.to_container(OmegaConf.load(RunFolder(run_dir).config), resolve=False)
     cfg = OmegaConf.create(_answer_hydra_refs(raw, _hydra_node(run_dir), run_dir))
     if cfg.get("paths") is not None:
         cfg.paths.run_dir = str(run_dir)
@@ -133,9 +134,9 @@ def load_config(run_dir: str | Path) -> DictConfig:
 def find_checkpoint(run_dir: Path, ckpt: str | Path | None = "last") -> Path:
     """`last` (checkpoints/last.ckpt), `best` (the best-*.ckpt by validation loss) or a path: a Lightning file or
     a DeepSpeed ZeRO checkpoint folder (named like one)."""
-    folder = run_dir / "checkpoints"
+    folder = RunFolder(run_dir).checkpoints
     if ckpt in (None, "last"):
-        path = folder / "last.ckpt"
+        path = folder / LAST_CKPT
     elif ckpt == "best":
         best = sorted(folder.glob("best*.ckpt"), key=lambda p: p.stat().st_mtime)
         if not best:

@@ -29,6 +29,33 @@ RESULTS = "results.json"
 METRICS = "metrics.csv"
 RESUMES = "resumes.jsonl"
 
+class RunFolder:
+    """The paths of one run folder (``RunFolder(run_dir).last_ckpt``): the one place that knows the layout."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    hydra_dir = property(lambda self: self.path / HYDRA_DIR)
+    config = property(lambda self: self.path / HYDRA_DIR / "config.yaml")
+    hydra = property(lambda self: self.path / HYDRA_DIR / "hydra.yaml")
+    overrides = property(lambda self: self.path / HYDRA_DIR / "overrides.yaml")
+    checkpoints = property(lambda self: self.path / CHECKPOINTS)
+    last_ckpt = property(lambda self: self.path / CHECKPOINTS / LAST_CKPT)
+    results = property(lambda self: self.path / RESULTS)
+    metrics = property(lambda self: self.path / METRICS)
+    resumes = property(lambda self: self.path / RESUMES)
+
+    def is_run(self) -> bool:
+        """Whether the folder holds a run (its composed config)."""
+        return self.config.is_file()
+
+    @staticmethod
+    def of_checkpoint(ckpt: str | Path) -> RunFolder | None:
+        """The run folder a checkpoint inside ``<run>/checkpoints/`` belongs to (None elsewhere)."""
+        ckpt = Path(ckpt)
+        return RunFolder(ckpt.parent.parent) if ckpt.parent.name == CHECKPOINTS else None
+
+
 _claimed: dict[str, Path] = {}  # parent -> the folder this process claimed under it for the run in progress
 
 
@@ -79,7 +106,7 @@ def write_hydra_record(run_dir: Path, cfg: DictConfig, hydra_cfg: DictConfig) ->
     """``.hydra/config.yaml`` (the task config, interpolations kept), ``hydra.yaml`` and ``overrides.yaml``, as
     Hydra writes them at job start; dlm writes them itself once the run's checks passed, so a refused resume never
     rewrites the record of the run it named."""
-    folder = run_dir / HYDRA_DIR
+    folder = RunFolder(run_dir).hydra_dir
     folder.mkdir(parents=True, exist_ok=True)
     task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
     files = {"config.yaml": task, "hydra.yaml": OmegaConf.create({"hydra": hydra_cfg}),
@@ -92,14 +119,14 @@ def append_resume_record(run_dir: Path, checkpoint: str, step: int, overrides: l
     """One line per resume in ``resumes.jsonl``: when, from which checkpoint and step, with which overrides."""
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "checkpoint": checkpoint, "step": step,
               "overrides": list(overrides)}
-    with open(run_dir / RESUMES, "a") as f:
+    with open(RunFolder(run_dir).resumes, "a") as f:
         f.write(json.dumps(record) + "\n")
 
 
 def drop_metrics_after(run_dir: Path, step: int) -> int:
     """Remove the rows of ``metrics.csv`` logged after ``step`` (a resume from that step logs them again).
     Returns the number of rows dropped."""
-    path = run_dir / METRICS
+    path = RunFolder(run_dir).metrics
     if not path.is_file():
         return 0
     with open(path, newline="") as f:

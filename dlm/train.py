@@ -30,6 +30,7 @@ from dlm.config import (
 )
 from dlm.errors import EXIT_USER_ERROR, UserError, user_errors
 from dlm.run_folder import (
+    RunFolder,
     append_resume_record,
     drop_metrics_after,
     forget_claims,
@@ -87,12 +88,12 @@ def export_model(module, run_dir: Path) -> None:
         return
     try:
         if hasattr(module, "export_hf"):
-            if (run_dir / "checkpoints" / "last.ckpt").is_dir():  # DeepSpeed: ZeRO-3 partitions the live weights,
+            if RunFolder(run_dir).last_ckpt.is_dir():  # DeepSpeed: ZeRO-3 partitions the live weights,
                 from dlm.run import load_run  # so export a CPU copy loaded from the consolidated checkpoint
 
                 module = load_run(run_dir, setup_data=False).module
             module.export_hf(run_dir / "hf")
-        elif isinstance(module.backbone, HFCausalLM) and (run_dir / ".hydra" / "config.yaml").is_file():
+        elif isinstance(module.backbone, HFCausalLM) and RunFolder(run_dir).is_run():
             from dlm.parallel.export import consolidate_run
 
             consolidate_run(run_dir)
@@ -200,11 +201,11 @@ def train(cfg: DictConfig) -> Path:
         if trainer.callback_metrics.get("val/loss") is None or module.last_val_step != trainer.global_step:
             trainer.validate(module, datamodule=datamodule, verbose=False)
     if not module.nonfinite_stop:
-        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+        trainer.save_checkpoint(RunFolder(run_dir).last_ckpt)
         if not terminated:
             export_model(module, run_dir)
     results = final_results(trainer, callbacks, started, status)
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    RunFolder(run_dir).results.write_text(json.dumps(results, indent=2) + "\n")
     finish_loggers(loggers, results)
     if module.nonfinite_stop:
         raise NonFiniteLossError(module.nonfinite_stop["message"])
@@ -224,7 +225,7 @@ def in_multirun() -> bool:
 def record_failure(run_dir: Path, err: BaseException) -> None:
     """A failed sweep job leaves results.json saying why, so the sweep's table shows it."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    results = run_dir / "results.json"
+    results = RunFolder(run_dir).results
     previous = json.loads(results.read_text()) if results.is_file() else {}
     previous["status"] = f"failed: {type(err).__name__}: " + " ".join(str(err).split())
     results.write_text(json.dumps(previous, indent=2) + "\n")
@@ -241,7 +242,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
         # In a sweep one failing job is reported and the others go on; a single run exits non-zero.
         if in_multirun():
             hc = running_hydra_config()
-            if not (run_dir / ".hydra" / "config.yaml").is_file():  # the sweep's table lists the failed job too
+            if not RunFolder(run_dir).is_run():  # the sweep's table lists the failed job too
                 write_hydra_record(run_dir, cfg, hc)
             record_failure(run_dir, err)
             print(f"error: job {HydraConfig.get().job.num} failed: {err}", file=sys.stderr)
@@ -266,7 +267,7 @@ def optimized_value(cfg: DictConfig, run_dir: Path) -> float | None:
     metric = cfg.get("optimized_metric")
     if not metric or cfg.dry_run:
         return None
-    results = json.loads((run_dir / "results.json").read_text())
+    results = json.loads(RunFolder(run_dir).results.read_text())
     if metric not in results:
         raise ConfigError([f"optimized_metric={metric} is not among the run's results: {', '.join(sorted(results))}"])
     return float(results[metric])

@@ -23,6 +23,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from dlm.run import load_config, run_choices, run_overrides
+from dlm.run_folder import RunFolder
 
 CHOICE_GROUPS = ("method", "model", "schedule", "sampler", "data", "trainer", "optimizer", "lr_scheduler",
                  "experiment")
@@ -43,7 +44,7 @@ def find_runs(path: PathLike | Iterable[PathLike] | pd.DataFrame) -> list[Path]:
     for root in paths:
         if not root.exists():
             raise FileNotFoundError(f"{root}: no such folder (set DLM_SWEEP or pass a run or sweep folder)")
-        if (root / ".hydra" / "config.yaml").is_file():
+        if RunFolder(root).is_run():
             found.add(root.resolve())
             continue
         for config in root.rglob(".hydra/config.yaml"):
@@ -80,7 +81,7 @@ def _override_keys(overrides: list[str]) -> dict[str, str]:
 
 
 def _run_row(run_dir: Path, config_keys: Iterable[str]) -> dict[str, Any]:
-    hydra_file = run_dir / ".hydra" / "hydra.yaml"
+    hydra_file = RunFolder(run_dir).hydra
     hydra_node = OmegaConf.load(hydra_file).get("hydra") if hydra_file.is_file() else None
     multirun = hydra_node is not None and str(OmegaConf.select(hydra_node, "mode", default="")).endswith("MULTIRUN")
     choices = run_choices(run_dir)
@@ -112,7 +113,7 @@ def _run_row(run_dir: Path, config_keys: Iterable[str]) -> dict[str, Any]:
         if not isinstance(value, (str, int, float, bool, type(None))):
             value = str(value)
         row[key] = value
-    results = _read_json(run_dir / "results.json")
+    results = _read_json(RunFolder(run_dir).results)
     row["status"] = results.pop("status", None) or ("failed" if not results else "unknown")
     row.update(results)
     return row
@@ -142,7 +143,7 @@ def load_metrics(path: PathLike | Iterable[PathLike] | pd.DataFrame, metrics: It
     wanted = set(metrics) if metrics is not None else None
     parts = []
     for run_dir in runs["run_dir"]:
-        csv_path = Path(run_dir) / "metrics.csv"
+        csv_path = RunFolder(run_dir).metrics
         if not csv_path.is_file():
             continue
         table = pd.read_csv(csv_path)

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from dlm.config import ConfigError
 from dlm.methods.base import NonFiniteLossError
+from dlm.run_folder import LAST_CKPT, RunFolder
 
 ACTIONS = ("stop", "skip")
 
@@ -136,7 +137,7 @@ class NonFiniteGuard(L.Callback):
         self.consecutive = int(state_dict.get("consecutive", 0))
 
     def _checkpoints(self, trainer: L.Trainer) -> Path:
-        return self.dirpath or Path(trainer.default_root_dir) / "checkpoints"
+        return self.dirpath or RunFolder(trainer.default_root_dir).checkpoints
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         from lightning.pytorch.strategies import DeepSpeedStrategy
@@ -196,7 +197,7 @@ class NonFiniteGuard(L.Callback):
         if self._stop is None:
             return
         stop, self._stop = self._stop, None
-        ckpt = self._checkpoints(trainer) / "last.ckpt"
+        ckpt = self._checkpoints(trainer) / LAST_CKPT
         if stop["save"]:
             trainer.save_checkpoint(ckpt)  # the update was dropped: this state is finite (and checked on save)
         else:

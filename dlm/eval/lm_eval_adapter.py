@@ -57,7 +57,6 @@ longer than the backbone's max_seq_len raise (no windowing yet).
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import lm_eval.models  # noqa: F401  (lm_eval's own lazy model table first: registering "dlm" must not hide it)
@@ -255,31 +254,20 @@ class DLMHarnessModel(LM):
     def _build_sampler(self, name: str | None, fields: dict[str, Any]):
         if name is None and not fields:
             return None  # the run's own sampler
-        from dlm.config import CONF_DIR, build
+        from dlm.build import build_sampler, sampler_config
+        from dlm.config import ConfigError, group_options
 
         if name is None:
             if self.loaded is None:
                 raise ModelArgsError("sampler_<field> without sampler=<name> needs a run's config; pass sampler=<name>")
             base = OmegaConf.to_container(self.loaded.cfg.sampler, resolve=True)
         else:
-            base = self._load_sampler_conf(Path(CONF_DIR) / "sampler", str(name))
-        for key, value in fields.items():
-            base[key] = value
-        return build(OmegaConf.create(base), "--model_args sampler")
-
-    @staticmethod
-    def _load_sampler_conf(folder: Path, name: str) -> dict:
-        path = folder / f"{name}.yaml"
-        if not path.is_file():
-            have = sorted(p.stem for p in folder.glob("*.yaml"))
-            raise ModelArgsError(f"sampler={name}: no conf/sampler/{name}.yaml; choose one of {', '.join(have)}")
-        node = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
-        merged: dict = {}
-        for parent in node.pop("defaults", []) or []:
-            if isinstance(parent, str) and parent != "_self_":
-                merged.update(DLMHarnessModel._load_sampler_conf(folder, parent))
-        merged.update(node)
-        return merged
+            try:
+                base = sampler_config(str(name))
+            except ConfigError:
+                raise ModelArgsError(f"sampler={name}: no conf/sampler/{name}.yaml; choose one of "
+                                     f"{', '.join(group_options('sampler'))}") from None
+        return build_sampler(base, fields=fields, key="--model_args sampler")
 
     # ---- helpers ---------------------------------------------------------------------------------------------
     def _encode(self, text: str) -> list[int]:
