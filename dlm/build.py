@@ -49,14 +49,19 @@ def build_module(cfg: DictConfig, datamodule, backbone=None, defer_to_zero3: boo
             [f"data.seq_len={datamodule.seq_len} exceeds the model's maximum sequence length {max_len}: "
              f"lower data.seq_len or raise model.max_seq_len"]
         )
+    from hydra.utils import get_class
+
+    family = get_class(cfg.method._target_)
     parts = {
         "backbone": backbone,
         "tokenizer": tokenizer,
-        "schedule": build(cfg.schedule, "schedule"),
-        "sampler": build(cfg.sampler, "sampler"),
+        # a family without a conf/sampler/<method>.yaml uses its own default_sampler()
+        "sampler": build(cfg.sampler, "sampler") if cfg.get("sampler") is not None else None,
         "optimizer": build(cfg.optimizer, "optimizer"),
         "lr_scheduler": build(cfg.lr_scheduler, "lr_scheduler") if cfg.get("lr_scheduler") else None,
     }
+    if family.uses_schedule:
+        parts["schedule"] = build(cfg.schedule, "schedule")
     module = build(cfg.method, "method", **parts)
     if deferred is not None:
         module.defer_backbone(deferred)

@@ -316,7 +316,8 @@ def _folder_problems(cfg: DictConfig) -> list[str]:
 def preflight(overrides: list[str], config_name: str = "train") -> list[str]:
     """Compose with the command line's overrides; if that fails, try each one alone to name every culprit.
     Returns the problems (empty when the config composes and, for training, its output folders can be written)."""
-    plain = [o for o in overrides if not o.startswith(("hydra.", "hydra/", "--", "-"))]
+    # Hydra's own settings are not composed here, except the search path (a config folder of the user's own)
+    plain = [o for o in overrides if not o.startswith(("hydra.", "hydra/", "--", "-")) or o.startswith("hydra.searchpath")]
     try:
         cfg = compose_train(plain, config_name=config_name)
         return _folder_problems(cfg) if config_name == "train" else []

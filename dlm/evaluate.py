@@ -252,6 +252,8 @@ def request_sampler(cfg: DictConfig, run: LoadedRun):
     """(sampler, its config, its name): the composed one (cfg.sampler) or the run's, with `steps`/`sampler_args`
     on top (dlm.build.build_sampler)."""
     node = cfg.get("sampler")
+    if node is None and run.cfg.get("sampler") is None:  # a family without a sampler config: its own default
+        return run.module.sampler, {}, type(run.module.sampler).__name__
     base = OmegaConf.to_container(node if node is not None else run.cfg.sampler, resolve=True)
     fields = OmegaConf.to_container(cfg.get("sampler_args") or OmegaConf.create({}), resolve=True)
     sampler = build_sampler(base, cfg.get("steps"), fields)

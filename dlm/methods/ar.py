@@ -63,7 +63,6 @@ class AR(DiffusionLM):
         self,
         backbone: nn.Module,
         tokenizer,
-        schedule=None,  # accepted for a uniform construction (dlm.train passes one); unused
         start_token_id: int | None = None,
         **base_kwargs,
     ):

@@ -46,6 +46,7 @@ class DiffusionLM(L.LightningModule, ABC):
     # What the family can do, declared here and read as attributes (no probing):
     exact_nll: ClassVar[bool] = False  # nll_bound is the exact NLL: evaluation needs one pass, not Monte-Carlo draws
     supports_infill: ClassVar[bool] = True  # infill() fills any positions given both sides
+    uses_schedule: ClassVar[bool] = False  # the constructor takes ``schedule`` (the schedule group's MaskSchedule)
 
     def __init__(
         self,
@@ -62,7 +63,7 @@ class DiffusionLM(L.LightningModule, ABC):
         self.tokenizer = tokenizer
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
-        self.sampler = sampler
+        self.sampler = sampler if sampler is not None else self.default_sampler()
         self.lr_multipliers = merge_lr_multipliers(getattr(backbone, "lr_multipliers", None), lr_multipliers)
         self.frozen = freeze_roles(self.backbone, self.lr_multipliers)  # {role: parameters frozen}
         self.val_seed = val_seed
@@ -80,6 +81,11 @@ class DiffusionLM(L.LightningModule, ABC):
         self.static_kv_cache: bool | None = None
         self._static_cache: tuple | None = None  # (key, cache): reused by calls of the same shape
         self._check_vocabulary()
+
+    def default_sampler(self) -> Sampler | None:
+        """The sampler a run uses when its config names none (a family without conf/sampler/<method>.yaml); None:
+        the family's generate/infill need no sampler object."""
+        return None
 
     @classmethod
     def training_layout(cls, method_cfg) -> tuple[int, int]:

@@ -51,6 +51,8 @@ from dlm.schedules import MaskSchedule
 
 
 class BD3LM(MaskedTermsObjective, DiffusionLM):
+    uses_schedule = True
+
     def __init__(
         self,
         backbone: nn.Module,

@@ -63,6 +63,8 @@ class DiffusionBERT(DiffusionLM):
         aux_weight: λ_aux of the auxiliary cross-entropy on x0.
     """
 
+    uses_schedule = True
+
     def __init__(
         self,
         backbone: nn.Module,

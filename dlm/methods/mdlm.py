@@ -34,6 +34,8 @@ from dlm.schedules import MaskSchedule
 
 
 class MDLM(MaskedTermsObjective, DiffusionLM):
+    uses_schedule = True
+
     def __init__(
         self,
         backbone: nn.Module,

@@ -34,7 +34,6 @@ NO_BOUND = (
 
 class SUNDAE(DiffusionLM):
     """Args (beyond the base class's):
-        schedule: accepted for a uniform interface and ignored (SUNDAE draws its corruption rate from U[0, 1]).
         unroll_steps: number of denoising steps unrolled in training (paper: 2); 1 = plain denoising.
         unroll_temperature: temperature of the draws that produce x_2, x_3, ... (paper: 1, the model's own
             distribution).
@@ -44,7 +43,6 @@ class SUNDAE(DiffusionLM):
         self,
         backbone: nn.Module,
         tokenizer,
-        schedule=None,
         unroll_steps: int = 2,
         unroll_temperature: float = 1.0,
         **base_kwargs,
