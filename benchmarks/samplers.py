@@ -41,7 +41,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dlm.callbacks.samples import cut_at_eos  # noqa: E402
 from dlm.compile import MODES, compile_backbone  # noqa: E402
 from dlm.run import load_run  # noqa: E402
 from dlm.sampling import (  # noqa: E402
@@ -55,6 +54,7 @@ from dlm.sampling import (  # noqa: E402
     ReMDMSampler,
     ThresholdSampler,
 )
+from dlm.sampling.base import cut_at_eos  # noqa: E402
 
 
 def train_tiny(out: Path, steps: int) -> Path:

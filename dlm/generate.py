@@ -53,6 +53,7 @@ from dlm.errors import EXIT_USER_ERROR, UserError, user_errors
 from dlm.models.capabilities import BackboneCapabilities
 from dlm.run import NotARunError
 from dlm.run_folder import RunFolder
+from dlm.sampling.base import cut_at_eos
 
 register_resolvers()
 
@@ -196,10 +197,6 @@ def request_sampler(cfg: DictConfig, loaded: Loaded):
     return sampler
 
 
-def _cut(ids: list[int], eos: int) -> list[int]:
-    return ids[: ids.index(eos)] if eos in ids else ids
-
-
 def _ar_trajectory(start: Tensor, final: Tensor, calls: int, mask_id: int) -> list[Tensor]:
     """Left-to-right frames of AR decoding: frame k shows the first k generated tokens (one per network call)."""
     first = int((start == mask_id).long().argmax(dim=1).min()) if (start == mask_id).any() else start.shape[1]
@@ -275,7 +272,7 @@ def run_generation(cfg: DictConfig) -> dict[str, Any]:
             return module.infill(tokens, fill_mask, sampler=sampler, generator=generator)
 
         def decode(gen) -> list[str]:
-            return [tok.decode(_cut(row.tolist(), eos)) for row in gen.tokens.cpu()]
+            return [tok.decode(cut_at_eos(row.tolist(), eos)) for row in gen.tokens.cpu()]
     else:
         prompt_text = cfg.get("prompt") or ""
         ids = tok.encode(prompt_text) if prompt_text else []
@@ -294,7 +291,7 @@ def run_generation(cfg: DictConfig) -> dict[str, Any]:
             return module.generate(prompt, length, sampler=sampler, num_samples=n, generator=generator)
 
         def decode(gen) -> list[str]:
-            return [prompt_text + tok.decode(_cut(row[P:].tolist(), eos)) for row in gen.tokens.cpu()]
+            return [prompt_text + tok.decode(cut_at_eos(row[P:].tolist(), eos)) for row in gen.tokens.cpu()]
 
     compile_seconds = None
     if compile_mode is not None:  # compile (and capture CUDA graphs) on an untimed run of the same request

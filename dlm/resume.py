@@ -18,6 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from dlm.config import ConfigError, compose_train
+from dlm.config_values import to_plain
 from dlm.run_folder import CHECKPOINTS, LAST_CKPT, RunFolder
 
 # Data keys that say how the data is read, not what it is: they may change on resume.
@@ -46,13 +47,6 @@ def saved_overrides(run_dir: Path) -> list[str]:
     return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
 
 
-def _plain(node: Any) -> Any:
-    try:
-        return OmegaConf.to_container(node, resolve=True)
-    except Exception:  # noqa: BLE001 - an interpolation only Hydra's job answers: compare as written
-        return OmegaConf.to_container(node, resolve=False)
-
-
 def _differences(a: Any, b: Any, prefix: str) -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
@@ -64,8 +58,8 @@ def _differences(a: Any, b: Any, prefix: str) -> list[str]:
 
 def fit_problems(composed: DictConfig, trained: DictConfig) -> list[str]:
     """How the model and data that ``composed`` builds differ from those the run was ``trained`` with."""
-    problems = _differences(_plain(composed.model), _plain(trained.model), "model")
-    data_now, data_then = _plain(composed.data), _plain(trained.data)
+    problems = _differences(to_plain(composed.model), to_plain(trained.model), "model")
+    data_now, data_then = to_plain(composed.data), to_plain(trained.data)
     for data in (data_now, data_then):
         for key in _DATA_RUNTIME_KEYS:
             if isinstance(data, dict):

@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
+from dlm.config_values import to_plain as plain  # noqa: F401  (dlm.run.plain: re-exported)
 from dlm.errors import UserError
 from dlm.run_folder import CHECKPOINTS, LAST_CKPT, RunFolder
 
@@ -189,13 +190,3 @@ def load_run(path: str | Path, ckpt: str | Path | None = "last", device: str | t
     module.to(device).eval()
     return LoadedRun(module=module, datamodule=datamodule, cfg=cfg, run_dir=run_dir, ckpt_path=ckpt_file,
                      choices=run_choices(run_dir), overrides=run_overrides(run_dir))
-
-
-def plain(node: Any) -> Any:
-    """A config node as plain Python (resolved when possible)."""
-    if isinstance(node, (DictConfig, ListConfig)):
-        try:
-            return OmegaConf.to_container(node, resolve=True)
-        except Exception:  # an unresolvable interpolation: keep it as written
-            return OmegaConf.to_container(node, resolve=False)
-    return node

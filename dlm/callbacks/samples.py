@@ -13,13 +13,9 @@ import lightning as L
 import torch
 
 from dlm.progress import Bar
+from dlm.sampling.base import cut_at_eos
 
 SAMPLE_SEED = 0
-
-
-def cut_at_eos(ids: list[int], eos_id: int) -> list[int]:
-    """A generated document ends at its first EOS."""
-    return ids[: ids.index(eos_id)] if eos_id in ids else ids
 
 
 def unigram_entropy(token_lists: list[list[int]]) -> float:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from dlm.config_values import to_plain
 from dlm.data.arithmetic import ArithmeticTask, _split_name
 from dlm.data.brackets import BracketsTask
 from dlm.data.hub import dataset_problem
@@ -263,10 +264,10 @@ class HFDatasetSource:
         self.val_split = val_split
         self.text_field = text_field
         self.streaming = bool(streaming)
-        self.data_files = _plain(data_files)
+        self.data_files = to_plain(data_files)
         self.max_train_documents = None if max_train_documents is None else int(max_train_documents)
         self.max_val_documents = int(max_val_documents)
-        self.load_kwargs = _plain(load_kwargs)
+        self.load_kwargs = to_plain(load_kwargs)
 
     def hub_problem(self) -> str | None:
         """Why this dataset cannot be loaded here (offline, not in the local caches), or None when it may be."""
@@ -343,22 +344,6 @@ class HFDatasetSource:
 
     def __repr__(self) -> str:
         return f"HFDatasetSource({self.path!r}, name={self.name!r}, split={self.split!r}, val_split={self.val_split!r})"
-
-
-def _plain(x: Any) -> Any:
-    """OmegaConf containers -> plain python (so they hash/serialise and datasets accepts them)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(x, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(x, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
 
 
 def _local_file_stats(data_files: Any) -> list[Any]:

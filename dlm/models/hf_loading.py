@@ -9,20 +9,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dlm.config_values import to_plain
 from dlm.models.hf_geometry import pretrained_geometry
 from dlm.parallel.params import gathered, shape
 
 
 def _plain_dict(config: Any) -> dict[str, Any]:
     """A Hydra DictConfig (or any mapping) as a plain, recursively converted dict."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(config, DictConfig):
-            return OmegaConf.to_container(config, resolve=True)  # type: ignore[return-value]
-    except ImportError:  # pragma: no cover - omegaconf ships with hydra
-        pass
-    return dict(config)
+    return dict(to_plain(config))
 
 
 def _resolve_dtype(torch_dtype: str | torch.dtype | None) -> torch.dtype | str | None:

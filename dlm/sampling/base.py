@@ -43,6 +43,11 @@ class Generation:
     trajectory: list[Tensor] | None = None
 
 
+def cut_at_eos(ids: list[int], eos_id: int) -> list[int]:
+    """A generated document ends at its first EOS."""
+    return ids[: ids.index(eos_id)] if eos_id in ids else ids
+
+
 def filter_logits(
     logp: Tensor,
     temperature: float = 1.0,
