@@ -50,8 +50,8 @@ the one chosen in model_args), the new tokens cut at the first EOS and then befo
 Other gen_kwargs (temperature, do_sample) are ignored: choose the decoding with ``sampler``/``sampler_*``.
 
 loglikelihood_rolling(text): the family's ``nll_bound`` over the text's tokens (summed; exact for AR, which
-scores the first token after its start token, EOS; the mean of mc_num draws of the bound otherwise). Texts
-longer than the backbone's max_seq_len raise (no windowing yet).
+scores the first token after its start token, EOS; the mean of mc_num draws of the bound otherwise). A text
+longer than the backbone's max_seq_len is cut into consecutive windows whose values are summed.
 """
 
 from __future__ import annotations
