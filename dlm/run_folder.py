@@ -57,6 +57,7 @@ class RunFolder:
 
 
 _claimed: dict[str, Path] = {}  # parent -> the folder this process claimed under it for the run in progress
+_created_parents: set[str] = set()  # folders above a claimed one that the claim created
 
 
 def claim_run_dir(parent: str | Path) -> Path:
@@ -66,6 +67,8 @@ def claim_run_dir(parent: str | Path) -> Path:
     key = str(parent)
     if key in _claimed:
         return _claimed[key]
+    missing = [p for p in (Path(parent), *Path(parent).parents) if not p.exists()]
+    _created_parents.update(str(p.resolve()) for p in missing)  # released with the folder when left empty
     Path(parent).mkdir(parents=True, exist_ok=True)
     stem = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     for k in range(10_000):
@@ -99,6 +102,13 @@ def release_run_dir(run_dir: str | Path) -> bool:
     if any(p.name not in (HYDRA_DIR, "train.log") for p in run_dir.iterdir()):
         return False
     shutil.rmtree(run_dir, ignore_errors=True)
+    for parent in run_dir.parents:  # the name and output folders the claim created, when nothing else is in them
+        if str(parent) not in _created_parents:
+            break
+        try:
+            parent.rmdir()
+        except OSError:  # not empty (another run), or gone
+            break
     return True
 
 

@@ -62,5 +62,4 @@ def test_a_dry_run_or_a_refused_config_leaves_no_folder(workdir, train_cli):
     assert code == 0 and "outputs:" in out
     code, _, err = train_cli(*TINY, "name=refused", "data.seq_len=300")  # > the model's 256
     assert code == 2 and "max_seq_len" in err
-    assert not (workdir / "runs" / "plan").exists() or not any((workdir / "runs" / "plan").iterdir())
-    assert not any((workdir / "runs" / "refused").iterdir())
+    assert not (workdir / "runs").exists()  # nor the name and output folders the claims created
