@@ -33,6 +33,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from dlm.log_interval import logs_this_step
 from dlm.optim import freeze_roles, merge_lr_multipliers, param_groups
 from dlm.sampling import Generation, Sampler
 
@@ -193,11 +194,12 @@ class DiffusionLM(L.LightningModule, ABC):
         if not torch.isfinite(total):
             self._stop_on_nonfinite(total, batch_idx)
             return None  # skips the optimizer step: the weights stay as they were before this batch
-        batch_size = batch["input_ids"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        for key, value in {**out, **aux_stats}.items():
-            if key != "loss":
-                self.log(f"train/{key}", value, batch_size=batch_size)
+        if logs_this_step(self._trainer):  # only the steps a logger writes: self.log costs time (dlm/log_interval.py)
+            batch_size = batch["input_ids"].shape[0]
+            self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+            for key, value in {**out, **aux_stats}.items():
+                if key != "loss":
+                    self.log(f"train/{key}", value, batch_size=batch_size)
         return total
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
