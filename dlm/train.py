@@ -198,6 +198,7 @@ def train(cfg: DictConfig) -> Path:
     from dlm.deepspeed_utils import zero3_strategy
     from dlm.methods.base import NonFiniteLossError
     from dlm.plan import build_plan
+    from dlm.threads import apply_threads
 
     started = time.perf_counter()
     run_dir = Path(cfg.paths.run_dir)
@@ -214,6 +215,7 @@ def train(cfg: DictConfig) -> Path:
         release_run_dir(run_dir)  # a plan leaves no empty run folder behind
         return run_dir
 
+    apply_threads(cfg)  # torch intra-op threads: config key > OMP_NUM_THREADS > the free cores (dlm/threads.py)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
     try:
         datamodule.setup("fit")
