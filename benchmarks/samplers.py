@@ -110,15 +110,17 @@ FAMILIES = ("mdlm", "diffusionbert", "bd3lm", "sundae", "ar")
 
 
 def family_naive(module, length: int):
-    """The family's naive sampler: one full forward per position to fill. Mask families: one token per step in
-    confidence order, greedy (bd3lm: per block); SUNDAE: one step per free position, no early stop; AR: the default
+    """The family's naive sampler: one full forward per position to fill, at the default's temperature / top-k /
+    top-p (so that both end alike where decoding stops at EOS: bd3lm, AR). Mask families: one token per step in
+    confidence order (bd3lm: per block); SUNDAE: one step per free position, no early stop; AR: the default
     decoding without its KV cache (the same tokens for the same generator, so the same calls)."""
     default = module.sampler
     if isinstance(default, ARSampler):
         return ARSampler(temperature=default.temperature, top_k=default.top_k, top_p=default.top_p, use_cache=False)
     if isinstance(default, SundaeSampler):
         return SundaeSampler(steps=length, temperature=default.temperature, stop_when_unchanged=False)
-    return ConfidenceSampler(steps=getattr(module, "block_size", None) or length, temperature=0.0)
+    return ConfidenceSampler(steps=getattr(module, "block_size", None) or length, temperature=default.temperature,
+                             top_k=default.top_k, top_p=default.top_p)
 
 
 @torch.no_grad()
