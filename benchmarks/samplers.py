@@ -45,6 +45,7 @@ from dlm.compile import MODES, compile_backbone  # noqa: E402
 from dlm.run import load_run  # noqa: E402
 from dlm.sampling import (  # noqa: E402
     AncestralSampler,
+    ARSampler,
     ConfidenceSampler,
     EntropyBoundedSampler,
     EntropySampler,
@@ -52,16 +53,17 @@ from dlm.sampling import (  # noqa: E402
     MarginSampler,
     RandomOrderSampler,
     ReMDMSampler,
+    SundaeSampler,
     ThresholdSampler,
 )
 from dlm.sampling.base import cut_at_eos  # noqa: E402
 
 
-def train_tiny(out: Path, steps: int) -> Path:
-    """A tiny MDLM on the embedded default data (balanced brackets), trained by the training CLI into `out`."""
+def train_tiny(out: Path, steps: int, method: str = "mdlm") -> Path:
+    """A tiny model of `method` on the embedded default data (balanced brackets), trained by the CLI into `out`."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "DLM_OUTPUT_ROOT": str(out / "runs"),
            "DLM_CACHE_DIR": str(out / "cache")}
-    args = [sys.executable, "-m", "dlm.train", f"trainer.max_steps={steps}",
+    args = [sys.executable, "-m", "dlm.train", f"method={method}", f"trainer.max_steps={steps}",
             f"trainer.val_check_interval={max(1, min(steps, 100))}", "trainer.limit_val_batches=2",
             "trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false", "logger=none",
             "samples.num_unconditional=0", "samples.num_prompted=0", "samples.num_infill=0"]
@@ -102,6 +104,23 @@ def samplers(length: int) -> dict[str, object]:
                                                              prefix_cache=True),
         "remdm cap 0.02, L steps": ReMDMSampler(steps=length, eta_cap=0.02, temperature=0.0),
     }
+
+
+FAMILIES = ("mdlm", "diffusionbert", "bd3lm", "sundae", "ar")
+
+
+def family_naive(module, length: int):
+    """The family's naive sampler: one full forward per position to fill, at the default's temperature / top-k /
+    top-p (so that both end alike where decoding stops at EOS: bd3lm, AR). Mask families: one token per step in
+    confidence order (bd3lm: per block); SUNDAE: one step per free position, no early stop; AR: the default
+    decoding without its KV cache (the same tokens for the same generator, so the same calls)."""
+    default = module.sampler
+    if isinstance(default, ARSampler):
+        return ARSampler(temperature=default.temperature, top_k=default.top_k, top_p=default.top_p, use_cache=False)
+    if isinstance(default, SundaeSampler):
+        return SundaeSampler(steps=length, temperature=default.temperature, stop_when_unchanged=False)
+    return ConfidenceSampler(steps=getattr(module, "block_size", None) or length, temperature=default.temperature,
+                             top_k=default.top_k, top_p=default.top_p)
 
 
 @torch.no_grad()
@@ -145,6 +164,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable timings on shared cores)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="smoke mode: 10 training steps, 16 prompts, 1 repeat")
+    parser.add_argument("--families", nargs="*", default=list(FAMILIES), metavar="METHOD",
+                        help="also train a tiny run of each method and time its default sampler (conf/sampler/<method>"
+                             ".yaml) against its naive one (none: skip); mdlm reuses the main run")
     parser.add_argument("--compile", choices=MODES, metavar="MODE",
                         help=f"also time every sampler on the backbone compiled with torch.compile ({', '.join(MODES)})")
     args = parser.parse_args(argv)
@@ -154,16 +176,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     with tempfile.TemporaryDirectory(prefix="dlm-bench-") as tmp:
         run_dir = Path(args.run) if args.run else train_tiny(Path(tmp), args.train_steps)
-        run = load_run(run_dir)
-        module, dm = run.module, run.datamodule
-        tokenizer, task = dm.tokenizer, dm.task
-        if task is None:
-            raise SystemExit("the benchmark needs a run on data with a checkable task (data=brackets or data=arithmetic)")
-        by_len = defaultdict(list)
-        for prompt in task.prompts(args.prompts, args.seed):
-            by_len[len(tokenizer.encode(prompt))].append(prompt)
-        groups = [(torch.tensor([tokenizer.encode(p) for p in ps], dtype=torch.long), dm.seq_len - n, ps)
-                  for n, ps in sorted(by_len.items())]
+        module, dm, tokenizer, task, groups = load(run_dir, args)
         length = max(g[1] for g in groups)
         table = samplers(length)
         table["threshold tau=0.9 + eos fill"] = ThresholdSampler(threshold=0.9, temperature=0.0,
@@ -182,6 +195,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for name, sampler in table.items():
                 compiled.append({"sampler": name, "compile": args.compile,
                                  **measure(module, tokenizer, task, groups, sampler, args.seed, args.repeats)})
+        families = []
+        for method in args.families:  # every family's default sampler against its own naive one, same prompts
+            f_dir = run_dir if method == "mdlm" and not args.compile else train_tiny(Path(tmp) / method,
+                                                                                    args.train_steps, method)
+            f_module, _, f_tok, f_task, f_groups = load(f_dir, args)
+            naive_f = family_naive(f_module, length)
+            measure(f_module, f_tok, f_task, f_groups[:1], naive_f, args.seed, 1)  # warm-up
+            base = {"sampler": f"{method} naive", **measure(f_module, f_tok, f_task, f_groups, naive_f, args.seed,
+                                                             args.repeats)}
+            default = {"sampler": f"{method} default: {type(f_module.sampler).__name__}",
+                       **measure(f_module, f_tok, f_task, f_groups, f_module.sampler, args.seed, args.repeats)}
+            families.append((base, default, f_module.sampler))
     naive = rows[0]
     print(f"run: {run_dir} | {args.prompts} prompts in {len(groups)} batches, completion length {length} "
           f"(seq_len {dm.seq_len}) | torch threads {args.threads} | best of {args.repeats}")
@@ -199,7 +224,32 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for r, eager in zip(compiled, rows):
             r["compiled_ratio"] = r["tokens_per_s"] / eager["tokens_per_s"]
             print(row_line(r, naive) + f" {r['compiled_ratio']:8.2f}")
-    return rows + compiled
+    family_rows = []
+    if families:
+        print("\nfamily defaults (conf/sampler/<method>.yaml; a tiny run per method trained as above): speed x and "
+              "calls x against the family's naive sampler, one full forward per position to fill")
+        print(head)
+        print("-" * len(head))
+        for base, default, sampler in families:
+            print(row_line(base, base))
+            print(row_line(default, base) + f"   {sampler!r}")
+            family_rows += [base, default]
+    return rows + compiled + family_rows
+
+
+def load(run_dir: Path, args):
+    """The run's module and the benchmark prompts grouped by length (one batch per prompt length)."""
+    run = load_run(run_dir)
+    module, dm = run.module, run.datamodule
+    tokenizer, task = dm.tokenizer, dm.task
+    if task is None:
+        raise SystemExit("the benchmark needs a run on data with a checkable task (data=brackets or data=arithmetic)")
+    by_len = defaultdict(list)
+    for prompt in task.prompts(args.prompts, args.seed):
+        by_len[len(tokenizer.encode(prompt))].append(prompt)
+    groups = [(torch.tensor([tokenizer.encode(p) for p in ps], dtype=torch.long), dm.seq_len - n, ps)
+              for n, ps in sorted(by_len.items())]
+    return module, dm, tokenizer, task, groups
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ class TrainSchema:
     ckpt_path: str | None = None
     compile: str | None = None  # a torch.compile mode (dlm.compile.MODES) or None: eager
     static_kv_cache: bool | None = None  # the sampling KV cache: None = static exactly when compiled
+    threads: int | None = None  # torch intra-op threads: None = OMP_NUM_THREADS, else dlm.threads' rule
     optimized_metric: str | None = None
     samples: SamplesSchema = field(default_factory=SamplesSchema)
     method: Any = None

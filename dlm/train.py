@@ -143,6 +143,7 @@ def train(cfg: DictConfig) -> Path:
     from dlm.methods.base import NonFiniteLossError
     from dlm.parallel.deepspeed import zero3_strategy
     from dlm.plan import build_plan
+    from dlm.threads import apply_threads
 
     started = time.perf_counter()
     quiet_lightning_logging()
@@ -160,6 +161,7 @@ def train(cfg: DictConfig) -> Path:
         release_run_dir(run_dir)  # a plan leaves no empty run folder behind
         return run_dir
 
+    apply_threads(cfg)  # torch intra-op threads: config key > OMP_NUM_THREADS > the free cores (dlm/threads.py)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
     vetted = safe_load.check(ckpt_path)  # a hostile or corrupt checkpoint is refused before anything is built
     try:

@@ -20,7 +20,8 @@ def test_quick_benchmark_prints_ratios_against_the_naive_sampler():
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     header = next(i for i, ln in enumerate(lines) if ln.startswith("sampler"))
-    rows = [ln for ln in lines[header + 2 :] if ln.strip()]
+    end = next(i for i in range(header, len(lines)) if not lines[i].strip())
+    rows = lines[header + 2 : end]
     assert rows[0].startswith("naive") and " 1.00 " in rows[0] and "1.000" in rows[0]
     names = " ".join(rows)
     for name in ("ancestral", "margin", "entropy", "random_order", "entropy_bounded", "threshold", "remdm"):
@@ -28,3 +29,14 @@ def test_quick_benchmark_prints_ratios_against_the_naive_sampler():
     for row in rows:
         calls_per_token = float(row.split()[-4])
         assert 0 < calls_per_token <= 1.5  # no sampler needs more than ~1 call per token here
+    # every family's default sampler: no more calls than its naive sampler (one forward per position to fill)
+    family = lines.index(next(ln for ln in lines if ln.startswith("family defaults")))
+    defaults = [ln for ln in lines[family + 3 :] if " default: " in ln]
+    assert len(defaults) == 5
+    for row in defaults:
+        if row.startswith("bd3lm"):  # its number of blocks depends on when the rows emit EOS (differs by sampler)
+            continue
+        words = row.split()
+        first = next(i for i, w in enumerate(words) if w.replace(".", "", 1).isdigit())  # tok/s, after the name
+        calls_ratio = float(words[first + 3])
+        assert calls_ratio <= 1.0, row

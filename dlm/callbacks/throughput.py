@@ -14,6 +14,7 @@ import lightning as L
 import torch
 
 from dlm.flops import FlopCounter, device_peak_tflops
+from dlm.log_interval import logs_this_step
 
 
 class ThroughputLogger(L.Callback):
@@ -65,7 +66,8 @@ class ThroughputLogger(L.Callback):
                 peak = torch.cuda.max_memory_allocated(pl_module.device) / 1024**3
                 pl_module.log("train/peak_mem_gib", peak, rank_zero_only=True)
             self._window_tokens, self._window_start = 0, time.perf_counter()
-        pl_module.log("train/tokens_seen", float(self.tokens_seen), rank_zero_only=True)
+        if logs_this_step(trainer):  # the other steps' value reaches no logger (dlm/log_interval.py)
+            pl_module.log("train/tokens_seen", float(self.tokens_seen), rank_zero_only=True)
 
     def state_dict(self) -> dict:
         return {"tokens_seen": self.tokens_seen}

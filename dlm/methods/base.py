@@ -32,8 +32,10 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from dlm.log_interval import logs_this_step
 from dlm.models.capabilities import BackboneCapabilities, capabilities_of
 from dlm.optim import freeze_roles, merge_lr_multipliers, param_groups, reapply_hparams
+from dlm.parallel import must_return_a_loss
 from dlm.sampling import Generation, Sampler
 
 
@@ -197,14 +199,13 @@ class DiffusionLM(L.LightningModule, ABC):
             # no backward: dlm.callbacks.nonfinite.NonFiniteGuard drops the step's update and stops or skips on.
             # DeepSpeed cannot skip a backward (Lightning refuses None there): the guard raises before its step.
             self.nonfinite_loss = float(total.detach())
-            from lightning.pytorch.strategies import DeepSpeedStrategy
-
-            return total if isinstance(self.trainer.strategy, DeepSpeedStrategy) else None
-        batch_size = batch["input_ids"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        for key, value in {**out, **aux_stats}.items():
-            if key != "loss":
-                self.log(f"train/{key}", value, batch_size=batch_size)
+            return total if must_return_a_loss(self.trainer.strategy) else None
+        if logs_this_step(self._trainer):  # only the steps a logger writes: self.log costs time (dlm/log_interval.py)
+            batch_size = batch["input_ids"].shape[0]
+            self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+            for key, value in {**out, **aux_stats}.items():
+                if key != "loss":
+                    self.log(f"train/{key}", value, batch_size=batch_size)
         return total
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:

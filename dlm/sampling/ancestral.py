@@ -20,10 +20,13 @@ class AncestralSampler(Sampler):
     distribution. The last step reveals everything that is left, so no mask survives even for schedules
     with ``alpha(0) < 1``. Revealed and given tokens never change.
 
-    Because the denoiser is time-agnostic, a step that reveals nothing leaves ``x`` unchanged and the next
-    step can reuse the previous log-probabilities (``cache_unchanged=True``, the default). This changes
-    only the number of denoiser calls, never the result for a fixed generator. The run stops early once
-    no mask is left.
+    Which positions a step reveals depends on the schedule only, so it is drawn before the denoiser call: a
+    step that reveals nothing in any row makes no call (``cache_unchanged=True``, the default; the denoiser is
+    time-agnostic, so the state a later step sees is the same). ``cache_unchanged=False`` calls at every step
+    (the reference: the same result for a fixed generator). With ``cap_steps=True`` (the default) the steps
+    are capped at the most masked positions of a row: more steps than positions to fill only add calls;
+    ``cap_steps=False`` keeps ``steps`` as given (a paper's fixed step count). The run stops early once no
+    mask is left.
     """
 
     def __init__(
@@ -34,12 +37,14 @@ class AncestralSampler(Sampler):
         top_p: float | None = None,
         record_trajectory: bool = False,
         cache_unchanged: bool = True,
+        cap_steps: bool = True,
     ):
         super().__init__(steps, temperature, top_k, top_p, record_trajectory)
         self.cache_unchanged = bool(cache_unchanged)
+        self.cap_steps = bool(cap_steps)
 
     def _extra_repr(self) -> str:
-        return f"cache_unchanged={self.cache_unchanged}"
+        return f"cache_unchanged={self.cache_unchanged}, cap_steps={self.cap_steps}"
 
     @torch.no_grad()
     def sample(
@@ -57,23 +62,26 @@ class AncestralSampler(Sampler):
         if not (x == mask_id).any():
             return Generation(x, 0, trajectory)
 
-        times = torch.linspace(1.0, 0.0, self.steps + 1, dtype=torch.float64)
-        logp: Tensor | None = None
-        changed = True  # whether x changed since logp was computed
-        for i in range(self.steps):
+        steps = self.steps
+        if self.cap_steps:
+            steps = min(steps, int((x == mask_id).sum(1).max()))
+        times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+        for i in range(steps):
             masked = x == mask_id
             if not masked.any():
                 break
-            if logp is None or changed or not self.cache_unchanged:
-                logp = self._call(denoiser, x)
-                calls += 1
-            if i == self.steps - 1:
+            if i == steps - 1:
                 reveal = masked
             else:
                 p = float(schedule.unmask_prob(times[i], times[i + 1]))
                 u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float64)
                 reveal = masked & (u < p)
             changed = bool(reveal.any())
+            # the reveal is drawn first (the denoiser takes no generator: the draws keep their order), so a step
+            # that reveals nothing needs no call; the reference calls anyway and discards the result
+            if changed or not self.cache_unchanged:
+                logp = self._call(denoiser, x)
+                calls += 1
             if changed:
                 lp = self._exclude_mask(logp[reveal], mask_id)
                 x[reveal] = self._draw(lp, generator).to(x.dtype)

@@ -10,6 +10,12 @@ which is sampled exactly by drawing ``x0 ~ p_θ`` (temperature / top-k / top-p f
 probability ``(ᾱ_s^{x0} − ᾱ_t^{x0}) / (1 − ᾱ_t^{x0})``. Revealed and given tokens never change; the last step
 (``s = 0``) reveals everything, so no mask token survives. ``steps < T`` skips along an even grid of the T steps
 (the jump posterior above is exact for any ``s < t``).
+
+Network calls: the reveal coin ``u < p(x0)`` is flipped before the call, against the largest reveal probability
+over the vocabulary; a position whose coin fails that bound is revealed by no ``x0``, so a step where every
+position fails it leaves ``x`` unchanged and makes no call (exact: ``x0`` is drawn, and its own probability checked,
+for the other positions). With ``cap_steps`` (the default) the steps are also capped at the most masked positions
+of a row.
 """
 
 from __future__ import annotations
@@ -52,8 +58,13 @@ class D3PMSampler(Sampler):
         top_k: int | None = None,
         top_p: float | None = None,
         record_trajectory: bool = False,
+        cap_steps: bool = True,
     ):
         super().__init__(steps, temperature, top_k, top_p, record_trajectory)
+        self.cap_steps = bool(cap_steps)
+
+    def _extra_repr(self) -> str:
+        return f"cap_steps={self.cap_steps}"
 
     @torch.no_grad()
     def sample(
@@ -69,27 +80,41 @@ class D3PMSampler(Sampler):
         x = self._check_input(x, mask_id)
         trajectory = [x.clone()] if self.record_trajectory else None
         calls = 0
-        grid = time_grid(num_timesteps, self.steps)
+        steps = self.steps
+        if self.cap_steps:  # more steps than positions to fill only add calls
+            steps = min(steps, max(1, int((x == mask_id).sum(1).max())))
+        grid = time_grid(num_timesteps, steps)
         for t, s in zip(grid[:-1], grid[1:]):
             masked = x == mask_id
             if not masked.any():
                 break
+            if s == 0:
+                p_tok, u, maybe = None, None, torch.ones(int(masked.sum()), dtype=torch.bool, device=x.device)
+            else:
+                a_t = alpha_bar(t).to(x.device, torch.float64)
+                a_s = alpha_bar(s).to(x.device, torch.float64)
+                p_tok = ((a_s - a_t) / (1 - a_t).clamp(min=1e-12)).clamp(0.0, 1.0)  # [V]
+                bound = p_tok.clone()
+                if 0 <= mask_id < bound.numel():
+                    bound[mask_id] = 0.0  # x0 is never the mask
+                u = torch.rand(int(masked.sum()), generator=generator, device=x.device, dtype=torch.float64)
+                maybe = u < bound.max()  # positions that some x0 would reveal
+                if not maybe.any():  # nothing can change: no call (a time-conditioned model is called at the next t)
+                    if trajectory is not None:
+                        trajectory.append(x.clone())
+                    continue
             logp = denoiser(x, t)
             if logp.dim() != 3 or logp.shape[:2] != x.shape:
                 raise ValueError(f"denoiser must return [B, L, V] log-probabilities, got {tuple(logp.shape)}")
             calls += 1
-            lp = self._exclude_mask(logp[masked], mask_id)
-            x0 = self._draw(lp, generator)
-            if s == 0:
-                reveal = torch.ones_like(x0, dtype=torch.bool)
-            else:
-                a_t = alpha_bar(t).to(x.device, torch.float64)[x0]
-                a_s = alpha_bar(s).to(x.device, torch.float64)[x0]
-                p = ((a_s - a_t) / (1 - a_t).clamp(min=1e-12)).clamp(0.0, 1.0)
-                u = torch.rand(p.shape, generator=generator, device=x.device, dtype=torch.float64)
-                reveal = u < p
+            at = masked.clone()
+            at[masked] = maybe  # x0 is drawn only where it may be revealed
+            x0 = self._draw(self._exclude_mask(logp[at], mask_id), generator)
+            reveal = maybe.clone()
+            if p_tok is not None:
+                reveal[maybe] = u[maybe] < p_tok[x0]
             values = x[masked]
-            values[reveal] = x0[reveal].to(x.dtype)
+            values[reveal] = x0[reveal[maybe]].to(x.dtype)
             x[masked] = values
             if trajectory is not None:
                 trajectory.append(x.clone())

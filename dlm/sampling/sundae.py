@@ -7,7 +7,10 @@ the free positions start as uniform draws from ``noise_ids`` and are refined.
 * :class:`SundaeSampler` — the paper's stochastic sampler: every step draws a proposal for every free position
   from the denoiser at temperature τ (optionally top-k / top-p filtered) and writes it into a random proportion ρ
   of the free positions (each free position independently with probability ρ). It stops as soon as a step changes
-  nothing (``stop_when_unchanged``) or after ``steps`` steps.
+  nothing (``stop_when_unchanged``) or after ``steps`` steps. Which positions a step updates does not depend on
+  the model, so it is drawn first and proposals are drawn for those positions only; a step that updates no
+  position changes nothing and makes no call. With ``cap_steps`` (the default) the steps are capped at the most
+  free positions of a row.
 * :class:`ArgmaxUnrolledSampler` — the deterministic variant (given the initial noise): the first step writes the
   argmax prediction at every free position; step k of S then re-predicts only the ``n_k = round(N (S - k) / S)``
   least confident free positions of each row (N = free positions of the row, confidence = the model probability
@@ -51,6 +54,7 @@ class SundaeSampler(Sampler):
         temperature: τ of the proposal distribution (paper: low temperatures, e.g. 0.8); 0 = argmax proposals.
         update_proportion: ρ in (0, 1], the probability that a free position takes its proposal in a step.
         stop_when_unchanged: stop as soon as a step changes no token (in any row).
+        cap_steps: take at most as many steps as the most free positions of a row (False: up to ``steps``).
     """
 
     def __init__(
@@ -62,15 +66,18 @@ class SundaeSampler(Sampler):
         update_proportion: float = 0.3,
         stop_when_unchanged: bool = True,
         record_trajectory: bool = False,
+        cap_steps: bool = True,
     ):
         super().__init__(steps, temperature, top_k, top_p, record_trajectory)
         if not 0 < update_proportion <= 1:
             raise ValueError(f"update_proportion must be in (0, 1], got {update_proportion!r}")
         self.update_proportion = float(update_proportion)
         self.stop_when_unchanged = bool(stop_when_unchanged)
+        self.cap_steps = bool(cap_steps)
 
     def _extra_repr(self) -> str:
-        return f"update_proportion={self.update_proportion:g}, stop_when_unchanged={self.stop_when_unchanged}"
+        return (f"update_proportion={self.update_proportion:g}, stop_when_unchanged={self.stop_when_unchanged}, "
+                f"cap_steps={self.cap_steps}")
 
     @torch.no_grad()
     def sample(
@@ -88,15 +95,16 @@ class SundaeSampler(Sampler):
         calls = 0
         if not free.any():
             return Generation(x, 0, trajectory)
-        for _ in range(self.steps):
-            logp = self._call(denoiser, x)
-            calls += 1
-            lp = self._exclude_mask(logp[free], -1 if mask_id is None else mask_id)
-            proposal = x.clone()
-            proposal[free] = self._draw(lp, generator).to(x.dtype)
+        steps = min(self.steps, int(free.sum(1).max())) if self.cap_steps else self.steps
+        for _ in range(steps):
             u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float64)
             update = free & (u < self.update_proportion)
-            new = torch.where(update, proposal, x)
+            new = x.clone()
+            if update.any():  # else the step changes nothing: no call
+                logp = self._call(denoiser, x)
+                calls += 1
+                lp = self._exclude_mask(logp[update], -1 if mask_id is None else mask_id)
+                new[update] = self._draw(lp, generator).to(x.dtype)
             changed = bool((new != x).any())
             x = new
             if trajectory is not None:

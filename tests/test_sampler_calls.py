@@ -1,0 +1,178 @@
+"""Network calls of the samplers: no call on a step that commits nothing, steps capped at the positions to fill.
+
+A counting denoiser records the state of every call; a call is wasted when the step it was made for leaves the
+state unchanged. Every family's default sampler (conf/sampler/<method>.yaml) is checked on a module built from
+the training config: calls <= positions to fill, prompts kept, no mask left.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from dlm.sampling import AncestralSampler, D3PMSampler, SundaeSampler
+from dlm.schedules import CosineSchedule, LinearSchedule
+from tests.conftest import compose
+
+V, MASK = 8, 8  # vocabulary 0..7 plus the mask id 8 (outside the vocabulary the denoiser scores)
+
+
+class Recording:
+    """A random denoiser that records the input of every call (time-agnostic or time-conditioned)."""
+
+    def __init__(self, seed: int = 0):
+        self.g = torch.Generator().manual_seed(seed)
+        self.inputs: list[torch.Tensor] = []
+
+    def __call__(self, x, t=None):
+        self.inputs.append(x.clone())
+        return torch.randn(*x.shape, V + 1, generator=self.g).log_softmax(-1)
+
+
+class Shifting(Recording):
+    """Proposes token (x + 1) mod V at every position: never the current token."""
+
+    def __call__(self, x, t=None):
+        self.inputs.append(x.clone())
+        return torch.nn.functional.one_hot((x + 1) % V, V + 1).double().clamp(min=1e-30).log()
+
+
+def masked_rows(B: int = 6, T: int = 10, given: int = 3) -> torch.Tensor:
+    x = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(1))
+    x[:, given:] = MASK
+    return x
+
+
+def called_only_where_committed(trajectory: list[torch.Tensor], inputs: list[torch.Tensor]) -> bool:
+    """The calls were made exactly on the states of the steps that changed the state, in order."""
+    committing = [a for a, b in zip(trajectory[:-1], trajectory[1:]) if not torch.equal(a, b)]
+    return len(committing) == len(inputs) and all(torch.equal(a, c) for a, c in zip(committing, inputs))
+
+
+@pytest.mark.parametrize("schedule", [LinearSchedule(), CosineSchedule()], ids=["linear", "cosine"])
+def test_ancestral_makes_no_call_on_a_step_that_reveals_nothing(schedule):
+    x = masked_rows(B=3, T=10)
+    den = Recording()
+    sampler = AncestralSampler(steps=60, record_trajectory=True, cap_steps=False)  # far more steps than masks
+    gen = sampler.sample(den, x, mask_id=MASK, schedule=schedule, generator=torch.Generator().manual_seed(0))
+    assert gen.num_network_calls == len(den.inputs)
+    assert len(gen.trajectory) - 1 > len(den.inputs)  # there were steps that revealed nothing
+    assert called_only_where_committed(gen.trajectory, den.inputs)
+
+
+def test_ancestral_single_row_never_calls_more_than_its_masks_even_uncapped():
+    x = masked_rows(B=1, T=12, given=2)
+    gen = AncestralSampler(steps=100, cap_steps=False).sample(Recording(), x, mask_id=MASK, schedule=LinearSchedule(),
+                                                              generator=torch.Generator().manual_seed(0))
+    assert gen.num_network_calls <= 10
+
+
+def test_ancestral_caps_steps_at_the_positions_to_fill():
+    x = masked_rows(B=16, T=10, given=4)  # 6 masks per row; a batch has a reveal at nearly every step
+    capped = AncestralSampler(steps=32).sample(Recording(), x, mask_id=MASK, schedule=LinearSchedule(),
+                                               generator=torch.Generator().manual_seed(0))
+    paper = AncestralSampler(steps=32, cap_steps=False).sample(Recording(), x, mask_id=MASK, schedule=LinearSchedule(),
+                                                               generator=torch.Generator().manual_seed(0))
+    assert capped.num_network_calls <= 6 < paper.num_network_calls <= 32
+    assert not (capped.tokens == MASK).any() and torch.equal(capped.tokens[:, :4], x[:, :4])
+
+
+def uniform_alpha_bar(T: int):
+    return lambda t: torch.full((V + 1,), 1.0 - t / T, dtype=torch.float64)
+
+
+def spindle_like_alpha_bar(T: int):
+    """Token-dependent keep probabilities: token j is masked faster the larger j."""
+    powers = torch.linspace(0.5, 2.0, V + 1, dtype=torch.float64)
+    return lambda t: (1.0 - t / T) ** powers
+
+
+@pytest.mark.parametrize("alpha_bar", [uniform_alpha_bar, spindle_like_alpha_bar], ids=["per-time", "per-token"])
+def test_d3pm_makes_no_call_on_a_step_that_reveals_nothing(alpha_bar):
+    x = masked_rows(B=2, T=8)
+    den = Recording()
+    sampler = D3PMSampler(steps=128, record_trajectory=True, cap_steps=False)
+    gen = sampler.sample(den, x, mask_id=MASK, alpha_bar=alpha_bar(512), num_timesteps=512,
+                         generator=torch.Generator().manual_seed(0))
+    assert gen.num_network_calls == len(den.inputs) < 128
+    assert not (gen.tokens == MASK).any() and torch.equal(gen.tokens[:, :3], x[:, :3])
+    if alpha_bar is uniform_alpha_bar:  # the bound is the reveal probability itself: every call reveals
+        assert called_only_where_committed(gen.trajectory, den.inputs)
+
+
+def test_d3pm_calls_a_time_conditioned_denoiser_at_the_time_of_the_step():
+    times = []
+    den = Recording()
+
+    def timed(x, t):
+        times.append(t)
+        return den(x, t)
+
+    x = masked_rows(B=1, T=8)
+    sampler = D3PMSampler(steps=64, cap_steps=False)
+    sampler.sample(timed, x, mask_id=MASK, alpha_bar=uniform_alpha_bar(64), num_timesteps=64,
+                   generator=torch.Generator().manual_seed(0))
+    assert len(times) <= 5 and times == sorted(times, reverse=True) and len(set(times)) == len(times)
+
+
+def test_d3pm_caps_steps_at_the_positions_to_fill():
+    x = masked_rows(B=16, T=10, given=4)
+    gen = D3PMSampler(steps=128).sample(Recording(), x, mask_id=MASK, alpha_bar=uniform_alpha_bar(512),
+                                        num_timesteps=512, generator=torch.Generator().manual_seed(0))
+    assert gen.num_network_calls <= 6
+    assert not (gen.tokens == MASK).any() and torch.equal(gen.tokens[:, :4], x[:, :4])
+
+
+def test_sundae_makes_no_call_on_a_step_that_updates_nothing_and_caps_its_steps():
+    x = masked_rows(B=1, T=10, given=6)
+    free = x == MASK
+    den = Shifting()  # every update changes the state, so a call on a step that changes nothing would show
+    gen = SundaeSampler(steps=50, update_proportion=0.1, stop_when_unchanged=False, record_trajectory=True).sample(
+        den, x, free=free, noise_ids=torch.arange(V), generator=torch.Generator().manual_seed(0))
+    assert gen.num_network_calls == len(den.inputs) <= 4  # 4 free positions
+    assert len(gen.trajectory) - 1 == 4  # 4 steps taken, some without a call
+    assert called_only_where_committed(gen.trajectory, den.inputs)
+    uncapped = SundaeSampler(steps=50, stop_when_unchanged=False, cap_steps=False).sample(
+        Recording(), x, free=free, noise_ids=torch.arange(V), generator=torch.Generator().manual_seed(0))
+    assert 4 < uncapped.num_network_calls <= 50
+
+
+# ---------------------------------------------------------------------------- every family's default sampler
+FAMILIES = ["mdlm", "diffusionbert", "bd3lm", "sundae", "ar"]
+
+
+@pytest.fixture(scope="module")
+def family_modules():
+    from dlm.train import build_datamodule, build_module
+
+    out = {}
+    for method in FAMILIES:
+        cfg = compose([f"method={method}", "logger=none", "data.source.num_train=64", "data.source.num_val=16"])
+        dm = build_datamodule(cfg)
+        out[method] = (build_module(cfg, dm), dm, instantiate(cfg.sampler))
+    return out
+
+
+@pytest.mark.parametrize("method", FAMILIES)
+def test_default_sampler_calls_at_most_the_positions_to_fill(family_modules, method):
+    torch.manual_seed(0)
+    module, dm, default = family_modules[method]
+    assert type(module.sampler) is type(default)  # the module samples with conf/sampler/<method>.yaml
+    forwards = []
+    handle = module.backbone.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        B, P = 12, 3
+        length = dm.seq_len - P
+        prompt = torch.randint(0, module.vocab_size, (B, P), generator=torch.Generator().manual_seed(2))
+        prompt[prompt == module.mask_id] = 0
+        gen = module.generate(prompt, length, generator=torch.Generator().manual_seed(0))
+    finally:
+        handle.remove()
+    assert gen.num_network_calls == len(forwards)  # the count reported is the backbone forwards made
+    allowed = length
+    if method == "bd3lm":  # + the KV-cache refresh of the finished blocks (one per block but the last)
+        allowed += -(-length // module.block_size) - 1 + int(module.shift)
+    assert 0 < gen.num_network_calls <= allowed
+    assert torch.equal(gen.tokens[:, :P].cpu(), prompt)
+    assert gen.tokens.shape == (B, P + length) and not (gen.tokens == module.mask_id).any()
