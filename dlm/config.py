@@ -191,7 +191,7 @@ def _value_problems(cfg: DictConfig) -> list[str]:
     problems = [f"{k} is required: give {MISSING_HINTS.get(k, f'{k}=<value>')}" for k in missing]
     problems += c.collect(
         c.integer(cfg, "seed", 0, 2**32 - 1),  # Lightning replaces an out-of-range seed by 0 with a warning
-        c.number(cfg, "optimizer.lr", 0, low_open=True),
+        c.number(cfg, "optimizer.lr", 0),  # 0 is a deliberate choice (tests/test_zero3_cpu.py trains at lr 0)
         c.number(cfg, "optimizer.weight_decay", 0),
         c.number(cfg, "optimizer.eps", 0, low_open=True),
         c.integer(cfg, "lr_scheduler.warmup_steps", 0),

@@ -393,3 +393,23 @@ def test_an_fsdp_sharded_folder_is_vetted_entry_by_entry(tmp_path, marker):
     with pytest.raises(CorruptCheckpointError, match="metadata"):
         safe_load.check(tmp_path / "meta")
     assert not marker.exists()
+
+
+class KeepsItsArguments(torch.optim.SGD):
+    """An optimizer that keeps its constructor arguments as given (DeepSpeed's CPU Adam keeps betas so)."""
+
+    def __init__(self, params, lr, betas=None, eps=None, weight_decay=0.0):
+        super().__init__(params, lr=lr, weight_decay=weight_decay)
+        self.given_betas = betas
+
+
+def test_the_optimizer_gets_plain_python_arguments(run_cfg):
+    """An OmegaConf list reaching an optimizer ends up pickled in its state: a checkpoint the allowlist refuses."""
+    from omegaconf import ListConfig
+
+    from dlm.build import build_datamodule, build_module
+
+    cfg = run_cfg(f"optimizer._target_={__name__}.KeepsItsArguments", "~lr_scheduler")
+    datamodule = build_datamodule(cfg)
+    optimizer = build_module(cfg, datamodule).configure_optimizers()
+    assert optimizer.given_betas == [0.9, 0.98] and not isinstance(optimizer.given_betas, ListConfig)

@@ -32,6 +32,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from dlm.config_values import to_plain
 from dlm.log_interval import logs_this_step
 from dlm.models.capabilities import BackboneCapabilities, capabilities_of
 from dlm.optim import freeze_roles, merge_lr_multipliers, param_groups, reapply_hparams
@@ -232,7 +233,9 @@ class DiffusionLM(L.LightningModule, ABC):
             self, lr=defaults.get("lr", 1e-3), weight_decay=defaults.get("weight_decay", 0.0),
             lr_multipliers=self.lr_multipliers,
         )
-        optimizer = self.optimizer_factory(groups)
+        # plain Python arguments: an OmegaConf list (betas) would be pickled into the checkpoint's optimizer state
+        factory = self.optimizer_factory
+        optimizer = factory.func(groups, *factory.args, **to_plain(factory.keywords))
         self.configured_hparams = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         if self.lr_scheduler_factory is None:
             return optimizer
