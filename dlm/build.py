@@ -9,6 +9,7 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from dlm.config import ConfigError, build, compose_train, group_options
@@ -49,7 +50,6 @@ def build_module(cfg: DictConfig, datamodule, backbone=None, defer_to_zero3: boo
             [f"data.seq_len={datamodule.seq_len} exceeds the model's maximum sequence length {max_len}: "
              f"lower data.seq_len or raise model.max_seq_len"]
         )
-    from hydra.utils import get_class
 
     family = get_class(cfg.method._target_)
     parts = {

@@ -30,6 +30,7 @@ from __future__ import annotations
 from torch import nn
 
 from dlm.config import ConfigError
+from dlm.models.kv_cache import is_static_cache
 
 # torch.compile's modes (see torch.compile); None means no compilation.
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -45,7 +46,6 @@ def check_mode(mode: str | None) -> None:
 def uses_kv_cache(kwargs: dict) -> bool:
     """Whether a backbone call reads or fills a growing KV cache (one whose shapes change from one call to the
     next); a static cache (:func:`dlm.models.kv_cache.is_static_cache`) has fixed shapes and does not count."""
-    from dlm.models.kv_cache import is_static_cache
 
     cache = kwargs.get("past_key_values")
     if cache is not None:

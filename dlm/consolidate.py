@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from dlm.config import folder_problem
 from dlm.errors import UserError, user_errors
 from dlm.parallel.export import consolidate_run
 
@@ -18,7 +19,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with user_errors():
         if args.out is not None:
-            from dlm.config import folder_problem
 
             problem = folder_problem("--out", args.out)
             if problem:

@@ -23,12 +23,12 @@ class Bar:
         self._drawn = 0.0
         if enabled and total:
             try:
-                from rich import get_console
+                from rich import get_console  # lazily: optional: Lightning's bar library
             except ImportError:  # Rich is Lightning's optional bar: without it, no bar
                 return
             console = get_console()
             if console.is_terminal:
-                from rich.progress import (
+                from rich.progress import (  # lazily: optional: Lightning's bar library
                     BarColumn,
                     MofNCompleteColumn,
                     Progress,

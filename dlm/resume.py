@@ -15,11 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from dlm.config import ConfigError, compose_train
 from dlm.config_values import to_plain
+from dlm.run import load_config, run_choices
 from dlm.run_folder import CHECKPOINTS, LAST_CKPT, RunFolder
+from dlm.safe_load import load_checkpoint
 
 # Data keys that say how the data is read, not what it is: they may change on resume.
 _DATA_RUNTIME_KEYS = ("cache_dir", "num_workers", "batch_size")
@@ -68,7 +71,6 @@ def fit_problems(composed: DictConfig, trained: DictConfig) -> list[str]:
 
 
 def _compose(overrides: list[str]) -> DictConfig:
-    from hydra.core.hydra_config import HydraConfig
 
     cfg = compose_train(overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)  # so that ${hydra:runtime.choices...} (the run name) resolves
@@ -90,7 +92,6 @@ def _candidates(ckpt_path: str, composed: DictConfig) -> list[Path]:
 def resolve_resume(given: list[str]) -> Resume | None:
     """The run a command line with ``ckpt_path=`` resumes (None without one). Raises a ConfigError naming each
     candidate and why it does not fit when none does."""
-    from dlm.run import load_config
 
     ckpt = next((o.split("=", 1)[1] for o in given if override_key(o) == "ckpt_path"), None)
     if ckpt in (None, "", "null"):
@@ -120,7 +121,6 @@ def check_checkpoint_fits(module, checkpoint: Path, run_dir: Path | None) -> int
     """Refuse, before anything is written, a checkpoint whose tensors do not fit ``module`` (the model this command
     builds): a ConfigError naming the first mismatched tensors and the config the checkpoint came from. Returns the
     checkpoint's global step (None for a DeepSpeed folder, which DeepSpeed itself checks)."""
-    from dlm.safe_load import load_checkpoint
 
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir():
@@ -136,7 +136,6 @@ def check_checkpoint_fits(module, checkpoint: Path, run_dir: Path | None) -> int
     if problems:
         origin = ""
         if run_dir is not None and RunFolder(run_dir).hydra.is_file():
-            from dlm.run import run_choices
 
             choices = run_choices(run_dir)
             origin = (f"; it comes from {run_dir} (model={choices.get('model')}, method={choices.get('method')}, "

@@ -22,8 +22,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from dlm.build import build_module
+from dlm.config import register_resolvers
 from dlm.config_values import to_plain as plain  # noqa: F401  (dlm.run.plain: re-exported)
 from dlm.errors import UserError
+from dlm.parallel.checkpoint import ema_weights, load_state_dict
 from dlm.run_folder import CHECKPOINTS, LAST_CKPT, RunFolder
 
 __all__ = ["LoadedRun", "NotARunError", "find_checkpoint", "load_config", "load_run", "resolve_run_path",
@@ -121,7 +124,6 @@ def _answer_hydra_refs(node: Any, hydra_node: DictConfig | None, run_dir: Path) 
 def load_config(run_dir: str | Path) -> DictConfig:
     """The run's saved config with Hydra's run-time references answered and `paths.run_dir` set to run_dir.
     Other interpolations (`${paths.run_dir}`, `${oc.env:...}`) stay and resolve on access."""
-    from dlm.config import register_resolvers
 
     register_resolvers()
     run_dir, _ = resolve_run_path(run_dir)
@@ -164,8 +166,6 @@ def load_run(path: str | Path, ckpt: str | Path | None = "last", device: str | t
     is returned in eval mode on `device`. A run trained with ``callbacks=ema`` gets its EMA weights (what its
     validation measured; dlm/callbacks/ema.py) unless ``use_ema=False``.
     """
-    from dlm.build import build_module
-    from dlm.parallel.checkpoint import ema_weights, load_state_dict
 
     run_dir, ckpt_file = resolve_run_path(path)
     cfg = load_config(run_dir)

@@ -32,14 +32,18 @@ import _compat_pickle
 import contextlib
 import dataclasses
 import importlib
+import io
 import os
 import pickle
 import re
 import struct
+import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from dlm.errors import UserError
 
@@ -151,7 +155,7 @@ class Checked:
     def allowing(self) -> Iterator[None]:
         """``torch.serialization.safe_globals`` for these globals: around ``trainer.fit(ckpt_path=...,
         weights_only=checked.weights_only)``, so Lightning's own load has the same allowlist."""
-        import torch
+        import torch  # lazily: start-up: the data cache reads .npz files through this module without torch
 
         with torch.serialization.safe_globals(list(self.globals)):
             yield
@@ -186,7 +190,7 @@ def _globals_in(path: Path) -> set[str]:
     """Every global the file's pickle names beyond torch's weights_only set, read without running anything (torch
     disassembles the pickle and rejects any opcode other than plain GLOBAL that could import, so the list is
     complete). Raises CorruptCheckpointError for a file that is not a (zip-format) torch checkpoint."""
-    import torch
+    import torch  # lazily: start-up: the data cache reads .npz files through this module without torch
 
     if not path.is_file():
         raise CorruptCheckpointError(path, "no such checkpoint file" if not path.exists() else "not a file")
@@ -220,7 +224,7 @@ def _first_line(err: BaseException) -> str:
 
 
 def _torch_load(path: Path, checked: Checked, **kwargs: Any) -> Any:
-    import torch
+    import torch  # lazily: start-up: the data cache reads .npz files through this module without torch
 
     try:
         with checked.allowing():
@@ -328,9 +332,8 @@ class _Restricted(pickle.Unpickler):
 
 
 def _check_dcp_folder(path: Path) -> Checked:
-    import io
 
-    from torch._weights_only_unpickler import _get_allowed_globals
+    from torch._weights_only_unpickler import _get_allowed_globals  # lazily: start-up: torch
 
     metadata_file = path / ".metadata"
     raw = metadata_file.read_bytes()
@@ -372,7 +375,6 @@ def _check_dcp_folder(path: Path) -> Checked:
 
 
 def _globals_in_bytes(blob: bytes, where: Path) -> set[str]:
-    import tempfile
 
     with tempfile.NamedTemporaryFile(suffix=".pt") as tmp:
         tmp.write(blob)
@@ -403,7 +405,6 @@ def check(path: str | Path | None) -> Checked:
 
 def load_arrays(path: str | Path) -> dict[str, Any]:
     """The arrays of an ``.npz`` file (the data cache), without pickle: numpy refuses object arrays (ValueError)."""
-    import numpy as np
 
     with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}

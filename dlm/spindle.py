@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dlm.data.cache import load_or_build
+
 __all__ = ["SpindleSchedule", "count_tokens", "token_counts"]
 
 _MEMORY_CACHE: dict[str, np.ndarray] = {}
@@ -132,7 +134,6 @@ def token_counts(datamodule, vocab_size: int) -> np.ndarray:
     """Token counts of the datamodule's training rows, computed once: cached as
     ``<cache_dir>/<train cache key>-token-counts.npz`` next to the tokenised data (in memory when the datamodule
     has no cache folder or it cannot be written)."""
-    from dlm.data.cache import load_or_build
 
     data = getattr(datamodule, "train_data", None)
     if data is None:

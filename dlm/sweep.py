@@ -22,7 +22,7 @@ _last: dict[str, Any] = {}  # the summary of the sweep that ended last in this p
 
 def summary_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     """One row per job of the sweep: job number, overrides, status and the key metrics of its results.json."""
-    from dlm.analysis import load_runs
+    from dlm.analysis import load_runs  # lazily: start-up: pandas, at the end of a sweep only
 
     rows = []
     for record in load_runs(sweep_dir).to_dict("records"):

@@ -47,7 +47,7 @@ def choose_threads(configured, env: str | None, cores: int, load: float, cpu_run
 
 def apply_threads(cfg) -> int:
     """Set torch's intra-op threads for this run from ``cfg`` (see the module) and print the choice in one line."""
-    import torch
+    import torch  # lazily: start-up: the policy is computed before torch is needed
 
     trainer = cfg.get("trainer") or {}
     cpu_run = str(trainer.get("accelerator", "cpu")) == "cpu"

@@ -15,9 +15,12 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from hydra.types import RunMode
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+from dlm.config import running_hydra_config
 
 _MODES = ("auto", "online", "offline", "disabled")
 DEFAULT_BASE_URL = "https://api.wandb.ai"  # when the installed wandb names no default
@@ -69,7 +72,9 @@ def wandb_base_url() -> str:
                 break
     if not url:
         try:
-            from wandb.sdk.lib.urls import DEFAULT_BASE_URL as url
+            from wandb.sdk.lib.urls import (
+                DEFAULT_BASE_URL as url,  # lazily: start-up: wandb is a slow import, only when a wandb logger is built
+            )
         except ImportError:  # another wandb layout
             url = DEFAULT_BASE_URL
     return url.rstrip("/")
@@ -150,9 +155,7 @@ def record_run_id(save_dir: str | Path, run_id: str) -> None:
 def hydra_run_names() -> tuple[str | None, str | None]:
     """(group, name) for wandb from Hydra: a sweep's jobs share a group named after the sweep folder and are
     named by their overrides; a single run is grouped by its run name and named by its folder."""
-    from hydra.types import RunMode
 
-    from dlm.config import running_hydra_config
 
     hc = running_hydra_config()
     if hc is None:
@@ -179,8 +182,10 @@ class RunWandbLogger(WandbLogger):
     @property
     @rank_zero_experiment
     def experiment(self):
-        import wandb
-        from wandb.sdk.lib.runid import generate_id
+        import wandb  # lazily: start-up: wandb is a slow import, only when a wandb logger is built
+        from wandb.sdk.lib.runid import (
+            generate_id,  # lazily: start-up: wandb is a slow import, only when a wandb logger is built
+        )
 
         if self._experiment is not None:
             return self._experiment

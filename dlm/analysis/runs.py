@@ -213,7 +213,7 @@ def load_wandb_runs(project: str, entity: str | None = None, group: str | None =
                     config_keys: Iterable[str] = ()) -> pd.DataFrame:
     """The runs of a wandb project (optionally one group: a sweep) from the wandb API: needs network and
     credentials. Columns: the logged `choices`, `config_keys` (dotted), the summary, `wandb_id`, `group`."""
-    import wandb
+    import wandb  # lazily: only for the online API
 
     api = wandb.Api()
     filters = {"group": group} if group else None

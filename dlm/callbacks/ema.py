@@ -24,7 +24,10 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
+
+from dlm.parallel.deepspeed import zero_stage
 
 
 class EMA(L.Callback):
@@ -51,9 +54,7 @@ class EMA(L.Callback):
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        from lightning.pytorch.strategies import FSDPStrategy
 
-        from dlm.parallel.deepspeed import zero_stage
 
         sharded = zero_stage(trainer.strategy) == 3 or isinstance(trainer.strategy, FSDPStrategy)
         if sharded:

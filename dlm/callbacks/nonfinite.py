@@ -34,6 +34,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import Tensor
 
 from dlm.config import ConfigError
@@ -140,7 +141,6 @@ class NonFiniteGuard(L.Callback):
         return self.dirpath or RunFolder(trainer.default_root_dir).checkpoints
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        from lightning.pytorch.strategies import DeepSpeedStrategy
 
         if self.action == "skip" and isinstance(trainer.strategy, DeepSpeedStrategy):
             raise ConfigError([
@@ -151,7 +151,6 @@ class NonFiniteGuard(L.Callback):
 
     # ---- before every optimizer step ------------------------------------------------------------------------
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
-        from lightning.pytorch.strategies import DeepSpeedStrategy
 
         loss = getattr(pl_module, "nonfinite_loss", None)  # set by DiffusionLM.training_step for this step
         pl_module.nonfinite_loss = None
@@ -208,7 +207,6 @@ class NonFiniteGuard(L.Callback):
         trainer.should_stop = True
 
     def _message(self, trainer: L.Trainer, step: int, reason: str, ckpt: Path | None, saved: bool) -> str:
-        from lightning.pytorch.strategies import DeepSpeedStrategy
 
         where = (f"the last finite checkpoint is {ckpt}" + (f" (step {trainer.global_step}, the update of step "
                  f"{step} not applied)" if saved else "")) if ckpt else "no checkpoint was written yet"

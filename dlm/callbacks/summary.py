@@ -59,8 +59,8 @@ def text_table(columns: list[tuple[str, list[str]]], totals: list[tuple[str, str
 
 
 def print_rich(columns: list[tuple[str, list[str]]], totals: list[tuple[str, str]], header_style: str) -> None:
-    from rich import get_console
-    from rich.table import Table
+    from rich import get_console  # lazily: optional: Lightning's bar library
+    from rich.table import Table  # lazily: optional: Lightning's bar library
 
     table = Table(header_style=header_style)
     right = {"Params", "Params per Device", "In sizes", "Out sizes"}

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from dlm.safe_load import load_arrays
+
 __all__ = ["cache_key", "load_or_build"]
 
 
@@ -41,7 +43,6 @@ def cache_key(**parts: Any) -> str:
 
 
 def _load(path: str) -> dict[str, np.ndarray]:
-    from dlm.safe_load import load_arrays
 
     return load_arrays(path)  # no pickle
 

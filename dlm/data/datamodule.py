@@ -269,7 +269,9 @@ class DLMDataModule(L.LightningDataModule):
                 "or use more training data"
             )
         if sum(self.num_truncated.values()):
-            from lightning.pytorch.utilities import rank_zero_warn
+            from lightning.pytorch.utilities import (
+                rank_zero_warn,  # lazily: start-up: the data module is used without a trainer too
+            )
 
             rank_zero_warn(
                 f"{self.num_truncated['train']} train and {self.num_truncated['val']} val documents are longer "

@@ -22,7 +22,7 @@ def hub_offline() -> bool:
                                                                         "TRANSFORMERS_OFFLINE")):
         return True
     try:
-        from huggingface_hub import constants
+        from huggingface_hub import constants  # lazily: start-up: only when a Hub id is checked
 
         return bool(constants.HF_HUB_OFFLINE)
     except ImportError:  # pragma: no cover

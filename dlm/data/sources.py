@@ -274,7 +274,7 @@ class HFDatasetSource:
         return dataset_problem(self.path)
 
     def _load_split(self, split: str) -> Any:
-        import datasets
+        import datasets  # lazily: start-up: HF datasets is a slow import, needed by Hub sources only
 
         kwargs: dict[str, Any] = dict(self.load_kwargs)
         if self.data_files is not None:

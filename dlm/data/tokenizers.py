@@ -263,7 +263,9 @@ class HFTokenizer(BaseTokenizer):
         return tokenizer_problem(self.name_or_path)
 
     def _load(self) -> None:
-        from transformers import AutoTokenizer
+        from transformers import (
+            AutoTokenizer,  # lazily: start-up: transformers is a slow import, needed by HF tokenizers only
+        )
 
         path = os.path.expanduser(self.name_or_path)
         if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):

@@ -9,6 +9,8 @@ def must_return_a_loss(strategy) -> bool:
     """Whether a training step under ``strategy`` must return a loss even when it is not finite: DeepSpeed's
     engine runs the backward itself and Lightning refuses ``None`` there (dlm's NonFiniteGuard then raises before the
     engine steps); every other strategy skips the backward and step of a ``None``."""
-    from lightning.pytorch.strategies import DeepSpeedStrategy
+    from lightning.pytorch.strategies import (
+        DeepSpeedStrategy,  # lazily: dlm.parallel.params (imported by models) must not import Lightning
+    )
 
     return isinstance(strategy, DeepSpeedStrategy)

@@ -8,24 +8,29 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from dlm.safe_load import check, load_checkpoint
+
 
 def load_state_dict(checkpoint: str | Path, scratch: Path | None = None) -> dict[str, torch.Tensor]:
     """The module state dict of a checkpoint: a Lightning ``.ckpt`` file, or a DeepSpeed ZeRO checkpoint folder
     (its shards consolidated to fp32 in memory; also written as a Lightning-loadable file to ``scratch`` when
     given, with Lightning's ``convert_zero_checkpoint_to_fp32_state_dict``). Nothing is written next to the
     checkpoint: a ``<name>-fp32.ckpt`` there would be as large as the model in fp32 and match ``best*.ckpt``."""
-    from dlm.safe_load import check, load_checkpoint
 
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir():  # DeepSpeed unpickles its files without restriction: every one is vetted first
         check(checkpoint)
     if checkpoint.is_dir() and scratch is not None:
-        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+        from lightning.pytorch.utilities.deepspeed import (
+            convert_zero_checkpoint_to_fp32_state_dict,  # lazily: only for DeepSpeed folders
+        )
 
         convert_zero_checkpoint_to_fp32_state_dict(checkpoint, scratch)
         checkpoint = Path(scratch)
     elif checkpoint.is_dir():
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from deepspeed.utils.zero_to_fp32 import (
+            get_fp32_state_dict_from_zero_checkpoint,  # lazily: only for DeepSpeed folders
+        )
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint))
         prefix = "_forward_module."  # Lightning < 2.1 wrapped the module
@@ -44,7 +49,6 @@ def ema_weights(checkpoint: str | Path) -> dict[str, Tensor] | None:
         if not files:
             return None
         checkpoint = files[0]
-    from dlm.safe_load import load_checkpoint
 
     # memory-mapped: only the shadow's tensors are read (the weights were loaded once already); weights_only
     state = load_checkpoint(checkpoint, mmap=True)

@@ -25,9 +25,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy
 from torch import nn
 
+from dlm.compile import compile_backbone
 from dlm.parallel.params import is_partitioned
 
 
@@ -41,7 +43,10 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
             if zero_stage(self) != 3:
                 yield
                 return
-            from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+            from transformers.integrations.deepspeed import (  # lazily: transformers only for a ZeRO-3 sharded build
+                HfDeepSpeedConfig,
+                unset_hf_deepspeed_config,
+            )
 
             ds_config = HfDeepSpeedConfig(self.config)  # transformers keeps only a weak reference: hold it
             try:
@@ -73,7 +78,7 @@ def register_moe_leaf_modules(model: nn.Module) -> list[nn.Module]:
     classes = moe_block_classes(model)
     if not classes:
         return []
-    from deepspeed.utils import set_z3_leaf_modules
+    from deepspeed.utils import set_z3_leaf_modules  # lazily: DeepSpeed only when a ZeRO-3 run has MoE blocks
 
     return set_z3_leaf_modules(model, classes)
 
@@ -90,7 +95,6 @@ def zero3_strategy(trainer_cfg: Any) -> Any | None:
     (instantiated on its own to read its stage; the Trainer builds its own), else None. Lightning's own class (or a
     registry name such as ``deepspeed_stage_3``) holds no HF DeepSpeed config in its sharded context, so pretrained
     weights cannot load into its partitions: such a run builds its backbone before fit, as under ZeRO-1/2."""
-    from hydra.utils import get_class, instantiate
 
     spec = trainer_cfg.get("strategy") if trainer_cfg is not None else None
     if hasattr(spec, "get") and spec.get("_target_") and issubclass(get_class(spec["_target_"]), DeepSpeedStrategy):
@@ -102,9 +106,8 @@ def zero3_strategy(trainer_cfg: Any) -> Any | None:
 
 def loads_pretrained_weights(model_cfg: Any) -> bool:
     """Whether a model config builds an HFCausalLM (subclasses too) from a checkpoint's weights."""
-    from hydra.utils import get_class
 
-    from dlm.models.hf import HFCausalLM
+    from dlm.models.hf import HFCausalLM  # lazily: start-up: transformers
 
     target = model_cfg.get("_target_")
     return bool(target and issubclass(get_class(target), HFCausalLM) and model_cfg.get("pretrained")
@@ -115,7 +118,6 @@ def placeholder_backbone(model_cfg: Any, vocab_size: int | None) -> nn.Module:
     """The backbone of ``model_cfg`` on the meta device: the checkpoint's geometry (``config`` fields over it) and
     no weights, so the module's constructor checks (vocabulary, max_seq_len, lr roles) run before the real
     backbone exists. Same parameter names and shapes as the loaded one."""
-    from hydra.utils import instantiate
 
     with torch.device("meta"):
         backbone = instantiate(model_cfg, vocab_size=vocab_size, load_weights=False)
@@ -130,9 +132,7 @@ def build_in_partitions(model_cfg: Any, vocab_size: int | None, compile_mode: st
     build must have left no parameter whole; it prints how much of the model this rank holds. The model's modules
     are imported by then (the placeholder was built from them): a first import of ``torch._dynamo`` inside
     ``zero.Init`` fails (DeepSpeed patches ``Tensor.__new__``)."""
-    from hydra.utils import instantiate
 
-    from dlm.compile import compile_backbone
 
     backbone = instantiate(model_cfg, vocab_size=vocab_size)
     params = list(backbone.parameters())

@@ -7,18 +7,20 @@ import json
 from pathlib import Path
 
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
+from dlm.errors import UserError
 from dlm.parallel.checkpoint import ema_weights, load_state_dict
+from dlm.run import find_checkpoint, load_config, resolve_run_path
 
 
 def export_hf_folder(cfg, state_dict: dict[str, torch.Tensor], out: str | Path, extra: dict | None = None) -> Path:
     """Write an HF-format folder (config.json + safetensors) for the HFCausalLM backbone of a run's config, with
     the weights of ``state_dict`` (keys ``backbone.hf_model.*``). The model is built on the meta device, so no
     second copy of the weights is allocated and nothing is downloaded beyond the checkpoint's config."""
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
-    from dlm.models.hf import HFCausalLM, pretrained_geometry
+    from dlm.models.hf import HFCausalLM, pretrained_geometry  # lazily: start-up: transformers
 
     model_cfg = cfg.model
     if model_cfg.get("_target_") != "dlm.models.hf.HFCausalLM":
@@ -51,8 +53,6 @@ def consolidate_run(run_dir: str | Path, ckpt: str = "last", out: str | Path | N
                     use_ema: bool = True) -> Path:
     """A run's checkpoint (``last``, ``best`` or a path; a DeepSpeed folder or a file) -> ``<run_dir>/hf``; a run
     trained with ``callbacks=ema`` exports its EMA weights unless ``use_ema=False``."""
-    from dlm.errors import UserError
-    from dlm.run import find_checkpoint, load_config, resolve_run_path
 
     run_dir, _ = resolve_run_path(run_dir)  # NotARunError (one line) for anything but a run folder
     cfg = load_config(run_dir)

@@ -37,6 +37,6 @@ def gathered(params: Iterable[torch.Tensor | None], modifier_rank: int | None = 
     unique = {id(p): p for p in params if p is not None and is_partitioned(p)}
     if not unique:
         return contextlib.nullcontext()
-    import deepspeed
+    import deepspeed  # lazily: DeepSpeed only when a parameter is partitioned
 
     return deepspeed.zero.GatheredParameters(list(unique.values()), modifier_rank=modifier_rank)
