@@ -108,3 +108,24 @@ def test_cache_hooks_are_declared_methods():
     assert not (gen.tokens == MASK).any()
     with pytest.raises(NotImplementedError, match="no dual KV cache"):
         hooked.with_dual_cache(x, 0, 1)
+
+
+def test_a_family_hands_its_prior_and_a_wrong_sampler_is_refused_by_name():
+    from test_prefix_cache import MASK as M
+    from test_prefix_cache import make_mdlm
+
+    from dlm.methods.mdlm import MDLMDenoiser
+    from dlm.sampling import SundaeSampler
+
+    model = make_mdlm()
+    tokens = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    fill = torch.tensor([[False, False, True, True, True, False]])
+    with pytest.raises(PriorMismatchError, match="SundaeSampler reverses UniformPrior, not MaskPrior.*AncestralSampler"):
+        model.infill(tokens, fill, sampler=SundaeSampler(steps=2))
+    with pytest.raises(ValueError, match="not a dlm.sampling.Sampler"):
+        model.infill(tokens, fill, sampler=ARSampler())
+    gen = model.infill(tokens, fill, sampler=build("ancestral"))
+    assert not (gen.tokens == M).any() and torch.equal(gen.tokens[~fill], tokens[~fill])
+    # the hooks are declared by MDLM's denoiser where the backbone can cache (the native Transformer can)
+    den = MDLMDenoiser(model, initial_masks=torch.tensor([3]))
+    assert den.has_prefix_cache and den.has_dual_cache
