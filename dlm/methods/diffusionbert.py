@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from dlm.methods.base import DiffusionLM
 from dlm.models.capabilities import capabilities_of
-from dlm.sampling import D3PMPrior, Generation, MaskPrior, Sampler
+from dlm.sampling import D3PMPrior, Generation, MaskPrior, Sampler, takes
 from dlm.schedules import LinearSchedule, MaskSchedule
 from dlm.spindle import SpindleSchedule, token_counts
 
@@ -100,8 +100,7 @@ class DiffusionBERT(DiffusionLM):
                 "method.time_conditioning=layerwise, or model.time_conditioning=false"
             )
         sampler = base_kwargs.get("sampler")
-        if sampler is not None and not (isinstance(sampler, Sampler) and sampler.accepts(D3PMPrior)) \
-                and time_conditioning != "none":
+        if sampler is not None and not takes(sampler, D3PMPrior) and time_conditioning != "none":
             raise ValueError(
                 f"{type(sampler).__name__} is time-agnostic; with method.time_conditioning={time_conditioning} "
                 "use sampler=diffusionbert (D3PMSampler)"

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from dlm.methods.base import DiffusionLM
 from dlm.models.capabilities import capabilities_of
-from dlm.sampling import Generation, Sampler, UniformPrior, samplers_for
+from dlm.sampling import Generation, Sampler, UniformPrior, samplers_for, takes
 from dlm.sampling.sundae import uniform_noise
 
 NO_BOUND = (
@@ -58,7 +58,7 @@ class SUNDAE(DiffusionLM):
                 "time_conditioning=true: set model.time_conditioning=false"
             )
         sampler = base_kwargs.get("sampler")
-        if sampler is not None and not (isinstance(sampler, Sampler) and sampler.accepts(UniformPrior)):
+        if sampler is not None and not takes(sampler, UniformPrior):
             raise ValueError(
                 f"method=sundae needs a SUNDAE sampler (sampler=sundae; or any of "
                 f"{', '.join(samplers_for(UniformPrior))}), got "

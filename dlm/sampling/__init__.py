@@ -13,6 +13,7 @@ from dlm.sampling.base import (
     filter_logits,
     sample_categorical,
     samplers_for,
+    takes,
 )
 from dlm.sampling.confidence import (
     ConfidenceSampler,
@@ -56,4 +57,5 @@ __all__ = [
     "filter_logits",
     "sample_categorical",
     "samplers_for",
+    "takes",
 ]

@@ -27,7 +27,10 @@ __all__ = [
     "Sampler",
     "filter_logits",
     "sample_categorical",
+    "samplers_for",
+    "takes",
 ]
+
 
 class Denoiser:
     """A denoiser with declared hooks. ``denoiser(x)`` (``denoiser(x, t)`` under a
@@ -155,6 +158,12 @@ def _subclasses(cls: type) -> list[type]:
     for sub in cls.__subclasses__():
         out += [sub, *_subclasses(sub)]
     return out
+
+
+def takes(sampler, prior: type[Prior]) -> bool:
+    """Whether ``sampler`` (any object: a configured sampler may be an :class:`~dlm.sampling.ARSampler`) is a
+    :class:`Sampler` that accepts ``prior``; what a family checks when it is built with a sampler."""
+    return isinstance(sampler, Sampler) and sampler.accepts(prior)
 
 
 def samplers_for(prior: type[Prior]) -> list[str]:
