@@ -13,7 +13,7 @@ from test_prefix_cache import make_mdlm as make_native_mdlm
 
 from dlm.methods.mdlm import MDLM
 from dlm.models import HFCausalLM
-from dlm.sampling import ThresholdSampler
+from dlm.sampling import FunctionDenoiser, MaskPrior, ThresholdSampler
 
 QWEN3 = dict(model_type="qwen3", num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
              head_dim=8, intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64, initializer_range=0.3)
@@ -71,9 +71,9 @@ def test_an_eos_committed_in_the_block_fills_the_suffix_too():
     def denoiser(z):
         return logp_of(z, 3, 1.0)
 
-    denoiser.with_dual_cache = lambda z, start, end: (logp_of(z, 3, 1.0), lambda b: logp_of(b, 4, 9.0))
+    denoiser = FunctionDenoiser(denoiser, dual_cache=lambda z, start, end: (logp_of(z, 3, 1.0), lambda b: logp_of(b, 4, 9.0)))
     s = ThresholdSampler(threshold=0.99, temperature=0.0, block_length=4, eos_id=4, steps=T, dual_cache=True)
-    out = s.sample(denoiser, x, mask_id=mask)
+    out = s.sample(denoiser, x, prior=MaskPrior(mask))
     assert out.tokens[0].tolist() == [1, 2, 3] + [4] * (T - 3) and out.num_network_calls == 2
 
 
@@ -100,7 +100,7 @@ def test_bad_settings_name_the_fix():
         ThresholdSampler(dual_cache=True)
     x = torch.cat([prompts(1), torch.full((1, 4), MASK)], dim=1)
     with pytest.raises(ValueError, match="with_dual_cache\\(x, start, end\\) hook"):
-        ThresholdSampler(dual_cache=True, block_length=4).sample(lambda z: z, x, mask_id=MASK)
+        ThresholdSampler(dual_cache=True, block_length=4).sample(lambda z: z, x, prior=MaskPrior(MASK))
     model = make_mdlm()
     with pytest.raises(ValueError, match="must not contain mask tokens"):
         model.dual_cached_denoise(x, 5, 8)

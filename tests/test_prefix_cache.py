@@ -12,7 +12,7 @@ import torch
 
 from dlm.methods.mdlm import MDLM
 from dlm.models import Transformer
-from dlm.sampling import ThresholdSampler
+from dlm.sampling import FunctionDenoiser, MaskPrior, ThresholdSampler
 from dlm.sampling.confidence import OrderedUnmaskingSampler
 from dlm.schedules import LinearSchedule
 
@@ -124,11 +124,11 @@ def test_prefix_cache_false_is_unchanged_and_never_calls_the_hook():
     def hook(*a):
         raise AssertionError("the hook must not be used with prefix_cache=false")
 
-    denoiser.with_prefix_cache = hook
+    denoiser = FunctionDenoiser(denoiser, prefix_cache=hook)
     for block in (None, L):
         s = ThresholdSampler(threshold=0.5, temperature=1.0, block_length=block)
-        a = s.sample(denoiser, x, mask_id=MASK, generator=torch.Generator().manual_seed(0))
-        b = OrderedUnmaskingSampler.sample(s, denoiser, x, mask_id=MASK, generator=torch.Generator().manual_seed(0))
+        a = s.sample(denoiser, x, prior=MaskPrior(MASK), generator=torch.Generator().manual_seed(0))
+        b = OrderedUnmaskingSampler._sample(s, denoiser, x, MaskPrior(MASK), torch.Generator().manual_seed(0))
         assert torch.equal(a.tokens, b.tokens) and a.num_network_calls == b.num_network_calls
 
 
@@ -153,16 +153,16 @@ def test_sampler_level_exactness_with_a_toy_hook():
         prefix = emb[x[:, :p]].sum(1)
         return denoiser(x), lambda z: head(z, p, prefix + emb[z].sum(1))
 
-    denoiser.with_prefix_cache = with_prefix_cache
+    denoiser = FunctionDenoiser(denoiser, prefix_cache=with_prefix_cache)
     x = torch.randint(0, V - 1, (3, T), generator=g)
     x[0, 3:] = V - 1
     x[1, 6:] = V - 1
     x[2, 4::2] = V - 1
     for tau, temp in ((0.9, 0.0), (0.4, 1.0)):
         kw = dict(threshold=tau, temperature=temp, block_length=3, eos_id=V - 2, record_trajectory=True)
-        a = ThresholdSampler(**kw).sample(denoiser, x, mask_id=V - 1, generator=torch.Generator().manual_seed(1))
+        a = ThresholdSampler(**kw).sample(denoiser, x, prior=MaskPrior(V - 1), generator=torch.Generator().manual_seed(1))
         b = ThresholdSampler(prefix_cache=True, **kw).sample(
-            denoiser, x, mask_id=V - 1, generator=torch.Generator().manual_seed(1))
+            denoiser, x, prior=MaskPrior(V - 1), generator=torch.Generator().manual_seed(1))
         assert torch.equal(a.tokens, b.tokens) and a.num_network_calls == b.num_network_calls
         assert all(torch.equal(u, w) for u, w in zip(a.trajectory, b.trajectory, strict=True))
     assert calls[:2] == [3, 6]  # refreshed at each block boundary, from the earliest row's first mask
@@ -174,7 +174,7 @@ def test_configuration_errors():
     x = torch.tensor([[1, 2, MASK, MASK]])
     with pytest.raises(ValueError, match="with_prefix_cache"):
         ThresholdSampler(prefix_cache=True, block_length=2).sample(
-            lambda z: torch.zeros(*z.shape, VOCAB).log_softmax(-1), x, mask_id=MASK)
+            lambda z: torch.zeros(*z.shape, VOCAB).log_softmax(-1), x, prior=MaskPrior(MASK))
     assert "prefix_cache=True" in repr(ThresholdSampler(prefix_cache=True, block_length=2))
     model = make_mdlm()
     with pytest.raises(ValueError, match="mask"):

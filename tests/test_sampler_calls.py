@@ -11,7 +11,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from dlm.sampling import AncestralSampler, D3PMSampler, SundaeSampler
+from dlm.sampling import AncestralSampler, D3PMPrior, D3PMSampler, MaskPrior, SundaeSampler, UniformPrior
 from dlm.schedules import CosineSchedule, LinearSchedule
 from tests.conftest import compose
 
@@ -55,7 +55,7 @@ def test_ancestral_makes_no_call_on_a_step_that_reveals_nothing(schedule):
     x = masked_rows(B=3, T=10)
     den = Recording()
     sampler = AncestralSampler(steps=60, record_trajectory=True, cap_steps=False)  # far more steps than masks
-    gen = sampler.sample(den, x, mask_id=MASK, schedule=schedule, generator=torch.Generator().manual_seed(0))
+    gen = sampler.sample(den, x, prior=MaskPrior(MASK, schedule), generator=torch.Generator().manual_seed(0))
     assert gen.num_network_calls == len(den.inputs)
     assert len(gen.trajectory) - 1 > len(den.inputs)  # there were steps that revealed nothing
     assert called_only_where_committed(gen.trajectory, den.inputs)
@@ -63,16 +63,16 @@ def test_ancestral_makes_no_call_on_a_step_that_reveals_nothing(schedule):
 
 def test_ancestral_single_row_never_calls_more_than_its_masks_even_uncapped():
     x = masked_rows(B=1, T=12, given=2)
-    gen = AncestralSampler(steps=100, cap_steps=False).sample(Recording(), x, mask_id=MASK, schedule=LinearSchedule(),
+    gen = AncestralSampler(steps=100, cap_steps=False).sample(Recording(), x, prior=MaskPrior(MASK, LinearSchedule()),
                                                               generator=torch.Generator().manual_seed(0))
     assert gen.num_network_calls <= 10
 
 
 def test_ancestral_caps_steps_at_the_positions_to_fill():
     x = masked_rows(B=16, T=10, given=4)  # 6 masks per row; a batch has a reveal at nearly every step
-    capped = AncestralSampler(steps=32).sample(Recording(), x, mask_id=MASK, schedule=LinearSchedule(),
+    capped = AncestralSampler(steps=32).sample(Recording(), x, prior=MaskPrior(MASK, LinearSchedule()),
                                                generator=torch.Generator().manual_seed(0))
-    paper = AncestralSampler(steps=32, cap_steps=False).sample(Recording(), x, mask_id=MASK, schedule=LinearSchedule(),
+    paper = AncestralSampler(steps=32, cap_steps=False).sample(Recording(), x, prior=MaskPrior(MASK, LinearSchedule()),
                                                                generator=torch.Generator().manual_seed(0))
     assert capped.num_network_calls <= 6 < paper.num_network_calls <= 32
     assert not (capped.tokens == MASK).any() and torch.equal(capped.tokens[:, :4], x[:, :4])
@@ -93,7 +93,7 @@ def test_d3pm_makes_no_call_on_a_step_that_reveals_nothing(alpha_bar):
     x = masked_rows(B=2, T=8)
     den = Recording()
     sampler = D3PMSampler(steps=128, record_trajectory=True, cap_steps=False)
-    gen = sampler.sample(den, x, mask_id=MASK, alpha_bar=alpha_bar(512), num_timesteps=512,
+    gen = sampler.sample(den, x, prior=D3PMPrior(MASK, alpha_bar(512), 512),
                          generator=torch.Generator().manual_seed(0))
     assert gen.num_network_calls == len(den.inputs) < 128
     assert not (gen.tokens == MASK).any() and torch.equal(gen.tokens[:, :3], x[:, :3])
@@ -111,15 +111,15 @@ def test_d3pm_calls_a_time_conditioned_denoiser_at_the_time_of_the_step():
 
     x = masked_rows(B=1, T=8)
     sampler = D3PMSampler(steps=64, cap_steps=False)
-    sampler.sample(timed, x, mask_id=MASK, alpha_bar=uniform_alpha_bar(64), num_timesteps=64,
+    sampler.sample(timed, x, prior=D3PMPrior(MASK, uniform_alpha_bar(64), 64),
                    generator=torch.Generator().manual_seed(0))
     assert len(times) <= 5 and times == sorted(times, reverse=True) and len(set(times)) == len(times)
 
 
 def test_d3pm_caps_steps_at_the_positions_to_fill():
     x = masked_rows(B=16, T=10, given=4)
-    gen = D3PMSampler(steps=128).sample(Recording(), x, mask_id=MASK, alpha_bar=uniform_alpha_bar(512),
-                                        num_timesteps=512, generator=torch.Generator().manual_seed(0))
+    gen = D3PMSampler(steps=128).sample(Recording(), x, prior=D3PMPrior(MASK, uniform_alpha_bar(512), 512),
+                                        generator=torch.Generator().manual_seed(0))
     assert gen.num_network_calls <= 6
     assert not (gen.tokens == MASK).any() and torch.equal(gen.tokens[:, :4], x[:, :4])
 
@@ -129,12 +129,12 @@ def test_sundae_makes_no_call_on_a_step_that_updates_nothing_and_caps_its_steps(
     free = x == MASK
     den = Shifting()  # every update changes the state, so a call on a step that changes nothing would show
     gen = SundaeSampler(steps=50, update_proportion=0.1, stop_when_unchanged=False, record_trajectory=True).sample(
-        den, x, free=free, noise_ids=torch.arange(V), generator=torch.Generator().manual_seed(0))
+        den, x, prior=UniformPrior(free, torch.arange(V)), generator=torch.Generator().manual_seed(0))
     assert gen.num_network_calls == len(den.inputs) <= 4  # 4 free positions
     assert len(gen.trajectory) - 1 == 4  # 4 steps taken, some without a call
     assert called_only_where_committed(gen.trajectory, den.inputs)
     uncapped = SundaeSampler(steps=50, stop_when_unchanged=False, cap_steps=False).sample(
-        Recording(), x, free=free, noise_ids=torch.arange(V), generator=torch.Generator().manual_seed(0))
+        Recording(), x, prior=UniformPrior(free, torch.arange(V)), generator=torch.Generator().manual_seed(0))
     assert 4 < uncapped.num_network_calls <= 50
 
 

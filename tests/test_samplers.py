@@ -9,6 +9,7 @@ from dlm.sampling import (
     AncestralSampler,
     Generation,
     LowConfidenceSampler,
+    MaskPrior,
     Sampler,
     filter_logits,
     sample_categorical,
@@ -94,8 +95,7 @@ def run(sampler: Sampler, denoiser, x, seed: int = 0, schedule=None) -> Generati
     return sampler.sample(
         denoiser,
         x,
-        mask_id=MASK,
-        schedule=schedule if schedule is not None else LinearSchedule(),
+        prior=MaskPrior(MASK, schedule if schedule is not None else LinearSchedule()),
         generator=torch.Generator().manual_seed(seed),
     )
 

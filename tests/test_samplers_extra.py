@@ -16,6 +16,7 @@ from dlm.sampling import (
     EntropySampler,
     LowConfidenceSampler,
     MarginSampler,
+    MaskPrior,
     RandomOrderSampler,
     ReMDMSampler,
     ThresholdSampler,
@@ -87,7 +88,7 @@ SAMPLERS = {
 def test_no_mask_left_and_given_tokens_kept(name, temperature, block_length):
     x = masked_batch()
     gen = SAMPLERS[name](temperature=temperature, block_length=block_length).sample(
-        random_denoiser(), x, mask_id=MASK, schedule=LinearSchedule(), generator=torch.Generator().manual_seed(0))
+        random_denoiser(), x, prior=MaskPrior(MASK, LinearSchedule()), generator=torch.Generator().manual_seed(0))
     assert not (gen.tokens == MASK).any()
     given = x != MASK
     assert torch.equal(gen.tokens[given], x[given])
@@ -100,7 +101,7 @@ def test_oracle_denoiser_reproduces_the_target(name):
     x = target.clone()
     x[:, 2:] = MASK
     x[1, 0] = MASK
-    gen = SAMPLERS[name](temperature=1.0).sample(oracle(target), x, mask_id=MASK, schedule=CosineSchedule(),
+    gen = SAMPLERS[name](temperature=1.0).sample(oracle(target), x, prior=MaskPrior(MASK, CosineSchedule()),
                                                  generator=torch.Generator().manual_seed(0))
     assert torch.equal(gen.tokens, target)
 
@@ -116,7 +117,7 @@ def test_same_seed_same_tokens_and_float64_gumbel(name, monkeypatch):
         return real_rand(*args, **kwargs)
 
     def run(seed):
-        return SAMPLERS[name](temperature=1.0).sample(random_denoiser(scale=0.3), x, mask_id=MASK, schedule=LinearSchedule(),
+        return SAMPLERS[name](temperature=1.0).sample(random_denoiser(scale=0.3), x, prior=MaskPrior(MASK, LinearSchedule()),
                                                       generator=torch.Generator().manual_seed(seed)).tokens
 
     monkeypatch.setattr(torch, "rand", spy)
@@ -132,9 +133,9 @@ def test_confidence_sampler_equals_low_confidence():
     for block_length in (None, 4):
         for temperature in (0.0, 1.0):
             kw = dict(steps=6, temperature=temperature, block_length=block_length)
-            a = ConfidenceSampler(**kw).sample(random_denoiser(3), x, mask_id=MASK,
+            a = ConfidenceSampler(**kw).sample(random_denoiser(3), x, prior=MaskPrior(MASK),
                                                generator=torch.Generator().manual_seed(5))
-            b = LowConfidenceSampler(**kw).sample(random_denoiser(3), x, mask_id=MASK,
+            b = LowConfidenceSampler(**kw).sample(random_denoiser(3), x, prior=MaskPrior(MASK),
                                                   generator=torch.Generator().manual_seed(5))
             assert torch.equal(a.tokens, b.tokens) and a.num_network_calls == b.num_network_calls
 
@@ -163,7 +164,7 @@ def test_ordering_rule_on_a_toy_denoiser(cls, key):
     logp = _toy_logp()
     den = Recording(logp)
     x = torch.full((1, 6), MASK)
-    gen = cls(steps=6, temperature=0.0).sample(den, x, mask_id=MASK)
+    gen = cls(steps=6, temperature=0.0).sample(den, x, prior=MaskPrior(MASK))
     assert gen.num_network_calls == 6
     # the order in which positions got committed (one per step) is the order of the rule
     committed = [int(((a == MASK) & (b != MASK))[0].nonzero()) for a, b in zip(den.inputs, den.inputs[1:] + [gen.tokens])]
@@ -177,7 +178,7 @@ def test_random_order_is_a_permutation_that_depends_on_the_seed():
     orders = set()
     for seed in range(6):
         den.inputs = []
-        gen = RandomOrderSampler(steps=6, temperature=0.0).sample(den, torch.full((1, 6), MASK), mask_id=MASK,
+        gen = RandomOrderSampler(steps=6, temperature=0.0).sample(den, torch.full((1, 6), MASK), prior=MaskPrior(MASK),
                                                                    generator=torch.Generator().manual_seed(seed))
         seq = den.inputs[1:] + [gen.tokens]
         orders.add(tuple(int(((a == MASK) & (b != MASK))[0].nonzero()) for a, b in zip(den.inputs, seq)))
@@ -189,7 +190,7 @@ def test_threshold_commits_every_position_above_tau_and_at_least_one():
     p = logp[0].exp().max(-1).values  # [0.40, 0.50, 0.34, 0.90, 0.60, 0.45]
     den = Recording(logp)
     x = torch.full((1, 6), MASK)
-    ThresholdSampler(threshold=0.55, temperature=0.0).sample(den, x, mask_id=MASK)
+    ThresholdSampler(threshold=0.55, temperature=0.0).sample(den, x, prior=MaskPrior(MASK))
     first = den.inputs[1][0] != MASK  # after step 1
     assert first.tolist() == (p > 0.55).tolist()  # positions 3 and 4, nothing else
     # every step commits >= 1 and, since the toy denoiser is fixed, exactly one when nothing is above tau
@@ -197,7 +198,7 @@ def test_threshold_commits_every_position_above_tau_and_at_least_one():
     assert counts[0] == 2 and all(c >= 1 for c in counts)
     assert len(den.inputs) == 1 + 4  # 2 at once, then the 4 below tau one per step
     den.inputs = []
-    gen = ThresholdSampler(threshold=0.0, temperature=0.0).sample(den, x, mask_id=MASK)
+    gen = ThresholdSampler(threshold=0.0, temperature=0.0).sample(den, x, prior=MaskPrior(MASK))
     assert gen.num_network_calls == 1  # tau = 0: everything at once
     with pytest.raises(NotImplementedError, match="prefix_cache"):
         ThresholdSampler(prefix_cache=True)
@@ -210,7 +211,7 @@ def test_entropy_bounded_commits_the_largest_prefix_within_gamma():
     spent = hs.cumsum(0) - hs.cummax(0).values
     for gamma in (0.0, 0.9, 2.0, 1e9):
         den = Recording(logp)
-        EntropyBoundedSampler(gamma=gamma, temperature=0.0).sample(den, torch.full((1, 6), MASK), mask_id=MASK)
+        EntropyBoundedSampler(gamma=gamma, temperature=0.0).sample(den, torch.full((1, 6), MASK), prior=MaskPrior(MASK))
         after = den.inputs[1][0] if len(den.inputs) > 1 else None
         expected = max(1, int((spent <= gamma + 1e-12).sum()))
         got = 6 if after is None else int((after != MASK).sum())
@@ -224,14 +225,14 @@ def test_entropy_bounded_commits_the_largest_prefix_within_gamma():
 def test_step_cap_is_respected_by_adaptive_samplers():
     x = torch.full((2, 12), MASK)
     for s in (ThresholdSampler(threshold=1.0, steps=3), EntropyBoundedSampler(gamma=0.0, steps=3)):
-        gen = s.sample(random_denoiser(), x, mask_id=MASK)
+        gen = s.sample(random_denoiser(), x, prior=MaskPrior(MASK))
         assert gen.num_network_calls <= 3 and not (gen.tokens == MASK).any()
 
 
 def test_eos_fills_the_rest_of_the_row():
     target = torch.tensor([[1, 2, EOS, 3, 4, 5]])
     den = Recording(oracle(target)(target))
-    gen = ConfidenceSampler(steps=6, temperature=0.0, eos_id=EOS).sample(den, torch.full((1, 6), MASK), mask_id=MASK)
+    gen = ConfidenceSampler(steps=6, temperature=0.0, eos_id=EOS).sample(den, torch.full((1, 6), MASK), prior=MaskPrior(MASK))
     assert gen.tokens.tolist() == [[1, 2, EOS, EOS, EOS, EOS]]
     assert gen.num_network_calls < 6  # the tail came with the EOS
 
@@ -240,7 +241,7 @@ def test_remdm_remasks_generated_tokens_only_and_ends_without_masks():
     x = masked_batch()
     given = x != MASK
     s = ReMDMSampler(steps=16, eta_cap=0.5, temperature=1.0, record_trajectory=True)
-    gen = s.sample(random_denoiser(), x, mask_id=MASK, schedule=LinearSchedule(),
+    gen = s.sample(random_denoiser(), x, prior=MaskPrior(MASK, LinearSchedule()),
                    generator=torch.Generator().manual_seed(0))
     assert not (gen.tokens == MASK).any() and torch.equal(gen.tokens[given], x[given])
     traj = gen.trajectory
@@ -253,7 +254,7 @@ def test_remdm_remasks_generated_tokens_only_and_ends_without_masks():
     assert ReMDMSampler(eta_cap=1.0).sigma(0.9, 0.95) == pytest.approx(0.05 / 0.9)
     # eta = 0 is MDLM ancestral sampling: no position ever goes back to the mask
     gen = ReMDMSampler(steps=8, eta_cap=0.0, record_trajectory=True).sample(
-        random_denoiser(), x, mask_id=MASK, schedule=LinearSchedule(), generator=torch.Generator().manual_seed(0))
+        random_denoiser(), x, prior=MaskPrior(MASK, LinearSchedule()), generator=torch.Generator().manual_seed(0))
     assert all(not ((a != MASK) & (b == MASK)).any() for a, b in zip(gen.trajectory, gen.trajectory[1:]))
 
 
@@ -261,6 +262,6 @@ def test_remdm_remasks_generated_tokens_only_and_ends_without_masks():
 def test_configs_instantiate(name):
     sampler = instantiate(OmegaConf.load(CONF / f"{name}.yaml"))
     x = masked_batch()
-    gen = sampler.sample(random_denoiser(), x, mask_id=MASK, schedule=LinearSchedule(),
+    gen = sampler.sample(random_denoiser(), x, prior=MaskPrior(MASK, LinearSchedule()),
                          generator=torch.Generator().manual_seed(0))
     assert not (gen.tokens == MASK).any()

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from dlm.methods.sundae import SUNDAE
 from dlm.models import Transformer
-from dlm.sampling import AncestralSampler, ArgmaxUnrolledSampler, SundaeSampler
+from dlm.sampling import AncestralSampler, ArgmaxUnrolledSampler, SundaeSampler, UniformPrior
 
 TOKENIZER = SimpleNamespace(vocab_size=7, pad_token_id=4, eos_token_id=5, mask_token_id=6)
 MASK = TOKENIZER.mask_token_id
@@ -126,10 +126,10 @@ def test_sampler_stops_when_nothing_changes():
     sampler = SundaeSampler(steps=50, temperature=0.8)
     x = SEQUENCES.clone()
     free = torch.zeros_like(x, dtype=torch.bool)
-    gen = sampler.sample(identity, x, free=free, noise_ids=torch.arange(6))
+    gen = sampler.sample(identity, x, prior=UniformPrior(free, torch.arange(6)))
     assert gen.num_network_calls == 0
     free[:, 0] = True
-    gen = sampler.sample(identity, x, free=free, noise_ids=torch.arange(6), generator=torch.Generator().manual_seed(0))
+    gen = sampler.sample(identity, x, prior=UniformPrior(free, torch.arange(6)), generator=torch.Generator().manual_seed(0))
     assert gen.num_network_calls == 1
 
 

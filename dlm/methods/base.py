@@ -161,6 +161,30 @@ class DiffusionLM(L.LightningModule, ABC):
         self, tokens: Tensor, fill_mask: Tensor, sampler: Sampler | None = None, generator: torch.Generator | None = None
     ) -> Generation: ...
 
+    def _infill_start(
+        self, tokens: Tensor, fill_mask: Tensor, sampler: Sampler | None, *, sampler_hint: str = "<name>",
+        extra_tokens: int = 0,
+    ) -> tuple[Tensor, Tensor, Sampler]:
+        """The start every family's infill shares: the sampler (given, else configured; a :class:`Sampler`), the
+        length against the backbone's ``max_seq_len`` (``extra_tokens``: what the family adds, e.g. a time token)
+        and the inputs on the compute device. Returns ``(x, fill, sampler)``: ``x`` is ``tokens`` with the holes
+        set to the mask token, ``fill`` the boolean fill mask."""
+        sampler = sampler or self.sampler
+        if sampler is None:
+            raise ValueError(f"no sampler given and none configured: pass sampler= or set sampler={sampler_hint}")
+        if not isinstance(sampler, Sampler):
+            raise ValueError(f"{sampler!r} is not a dlm.sampling.Sampler: this family samples through one "
+                             f"(e.g. sampler={sampler_hint})")
+        max_len = getattr(self.backbone, "max_seq_len", None)
+        n = tokens.shape[1]
+        if max_len is not None and n + extra_tokens > max_len:
+            raise ValueError(
+                f"{n} tokens (+{extra_tokens} time token) exceed the model's max_seq_len={max_len}" if extra_tokens
+                else f"prompt + length = {n} tokens exceeds the model's max_seq_len={max_len}"
+            )
+        fill = fill_mask.to(self.compute_device, dtype=torch.bool)
+        return tokens.to(self.compute_device).masked_fill(fill, self.mask_id), fill, sampler
+
     def validation_stats(self, batch: dict[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
         """Summed per-token statistics over a validation batch; keys are logged as val/<key> averaged per
         counted token. "loss" (the training objective; the best checkpoint is chosen by val/loss) is required,

@@ -46,7 +46,7 @@ from dlm.methods.masked_terms import MaskedTermsObjective, masked_token_nll
 from dlm.methods.time_sampling import check_time_sampling, sample_times
 from dlm.models.capabilities import capabilities_of
 from dlm.models.transformer import positions_from_doc_ids
-from dlm.sampling import Generation, Sampler
+from dlm.sampling import Generation, MaskPrior, Sampler
 from dlm.schedules import MaskSchedule
 
 
@@ -223,7 +223,7 @@ class BD3LM(MaskedTermsObjective, DiffusionLM):
                         logits = self.logits(ids, attn_mask=mask, position_ids=torch.arange(ids.shape[1], device=dev)[None])
                         logits = logits[:, ctx.shape[1] - 1 : -1] if self.shift else logits[:, ctx.shape[1]:]
                         return self._subs(logits, z)
-                gen = sampler.sample(denoiser, xb.clone(), mask_id=self.mask_id, schedule=self.schedule,
+                gen = sampler.sample(denoiser, xb.clone(), prior=MaskPrior(self.mask_id, self.schedule),
                                      generator=generator)
                 x[:, b0:b1] = gen.tokens
                 calls += gen.num_network_calls
@@ -277,5 +277,5 @@ class BD3LM(MaskedTermsObjective, DiffusionLM):
     ) -> Generation:
         """Fill fill_mask positions block by block: a hole sees the blocks before it (as given or as filled)
         and the given tokens of its own block, never anything after its block."""
-        x = tokens.to(self.compute_device).masked_fill(fill_mask.to(self.compute_device), self.mask_id)
+        x, _, sampler = self._infill_start(tokens, fill_mask, sampler)
         return self._run(x, sampler, generator, eos_from=None)

@@ -46,8 +46,7 @@ from torch import Tensor, nn
 
 from dlm.methods.base import DiffusionLM
 from dlm.models.capabilities import capabilities_of
-from dlm.sampling import Generation, Sampler
-from dlm.sampling.d3pm import D3PMSampler
+from dlm.sampling import D3PMPrior, Generation, MaskPrior, Sampler, takes
 from dlm.schedules import LinearSchedule, MaskSchedule
 from dlm.spindle import SpindleSchedule, token_counts
 
@@ -101,7 +100,7 @@ class DiffusionBERT(DiffusionLM):
                 "method.time_conditioning=layerwise, or model.time_conditioning=false"
             )
         sampler = base_kwargs.get("sampler")
-        if sampler is not None and not isinstance(sampler, D3PMSampler) and time_conditioning != "none":
+        if sampler is not None and not takes(sampler, D3PMPrior) and time_conditioning != "none":
             raise ValueError(
                 f"{type(sampler).__name__} is time-agnostic; with method.time_conditioning={time_conditioning} "
                 "use sampler=diffusionbert (D3PMSampler)"
@@ -311,31 +310,24 @@ class DiffusionBERT(DiffusionLM):
         time-agnostic model; it then follows its own per-time schedule (the configured one, or linear — the spindle
         schedule's average masking rate — with schedule=spindle).
         """
-        sampler = sampler or self.sampler
-        if sampler is None:
-            raise ValueError("no sampler given and none configured: pass sampler= or set sampler=diffusionbert")
         extra = 1 if self.time_conditioning == "token" else 0
-        max_len = getattr(self.backbone, "max_seq_len", None)
-        if max_len is not None and tokens.shape[1] + extra > max_len:
-            raise ValueError(f"{tokens.shape[1]} tokens (+{extra} time token) exceed the model's max_seq_len={max_len}")
-        device = self.compute_device
-        x = tokens.to(device).masked_fill(fill_mask.to(device), self.mask_id)
+        x, _, sampler = self._infill_start(tokens, fill_mask, sampler, sampler_hint="diffusionbert", extra_tokens=extra)
+        device = x.device
 
         @torch.no_grad()
         def denoiser(xt: Tensor, t: int = 0) -> Tensor:
             return self.log_probs(xt, torch.full((xt.shape[0],), int(t), dtype=torch.long, device=xt.device))
 
+        # the model's own discrete-time prior where the sampler takes it, else (time-agnostic only) a mask prior
+        if sampler.accepts(D3PMPrior):
+            prior = D3PMPrior(self.mask_id, lambda t: self.alpha_bar(torch.tensor(t)).to(device), self.num_steps)
+        elif self.time_conditioning != "none":
+            raise ValueError(f"{type(sampler).__name__} is time-agnostic: use a D3PMSampler (sampler=diffusionbert)")
+        else:
+            prior = MaskPrior(self.mask_id, self.schedule if isinstance(self.schedule, MaskSchedule) else LinearSchedule())
         was_training = self.training
         self.eval()
         try:
-            if isinstance(sampler, D3PMSampler):
-                return sampler.sample(
-                    denoiser, x, mask_id=self.mask_id, num_timesteps=self.num_steps, generator=generator,
-                    alpha_bar=lambda t: self.alpha_bar(torch.tensor(t)).to(device),
-                )
-            if self.time_conditioning != "none":
-                raise ValueError(f"{type(sampler).__name__} is time-agnostic: use a D3PMSampler (sampler=diffusionbert)")
-            schedule = self.schedule if isinstance(self.schedule, MaskSchedule) else LinearSchedule()
-            return sampler.sample(denoiser, x, mask_id=self.mask_id, schedule=schedule, generator=generator)
+            return sampler.sample(denoiser, x, prior=prior, generator=generator)
         finally:
             self.train(was_training)

@@ -13,9 +13,10 @@ trained to predict token i+1, so the prediction for token j is read from positio
 position's output, as Dream does). It lives in :meth:`MDLM.logits`, the one place the loss, the bound, the
 samplers (through :meth:`MDLM.denoise`) and evaluation read predictions from, so all of them agree.
 
-Prefix KV cache (Fast-dLLM): :meth:`MDLM.infill`'s denoiser carries a ``with_prefix_cache(x, prefix_len)``
-hook (:meth:`MDLM.prefix_cached_denoise`) when the backbone takes ``past_key_values``; only
-``ThresholdSampler(prefix_cache=True)`` uses it (contract and approximation in :mod:`dlm.sampling.threshold`).
+Prefix / dual KV cache (Fast-dLLM): :meth:`MDLM.infill`'s denoiser, an :class:`MDLMDenoiser`, declares the
+``with_prefix_cache(x, prefix_len)`` hook (:meth:`MDLM.prefix_cached_denoise`) when the backbone takes
+``past_key_values`` and ``with_dual_cache`` (:meth:`MDLM.dual_cached_denoise`) when it has a static cache; only
+``ThresholdSampler(prefix_cache=True / dual_cache=True)`` uses them (contract and approximation in :mod:`dlm.sampling.threshold`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from dlm.methods.base import DiffusionLM
 from dlm.methods.masked_terms import MaskedTermsObjective, masked_token_nll
 from dlm.methods.time_sampling import check_time_sampling, sample_times
 from dlm.models.attention import attention_mask
-from dlm.sampling import Generation, Sampler
+from dlm.sampling import Denoiser, Generation, MaskPrior, Sampler
 from dlm.schedules import MaskSchedule
 
 
@@ -214,36 +215,43 @@ class MDLM(MaskedTermsObjective, DiffusionLM):
         self, tokens: Tensor, fill_mask: Tensor, sampler: Sampler | None = None, generator: torch.Generator | None = None
     ) -> Generation:
         """Fill the positions where fill_mask is True, conditioning on every other position (both sides)."""
-        sampler = sampler or self.sampler
-        if sampler is None:
-            raise ValueError("no sampler given and none configured: pass sampler= or set sampler=<name>")
-        max_len = getattr(self.backbone, "max_seq_len", None)
-        if max_len is not None and tokens.shape[1] > max_len:
-            raise ValueError(f"prompt + length = {tokens.shape[1]} tokens exceeds the model's max_seq_len={max_len}")
-        x = tokens.to(self.compute_device).masked_fill(fill_mask.to(self.compute_device), self.mask_id)
-        initial_masks = (x == self.mask_id).sum(1).clamp(min=1)
-
-        def denoiser(xt: Tensor) -> Tensor:
-            # Time-conditioned backbones get t from the fraction still masked (exact for the linear schedule).
-            time = (xt == self.mask_id).sum(1) / initial_masks if self._time_conditioned else None
-            return self.denoise(xt, time=time)
-
-        if self.supports_prefix_cache:  # the hook of ThresholdSampler(prefix_cache=True); other samplers ignore it
-            def with_prefix_cache(xt: Tensor, prefix_len: int):
-                time_fn = (lambda t: (t == self.mask_id).sum(1) / initial_masks) if self._time_conditioned else None
-                return self.prefix_cached_denoise(xt, prefix_len, time_fn=time_fn)
-
-            denoiser.with_prefix_cache = with_prefix_cache
-        if self.supports_dual_cache:  # the hook of ThresholdSampler(dual_cache=True)
-            def with_dual_cache(xt: Tensor, start: int, end: int):
-                time_fn = (lambda t: (t == self.mask_id).sum(1) / initial_masks) if self._time_conditioned else None
-                return self.dual_cached_denoise(xt, start, end, time_fn=time_fn)
-
-            denoiser.with_dual_cache = with_dual_cache
-
+        x, _, sampler = self._infill_start(tokens, fill_mask, sampler)
+        denoiser = MDLMDenoiser(self, initial_masks=(x == self.mask_id).sum(1).clamp(min=1))
         was_training = self.training
         self.eval()
         try:
-            return sampler.sample(denoiser, x, mask_id=self.mask_id, schedule=self.schedule, generator=generator)
+            return sampler.sample(denoiser, x, prior=MaskPrior(self.mask_id, self.schedule), generator=generator)
         finally:
             self.train(was_training)
+
+
+class MDLMDenoiser(Denoiser):
+    """MDLM's denoiser for one infill: :meth:`MDLM.denoise` with the time of a time-conditioned backbone taken from
+    the fraction still masked (exact for the linear schedule), and the Fast-dLLM hooks (:meth:`with_prefix_cache`,
+    :meth:`with_dual_cache`) declared where the backbone supports them (:attr:`MDLM.supports_prefix_cache`,
+    :attr:`MDLM.supports_dual_cache`)."""
+
+    def __init__(self, model: MDLM, initial_masks: Tensor):
+        self.model = model
+        self.initial_masks = initial_masks
+        self.has_prefix_cache = bool(model.supports_prefix_cache)
+        self.has_dual_cache = bool(model.supports_dual_cache)
+
+    def _time(self, xt: Tensor) -> Tensor:
+        return (xt == self.model.mask_id).sum(1) / self.initial_masks
+
+    def _time_fn(self) -> Callable[[Tensor], Tensor] | None:
+        return self._time if self.model._time_conditioned else None
+
+    def __call__(self, xt: Tensor) -> Tensor:
+        return self.model.denoise(xt, time=self._time(xt) if self.model._time_conditioned else None)
+
+    def with_prefix_cache(self, xt: Tensor, prefix_len: int):
+        if not self.has_prefix_cache:
+            return super().with_prefix_cache(xt, prefix_len)
+        return self.model.prefix_cached_denoise(xt, prefix_len, time_fn=self._time_fn())
+
+    def with_dual_cache(self, xt: Tensor, start: int, end: int):
+        if not self.has_dual_cache:
+            return super().with_dual_cache(xt, start, end)
+        return self.model.dual_cached_denoise(xt, start, end, time_fn=self._time_fn())

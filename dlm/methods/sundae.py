@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from dlm.methods.base import DiffusionLM
 from dlm.models.capabilities import capabilities_of
-from dlm.sampling import Generation, Sampler
-from dlm.sampling.sundae import ArgmaxUnrolledSampler, SundaeSampler, uniform_noise
+from dlm.sampling import Generation, Sampler, UniformPrior, samplers_for, takes
+from dlm.sampling.sundae import uniform_noise
 
 NO_BOUND = (
     "SUNDAE has no tractable likelihood bound (its unrolled denoising loss is not a bound on -log p(x)), so "
@@ -58,9 +58,10 @@ class SUNDAE(DiffusionLM):
                 "time_conditioning=true: set model.time_conditioning=false"
             )
         sampler = base_kwargs.get("sampler")
-        if sampler is not None and not isinstance(sampler, (SundaeSampler, ArgmaxUnrolledSampler)):
+        if sampler is not None and not takes(sampler, UniformPrior):
             raise ValueError(
-                f"method=sundae needs a SUNDAE sampler (sampler=sundae; or dlm.sampling.ArgmaxUnrolledSampler), got "
+                f"method=sundae needs a SUNDAE sampler (sampler=sundae; or any of "
+                f"{', '.join(samplers_for(UniformPrior))}), got "
                 f"{type(sampler).__name__}: mask-diffusion samplers fill mask tokens, which SUNDAE never sees"
             )
         self.unroll_steps = int(unroll_steps)
@@ -135,19 +136,11 @@ class SUNDAE(DiffusionLM):
         self, tokens: Tensor, fill_mask: Tensor, sampler: Sampler | None = None, generator: torch.Generator | None = None
     ) -> Generation:
         """Refine the positions where fill_mask is True from uniform noise; every other position stays as given."""
-        sampler = sampler or self.sampler
-        if sampler is None:
-            raise ValueError("no sampler given and none configured: pass sampler= or set sampler=sundae")
-        if not isinstance(sampler, (SundaeSampler, ArgmaxUnrolledSampler)):
-            raise ValueError(f"method=sundae samples with SundaeSampler or ArgmaxUnrolledSampler, got {sampler!r}")
-        max_len = getattr(self.backbone, "max_seq_len", None)
-        if max_len is not None and tokens.shape[1] > max_len:
-            raise ValueError(f"prompt + length = {tokens.shape[1]} tokens exceeds the model's max_seq_len={max_len}")
-        device = self.compute_device
+        x, free, sampler = self._infill_start(tokens, fill_mask, sampler, sampler_hint="sundae")
+        prior = UniformPrior(free=free, noise_ids=self.noise_ids.to(x.device), mask_id=self.mask_id)
         was_training = self.training
         self.eval()
         try:
-            return sampler.sample(self.denoise, tokens.to(device), free=fill_mask.to(device),
-                                  noise_ids=self.noise_ids.to(device), mask_id=self.mask_id, generator=generator)
+            return sampler.sample(self.denoise, x, prior=prior, generator=generator)
         finally:
             self.train(was_training)

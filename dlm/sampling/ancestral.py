@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from dlm.sampling.base import Denoiser, Generation, Sampler
-from dlm.schedules import MaskSchedule
+from dlm.sampling.prior import MaskPrior
 
 __all__ = ["AncestralSampler"]
 
@@ -47,15 +47,10 @@ class AncestralSampler(Sampler):
         return f"cache_unchanged={self.cache_unchanged}, cap_steps={self.cap_steps}"
 
     @torch.no_grad()
-    def sample(
-        self,
-        denoiser: Denoiser,
-        x: Tensor,
-        *,
-        mask_id: int,
-        schedule: MaskSchedule,
-        generator: torch.Generator | None = None,
-    ) -> Generation:
+    def _sample(self, denoiser: Denoiser, x: Tensor, prior: MaskPrior, generator: torch.Generator | None) -> Generation:
+        mask_id, schedule = prior.mask_id, prior.schedule
+        if schedule is None:
+            raise ValueError(f"{type(self).__name__} follows the schedule's time grid: MaskPrior.schedule is required")
         x = self._check_input(x, mask_id)
         trajectory = [x.clone()] if self.record_trajectory else None
         calls = 0

@@ -13,6 +13,13 @@ __all__ = ["ARSampler"]
 class ARSampler:
     """Next-token decoding settings; the AR family runs the loop (it owns the backbone and its cache).
 
+    Deliberately not a :class:`~dlm.sampling.base.Sampler`: a Sampler reverses a corruption of a whole ``[B, T]``
+    state (a prior) by calling a denoiser on that state, and its loop is the sampler's. AR decoding has no state to
+    denoise: the sequence grows by one token per forward, the KV cache that makes it fast lives in the backbone, and
+    the stopping rule (EOS per row) is the family's. Routing it through ``sample(denoiser, x, prior=...)`` would
+    mean a denoiser whose call is "append one token", i.e. the family's loop hidden behind the interface. So the
+    family owns the loop and asks this object only for :meth:`draw`.
+
     Args:
         temperature: softmax temperature; 0 = greedy (argmax).
         top_k: keep the ``top_k`` most likely tokens (None: no top-k filtering).

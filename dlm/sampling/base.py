@@ -1,9 +1,11 @@
 """Shared pieces of the samplers: the :class:`Generation` result, the :class:`Sampler` base class and the
 token-drawing helpers (temperature / top-k / top-p filtering and float64 Gumbel-max sampling).
 
-Samplers work for any absorbing-state (mask) diffusion model: they only need a *denoiser*, a callable
-mapping a partly masked ``[B, T]`` token tensor to log-probabilities ``log p(x0 | x)`` of shape
-``[B, T, V]``. The denoiser is assumed to be time-agnostic (its output depends only on ``x``).
+One interface: ``sampler.sample(denoiser, x, prior=..., generator=...)``. The *denoiser* maps a corrupted
+``[B, T]`` token tensor to log-probabilities ``log p(x0 | x)`` of shape ``[B, T, V]`` (a plain callable, or a
+:class:`Denoiser` when it declares hooks such as the prefix / dual KV cache); the *prior*
+(:mod:`dlm.sampling.prior`) says which corruption to reverse. A sampler declares the priors it accepts in
+:attr:`Sampler.priors` and refuses any other with a message naming the samplers that take it.
 """
 
 from __future__ import annotations
@@ -11,21 +13,68 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from dlm.schedules import MaskSchedule
+from dlm.sampling.prior import MaskPrior, Prior, PriorMismatchError
 
 __all__ = [
     "Denoiser",
+    "FunctionDenoiser",
     "Generation",
     "Sampler",
     "filter_logits",
     "sample_categorical",
+    "samplers_for",
+    "takes",
 ]
 
-Denoiser = Callable[[Tensor], Tensor]
+
+class Denoiser:
+    """A denoiser with declared hooks. ``denoiser(x)`` (``denoiser(x, t)`` under a
+    :class:`~dlm.sampling.prior.D3PMPrior`) returns ``log p(x0 | x)`` ``[B, T, V]``. A plain callable is a denoiser
+    without hooks; a family whose network can do more subclasses this and declares it:
+
+    * :meth:`with_prefix_cache` (``has_prefix_cache``) and :meth:`with_dual_cache` (``has_dual_cache``): Fast-dLLM's
+      KV caches, used by :class:`~dlm.sampling.ThresholdSampler` (contract in :mod:`dlm.sampling.threshold`).
+    """
+
+    has_prefix_cache: bool = False
+    has_dual_cache: bool = False
+
+    def __call__(self, x: Tensor, *args) -> Tensor:
+        raise NotImplementedError
+
+    def with_prefix_cache(self, x: Tensor, prefix_len: int) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        raise NotImplementedError(f"{type(self).__name__} has no prefix KV cache")
+
+    def with_dual_cache(self, x: Tensor, start: int, end: int) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        raise NotImplementedError(f"{type(self).__name__} has no dual KV cache")
+
+
+class FunctionDenoiser(Denoiser):
+    """A denoiser from functions: ``fn`` is the call, ``prefix_cache`` / ``dual_cache`` (optional) the hooks."""
+
+    def __init__(self, fn: Callable[..., Tensor], prefix_cache: Callable | None = None,
+                 dual_cache: Callable | None = None):
+        self.fn, self._prefix, self._dual = fn, prefix_cache, dual_cache
+        self.has_prefix_cache = prefix_cache is not None
+        self.has_dual_cache = dual_cache is not None
+
+    def __call__(self, x: Tensor, *args) -> Tensor:
+        return self.fn(x, *args)
+
+    def with_prefix_cache(self, x: Tensor, prefix_len: int):
+        if self._prefix is None:
+            return super().with_prefix_cache(x, prefix_len)
+        return self._prefix(x, prefix_len)
+
+    def with_dual_cache(self, x: Tensor, start: int, end: int):
+        if self._dual is None:
+            return super().with_dual_cache(x, start, end)
+        return self._dual(x, start, end)
 
 
 @dataclass
@@ -104,8 +153,28 @@ def sample_categorical(logp: Tensor, generator: torch.Generator | None = None) -
     return (logp.double() + gumbel).argmax(dim=-1)
 
 
+def _subclasses(cls: type) -> list[type]:
+    out = []
+    for sub in cls.__subclasses__():
+        out += [sub, *_subclasses(sub)]
+    return out
+
+
+def takes(sampler, prior: type[Prior]) -> bool:
+    """Whether ``sampler`` (any object: a configured sampler may be an :class:`~dlm.sampling.ARSampler`) is a
+    :class:`Sampler` that accepts ``prior``; what a family checks when it is built with a sampler."""
+    return isinstance(sampler, Sampler) and sampler.accepts(prior)
+
+
+def samplers_for(prior: type[Prior]) -> list[str]:
+    """Names of the (imported, concrete) sampler classes that accept ``prior``."""
+    names = {c.__name__ for c in _subclasses(Sampler)
+             if not getattr(c, "__abstractmethods__", None) and any(issubclass(prior, p) for p in c.priors)}
+    return sorted(names)
+
+
 class Sampler(ABC):
-    """Base class of samplers for absorbing-state diffusion.
+    """Base class of samplers: ``sample(denoiser, x, prior=..., generator=...)`` for every prior in :attr:`priors`.
 
     Args:
         steps: number of denoising steps (>= 1).
@@ -113,7 +182,12 @@ class Sampler(ABC):
         top_k: keep only the ``top_k`` most likely tokens (None: no top-k filtering).
         top_p: nucleus filtering threshold in (0, 1] (None: no nucleus filtering).
         record_trajectory: keep ``x`` after every step in :attr:`Generation.trajectory`.
+
+    A subclass declares :attr:`priors` (default: :class:`~dlm.sampling.prior.MaskPrior`) and implements
+    :meth:`_sample`.
     """
+
+    priors: ClassVar[tuple[type[Prior], ...]] = (MaskPrior,)
 
     def __init__(
         self,
@@ -137,21 +211,38 @@ class Sampler(ABC):
         self.top_p = None if top_p is None else float(top_p)
         self.record_trajectory = bool(record_trajectory)
 
-    @abstractmethod
+    def accepts(self, prior: Prior | type[Prior]) -> bool:
+        """Whether this sampler can reverse ``prior`` (an instance or a class)."""
+        kind = prior if isinstance(prior, type) else type(prior)
+        return any(issubclass(kind, p) for p in self.priors)
+
+    def check_prior(self, prior: Prior) -> None:
+        """Raise :class:`~dlm.sampling.prior.PriorMismatchError` unless this sampler accepts ``prior``."""
+        if not isinstance(prior, Prior):
+            raise TypeError(f"prior must be a dlm.sampling.prior.Prior, got {type(prior).__name__}")
+        if not self.accepts(prior):
+            takes = ", ".join(p.__name__ for p in self.priors)
+            raise PriorMismatchError(
+                f"{type(self).__name__} reverses {takes}, not {type(prior).__name__}; samplers that do: "
+                f"{', '.join(samplers_for(type(prior))) or 'none'}"
+            )
+
     def sample(
-        self,
-        denoiser: Denoiser,
-        x: Tensor,
-        *,
-        mask_id: int,
-        schedule: MaskSchedule,
+        self, denoiser: Denoiser | Callable[..., Tensor], x: Tensor, *, prior: Prior,
         generator: torch.Generator | None = None,
     ) -> Generation:
-        """Fill every position of ``x`` equal to ``mask_id``; other positions are kept verbatim.
+        """Reverse ``prior`` from ``x``: under a mask prior fill every position equal to ``mask_id``, under a uniform
+        prior refine the free positions; every other position is kept verbatim.
 
-        ``denoiser(x)`` must return log-probabilities ``log p(x0 | x)`` of shape ``[B, T, V]`` (float) with
-        the mask token already given zero probability (samplers also exclude it defensively).
+        ``denoiser`` returns log-probabilities ``log p(x0 | x)`` of shape ``[B, T, V]`` (float) with the mask token
+        already given zero probability (samplers also exclude it defensively).
         """
+        self.check_prior(prior)
+        return self._sample(denoiser, x, prior, generator)
+
+    @abstractmethod
+    def _sample(self, denoiser, x: Tensor, prior: Prior, generator: torch.Generator | None) -> Generation:
+        """The sampler's loop; ``prior`` is one of :attr:`priors`."""
 
     # ------------------------------------------------------------------ helpers for subclasses
     @staticmethod

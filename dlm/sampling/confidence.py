@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from dlm.sampling.base import Denoiser, Generation, Sampler
-from dlm.schedules import MaskSchedule
+from dlm.sampling.prior import MaskPrior
 
 __all__ = [
     "ConfidenceSampler",
@@ -122,15 +122,10 @@ class OrderedUnmaskingSampler(Sampler):
 
     # ------------------------------------------------------------------ the loop
     @torch.no_grad()
-    def sample(
-        self,
-        denoiser: Denoiser,
-        x: Tensor,
-        *,
-        mask_id: int,
-        schedule: MaskSchedule | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Generation:
+    def _sample(self, denoiser: Denoiser, x: Tensor, prior: MaskPrior, generator: torch.Generator | None) -> Generation:
+        """The block loop, shared with the threshold sampler: blocks in order, each with its share of the steps; a
+        block's steps are made by the step function :meth:`_open_block` returns (one network call each)."""
+        mask_id = prior.mask_id
         x = self._check_input(x, mask_id)
         trajectory = [x.clone()] if self.record_trajectory else None
         calls = 0
@@ -138,23 +133,33 @@ class OrderedUnmaskingSampler(Sampler):
         if not masked.any():
             return Generation(x, 0, trajectory)
 
-        B, T = x.shape
         blocks, num_blocks = block_ids(masked, self.block_length)
+        first = int(masked.long().argmax(dim=1)[masked.any(dim=1)].min())  # earliest first mask of any row
         base_steps, extra_steps = divmod(self.steps, num_blocks)
         for j in range(num_blocks):
             block_steps = max(1, base_steps + (1 if j < extra_steps else 0))
             in_block = blocks == j
+            step = self._open_block(denoiser, j, first, in_block, mask_id)
             for i in range(block_steps):
                 eligible = (x == mask_id) & in_block
                 remaining = eligible.sum(dim=1)
                 if not remaining.any():
                     break
-                logp = self._call(denoiser, x)
+                x = step(x, i, eligible, remaining, block_steps - i, generator)
                 calls += 1
-                x = self._step(x, logp, eligible, remaining, block_steps - i, mask_id, generator)
                 if trajectory is not None:
                     trajectory.append(x.clone())
         return Generation(x, calls, trajectory)
+
+    def _open_block(self, denoiser: Denoiser, j: int, first: int, in_block: Tensor, mask_id: int):
+        """The step function of block ``j`` (``first``: the earliest first mask of any row; ``in_block``: its
+        positions): ``step(x, i, eligible, remaining, steps_left, generator) -> x`` makes step ``i`` of the block
+        with one network call. Here a full forward per step; the threshold sampler's caches override it."""
+
+        def step(x: Tensor, i: int, eligible: Tensor, remaining: Tensor, steps_left: int, generator) -> Tensor:
+            return self._step(x, self._call(denoiser, x), eligible, remaining, steps_left, mask_id, generator)
+
+        return step
 
     def _step(
         self,

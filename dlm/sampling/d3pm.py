@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from dlm.sampling.base import Generation, Sampler
+from dlm.sampling.prior import D3PMPrior
 
 __all__ = ["D3PMSampler", "time_grid"]
 
@@ -46,10 +47,12 @@ def time_grid(num_timesteps: int, steps: int) -> list[int]:
 class D3PMSampler(Sampler):
     """T (or fewer) ancestral steps of the absorbing D3PM with a per-token schedule; top-k and temperature.
 
-    ``sample(denoiser, x, mask_id=..., alpha_bar=..., num_timesteps=T)``: ``denoiser(x, t)`` returns
+    ``sample(denoiser, x, prior=D3PMPrior(mask_id, alpha_bar, num_timesteps=T))``: ``denoiser(x, t)`` returns
     ``log p_θ(x0 | x_t)`` ``[B, L, V]`` at integer time ``t`` (time-agnostic models ignore t), and ``alpha_bar(t)``
     returns ᾱ_t as a ``[V]`` tensor.
     """
+
+    priors = (D3PMPrior,)
 
     def __init__(
         self,
@@ -67,16 +70,9 @@ class D3PMSampler(Sampler):
         return f"cap_steps={self.cap_steps}"
 
     @torch.no_grad()
-    def sample(
-        self,
-        denoiser: Callable[[Tensor, int], Tensor],
-        x: Tensor,
-        *,
-        mask_id: int,
-        alpha_bar: Callable[[int], Tensor],
-        num_timesteps: int,
-        generator: torch.Generator | None = None,
-    ) -> Generation:
+    def _sample(self, denoiser: Callable[[Tensor, int], Tensor], x: Tensor, prior: D3PMPrior,
+                generator: torch.Generator | None) -> Generation:
+        mask_id, alpha_bar, num_timesteps = prior.mask_id, prior.alpha_bar, prior.num_timesteps
         x = self._check_input(x, mask_id)
         trajectory = [x.clone()] if self.record_trajectory else None
         calls = 0

@@ -1,7 +1,7 @@
 """SUNDAE samplers (Savinov et al. 2021): iterative refinement from uniform noise, no mask token.
 
 Both samplers take a *denoiser* ``x -> log p(x0 | x)`` (``[B, T, V]``, the mask token at zero probability) and a
-boolean ``free`` tensor: positions where ``free`` is False (prompts, the given side of an infill) are never changed;
+:class:`~dlm.sampling.prior.UniformPrior` whose boolean ``free`` tensor says where to sample: positions where ``free`` is False (prompts, the given side of an infill) are never changed;
 the free positions start as uniform draws from ``noise_ids`` and are refined.
 
 * :class:`SundaeSampler` — the paper's stochastic sampler: every step draws a proposal for every free position
@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from dlm.sampling.base import Denoiser, Generation, Sampler
+from dlm.sampling.prior import UniformPrior
 
 __all__ = ["ArgmaxUnrolledSampler", "SundaeSampler", "uniform_noise"]
 
@@ -47,7 +48,8 @@ def _start(x: Tensor, free: Tensor, noise_ids: Tensor, generator) -> tuple[Tenso
 
 
 class SundaeSampler(Sampler):
-    """Stochastic SUNDAE sampling: temperature τ, update proportion ρ, stop when nothing changes.
+    """Stochastic SUNDAE sampling: temperature τ, update proportion ρ, stop when nothing changes (a
+    :class:`~dlm.sampling.prior.UniformPrior`).
 
     Args:
         steps: maximum number of refinement steps.
@@ -56,6 +58,8 @@ class SundaeSampler(Sampler):
         stop_when_unchanged: stop as soon as a step changes no token (in any row).
         cap_steps: take at most as many steps as the most free positions of a row (False: up to ``steps``).
     """
+
+    priors = (UniformPrior,)
 
     def __init__(
         self,
@@ -80,16 +84,8 @@ class SundaeSampler(Sampler):
                 f"cap_steps={self.cap_steps}")
 
     @torch.no_grad()
-    def sample(
-        self,
-        denoiser: Denoiser,
-        x: Tensor,
-        *,
-        free: Tensor,
-        noise_ids: Tensor,
-        mask_id: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Generation:
+    def _sample(self, denoiser: Denoiser, x: Tensor, prior: UniformPrior, generator: torch.Generator | None) -> Generation:
+        free, noise_ids, mask_id = prior.free, prior.noise_ids, prior.mask_id
         x, free = _start(x, free, noise_ids, generator)
         trajectory = [x.clone()] if self.record_trajectory else None
         calls = 0
@@ -117,20 +113,14 @@ class SundaeSampler(Sampler):
 class ArgmaxUnrolledSampler(Sampler):
     """Deterministic argmax-unrolled decoding that re-predicts the least confident tokens (see module docs)."""
 
+    priors = (UniformPrior,)
+
     def __init__(self, steps: int = 10, record_trajectory: bool = False):
         super().__init__(steps, 0.0, None, None, record_trajectory)
 
     @torch.no_grad()
-    def sample(
-        self,
-        denoiser: Denoiser,
-        x: Tensor,
-        *,
-        free: Tensor,
-        noise_ids: Tensor,
-        mask_id: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Generation:
+    def _sample(self, denoiser: Denoiser, x: Tensor, prior: UniformPrior, generator: torch.Generator | None) -> Generation:
+        free, noise_ids, mask_id = prior.free, prior.noise_ids, prior.mask_id
         x, free = _start(x, free, noise_ids, generator)
         trajectory = [x.clone()] if self.record_trajectory else None
         if not free.any():

@@ -25,8 +25,9 @@ first step. It is exact when the prefix cannot attend to the suffix (e.g. a bloc
 align with the sampler's; tested), where cached and uncached runs give identical tokens for the same generator
 (with the dual cache too: the block cannot attend to the later blocks either).
 
-The hook (family-agnostic; the sampler never sees a backbone). The denoiser passed to :meth:`sample` must
-expose ``denoiser.with_prefix_cache(x, prefix_len) -> (logp, suffix_denoiser)``:
+The hook (family-agnostic; the sampler never sees a backbone). The denoiser passed to :meth:`sample` must be a
+:class:`~dlm.sampling.base.Denoiser` that declares ``has_prefix_cache`` and implements
+``denoiser.with_prefix_cache(x, prefix_len) -> (logp, suffix_denoiser)``:
 
 * ``x`` ``[B, T]`` is the current state; ``x[:, :prefix_len]`` has no masks and the caller keeps it fixed
   while it uses ``suffix_denoiser``;
@@ -35,7 +36,8 @@ expose ``denoiser.with_prefix_cache(x, prefix_len) -> (logp, suffix_denoiser)``:
   ``[B, T - prefix_len, V]`` with the same conventions as the denoiser (SUBS, mask excluded), computed
   against the cached keys/values of ``x[:, :prefix_len]``.
 
-The dual cache's hook is ``denoiser.with_dual_cache(x, start, end) -> (logp, block_denoiser)``: the same, with
+The dual cache's hook is ``denoiser.with_dual_cache(x, start, end) -> (logp, block_denoiser)`` (declared by
+``has_dual_cache``): the same, with
 ``block_denoiser(z)`` mapping ``z = x'[:, start:end]`` (the current block's columns in any later state) to
 ``[B, end - start, V]`` against the cached keys/values of ``x[:, :start]`` and ``x[:, end:]``. With ``eos_id`` a
 committed EOS still fills the row's masks to its right, past the block too (the suffix's cached keys/values then
@@ -45,7 +47,7 @@ keep the masks until the next refresh).
 first step), trading speed back for accuracy; ``refresh_every=1`` refreshes on every step, which is the uncached
 sampler (tested: identical tokens). None: at block boundaries only (Fast-dLLM).
 
-:meth:`dlm.methods.mdlm.MDLM.infill` attaches both hooks for backbones that take ``past_key_values`` (the native
+:meth:`dlm.methods.mdlm.MDLM.infill` hands a denoiser with both hooks (:class:`dlm.methods.mdlm.MDLMDenoiser`) for backbones that take ``past_key_values`` (the native
 Transformer and HFCausalLM; the dual cache needs a static KV cache, :mod:`dlm.models.kv_cache`: sdpa or eager
 attention on HF models). A denoiser without the hook is rejected (ValueError), not silently run uncached.
 BD3-LM's exact block KV cache is the trained-for version of this speed-up.
@@ -57,8 +59,8 @@ import torch
 from torch import Tensor
 
 from dlm.sampling.base import Denoiser, Generation
-from dlm.sampling.confidence import ConfidenceSampler, block_ids
-from dlm.schedules import MaskSchedule
+from dlm.sampling.confidence import ConfidenceSampler
+from dlm.sampling.prior import MaskPrior
 
 __all__ = ["ThresholdSampler"]
 
@@ -119,20 +121,15 @@ class ThresholdSampler(ConfidenceSampler):
         return (sorted_scores.exp() > self.threshold).sum(dim=1)
 
     @torch.no_grad()
-    def sample(
-        self,
-        denoiser: Denoiser,
-        x: Tensor,
-        *,
-        mask_id: int,
-        schedule: MaskSchedule | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Generation:
-        if not (self.prefix_cache or self.dual_cache):
-            return super().sample(denoiser, x, mask_id=mask_id, schedule=schedule, generator=generator)
+    def _sample(self, denoiser: Denoiser, x: Tensor, prior: MaskPrior, generator: torch.Generator | None) -> Generation:
+        if self.prefix_cache or self.dual_cache:
+            self._check_hook(denoiser)
+        return super()._sample(denoiser, x, prior, generator)
+
+    def _check_hook(self, denoiser) -> None:
         dual = self.dual_cache
-        hook = getattr(denoiser, "with_dual_cache" if dual else "with_prefix_cache", None)
-        if hook is None:
+        declared = isinstance(denoiser, Denoiser) and (denoiser.has_dual_cache if dual else denoiser.has_prefix_cache)
+        if not declared:
             name, signature = ("dual_cache", "with_dual_cache(x, start, end)") if dual else \
                 ("prefix_cache", "with_prefix_cache(x, prefix_len)")
             raise ValueError(
@@ -140,53 +137,40 @@ class ThresholdSampler(ConfidenceSampler):
                 f"taking past_key_values: the native Transformer or HFCausalLM{', sdpa/eager' if dual else ''}); use "
                 f"{name}=false for this family / backbone"
             )
-        x = self._check_input(x, mask_id)
-        trajectory = [x.clone()] if self.record_trajectory else None
-        calls = 0
-        masked = x == mask_id
-        if not masked.any():
-            return Generation(x, 0, trajectory)
 
-        B, T = x.shape
-        blocks, num_blocks = block_ids(masked, self.block_length)
-        first = int(masked.long().argmax(dim=1)[masked.any(dim=1)].min())  # earliest first mask of any row
-        base_steps, extra_steps = divmod(self.steps, num_blocks)
-        for j in range(num_blocks):
-            block_steps = max(1, base_steps + (1 if j < extra_steps else 0))
-            in_block = blocks == j
-            # every row's blocks < j are finished, so columns before p are clean in every row
-            p = min(first + j * self.block_length, T)
-            e = T  # the recomputed columns are [p, e): the dual cache holds the rest
-            cached = None  # the block's cached denoiser, set by its first step
-            for i in range(block_steps):
-                eligible = (x == mask_id) & in_block
-                remaining = eligible.sum(dim=1)
-                if not remaining.any():
-                    break
-                steps_left = block_steps - i
-                if p == 0 and not dual:  # nothing to cache (no prompt, first block)
-                    x = self._step(x, self._call(denoiser, x), eligible, remaining, steps_left, mask_id, generator)
-                elif cached is None or (self.refresh_every is not None and i % self.refresh_every == 0):
-                    # the block's first step (and every refresh_every-th): a full forward refreshes the cache
-                    if dual:  # the block's last column over all rows (rows may start their blocks apart)
-                        e = int(in_block.any(dim=0).nonzero()[-1]) + 1
-                    logp, cached = hook(x, p, e) if dual else hook(x, p)
-                    x = self._step(x, self._check(logp, x), eligible, remaining, steps_left, mask_id, generator)
-                else:  # later steps: only the columns [p, e), against the cached keys/values of the rest
-                    z = x[:, p:e]
-                    logp = self._check(cached(z), z)
-                    new = self._step(z, logp, eligible[:, p:e], remaining, steps_left, mask_id, generator)
-                    if self.eos_id is not None and e < T:  # a committed EOS fills the masks after it, past e too
-                        commit = torch.zeros_like(eligible)
-                        commit[:, p:e] = (z == mask_id) & (new != mask_id)
-                        x = self._fill_after_eos(torch.cat([x[:, :p], new, x[:, e:]], dim=1), commit, mask_id)
-                    else:
-                        x = x.clone()
-                        x[:, p:e] = new
-                calls += 1
-                if trajectory is not None:
-                    trajectory.append(x.clone())
-        return Generation(x, calls, trajectory)
+    def _open_block(self, denoiser: Denoiser, j: int, first: int, in_block: Tensor, mask_id: int):
+        if not (self.prefix_cache or self.dual_cache):
+            return super()._open_block(denoiser, j, first, in_block, mask_id)
+        dual = self.dual_cache
+        T = in_block.shape[1]
+        # every row's blocks < j are finished, so columns before p are clean in every row
+        p = min(first + j * self.block_length, T)
+        state = {"e": T, "cached": None}  # the recomputed columns are [p, e): the dual cache holds the rest
+
+        def step(x: Tensor, i: int, eligible: Tensor, remaining: Tensor, steps_left: int, generator) -> Tensor:
+            if p == 0 and not dual:  # nothing to cache (no prompt, first block)
+                return self._step(x, self._call(denoiser, x), eligible, remaining, steps_left, mask_id, generator)
+            if state["cached"] is None or (self.refresh_every is not None and i % self.refresh_every == 0):
+                # the block's first step (and every refresh_every-th): a full forward refreshes the cache
+                if dual:  # the block's last column over all rows (rows may start their blocks apart)
+                    state["e"] = int(in_block.any(dim=0).nonzero()[-1]) + 1
+                logp, state["cached"] = denoiser.with_dual_cache(x, p, state["e"]) if dual else \
+                    denoiser.with_prefix_cache(x, p)
+                return self._step(x, self._check(logp, x), eligible, remaining, steps_left, mask_id, generator)
+            # later steps: only the columns [p, e), against the cached keys/values of the rest
+            e = state["e"]
+            z = x[:, p:e]
+            logp = self._check(state["cached"](z), z)
+            new = self._step(z, logp, eligible[:, p:e], remaining, steps_left, mask_id, generator)
+            if self.eos_id is not None and e < T:  # a committed EOS fills the masks after it, past e too
+                commit = torch.zeros_like(eligible)
+                commit[:, p:e] = (z == mask_id) & (new != mask_id)
+                return self._fill_after_eos(torch.cat([x[:, :p], new, x[:, e:]], dim=1), commit, mask_id)
+            x = x.clone()
+            x[:, p:e] = new
+            return x
+
+        return step
 
     @staticmethod
     def _check(logp: Tensor, x: Tensor) -> Tensor:

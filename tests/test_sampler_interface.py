@@ -1,0 +1,131 @@
+"""The one sampler interface: every config in conf/sampler/ builds, samples through
+``sampler.sample(denoiser, x, prior=..., generator=...)`` with each prior it declares, and refuses the others with a
+message naming the samplers that take them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from dlm.sampling import (
+    ARSampler,
+    D3PMPrior,
+    FunctionDenoiser,
+    MaskPrior,
+    PriorMismatchError,
+    Sampler,
+    ThresholdSampler,
+    UniformPrior,
+    samplers_for,
+)
+from dlm.schedules import LinearSchedule
+from tests.conftest import compose
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "sampler"
+NAMES = sorted(p.stem for p in CONF.glob("*.yaml"))
+V, MASK, T = 7, 6, 10
+
+
+def denoiser(x: torch.Tensor, t: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(int(x.sum()) + int(t))
+    logits = torch.randn(*x.shape, V, generator=g)
+    logits[..., MASK] = float("-inf")
+    return logits.log_softmax(-1)
+
+
+def inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randint(0, MASK, (2, T), generator=torch.Generator().manual_seed(0))
+    fill = torch.zeros(2, T, dtype=torch.bool)
+    fill[0, 3:] = True
+    fill[1, 1:8] = True
+    return x.masked_fill(fill, MASK), fill
+
+
+def priors(fill: torch.Tensor) -> dict[type, object]:
+    return {
+        MaskPrior: MaskPrior(MASK, LinearSchedule()),
+        D3PMPrior: D3PMPrior(MASK, lambda t: torch.full((V,), 1.0 - t / 16, dtype=torch.float64), 16),
+        UniformPrior: UniformPrior(fill, torch.arange(MASK), MASK),
+    }
+
+
+def build(name: str):
+    return instantiate(compose([f"sampler={name}", "logger=none"]).sampler)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_sampler_config_samples_through_the_one_interface(name):
+    sampler = build(name)
+    if isinstance(sampler, ARSampler):  # AR decoding is the family's loop (ARSampler's docstring): no sample()
+        assert not isinstance(sampler, Sampler) and not hasattr(sampler, "sample")
+        return
+    assert isinstance(sampler, Sampler) and sampler.priors
+    x, fill = inputs()
+    available = priors(fill)
+    for kind in sampler.priors:
+        gen = sampler.sample(denoiser, x, prior=available[kind], generator=torch.Generator().manual_seed(0))
+        assert gen.tokens.shape == x.shape and not (gen.tokens == MASK).any(), (name, kind)
+        assert torch.equal(gen.tokens[~fill], x[~fill]), (name, kind)  # given tokens are kept
+        assert gen.num_network_calls >= 1
+    refused = [kind for kind in available if not sampler.accepts(kind)]
+    assert refused, f"{name} accepts every prior: the refusal is untested"
+    for kind in refused:
+        with pytest.raises(PriorMismatchError) as err:
+            sampler.sample(denoiser, x, prior=available[kind])
+        message = str(err.value)
+        assert type(sampler).__name__ in message and kind.__name__ in message
+        takers = samplers_for(kind)
+        assert takers and all(t in message for t in takers), message
+
+
+def test_the_priors_have_their_samplers():
+    assert "D3PMSampler" in samplers_for(D3PMPrior)
+    assert {"SundaeSampler", "ArgmaxUnrolledSampler"} <= set(samplers_for(UniformPrior))
+    assert {"AncestralSampler", "ThresholdSampler", "ReMDMSampler"} <= set(samplers_for(MaskPrior))
+    assert not set(samplers_for(MaskPrior)) & set(samplers_for(UniformPrior))
+
+
+def test_a_prior_must_be_a_prior_object():
+    x, _ = inputs()
+    with pytest.raises(TypeError, match="prior must be"):
+        build("ancestral").sample(denoiser, x, prior=MASK)
+
+
+def test_cache_hooks_are_declared_methods():
+    # a plain callable declares no hook; a FunctionDenoiser declares the ones it is given
+    x, _ = inputs()
+    s = ThresholdSampler(block_length=4, prefix_cache=True)
+    with pytest.raises(ValueError, match="with_prefix_cache"):
+        s.sample(denoiser, x, prior=MaskPrior(MASK))
+    with pytest.raises(ValueError, match="with_prefix_cache"):  # a dual-cache-only denoiser has no prefix hook
+        s.sample(FunctionDenoiser(denoiser, dual_cache=lambda *a: None), x, prior=MaskPrior(MASK))
+    hooked = FunctionDenoiser(denoiser, prefix_cache=lambda z, p: (denoiser(z), lambda s: denoiser(s)[:, :]))
+    assert hooked.has_prefix_cache and not hooked.has_dual_cache
+    gen = s.sample(hooked, x, prior=MaskPrior(MASK))
+    assert not (gen.tokens == MASK).any()
+    with pytest.raises(NotImplementedError, match="no dual KV cache"):
+        hooked.with_dual_cache(x, 0, 1)
+
+
+def test_a_family_hands_its_prior_and_a_wrong_sampler_is_refused_by_name():
+    from test_prefix_cache import MASK as M
+    from test_prefix_cache import make_mdlm
+
+    from dlm.methods.mdlm import MDLMDenoiser
+    from dlm.sampling import SundaeSampler
+
+    model = make_mdlm()
+    tokens = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    fill = torch.tensor([[False, False, True, True, True, False]])
+    with pytest.raises(PriorMismatchError, match="SundaeSampler reverses UniformPrior, not MaskPrior.*AncestralSampler"):
+        model.infill(tokens, fill, sampler=SundaeSampler(steps=2))
+    with pytest.raises(ValueError, match="not a dlm.sampling.Sampler"):
+        model.infill(tokens, fill, sampler=ARSampler())
+    gen = model.infill(tokens, fill, sampler=build("ancestral"))
+    assert not (gen.tokens == M).any() and torch.equal(gen.tokens[~fill], tokens[~fill])
+    # the hooks are declared by MDLM's denoiser where the backbone can cache (the native Transformer can)
+    den = MDLMDenoiser(model, initial_masks=torch.tensor([3]))
+    assert den.has_prefix_cache and den.has_dual_cache
