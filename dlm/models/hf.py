@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dlm.models.attention import PATTERNS, attention_mask
+from dlm.models.attention import PATTERNS, attention_mask, implementation_mask
 from dlm.models.capabilities import BackboneCapabilities
 from dlm.models.hf_geometry import (  # noqa: F401
     GPT2_SMALL,
@@ -265,23 +265,11 @@ class HFCausalLM(nn.Module):
         allowed = attention_mask(pattern, T, doc_ids=doc_ids, block_size=self.block_size, device=device)
         if allowed is None:  # plain bidirectional
             allowed = torch.ones(1, 1, T, T, dtype=torch.bool, device=device)
-        if self.attn_implementation == "sdpa":
-            return allowed
-        # eager adds the mask to the scores: 0 where allowed, the dtype's minimum where blocked.
-        dtype = self.hf_model.get_input_embeddings().weight.dtype
-        if not dtype.is_floating_point:
-            dtype = torch.float32
-        zero = torch.zeros((), dtype=dtype, device=device)
-        return torch.where(allowed, zero, torch.finfo(dtype).min)
+        return self._as_impl_mask(allowed)
 
     def _as_impl_mask(self, allowed: Tensor) -> Tensor:
         """A boolean mask (True = may attend) in the form the attention implementation takes."""
-        if self.attn_implementation == "sdpa":
-            return allowed
-        dtype = self.hf_model.get_input_embeddings().weight.dtype
-        if not dtype.is_floating_point:
-            dtype = torch.float32
-        return torch.where(allowed, torch.zeros((), dtype=dtype, device=allowed.device), torch.finfo(dtype).min)
+        return implementation_mask(allowed, self.attn_implementation, self.hf_model.get_input_embeddings().weight.dtype)
 
     @property
     def capabilities(self) -> BackboneCapabilities:
