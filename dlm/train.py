@@ -135,32 +135,39 @@ def record_run(cfg: DictConfig, run_dir: Path, module, ckpt_path: str | None) ->
                 print(f"resume: dropped {dropped} metrics.csv rows logged after step {resumed_step} (logged again)")
 
 
+def print_plan(cfg: DictConfig, run_dir: Path) -> None:
+    """dry_run=true: the plan (dlm/plan.py) from the tokenizer and a meta-device backbone; no datamodule, module or
+    trainer is built, so no Lightning is imported."""
+    from dlm.plan import build_plan
+
+    tokenizer = build(cfg.data.tokenizer, "data.tokenizer", FileNotFoundError)
+    plan = build_plan(cfg, vocab_size=tokenizer.vocab_size)
+    print(f"plan for {cfg.name} (method {cfg.method._target_}, model {cfg.model._target_}):")
+    for line in plan.lines():
+        print("  " + line)
+    print(f"  outputs: {run_dir} (checkpoints/, metrics.csv, results.json, samples.jsonl, wandb/)")
+    release_run_dir(run_dir)  # a plan leaves no empty run folder behind
+
+
 def train(cfg: DictConfig) -> Path:
+    started = time.perf_counter()
+    run_dir = Path(cfg.paths.run_dir)
+    check_config(cfg)
+    if cfg.dry_run:
+        print_plan(cfg, run_dir)
+        return run_dir
+
     import lightning as L
 
     from dlm.compile import compile_backbone
     from dlm.console import quiet_lightning_logging
     from dlm.methods.base import NonFiniteLossError
     from dlm.parallel.deepspeed import zero3_strategy
-    from dlm.plan import build_plan
     from dlm.threads import apply_threads
 
-    started = time.perf_counter()
     quiet_lightning_logging()
-    run_dir = Path(cfg.paths.run_dir)
-    check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
-
-    if cfg.dry_run:
-        plan = build_plan(cfg, vocab_size=datamodule.tokenizer.vocab_size)
-        print(f"plan for {cfg.name} (method {cfg.method._target_}, model {cfg.model._target_}):")
-        for line in plan.lines():
-            print("  " + line)
-        print(f"  outputs: {run_dir} (checkpoints/, metrics.csv, results.json, samples.jsonl, wandb/)")
-        release_run_dir(run_dir)  # a plan leaves no empty run folder behind
-        return run_dir
-
     apply_threads(cfg)  # torch intra-op threads: config key > OMP_NUM_THREADS > the free cores (dlm/threads.py)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
     vetted = safe_load.check(ckpt_path)  # a hostile or corrupt checkpoint is refused before anything is built
@@ -235,8 +242,6 @@ def record_failure(run_dir: Path, err: BaseException) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def hydra_main(cfg: DictConfig) -> float | None:
-    from dlm.methods.base import NonFiniteLossError
-
     run_dir = Path(cfg.paths.run_dir)
     try:
         run_dir = train(cfg)
@@ -254,6 +259,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
             return float("inf") if cfg.get("optimized_metric") else None
         if isinstance(err, UserError):
             release_run_dir(run_dir)  # refused before training: no empty run folder is left
+        from dlm.methods.base import NonFiniteLossError  # here: a plan (dry_run) imports no Lightning
+
         if isinstance(err, (UserError, NonFiniteLossError, Terminated)):
             print(f"error: {err}", file=sys.stderr)
             if not isinstance(err, UserError):
