@@ -134,7 +134,10 @@ KNOWN_STRATEGY_KINDS = {
 
 def strategy_kind(cls: type) -> str:
     """"deepspeed", "fsdp" or "replicated" (a whole copy per GPU), by the class (subclasses too)."""
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy  # only for a class not in the table
+    from lightning.pytorch.strategies import (  # only for a class not in the table
+        DeepSpeedStrategy,
+        FSDPStrategy,
+    )
 
     if issubclass(cls, DeepSpeedStrategy):
         return "deepspeed"

@@ -8,7 +8,6 @@ from dlm.data.sources import ArithmeticSource, HFDatasetSource, TextFilesSource
 from dlm.data.tokenizers import ByteTokenizer, CharTokenizer, HFTokenizer, check_special_ids
 
 
-
 def __getattr__(name: str):
     # lazily: the DataModule is a Lightning class, and a plan (dry_run) or a tokenizer import needs no Lightning
     if name in ("DLMDataModule", "ResumableRandomSampler"):

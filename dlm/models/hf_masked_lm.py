@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import sys
 
-import torch
 from torch import Tensor, nn
 
 from dlm.models.attention import attention_mask, implementation_mask
