@@ -149,6 +149,50 @@ def print_plan(cfg: DictConfig, run_dir: Path) -> None:
     release_run_dir(run_dir)  # a plan leaves no empty run folder behind
 
 
+def prepare_module(cfg: DictConfig, run_dir: Path, datamodule, ckpt_path: str | None):
+    """The family module for the fitted data, recorded in the run folder once every check passed, with the KV-cache
+    switch and the compile mode applied."""
+    from dlm.compile import compile_backbone
+    from dlm.parallel.deepspeed import zero3_strategy
+
+    module = build_module(cfg, datamodule, defer_to_zero3=True)
+    record_run(cfg, run_dir, module, ckpt_path)  # after every check: a refused run writes nothing
+    module.static_kv_cache = cfg.get("static_kv_cache")
+    if not module.backbone_deferred:  # a deferred (ZeRO-3) backbone is compiled where it is built
+        compile_backbone(module.backbone, cfg.get("compile"))  # in place: checkpoint keys unchanged (dlm/compile.py)
+    if cfg.get("compile") and zero3_strategy(cfg.get("trainer")) is not None:
+        # measured on 2 CPU ranks (tests/test_zero3_cpu.py): the same losses, but ZeRO-3's per-module gather hooks
+        # split the graph and exhaust Dynamo's recompile limit, so most of the model runs eagerly
+        print("warning: compile with DeepSpeed ZeRO-3: correct, but its per-module parameter hooks split the compiled "
+              "graph (expect little speed-up); ZeRO-2 compiles cleanly", file=sys.stderr)
+    return module
+
+
+def fit(trainer, module, datamodule, ckpt_path: str | None, vetted) -> bool:
+    """trainer.fit; True when it stopped on SIGTERM (at a batch boundary)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        with vetted.allowing():  # Lightning's own load: weights_only, under the same allowlist
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=vetted.weights_only)
+    except SIGTERMException:  # Lightning's SIGTERM handler stops fit at a batch boundary with a SystemExit(0)
+        pass
+    return trainer.received_sigterm
+
+
+def run_status(trainer, module, datamodule, terminated: bool) -> str:
+    """results.json's status; a completed run is validated at its last step first (when it was not already)."""
+    if module.nonfinite_stop:
+        return f"stopped: non-finite ({module.nonfinite_stop['reason']})"
+    if terminated:
+        return "interrupted: SIGTERM"
+    if trainer.interrupted:
+        return "interrupted"
+    if trainer.callback_metrics.get("val/loss") is None or module.last_val_step != trainer.global_step:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    return "completed"
+
+
 def train(cfg: DictConfig) -> Path:
     started = time.perf_counter()
     run_dir = Path(cfg.paths.run_dir)
@@ -158,11 +202,10 @@ def train(cfg: DictConfig) -> Path:
         return run_dir
 
     import lightning as L
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    from dlm.compile import compile_backbone
     from dlm.console import quiet_lightning_logging
     from dlm.methods.base import NonFiniteLossError
-    from dlm.parallel.deepspeed import zero3_strategy
     from dlm.threads import apply_threads
 
     quiet_lightning_logging()
@@ -175,40 +218,13 @@ def train(cfg: DictConfig) -> Path:
         datamodule.setup("fit")
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError([f"data: {err}"]) from err
-    module = build_module(cfg, datamodule, defer_to_zero3=True)
-    record_run(cfg, run_dir, module, ckpt_path)  # after every check: a refused run writes nothing
-    module.static_kv_cache = cfg.get("static_kv_cache")
-    if not module.backbone_deferred:  # a deferred (ZeRO-3) backbone is compiled where it is built
-        compile_backbone(module.backbone, cfg.get("compile"))  # in place: checkpoint keys unchanged (dlm/compile.py)
-    if cfg.get("compile") and zero3_strategy(cfg.get("trainer")) is not None:
-        # measured on 2 CPU ranks (tests/test_zero3_cpu.py): the same losses, but ZeRO-3's per-module gather hooks
-        # split the graph and exhaust Dynamo's recompile limit, so most of the model runs eagerly
-        print("warning: compile with DeepSpeed ZeRO-3: correct, but its per-module parameter hooks split the compiled "
-              "graph (expect little speed-up); ZeRO-2 compiles cleanly", file=sys.stderr)
+    module = prepare_module(cfg, run_dir, datamodule, ckpt_path)
     loggers = build_loggers(cfg)
     callbacks = build_callbacks(cfg)
     log_config(loggers, cfg)
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
     trainer = build(cfg.trainer, "trainer", MisconfigurationException, TypeError, logger=loggers or False, callbacks=callbacks)
-    try:
-        with vetted.allowing():  # Lightning's own load: weights_only, under the same allowlist
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=vetted.weights_only)
-    except SIGTERMException:  # Lightning's SIGTERM handler stops fit at a batch boundary with a SystemExit(0)
-        pass
-    terminated = trainer.received_sigterm
-
-    status = "completed"
-    if module.nonfinite_stop:
-        status = f"stopped: non-finite ({module.nonfinite_stop['reason']})"
-    elif terminated:
-        status = "interrupted: SIGTERM"
-    elif trainer.interrupted:
-        status = "interrupted"
-    else:
-        if trainer.callback_metrics.get("val/loss") is None or module.last_val_step != trainer.global_step:
-            trainer.validate(module, datamodule=datamodule, verbose=False)
+    terminated = fit(trainer, module, datamodule, ckpt_path, vetted)
+    status = run_status(trainer, module, datamodule, terminated)
     if not module.nonfinite_stop:
         trainer.save_checkpoint(RunFolder(run_dir).last_ckpt)
         if not terminated:
