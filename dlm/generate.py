@@ -35,6 +35,7 @@ import json
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,14 +44,13 @@ import hydra
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch import Tensor, nn
+from torch import Tensor
 
 from dlm import checks
 from dlm.build import build_sampler
 from dlm.compile import check_mode, compile_backbone
 from dlm.config import CONF_DIR, ConfigError, preflight, register_resolvers
 from dlm.errors import EXIT_USER_ERROR, UserError, user_errors
-from dlm.models.capabilities import BackboneCapabilities
 from dlm.run import NotARunError
 from dlm.run_folder import RunFolder
 from dlm.sampling.base import cut_at_eos
@@ -67,7 +67,10 @@ class GenerateError(UserError):
 
 
 @dataclass
-class Loaded:
+class GenerationSource:
+    """What a request generates from: the family module and its tokenizer, source from a run folder (any family)
+    or an HF folder (method=ar); not a training run (that is dlm.run.LoadedRun)."""
+
     module: Any
     tokenizer: Any
     seq_len: int | None
@@ -77,26 +80,6 @@ class Loaded:
 
 
 # ---- loading ----------------------------------------------------------------------------------------------------
-class HFCausalBackbone(nn.Module):
-    """A plain HF causal LM behind the native backbone's call signature (logits, optional KV cache)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self.vocab_size = int(model.get_input_embeddings().num_embeddings)
-        self.max_seq_len = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-
-    capabilities = BackboneCapabilities(kv_cache=True)
-
-    def forward(self, input_ids: Tensor, *, attention: str | None = None, past_key_values=None, use_cache: bool = False,
-                **_: Any):
-        if attention not in (None, "causal"):
-            raise GenerateError(f"an HF causal LM folder runs causal attention only, not {attention!r}")
-        out = self.model(input_ids=input_ids, past_key_values=past_key_values, use_cache=use_cache)
-        logits = out.logits.float()
-        return (logits, out.past_key_values) if use_cache else logits
-
-
 def _hf_tokenizer(path: Path):
     from dlm.data.tokenizers import HFTokenizer
 
@@ -110,7 +93,7 @@ def _hf_tokenizer(path: Path):
     raise GenerateError(f"{path} has no tokenizer files and is not inside a run folder: cannot decode its tokens")
 
 
-def load_hf_folder(path: Path, device: str) -> Loaded:
+def load_hf_folder(path: Path, device: str) -> GenerationSource:
     from dlm.methods.ar import AR
     from dlm.models.transformer import Transformer
 
@@ -124,17 +107,17 @@ def load_hf_folder(path: Path, device: str) -> Loaded:
     config = json.loads((path / "config.json").read_text())
     if config.get("architecture") == "dlm.models.Transformer":
         backbone = Transformer.from_pretrained(path)
-    else:
-        from transformers import AutoModelForCausalLM
+    else:  # a plain HF causal LM: the HF backbone under its own (causal) attention
+        from dlm.models.hf import HFCausalLM
 
-        backbone = HFCausalBackbone(AutoModelForCausalLM.from_pretrained(str(path)))
+        backbone = HFCausalLM(pretrained=str(path), attention="causal")
     tokenizer = _hf_tokenizer(path)
     module = AR(backbone, tokenizer, start_token_id=export.get("start_token_id"))
     module.to(device).eval()
-    return Loaded(module, tokenizer, None, None, path, "hf")
+    return GenerationSource(module, tokenizer, None, None, path, "hf")
 
 
-def load_for_generation(path: str | Path, ckpt: str = "last", device: str = "cpu", use_ema: bool = True) -> Loaded:
+def load_for_generation(path: str | Path, ckpt: str = "last", device: str = "cpu", use_ema: bool = True) -> GenerationSource:
     """A run folder / .ckpt (any family; its EMA weights when it has them and ``use_ema``) or an HF folder
     (method=ar)."""
     from dlm.run import load_run, plain
@@ -144,7 +127,7 @@ def load_for_generation(path: str | Path, ckpt: str = "last", device: str = "cpu
         return load_hf_folder(p, device)
     run = load_run(p, ckpt=ckpt, device=device, setup_data=False, use_ema=use_ema)
     tokenizer = run.datamodule.tokenizer
-    return Loaded(run.module, tokenizer, getattr(run.datamodule, "seq_len", None), plain(run.cfg.get("sampler")),
+    return GenerationSource(run.module, tokenizer, getattr(run.datamodule, "seq_len", None), plain(run.cfg.get("sampler")),
                   run.run_dir, "run")
 
 
@@ -179,11 +162,11 @@ def parse_template(template: str, tokenizer) -> tuple[list[int], list[bool]]:
     return ids, fill
 
 
-def request_sampler(cfg: DictConfig, loaded: Loaded):
+def request_sampler(cfg: DictConfig, source: GenerationSource):
     """The composed sampler (cfg.sampler), else the run's, else None (the family's default); shorthands on top
     (dlm.build.build_sampler)."""
     node = cfg.get("sampler")
-    base = OmegaConf.to_container(node, resolve=True) if node is not None else loaded.sampler_cfg
+    base = OmegaConf.to_container(node, resolve=True) if node is not None else source.sampler_cfg
     overrides = OmegaConf.to_container(cfg.get("sampler_args") or OmegaConf.create({}), resolve=True)
     if base is None:
         if cfg.get("steps") is not None or overrides:
@@ -193,7 +176,7 @@ def request_sampler(cfg: DictConfig, loaded: Loaded):
     if cfg.get("trajectory") and hasattr(sampler, "record_trajectory"):
         sampler.record_trajectory = True
     if cfg.get("eos_fill") and hasattr(sampler, "eos_id"):
-        sampler.eos_id = int(loaded.tokenizer.eos_token_id)
+        sampler.eos_id = int(source.tokenizer.eos_token_id)
     return sampler
 
 
@@ -236,107 +219,136 @@ def check_request(cfg: DictConfig) -> None:
         raise ConfigError(problems)
 
 
+@dataclass
+class Request:
+    """One generation request, ready to run: ``run(generator)`` calls the family's generate or infill."""
+
+    run: Callable[[torch.Generator], Any]
+    decode: Callable[[Any], list[str]]  # a Generation -> the text of each sample
+    start: Tensor  # the rows before generation (holes and new positions as the mask id): the trajectory's frame 0
+    new_tokens: int  # the positions it fills, over all samples
+
+
+def check_cache_switch(cfg: DictConfig) -> bool | None:
+    static_kv_cache = cfg.get("static_kv_cache")
+    if static_kv_cache not in (None, True, False):
+        raise GenerateError(f"static_kv_cache must be true, false or null (static exactly when compiled), "
+                            f"got {static_kv_cache!r}")
+    return static_kv_cache
+
+
+def infill_request(cfg: DictConfig, source: GenerationSource, sampler, n: int) -> Request:
+    """Fill the holes of cfg.infill (a template, EOS-padded to ``length``) in n copies."""
+    module, tok = source.module, source.tokenizer
+    eos, mask_id, length = int(tok.eos_token_id), int(module.mask_id), cfg.get("length")
+    ids, fill = parse_template(str(cfg.infill), tok)
+    width = int(length) if length is not None else (source.seq_len or len(ids))
+    if width > len(ids):
+        ids, fill = ids + [eos] * (width - len(ids)), fill + [False] * (width - len(ids))
+    tokens = torch.tensor([ids] * n, dtype=torch.long)
+    fill_mask = torch.tensor([fill] * n, dtype=torch.bool)
+
+    def decode(gen) -> list[str]:
+        return [tok.decode(cut_at_eos(row.tolist(), eos)) for row in gen.tokens.cpu()]
+
+    return Request(lambda generator: module.infill(tokens, fill_mask, sampler=sampler, generator=generator), decode,
+                   tokens.masked_fill(fill_mask, mask_id), int(fill_mask.sum()))
+
+
+def prompt_request(cfg: DictConfig, source: GenerationSource, sampler, n: int) -> Request:
+    """n continuations of cfg.prompt (empty: unconditional) of ``length`` tokens (default: up to the data's seq_len)."""
+    module, tok = source.module, source.tokenizer
+    eos, mask_id, length = int(tok.eos_token_id), int(module.mask_id), cfg.get("length")
+    prompt_text = cfg.get("prompt") or ""
+    ids = tok.encode(prompt_text) if prompt_text else []
+    if length is None:
+        length = (source.seq_len - len(ids)) if source.seq_len and source.seq_len > len(ids) else DEFAULT_LENGTH
+    length = int(length)
+    if length < 1:
+        raise GenerateError(f"length must be >= 1, got {length}")
+    prompt = torch.tensor([ids] * n, dtype=torch.long) if ids else None
+    P = len(ids)
+    start = torch.cat([torch.tensor([ids] * n, dtype=torch.long).view(n, P),
+                       torch.full((n, length), mask_id, dtype=torch.long)], dim=1)
+
+    def decode(gen) -> list[str]:
+        return [prompt_text + tok.decode(cut_at_eos(row[P:].tolist(), eos)) for row in gen.tokens.cpu()]
+
+    return Request(lambda generator: module.generate(prompt, length, sampler=sampler, num_samples=n,
+                                                     generator=generator), decode, start, n * length)
+
+
+def timed_run(request: Request, seed: int, device, compile_mode: str | None) -> tuple[Any, float, float | None]:
+    """(Generation, seconds, compile seconds): a compiled backbone first runs the same request untimed (compiling
+    and capturing CUDA graphs there), so the timed run leaves compilation out."""
+    compile_seconds = None
+    if compile_mode is not None:
+        warm = time.perf_counter()
+        request.run(torch.Generator(device=device).manual_seed(seed))
+        compile_seconds = time.perf_counter() - warm
+    generator = torch.Generator(device=device).manual_seed(seed)
+    torch.manual_seed(seed)
+    started = time.perf_counter()
+    gen = request.run(generator)
+    return gen, time.perf_counter() - started, compile_seconds
+
+
+def write_trajectory(cfg: DictConfig, source: GenerationSource, request: Request, gen, texts: list[str],
+                     sampler_name: str) -> Path:
+    """The HTML page of the denoising steps: the family's frames, else rebuilt (AR) or start and end only."""
+    from dlm.methods.ar import AR
+    from dlm.sampling.trajectory_html import write_trajectory_html
+
+    module, mask_id = source.module, int(source.module.mask_id)
+    frames, note = gen.trajectory, ""
+    if frames is None and isinstance(module, AR):
+        frames = _ar_trajectory(request.start, gen.tokens.cpu(), gen.num_network_calls, mask_id)
+        note = "autoregressive: one token per network call"
+    elif frames is None:
+        frames = [request.start, gen.tokens.cpu()]
+        note = f"{type(module).__name__} records no per-step frames: start and end only"
+    frames = [f.cpu() for f in frames]
+    path = Path(cfg.output) if cfg.get("output") else (
+        source.run_dir / "trajectory.html" if source.kind == "run" else Path.cwd() / "trajectory.html")
+    meta = f"{source.run_dir} · {type(module).__name__} · {sampler_name} · {gen.num_network_calls} network calls"
+    write_trajectory_html(path, frames, source.tokenizer, mask_id, texts, meta=(meta + (" · " + note if note else "")))
+    return path
+
+
 def run_generation(cfg: DictConfig) -> dict[str, Any]:
     """Generate as the config asks; returns texts, network calls, tokens, seconds and the trajectory path."""
     check_request(cfg)
     compile_mode = cfg.get("compile")
     check_mode(compile_mode)  # before loading: a bad mode fails at once
-    static_kv_cache = cfg.get("static_kv_cache")
-    if static_kv_cache not in (None, True, False):
-        raise GenerateError(f"static_kv_cache must be true, false or null (static exactly when compiled), "
-                            f"got {static_kv_cache!r}")
-    loaded = load_for_generation(cfg.run, ckpt=cfg.get("ckpt", "last"), device=cfg.get("device", "cpu"),
+    static_kv_cache = check_cache_switch(cfg)
+    source = load_for_generation(cfg.run, ckpt=cfg.get("ckpt", "last"), device=cfg.get("device", "cpu"),
                                  use_ema=bool(cfg.get("use_ema", True)))
-    module, tok = loaded.module, loaded.tokenizer
+    module = source.module
     compile_backbone(module.backbone, compile_mode)
     module.static_kv_cache = static_kv_cache
-    sampler = request_sampler(cfg, loaded)
-    device = module.compute_device
+    sampler = request_sampler(cfg, source)
     n = int(cfg.num_samples)  # checked >= 1 (check_request): 0 is refused, never read as 1
-    eos, mask_id = int(tok.eos_token_id), int(module.mask_id)
-    length = cfg.get("length")
     if cfg.get("infill") is not None and cfg.get("prompt") is not None:
         raise GenerateError("give prompt= or infill=, not both")
-
-    if cfg.get("infill") is not None:
-        ids, fill = parse_template(str(cfg.infill), tok)
-        width = int(length) if length is not None else (loaded.seq_len or len(ids))
-        if width > len(ids):
-            ids, fill = ids + [eos] * (width - len(ids)), fill + [False] * (width - len(ids))
-        tokens = torch.tensor([ids] * n, dtype=torch.long)
-        fill_mask = torch.tensor([fill] * n, dtype=torch.bool)
-        start = tokens.masked_fill(fill_mask, mask_id)
-        new_tokens = int(fill_mask.sum())
-
-        def request(generator):
-            return module.infill(tokens, fill_mask, sampler=sampler, generator=generator)
-
-        def decode(gen) -> list[str]:
-            return [tok.decode(cut_at_eos(row.tolist(), eos)) for row in gen.tokens.cpu()]
-    else:
-        prompt_text = cfg.get("prompt") or ""
-        ids = tok.encode(prompt_text) if prompt_text else []
-        if length is None:
-            length = (loaded.seq_len - len(ids)) if loaded.seq_len and loaded.seq_len > len(ids) else DEFAULT_LENGTH
-        length = int(length)
-        if length < 1:
-            raise GenerateError(f"length must be >= 1, got {length}")
-        prompt = torch.tensor([ids] * n, dtype=torch.long) if ids else None
-        P = len(ids)
-        start = torch.cat([torch.tensor([ids] * n, dtype=torch.long).view(n, P),
-                           torch.full((n, length), mask_id, dtype=torch.long)], dim=1)
-        new_tokens = n * length
-
-        def request(generator):
-            return module.generate(prompt, length, sampler=sampler, num_samples=n, generator=generator)
-
-        def decode(gen) -> list[str]:
-            return [prompt_text + tok.decode(cut_at_eos(row[P:].tolist(), eos)) for row in gen.tokens.cpu()]
-
-    compile_seconds = None
-    if compile_mode is not None:  # compile (and capture CUDA graphs) on an untimed run of the same request
-        warm = time.perf_counter()
-        request(torch.Generator(device=device).manual_seed(int(cfg.seed)))
-        compile_seconds = time.perf_counter() - warm
-    generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
-    torch.manual_seed(int(cfg.seed))
-    started = time.perf_counter()
-    gen = request(generator)
-    seconds = time.perf_counter() - started
-    texts = decode(gen)
-
-    out: dict[str, Any] = {"texts": texts, "network_calls": int(gen.num_network_calls), "tokens": new_tokens,
-                           "seconds": seconds, "sampler": repr(sampler) if sampler is not None else "the family's default",
-                           "trajectory": None, "compile": compile_mode, "compile_seconds": compile_seconds}
+    make = infill_request if cfg.get("infill") is not None else prompt_request
+    request = make(cfg, source, sampler, n)
+    gen, seconds, compile_seconds = timed_run(request, int(cfg.seed), module.compute_device, compile_mode)
+    texts = request.decode(gen)
+    sampler_name = repr(sampler) if sampler is not None else "the family's default"
+    out: dict[str, Any] = {"texts": texts, "network_calls": int(gen.num_network_calls), "tokens": request.new_tokens,
+                           "seconds": seconds, "sampler": sampler_name, "trajectory": None, "compile": compile_mode,
+                           "compile_seconds": compile_seconds}
     if cfg.get("trajectory"):
-        from dlm.methods.ar import AR
-        from dlm.sampling.trajectory_html import write_trajectory_html
-
-        frames = gen.trajectory
-        note = ""
-        if frames is None and isinstance(module, AR):
-            frames = _ar_trajectory(start, gen.tokens.cpu(), gen.num_network_calls, mask_id)
-            note = "autoregressive: one token per network call"
-        elif frames is None:
-            frames = [start, gen.tokens.cpu()]
-            note = f"{type(module).__name__} records no per-step frames: start and end only"
-        frames = [f.cpu() for f in frames]
-        path = Path(cfg.output) if cfg.get("output") else (
-            loaded.run_dir / "trajectory.html" if loaded.kind == "run" else Path.cwd() / "trajectory.html")
-        meta = f"{loaded.run_dir} · {type(module).__name__} · {out['sampler']} · {gen.num_network_calls} network calls"
-        write_trajectory_html(path, frames, tok, mask_id, texts, meta=(meta + (" · " + note if note else "")))
-        out["trajectory"] = str(path)
+        out["trajectory"] = str(write_trajectory(cfg, source, request, gen, texts, sampler_name))
     return out
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="generate")
 def hydra_main(cfg: DictConfig) -> None:
-    from dlm.methods.ar import InfillNotSupportedError
-
     try:
         with user_errors():
             out = run_generation(cfg)
-    except (NotARunError, ValueError, InfillNotSupportedError, NotImplementedError) as err:
+    except (NotARunError, ValueError, NotImplementedError) as err:  # NotImplementedError: e.g. AR cannot infill
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     for text in out["texts"]:

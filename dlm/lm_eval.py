@@ -5,7 +5,7 @@
 
 Every argument is lm_eval's (`lm_eval --help`; `python -m dlm.lm_eval ls tasks` works too). lm_eval 0.4.x looks
 models up only in its own registry and loads no plugin entry points for models, so the plain ``lm_eval``
-command does not know ``dlm``; this wrapper imports :mod:`dlm.eval.lm_eval_adapter` (which registers it) and
+command does not know ``dlm``; this wrapper imports :mod:`dlm.lm_eval_model` (which registers it) and
 then hands the same arguments to lm_eval's CLI. model_args are documented in that module.
 """
 
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"lm-evaluation-harness is not installed ({err}); pip install 'lm-eval==0.4.13'") from err
     import lm_eval.models  # noqa: F401  (lm_eval's own models stay available beside dlm)
 
-    import dlm.eval.lm_eval_adapter  # noqa: F401  (registers --model dlm)
+    import dlm.lm_eval_model  # noqa: F401  (registers --model dlm)
     from dlm.errors import user_errors
 
     if argv is not None:

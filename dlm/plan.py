@@ -117,24 +117,54 @@ def build_plan(cfg: DictConfig, vocab_size: int | None) -> Plan:
     )
 
 
+# How the strategy classes that the shipped configs name shard, by their import path, so that a plan classifies
+# them without importing Lightning (seconds of start-up; dry_run needs no trainer). Exact class paths, not
+# substrings: any other class (a user's subclass, a registry name) is imported and classified by issubclass.
+# tests/test_deepspeed_config.py checks each entry against the class it names.
+KNOWN_STRATEGY_KINDS = {
+    "dlm.parallel.deepspeed.DeepSpeedStrategy": "deepspeed",
+    "lightning.pytorch.strategies.DeepSpeedStrategy": "deepspeed",
+    "lightning.pytorch.strategies.deepspeed.DeepSpeedStrategy": "deepspeed",
+    "lightning.pytorch.strategies.FSDPStrategy": "fsdp",
+    "lightning.pytorch.strategies.fsdp.FSDPStrategy": "fsdp",
+    "lightning.pytorch.strategies.DDPStrategy": "replicated",
+    "lightning.pytorch.strategies.ddp.DDPStrategy": "replicated",
+}
+
+
+def strategy_kind(cls: type) -> str:
+    """"deepspeed", "fsdp" or "replicated" (a whole copy per GPU), by the class (subclasses too)."""
+    from lightning.pytorch.strategies import (  # only for a class not in the table
+        DeepSpeedStrategy,
+        FSDPStrategy,
+    )
+
+    if issubclass(cls, DeepSpeedStrategy):
+        return "deepspeed"
+    return "fsdp" if issubclass(cls, FSDPStrategy) else "replicated"
+
+
 def _strategy_stage(trainer_cfg: DictConfig) -> tuple[str, bool]:
     """(memory column of zero_memory_per_gpu, parameters offloaded to CPU) for the configured strategy, by its
     class (subclasses too): a DeepSpeedStrategy shards by its ZeRO stage, an FSDPStrategy like ZeRO-3, any other
     strategy keeps a whole copy per GPU. A strategy given by registry name ("deepspeed_stage_2") is looked up."""
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, StrategyRegistry
-
     spec = trainer_cfg.get("strategy")
-    if isinstance(spec, str) and spec in StrategyRegistry:
+    if isinstance(spec, DictConfig) and spec.get("_target_"):
+        kind = KNOWN_STRATEGY_KINDS.get(spec._target_) or strategy_kind(get_class(spec._target_))
+        kwargs = spec
+    elif isinstance(spec, str):
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        if spec not in StrategyRegistry:
+            return "zero0 (ddp)", False
         entry = StrategyRegistry[spec]
-        cls, kwargs = entry["strategy"], dict(entry["init_params"])
-    elif isinstance(spec, DictConfig) and spec.get("_target_"):
-        cls, kwargs = get_class(spec._target_), spec
+        kind, kwargs = strategy_kind(entry["strategy"]), dict(entry["init_params"])
     else:
         return "zero0 (ddp)", False
-    if issubclass(cls, DeepSpeedStrategy):
+    if kind == "deepspeed":
         stage = int(kwargs.get("stage", 2))  # DeepSpeedStrategy's own default stage
         return (f"zero{stage}" if stage else "zero0 (ddp)"), bool(kwargs.get("offload_parameters", False))
-    if issubclass(cls, FSDPStrategy):
+    if kind == "fsdp":
         return "zero3", False
     return "zero0 (ddp)", False
 

@@ -135,39 +135,26 @@ def record_run(cfg: DictConfig, run_dir: Path, module, ckpt_path: str | None) ->
                 print(f"resume: dropped {dropped} metrics.csv rows logged after step {resumed_step} (logged again)")
 
 
-def train(cfg: DictConfig) -> Path:
-    import lightning as L
-
-    from dlm.compile import compile_backbone
-    from dlm.console import quiet_lightning_logging
-    from dlm.methods.base import NonFiniteLossError
-    from dlm.parallel.deepspeed import zero3_strategy
+def print_plan(cfg: DictConfig, run_dir: Path) -> None:
+    """dry_run=true: the plan (dlm/plan.py) from the tokenizer and a meta-device backbone; no datamodule, module or
+    trainer is built, so no Lightning is imported."""
     from dlm.plan import build_plan
-    from dlm.threads import apply_threads
 
-    started = time.perf_counter()
-    quiet_lightning_logging()
-    run_dir = Path(cfg.paths.run_dir)
-    check_config(cfg)
-    L.seed_everything(cfg.seed, workers=True)
-    datamodule = build_datamodule(cfg)
+    tokenizer = build(cfg.data.tokenizer, "data.tokenizer", FileNotFoundError)
+    plan = build_plan(cfg, vocab_size=tokenizer.vocab_size)
+    print(f"plan for {cfg.name} (method {cfg.method._target_}, model {cfg.model._target_}):")
+    for line in plan.lines():
+        print("  " + line)
+    print(f"  outputs: {run_dir} (checkpoints/, metrics.csv, results.json, samples.jsonl, wandb/)")
+    release_run_dir(run_dir)  # a plan leaves no empty run folder behind
 
-    if cfg.dry_run:
-        plan = build_plan(cfg, vocab_size=datamodule.tokenizer.vocab_size)
-        print(f"plan for {cfg.name} (method {cfg.method._target_}, model {cfg.model._target_}):")
-        for line in plan.lines():
-            print("  " + line)
-        print(f"  outputs: {run_dir} (checkpoints/, metrics.csv, results.json, samples.jsonl, wandb/)")
-        release_run_dir(run_dir)  # a plan leaves no empty run folder behind
-        return run_dir
 
-    apply_threads(cfg)  # torch intra-op threads: config key > OMP_NUM_THREADS > the free cores (dlm/threads.py)
-    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
-    vetted = safe_load.check(ckpt_path)  # a hostile or corrupt checkpoint is refused before anything is built
-    try:
-        datamodule.setup("fit")
-    except (ValueError, FileNotFoundError) as err:
-        raise ConfigError([f"data: {err}"]) from err
+def prepare_module(cfg: DictConfig, run_dir: Path, datamodule, ckpt_path: str | None):
+    """The family module for the fitted data, recorded in the run folder once every check passed, with the KV-cache
+    switch and the compile mode applied."""
+    from dlm.compile import compile_backbone
+    from dlm.parallel.deepspeed import zero3_strategy
+
     module = build_module(cfg, datamodule, defer_to_zero3=True)
     record_run(cfg, run_dir, module, ckpt_path)  # after every check: a refused run writes nothing
     module.static_kv_cache = cfg.get("static_kv_cache")
@@ -178,30 +165,66 @@ def train(cfg: DictConfig) -> Path:
         # split the graph and exhaust Dynamo's recompile limit, so most of the model runs eagerly
         print("warning: compile with DeepSpeed ZeRO-3: correct, but its per-module parameter hooks split the compiled "
               "graph (expect little speed-up); ZeRO-2 compiles cleanly", file=sys.stderr)
-    loggers = build_loggers(cfg)
-    callbacks = build_callbacks(cfg)
-    log_config(loggers, cfg)
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    return module
+
+
+def fit(trainer, module, datamodule, ckpt_path: str | None, vetted) -> bool:
+    """trainer.fit; True when it stopped on SIGTERM (at a batch boundary)."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    trainer = build(cfg.trainer, "trainer", MisconfigurationException, TypeError, logger=loggers or False, callbacks=callbacks)
     try:
         with vetted.allowing():  # Lightning's own load: weights_only, under the same allowlist
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=vetted.weights_only)
     except SIGTERMException:  # Lightning's SIGTERM handler stops fit at a batch boundary with a SystemExit(0)
         pass
-    terminated = trainer.received_sigterm
+    return trainer.received_sigterm
 
-    status = "completed"
+
+def run_status(trainer, module, datamodule, terminated: bool) -> str:
+    """results.json's status; a completed run is validated at its last step first (when it was not already)."""
     if module.nonfinite_stop:
-        status = f"stopped: non-finite ({module.nonfinite_stop['reason']})"
-    elif terminated:
-        status = "interrupted: SIGTERM"
-    elif trainer.interrupted:
-        status = "interrupted"
-    else:
-        if trainer.callback_metrics.get("val/loss") is None or module.last_val_step != trainer.global_step:
-            trainer.validate(module, datamodule=datamodule, verbose=False)
+        return f"stopped: non-finite ({module.nonfinite_stop['reason']})"
+    if terminated:
+        return "interrupted: SIGTERM"
+    if trainer.interrupted:
+        return "interrupted"
+    if trainer.callback_metrics.get("val/loss") is None or module.last_val_step != trainer.global_step:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    return "completed"
+
+
+def train(cfg: DictConfig) -> Path:
+    started = time.perf_counter()
+    run_dir = Path(cfg.paths.run_dir)
+    check_config(cfg)
+    if cfg.dry_run:
+        print_plan(cfg, run_dir)
+        return run_dir
+
+    import lightning as L
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from dlm.console import quiet_lightning_logging
+    from dlm.methods.base import NonFiniteLossError
+    from dlm.threads import apply_threads
+
+    quiet_lightning_logging()
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = build_datamodule(cfg)
+    apply_threads(cfg)  # torch intra-op threads: config key > OMP_NUM_THREADS > the free cores (dlm/threads.py)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
+    vetted = safe_load.check(ckpt_path)  # a hostile or corrupt checkpoint is refused before anything is built
+    try:
+        datamodule.setup("fit")
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError([f"data: {err}"]) from err
+    module = prepare_module(cfg, run_dir, datamodule, ckpt_path)
+    loggers = build_loggers(cfg)
+    callbacks = build_callbacks(cfg)
+    log_config(loggers, cfg)
+    trainer = build(cfg.trainer, "trainer", MisconfigurationException, TypeError, logger=loggers or False, callbacks=callbacks)
+    terminated = fit(trainer, module, datamodule, ckpt_path, vetted)
+    status = run_status(trainer, module, datamodule, terminated)
     if not module.nonfinite_stop:
         trainer.save_checkpoint(RunFolder(run_dir).last_ckpt)
         if not terminated:
@@ -235,8 +258,6 @@ def record_failure(run_dir: Path, err: BaseException) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def hydra_main(cfg: DictConfig) -> float | None:
-    from dlm.methods.base import NonFiniteLossError
-
     run_dir = Path(cfg.paths.run_dir)
     try:
         run_dir = train(cfg)
@@ -254,6 +275,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
             return float("inf") if cfg.get("optimized_metric") else None
         if isinstance(err, UserError):
             release_run_dir(run_dir)  # refused before training: no empty run folder is left
+        from dlm.methods.base import NonFiniteLossError  # here: a plan (dry_run) imports no Lightning
+
         if isinstance(err, (UserError, NonFiniteLossError, Terminated)):
             print(f"error: {err}", file=sys.stderr)
             if not isinstance(err, UserError):

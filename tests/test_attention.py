@@ -56,3 +56,14 @@ def test_block_causal_needs_block_size(block_size):
 def test_doc_ids_shape_checked():
     with pytest.raises(ValueError, match="doc_ids"):
         attention_mask("causal", 8, doc_ids=torch.zeros(2, 7, dtype=torch.long))
+
+
+def test_implementation_mask_sdpa_keeps_the_boolean_and_eager_gets_an_additive_mask():
+    from dlm.models.attention import implementation_mask
+
+    allowed = torch.tensor([[True, False]])
+    assert implementation_mask(allowed, "sdpa", torch.bfloat16) is allowed
+    additive = implementation_mask(allowed, "eager", torch.bfloat16)
+    assert additive.dtype == torch.bfloat16
+    assert additive[0, 0] == 0 and additive[0, 1] == torch.finfo(torch.bfloat16).min
+    assert implementation_mask(allowed, "eager", torch.int64).dtype == torch.float32  # non-float weights

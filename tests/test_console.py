@@ -121,7 +121,7 @@ def test_lm_eval_bars_count_every_request(monkeypatch):
     pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
 
-    import dlm.eval.lm_eval_adapter as adapter
+    import dlm.lm_eval_model as adapter
     from dlm.data.tokenizers import CharTokenizer
     from dlm.methods.ar import AR
     from dlm.models.transformer import Transformer

@@ -130,3 +130,31 @@ def test_submitit_slurm_launcher_sizes_the_trainer_from_the_allocation():
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and cfg.hydra.launcher.tasks_per_node == 8
     HydraConfig.instance().set_config(cfg)
     assert (cfg.trainer.num_nodes, cfg.trainer.devices) == (4, 8)
+
+
+@pytest.mark.parametrize("path", sorted(__import__("dlm.plan").plan.KNOWN_STRATEGY_KINDS))
+def test_known_strategy_table_matches_the_classes(path):
+    from hydra.utils import get_class
+
+    from dlm.plan import KNOWN_STRATEGY_KINDS, strategy_kind
+
+    assert KNOWN_STRATEGY_KINDS[path] == strategy_kind(get_class(path))
+
+
+def test_an_unlisted_strategy_class_is_classified_by_its_class(monkeypatch):
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+    from omegaconf import OmegaConf
+
+    from dlm import plan
+
+    class UserStrategy(DeepSpeedStrategy):
+        pass
+
+    assert plan.strategy_kind(UserStrategy) == "deepspeed"
+    monkeypatch.setattr(plan, "KNOWN_STRATEGY_KINDS", {})  # every target imported and classified by its class
+    cfg = OmegaConf.create({"strategy": {"_target_": "dlm.parallel.deepspeed.DeepSpeedStrategy", "stage": 2}})
+    assert plan._strategy_stage(cfg) == ("zero2", False)
+    cfg = OmegaConf.create({"strategy": {"_target_": "lightning.pytorch.strategies.FSDPStrategy"}})
+    assert plan._strategy_stage(cfg) == ("zero3", False)
+    assert plan._strategy_stage(OmegaConf.create({"strategy": "deepspeed_stage_3_offload"})) == ("zero3", True)
+    assert plan._strategy_stage(OmegaConf.create({"strategy": "ddp"})) == ("zero0 (ddp)", False)

@@ -160,6 +160,31 @@ def test_ar_export_folder_generates_and_refuses_infill(tmp_path):
     assert proc.returncode == 2 and "cannot infill" in proc.stderr
 
 
+def test_a_plain_hf_causal_folder_generates_through_the_hf_backbone(tmp_path):
+    from omegaconf import OmegaConf
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from dlm.generate import load_for_generation, run_generation
+    from dlm.models.hf import HFCausalLM
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=24, n_positions=32, n_embd=16, n_layer=1, n_head=2)).eval()
+    run = tmp_path / "run"
+    hf.save_pretrained(run / "hf")
+    (run / ".hydra").mkdir(parents=True)  # the run folder around the folder holds the tokenizer's config
+    (run / ".hydra" / "config.yaml").write_text(
+        "data:\n  tokenizer:\n    _target_: dlm.data.tokenizers.CharTokenizer\n    alphabet: '0123456789+='\n")
+    source = load_for_generation(run / "hf")
+    assert isinstance(source.module.backbone, HFCausalLM) and source.kind == "hf"
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():  # the same logits as the HF model's own causal forward
+        torch.testing.assert_close(source.module.backbone(ids, attention="causal").float(), hf(ids).logits)
+    cfg = OmegaConf.create({"run": str(run / "hf"), "prompt": "1+1=", "length": 4, "num_samples": 1, "seed": 0,
+                            "sampler": {"_target_": "dlm.sampling.autoregressive.ARSampler", "temperature": 0.0}})
+    out = run_generation(cfg)
+    assert out["texts"][0].startswith("1+1=") and out["network_calls"] >= 1
+
+
 def test_errors_are_one_line(tmp_path):
     proc = generate(f"run={tmp_path}", "prompt=1")
     assert proc.returncode == 2 and "not a run folder" in proc.stderr

@@ -18,7 +18,7 @@ lm_eval = pytest.importorskip("lm_eval")
 from test_analysis import make_tiny_sweep  # noqa: E402
 
 from dlm.data.tokenizers import CharTokenizer  # noqa: E402
-from dlm.eval.lm_eval_adapter import DLMHarnessModel, mc_continuation_nll  # noqa: E402
+from dlm.lm_eval_model import DLMHarnessModel, mc_continuation_nll  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = [

@@ -92,3 +92,14 @@ def attention_mask_reference(
                     allowed = allowed and bool(doc_ids[b, q] == doc_ids[b, k])
                 mask[b, 0, q, k] = allowed
     return mask.to(device) if device is not None else mask
+
+
+def implementation_mask(allowed: Tensor, attn_implementation: str, dtype: torch.dtype) -> Tensor:
+    """A boolean mask (True = may attend) in the form an HF attention implementation takes: ``sdpa`` reads the
+    boolean as-is, the eager kernels *add* the mask to the scores, so they get 0 where allowed and the dtype's
+    minimum where blocked (in ``dtype``, the model's; float32 for a non-float dtype)."""
+    if attn_implementation == "sdpa":
+        return allowed
+    if not dtype.is_floating_point:
+        dtype = torch.float32
+    return torch.where(allowed, torch.zeros((), dtype=dtype, device=allowed.device), torch.finfo(dtype).min)

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dlm.models.attention import PATTERNS, attention_mask
+from dlm.models.attention import PATTERNS, attention_mask, implementation_mask
 from dlm.models.capabilities import BackboneCapabilities
 from dlm.models.hf_geometry import (  # noqa: F401
     GPT2_SMALL,
@@ -115,17 +115,7 @@ class HFCausalLM(nn.Module):
 
         self.lr_multipliers = merge_lr_multipliers(_plain_dict(lr_multipliers) if lr_multipliers else None)
 
-        if attention not in PATTERNS:
-            raise ValueError(
-                f"unknown attention pattern {attention!r}; valid patterns are {', '.join(PATTERNS)}"
-            )
-        if attention == "block_causal" and not block_size:
-            raise ValueError("attention='block_causal' needs a positive block_size; set model.block_size")
-        if attn_implementation not in MASKABLE_IMPLEMENTATIONS and attention != "causal":
-            raise ValueError(
-                f"attn_implementation={attn_implementation!r} cannot take a custom attention mask, so it only "
-                f"supports attention='causal' (got {attention!r}); use attn_implementation=sdpa or eager"
-            )
+        _check_arguments(attention, block_size, attn_implementation)
         self.hf_model = load_hf_model(
             AutoModelForCausalLM, pretrained, config, attn_implementation=attn_implementation,
             torch_dtype=torch_dtype, trust_remote_code=trust_remote_code, owner="HFCausalLM",
@@ -147,19 +137,24 @@ class HFCausalLM(nn.Module):
             grow_vocab(self.hf_model, vocab_size)
         self.vocab_size = _rows(self.hf_model.get_input_embeddings().weight)
 
-        hf_cfg = self.hf_model.config.get_text_config()
-        limit = getattr(hf_cfg, "max_position_embeddings", None) or getattr(hf_cfg, "n_positions", None)
-        if max_seq_len is None:
-            if limit is None:
-                raise ValueError("the HF config has no max_position_embeddings; set model.max_seq_len")
-            max_seq_len = int(limit)
-        elif getattr(hf_cfg, "n_positions", None) is not None and max_seq_len > hf_cfg.n_positions:
-            raise ValueError(
-                f"max_seq_len={max_seq_len} exceeds the learned position table (n_positions={hf_cfg.n_positions})"
-            )
-        self.max_seq_len = int(max_seq_len)
+        self.max_seq_len = _max_seq_len(self.hf_model.config.get_text_config(), max_seq_len)
 
-        # MoE: the router's load-balancing loss and per-layer expert load (collected in training forwards).
+        self._setup_router_statistics(router_aux_loss_coef)
+        # Attention annealing (DiffuLLaMA): the share of the future each query may see under the bidirectional
+        # pattern, 1.0 = fully bidirectional; set by dlm.callbacks.attention_annealing.AttentionAnnealing.
+        self.bidirectional_fraction = 1.0
+
+        if gradient_checkpointing:
+            if hasattr(self.hf_model, "activation_checkpointing_enable"):
+                self.hf_model.activation_checkpointing_enable({"use_reentrant": False})
+            else:  # transformers before the rename
+                self.hf_model.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False}
+                )
+
+    # ---- MoE router statistics -------------------------------------------------------------------------------
+    def _setup_router_statistics(self, router_aux_loss_coef: float | None) -> None:
+        """MoE: the router's load-balancing loss and per-layer expert load (collected in training forwards)."""
         text_cfg = self.hf_model.config.get_text_config()
         self.num_experts = int(getattr(text_cfg, "num_experts", 0) or 0)
         self.experts_per_token = int(getattr(text_cfg, "num_experts_per_tok", 0) or 0)
@@ -183,19 +178,7 @@ class HFCausalLM(nn.Module):
                 gate.register_forward_hook(self._router_recorder)
         self._aux_losses: list[Tensor] = []
         self._expert_load: list[Tensor] = []
-        # Attention annealing (DiffuLLaMA): the share of the future each query may see under the bidirectional
-        # pattern, 1.0 = fully bidirectional; set by dlm.callbacks.attention_annealing.AttentionAnnealing.
-        self.bidirectional_fraction = 1.0
 
-        if gradient_checkpointing:
-            if hasattr(self.hf_model, "activation_checkpointing_enable"):
-                self.hf_model.activation_checkpointing_enable({"use_reentrant": False})
-            else:  # transformers before the rename
-                self.hf_model.gradient_checkpointing_enable(
-                    gradient_checkpointing_kwargs={"use_reentrant": False}
-                )
-
-    # ---- MoE router statistics -------------------------------------------------------------------------------
     def _collect_router_stats(self, router_logits: tuple[Tensor, ...]) -> None:
         """Switch-Transformer load balancing per forward: E * sum_e f_e * P_e averaged over layers, where f_e is
         the share of top-k assignments routed to expert e and P_e its mean router probability (1.0 = balanced).
@@ -265,23 +248,11 @@ class HFCausalLM(nn.Module):
         allowed = attention_mask(pattern, T, doc_ids=doc_ids, block_size=self.block_size, device=device)
         if allowed is None:  # plain bidirectional
             allowed = torch.ones(1, 1, T, T, dtype=torch.bool, device=device)
-        if self.attn_implementation == "sdpa":
-            return allowed
-        # eager adds the mask to the scores: 0 where allowed, the dtype's minimum where blocked.
-        dtype = self.hf_model.get_input_embeddings().weight.dtype
-        if not dtype.is_floating_point:
-            dtype = torch.float32
-        zero = torch.zeros((), dtype=dtype, device=device)
-        return torch.where(allowed, zero, torch.finfo(dtype).min)
+        return self._as_impl_mask(allowed)
 
     def _as_impl_mask(self, allowed: Tensor) -> Tensor:
         """A boolean mask (True = may attend) in the form the attention implementation takes."""
-        if self.attn_implementation == "sdpa":
-            return allowed
-        dtype = self.hf_model.get_input_embeddings().weight.dtype
-        if not dtype.is_floating_point:
-            dtype = torch.float32
-        return torch.where(allowed, torch.zeros((), dtype=dtype, device=allowed.device), torch.finfo(dtype).min)
+        return implementation_mask(allowed, self.attn_implementation, self.hf_model.get_input_embeddings().weight.dtype)
 
     @property
     def capabilities(self) -> BackboneCapabilities:
@@ -324,60 +295,18 @@ class HFCausalLM(nn.Module):
             )
         static = is_static_cache(past_key_values)
         slots = None
-        if static:  # fixed shapes (dlm.models.kv_cache): every slot attended to under a mask built on the device
-            if not self.converted:
-                raise ValueError(
-                    f"a static KV cache needs a model that takes an explicit attention mask; "
-                    f"attn_implementation={self.attn_implementation!r} does not: use sdpa or eager"
-                )
-            if doc_ids is not None:
-                raise ValueError("doc_ids cannot be combined with a KV cache: fold documents into attn_mask")
-            check_static_capacity(past_key_values, B, T)
-            capacity = past_key_values.get_max_length()
-            # the cache's own length as a device tensor (get_seq_length of a static layer): no host sync
-            slots = past_key_values.get_seq_length() + torch.arange(T, device=input_ids.device)
-            if position_ids is None:
-                position_ids = slots[None]
-            if attn_mask is None:
-                attn_mask = static_cache_mask(pattern, slots, capacity, self.block_size)
-            attn_mask = widen_mask(attn_mask, capacity)
+        if static:
+            slots, position_ids, attn_mask = self._static_cache_inputs(input_ids, pattern, doc_ids, position_ids,
+                                                                       attn_mask, past_key_values)
         past = 0 if past_key_values is None or static else int(past_key_values.get_seq_length())
         check_inputs(input_ids, vocab_size=self.vocab_size, max_seq_len=self.max_seq_len, past=past,
                      position_ids=position_ids, doc_ids=doc_ids, attn_mask=None if static else attn_mask)
-
         if static:
             mask = self._as_impl_mask(attn_mask.expand(B, 1, T, attn_mask.shape[-1]))
         elif attn_mask is not None or past:
-            if not self.converted and (attn_mask is not None or pattern != "causal"):
-                raise ValueError(
-                    f"attn_implementation={self.attn_implementation!r} cannot take a custom attention mask; "
-                    "use attn_implementation=sdpa or eager"
-                )
-            if attn_mask is None and self.converted:  # the pattern's rows for the new queries
-                allowed = attention_mask(pattern, past + T, block_size=self.block_size, device=input_ids.device)
-                attn_mask = None if allowed is None else allowed[..., past:, :]
-                if attn_mask is None:
-                    attn_mask = torch.ones(1, 1, T, past + T, dtype=torch.bool, device=input_ids.device)
-            mask = None if attn_mask is None else self._as_impl_mask(attn_mask.expand(B, 1, T, past + T))
-        elif pattern == "bidirectional" and self.bidirectional_fraction < 1.0:
-            if not self.converted:
-                raise ValueError("attention annealing needs attn_implementation=sdpa or eager")
-            allowed = annealed_mask(T, self.bidirectional_fraction, input_ids.device)
-            if doc_ids is not None:
-                allowed = allowed & attention_mask("bidirectional", T, doc_ids=doc_ids)
-            mask = self._as_impl_mask(allowed.expand(B, 1, T, T))
-        elif pattern == "bidirectional" and doc_ids is None and self.mask_free_bidirectional:
-            mask = None  # module.is_causal and config.is_causal are False: no mask, fastest SDPA kernels
-        elif self.converted:
-            mask = self._mask(pattern, T, doc_ids, input_ids.device)
-        elif pattern == "causal" and doc_ids is None:
-            mask = None  # unconverted model: its own causal kernel
+            mask = self._cached_mask(pattern, attn_mask, B, T, past, input_ids.device)
         else:
-            raise ValueError(
-                f"attn_implementation={self.attn_implementation!r} cannot take a custom attention mask, so "
-                f"attention={pattern!r}{' with doc_ids' if doc_ids is not None else ''} is not supported; "
-                "use attn_implementation=sdpa or eager"
-            )
+            mask = self._pattern_mask(pattern, doc_ids, B, T, input_ids.device)
         if position_ids is None:
             if doc_ids is not None:
                 position_ids = positions_from_doc_ids(doc_ids)
@@ -391,6 +320,73 @@ class HFCausalLM(nn.Module):
                 past_key_values = DynamicCache(config=self.hf_model.config)
             kwargs[self._cache_argument] = past_key_values
             kwargs["cache_position"] = slots if static else torch.arange(past, past + T, device=input_ids.device)
+        logits = self._run_model(input_ids, mask, position_ids, logits_at, kwargs)
+        if use_cache:
+            return logits, past_key_values
+        if past_key_values is not None:  # read-only use: drop the tokens this call appended
+            past_key_values.crop(-T)
+        return logits
+
+    # ---- the steps of forward ------------------------------------------------------------------------------------
+    def _static_cache_inputs(self, input_ids: Tensor, pattern: str, doc_ids, position_ids, attn_mask, cache):
+        """(slots, position_ids, attn_mask) for a static cache: fixed shapes (dlm.models.kv_cache), every slot
+        attended to under a mask built on the device."""
+        if not self.converted:
+            raise ValueError(
+                f"a static KV cache needs a model that takes an explicit attention mask; "
+                f"attn_implementation={self.attn_implementation!r} does not: use sdpa or eager"
+            )
+        if doc_ids is not None:
+            raise ValueError("doc_ids cannot be combined with a KV cache: fold documents into attn_mask")
+        B, T = input_ids.shape
+        check_static_capacity(cache, B, T)
+        capacity = cache.get_max_length()
+        # the cache's own length as a device tensor (get_seq_length of a static layer): no host sync
+        slots = cache.get_seq_length() + torch.arange(T, device=input_ids.device)
+        if position_ids is None:
+            position_ids = slots[None]
+        if attn_mask is None:
+            attn_mask = static_cache_mask(pattern, slots, capacity, self.block_size)
+        return slots, position_ids, widen_mask(attn_mask, capacity)
+
+    def _cached_mask(self, pattern: str, attn_mask: Tensor | None, B: int, T: int, past: int, device) -> Tensor | None:
+        """The mask of T new queries over past + T keys (a growing cache, or an explicit attn_mask)."""
+        if not self.converted and (attn_mask is not None or pattern != "causal"):
+            raise ValueError(
+                f"attn_implementation={self.attn_implementation!r} cannot take a custom attention mask; "
+                "use attn_implementation=sdpa or eager"
+            )
+        if attn_mask is None and self.converted:  # the pattern's rows for the new queries
+            allowed = attention_mask(pattern, past + T, block_size=self.block_size, device=device)
+            attn_mask = None if allowed is None else allowed[..., past:, :]
+            if attn_mask is None:
+                attn_mask = torch.ones(1, 1, T, past + T, dtype=torch.bool, device=device)
+        return None if attn_mask is None else self._as_impl_mask(attn_mask.expand(B, 1, T, past + T))
+
+    def _pattern_mask(self, pattern: str, doc_ids: Tensor | None, B: int, T: int, device) -> Tensor | None:
+        """The mask of a full (uncached) forward under the pattern; None where the model's own kernel decides."""
+        if pattern == "bidirectional" and self.bidirectional_fraction < 1.0:
+            if not self.converted:
+                raise ValueError("attention annealing needs attn_implementation=sdpa or eager")
+            allowed = annealed_mask(T, self.bidirectional_fraction, device)
+            if doc_ids is not None:
+                allowed = allowed & attention_mask("bidirectional", T, doc_ids=doc_ids)
+            return self._as_impl_mask(allowed.expand(B, 1, T, T))
+        if pattern == "bidirectional" and doc_ids is None and self.mask_free_bidirectional:
+            return None  # module.is_causal and config.is_causal are False: no mask, fastest SDPA kernels
+        if self.converted:
+            return self._mask(pattern, T, doc_ids, device)
+        if pattern == "causal" and doc_ids is None:
+            return None  # unconverted model: its own causal kernel
+        raise ValueError(
+            f"attn_implementation={self.attn_implementation!r} cannot take a custom attention mask, so "
+            f"attention={pattern!r}{' with doc_ids' if doc_ids is not None else ''} is not supported; "
+            "use attn_implementation=sdpa or eager"
+        )
+
+    def _run_model(self, input_ids: Tensor, mask, position_ids, logits_at: Tensor | None, kwargs: dict) -> Tensor:
+        """The wrapped model's logits (router statistics recorded in a training forward); with ``logits_at`` only
+        those positions', the head run on the selected hidden states where the model type allows it."""
         cached = bool(kwargs)
         router = self.training and self.router_aux_loss_coef > 0 and torch.is_grad_enabled()
         if router and self._hooked_routers:
@@ -409,12 +405,7 @@ class HFCausalLM(nn.Module):
             self._collect_router_stats(router_logits)
         if head_at_selected:
             return _head_at(self.hf_model.get_output_embeddings(), out.last_hidden_state, logits_at)
-        logits = out.logits if logits_at is None else _rows_at(out.logits, logits_at)
-        if use_cache:
-            return logits, past_key_values
-        if past_key_values is not None:  # read-only use: drop the tokens this call appended
-            past_key_values.crop(-T)
-        return logits
+        return out.logits if logits_at is None else _rows_at(out.logits, logits_at)
 
     def get_input_embeddings(self) -> nn.Embedding:
         """The wrapped model's input embedding (what DiffusionBERT's time token hooks into, as on HFMaskedLM)."""
@@ -448,6 +439,34 @@ def _head_at(head: nn.Module, hidden: Tensor, at: Tensor) -> Tensor:
 @torch.compiler.disable
 def _rows_at(logits: Tensor, at: Tensor) -> Tensor:
     return logits[at]
+
+
+def _check_arguments(attention: str, block_size: int | None, attn_implementation: str) -> None:
+    if attention not in PATTERNS:
+        raise ValueError(
+            f"unknown attention pattern {attention!r}; valid patterns are {', '.join(PATTERNS)}"
+        )
+    if attention == "block_causal" and not block_size:
+        raise ValueError("attention='block_causal' needs a positive block_size; set model.block_size")
+    if attn_implementation not in MASKABLE_IMPLEMENTATIONS and attention != "causal":
+        raise ValueError(
+            f"attn_implementation={attn_implementation!r} cannot take a custom attention mask, so it only "
+            f"supports attention='causal' (got {attention!r}); use attn_implementation=sdpa or eager"
+        )
+
+
+def _max_seq_len(hf_cfg, max_seq_len: int | None) -> int:
+    """The longest accepted input: the given one (at most a learned position table), else the config's."""
+    limit = getattr(hf_cfg, "max_position_embeddings", None) or getattr(hf_cfg, "n_positions", None)
+    if max_seq_len is None:
+        if limit is None:
+            raise ValueError("the HF config has no max_position_embeddings; set model.max_seq_len")
+        max_seq_len = int(limit)
+    elif getattr(hf_cfg, "n_positions", None) is not None and max_seq_len > hf_cfg.n_positions:
+        raise ValueError(
+            f"max_seq_len={max_seq_len} exceeds the learned position table (n_positions={hf_cfg.n_positions})"
+        )
+    return int(max_seq_len)
 
 
 class _RouterRecorder:

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import sys
 
-import torch
 from torch import Tensor, nn
 
-from dlm.models.attention import attention_mask
+from dlm.models.attention import attention_mask, implementation_mask
 from dlm.models.hf import MASKABLE_IMPLEMENTATIONS
 from dlm.models.hf_loading import grow_vocab, load_hf_model
 from dlm.models.inputs import check_inputs
@@ -107,11 +106,7 @@ class HFMaskedLM(nn.Module):
 
     def _doc_mask(self, doc_ids: Tensor) -> Tensor:
         allowed = attention_mask("bidirectional", doc_ids.shape[1], doc_ids=doc_ids)  # [B, 1, T, T] bool
-        if self.attn_implementation == "sdpa":
-            return allowed
-        dtype = self.hf_model.get_input_embeddings().weight.dtype
-        dtype = dtype if dtype.is_floating_point else torch.float32
-        return torch.where(allowed, torch.zeros((), dtype=dtype, device=doc_ids.device), torch.finfo(dtype).min)
+        return implementation_mask(allowed, self.attn_implementation, self.hf_model.get_input_embeddings().weight.dtype)
 
     def forward(
         self,

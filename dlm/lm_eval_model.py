@@ -2,7 +2,7 @@
 
     python -m dlm.lm_eval --model dlm --model_args run=runs/mdlm-tiny/<time>,mc_num=8 --tasks <task> ...
 
-    import lm_eval, dlm.eval.lm_eval_adapter  # registers "dlm"
+    import lm_eval, dlm.lm_eval_model  # registers "dlm"
     lm_eval.simple_evaluate(model="dlm", model_args="run=<path>,mc_num=8", tasks=[...])
 
 lm_eval (0.4.x) finds models only in its own registry (no entry points for models), so the adapter must be
