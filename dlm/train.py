@@ -226,7 +226,7 @@ def train(cfg: DictConfig) -> Path:
     terminated = fit(trainer, module, datamodule, ckpt_path, vetted)
     status = run_status(trainer, module, datamodule, terminated)
     if not module.nonfinite_stop:
-        trainer.save_checkpoint(RunFolder(run_dir).last_ckpt)
+        trainer.save_checkpoint(RunFolder(run_dir).last_ckpt, weights_only=False)  # resumable: optimizer and loops too
         if not terminated:
             export_model(module, run_dir)
     results = final_results(trainer, callbacks, started, status)

@@ -198,7 +198,7 @@ class NonFiniteGuard(L.Callback):
         stop, self._stop = self._stop, None
         ckpt = self._checkpoints(trainer) / LAST_CKPT
         if stop["save"]:
-            trainer.save_checkpoint(ckpt)  # the update was dropped: this state is finite (and checked on save)
+            trainer.save_checkpoint(ckpt, weights_only=False)  # a full, resumable checkpoint; the update was dropped: this state is finite (and checked on save)
         else:
             ckpt = newest_checkpoint(self._checkpoints(trainer))
         message = self._message(trainer, stop["step"], stop["reason"], ckpt, saved=stop["save"])
