@@ -20,7 +20,7 @@ unpickler, after the scan (which sees every global a torch checkpoint can name) 
 DeepSpeed reads its ZeRO folders with its own, unrestricted unpickler, so :func:`check` first reads every file of
 the folder with the restricted one (without running anything) and refuses the folder before DeepSpeed opens it.
 An FSDP sharded folder (``trainer=fsdp``: torch.distributed.checkpoint, whose ``.metadata`` torch reads with plain
-pickle and whose non-tensor entries with ``weights_only=False``) is vetted the same way, entry by entry.
+pickle and whose non-tensor entries with an unrestricted unpickler) is vetted the same way, entry by entry.
 
 A file that is not a readable checkpoint (empty, truncated by an interrupted write, random bytes, a folder that is
 not a ZeRO checkpoint) raises :class:`CorruptCheckpointError`, saying so, instead of torch's weights_only text.

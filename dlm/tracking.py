@@ -141,9 +141,10 @@ def existing_run_id(save_dir: str | Path) -> str | None:
         recorded = ""
     if _RUN_ID.match(recorded):
         return recorded
-    folders = [p for p in wandb_dir.glob("*run-*-*") if p.is_dir()]
-    folders.sort(key=lambda p: p.name.split("run-", 1)[1])
-    return folders[-1].name.rsplit("-", 1)[1] if folders else None
+    # [offline-]run-<YYYYmmdd_HHMMSS>-<id>, with -<k> added by wandb when a start in the same second took the name
+    found = sorted((m.group(1), m.group(2)) for p in wandb_dir.glob("*run-*-*") if p.is_dir()
+                   and (m := re.search(r"run-(\d{8}_\d{6})-([a-z0-9]+)(?:-\d+)?$", p.name)))
+    return found[-1][1] if found else None
 
 
 def record_run_id(save_dir: str | Path, run_id: str) -> None:

@@ -78,14 +78,13 @@ def workdir(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def train_cli(monkeypatch, capsys):
-    """``train_cli(*args) -> (exit code, stdout, stderr)``: python -m dlm.train <args>, run in this process."""
+def run_cli(monkeypatch, capsys):
+    """``run_cli(main, *args) -> (exit code, stdout, stderr)``: a CLI's ``main`` (dlm.train.main, dlm.generate.main
+    ...) with ``args`` as its command line, run in this process."""
     import sys
 
-    from dlm.train import main
-
-    def run(*args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["dlm.train", *args])
+    def run(main, *args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["dlm", *args])
         code = 0
         try:
             main()
@@ -95,6 +94,14 @@ def train_cli(monkeypatch, capsys):
         return code, out, err
 
     return run
+
+
+@pytest.fixture
+def train_cli(run_cli):
+    """``train_cli(*args) -> (exit code, stdout, stderr)``: python -m dlm.train <args>, run in this process."""
+    from dlm.train import main
+
+    return lambda *args: run_cli(main, *args)
 
 
 def run_dir_of(stdout: str):

@@ -4,7 +4,6 @@ config in a folder of its own (``hydra.searchpath``), and runs it through train,
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -55,19 +54,7 @@ def family_conf(tmp_path) -> Path:
     return folder
 
 
-def _main(main, argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["dlm", *argv])
-    code = 0
-    try:
-        main()
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_a_family_of_one_class_and_one_yaml_trains_evaluates_and_generates(family_conf, workdir, train_cli,
-                                                                             monkeypatch, capsys):
+def test_a_family_of_one_class_and_one_yaml_trains_evaluates_and_generates(family_conf, workdir, train_cli, run_cli):
     code, out, err = train_cli("method=unigram", f"hydra.searchpath=[file://{family_conf}]", *FAST)
     assert code == 0, err[-3000:]
     run = run_dir_of(out)
@@ -77,12 +64,12 @@ def test_a_family_of_one_class_and_one_yaml_trains_evaluates_and_generates(famil
     assert {json.loads(line)["kind"] for line in (run / "samples.jsonl").read_text().splitlines()} == {
         "unconditional", "prompted", "infill"}
 
-    code, out, err = _main(dlm.evaluate.main, [f"run={run}", "max_batches=1", "num_mc=4"], monkeypatch, capsys)
+    code, out, err = run_cli(dlm.evaluate.main, f"run={run}", "max_batches=1", "num_mc=4")
     assert code == 0, err[-3000:]
     evaluated = json.loads((run / "results.json").read_text())
     assert evaluated["eval/nll_bound_stderr"] == 0.0  # exact_nll: one pass, not Monte-Carlo draws
     assert evaluated["eval/nll_bound"] == pytest.approx(results["val/nll_bound"], rel=0.3)
 
-    code, out, err = _main(dlm.generate.main, [f"run={run}", "prompt=((", "length=6"], monkeypatch, capsys)
+    code, out, err = run_cli(dlm.generate.main, f"run={run}", "prompt=((", "length=6")
     assert code == 0, err[-3000:]
     assert out.splitlines()[0].startswith("((") and "network calls: 1" in out
