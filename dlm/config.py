@@ -14,6 +14,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from dlm.errors import UserError
 
+# Imports inside functions: every CLI imports this module before Hydra runs, so torch, the plan (models) and
+# Hydra's compose API load only for the checks that need them (`--cfg job` and `--help` stay fast).
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = (
     "method", "model", "schedule", "optimizer", "lr_scheduler", "trainer", "data", "sampler", "logger",

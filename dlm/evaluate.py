@@ -35,6 +35,9 @@ from dlm.progress import Bar
 from dlm.run import LoadedRun, load_run, plain
 from dlm.run_folder import RunFolder
 
+# Imports inside functions: the scorer (transformers), wandb and the data loaders load only when the request
+# uses them, so `--help` and a bad request answer fast.
+
 register_resolvers()
 
 PREFIX = "eval/"

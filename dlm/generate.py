@@ -55,6 +55,9 @@ from dlm.run import NotARunError
 from dlm.run_folder import RunFolder
 from dlm.sampling.base import cut_at_eos
 
+# Imports inside functions: the run or HF folder decides what is needed (the AR family, transformers), so
+# `--help` and a bad override answer before torch models and transformers load.
+
 register_resolvers()
 
 HOLE = re.compile(r"\[MASK(?::(\d+))?\]")

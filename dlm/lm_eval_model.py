@@ -68,6 +68,9 @@ from omegaconf import OmegaConf
 from dlm.errors import UserError
 from dlm.progress import Bar
 
+# Imports inside functions: the family (MDLM), the run loader and the sampler builder load when lm-eval
+# instantiates the model, not when the plugin registers `--model dlm`.
+
 log = logging.getLogger(__name__)
 
 __all__ = ["DLMHarnessModel", "mc_continuation_nll"]

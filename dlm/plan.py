@@ -13,6 +13,9 @@ from omegaconf import DictConfig, OmegaConf
 from dlm.flops import PEAK_BF16_TFLOPS, flops_per_token
 from dlm.models import count_active_parameters, count_parameters
 
+# Imports inside functions: transformers (a checkpoint's geometry) and Lightning's strategy registry load only
+# for the plans that need them (`dry_run` start-up, issue #17).
+
 PLAN_MFU = 0.4  # the utilisation the GPU-hours estimate assumes (a well-tuned dense run reaches 40-50%)
 
 # Bytes per parameter in mixed-precision Adam training: bf16 weights (2) and gradients (2), fp32 master

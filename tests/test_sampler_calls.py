@@ -172,7 +172,7 @@ def test_default_sampler_calls_at_most_the_positions_to_fill(family_modules, met
     assert gen.num_network_calls == len(forwards)  # the count reported is the backbone forwards made
     allowed = length
     if method == "bd3lm":  # + the KV-cache refresh of the finished blocks (one per block but the last)
-        allowed += -(-length // module.block_size) - 1 + int(module.shift)
+        allowed += -(-length // module.block_size) - 1 + int(module.shift_logits)
     assert 0 < gen.num_network_calls <= allowed
     assert torch.equal(gen.tokens[:, :P].cpu(), prompt)
     assert gen.tokens.shape == (B, P + length) and not (gen.tokens == module.mask_id).any()

@@ -35,6 +35,8 @@ from dlm.data.packing import pack, pad_each
 from dlm.data.tokenizers import check_special_ids
 from dlm.errors import UserError
 
+# Lightning's rank-zero warning is imported where it is used: the data module's readers run without it.
+
 __all__ = ["DLMDataModule", "ResumableRandomSampler"]
 
 _FORMAT_VERSION = "dlm-data-v1"

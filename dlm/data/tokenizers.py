@@ -27,6 +27,8 @@ from typing import Any
 from dlm.data.hub import HubUnavailableError, looks_like_path, tokenizer_problem
 from dlm.errors import UserError
 
+# transformers is imported by HFTokenizer only: the character and byte tokenizers need none of it.
+
 __all__ = [
     "BaseTokenizer",
     "ByteTokenizer",

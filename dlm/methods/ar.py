@@ -39,6 +39,8 @@ from dlm.methods.base import DiffusionLM
 from dlm.sampling import Generation
 from dlm.sampling.autoregressive import ARSampler
 
+# The export (HF classes, safetensors) is imported where a run is exported: start-up of training and sampling.
+
 
 class InfillNotSupportedError(NotImplementedError):
     """The family cannot condition on a suffix; use a diffusion family for infilling."""

@@ -32,6 +32,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from dlm.compile import is_compiled
 from dlm.config_values import to_plain
 from dlm.log_interval import logs_this_step
 from dlm.models.capabilities import BackboneCapabilities, capabilities_of
@@ -329,8 +330,6 @@ class DiffusionLM(L.LightningModule, ABC):
         return capabilities_of(self.backbone)
 
     def _use_static_cache(self) -> bool:
-        from dlm.compile import is_compiled
-
         supported = self.backbone_caps.static_cache
         if self.static_kv_cache is None:
             return supported and is_compiled(self.backbone)

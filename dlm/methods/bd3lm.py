@@ -74,7 +74,7 @@ class BD3LM(MaskedTermsObjective, DiffusionLM):
             raise ValueError("method=bd3lm needs a backbone without time conditioning (the noise level is per block)")
         self.schedule = schedule
         self.block_size = int(block_size)
-        self.shift = bool(shift_logits)
+        self.shift_logits = bool(shift_logits)
         self.start_id = self.eos_id if start_token_id is None else int(start_token_id)
         self.time_sampling, self.t_eps = time_sampling, t_eps
         self.kv_cache = bool(kv_cache)
@@ -95,7 +95,7 @@ class BD3LM(MaskedTermsObjective, DiffusionLM):
     def training_mask(self, T: int, doc_ids: Tensor | None = None, device=None) -> Tensor:
         """The three-part boolean mask [1|B, 1, N, N] over [x_t ; (s ;) x_0] (True = may attend)."""
         blk = self.blocks(T, device)
-        clean = torch.cat([blk.new_full((1,), -1), blk]) if self.shift else blk  # s: a clean block before all
+        clean = torch.cat([blk.new_full((1,), -1), blk]) if self.shift_logits else blk  # s: a clean block before all
         q_noisy = torch.cat([torch.ones_like(blk), torch.zeros_like(clean)]).bool()
         b = torch.cat([blk, clean])
         same, before = b[:, None] == b[None, :], b[None, :] < b[:, None]
@@ -115,10 +115,10 @@ class BD3LM(MaskedTermsObjective, DiffusionLM):
         ``at`` (bool [B, T], e.g. the masked positions): only those tokens' rows, [N, V] in ``x0[at]``'s order;
         the backbone is asked for the positions they are read from only (see :meth:`DiffusionLM.logits`)."""
         B, T = x0.shape
-        if self.shift and doc_ids is not None:
+        if self.shift_logits and doc_ids is not None:
             raise ValueError("method.shift_logits=true does not support packed rows (doc_ids); use data.packing=false")
         ar = torch.arange(T, device=x0.device)
-        if self.shift:
+        if self.shift_logits:
             ids = torch.cat([xt, torch.full_like(x0[:, :1], self.start_id), x0], dim=1)
             pos = torch.cat([ar + 1, ar[:1] * 0, ar + 1])[None]
             pred = torch.where(ar % self.block_size == 0, T + ar, ar - 1)
@@ -132,7 +132,7 @@ class BD3LM(MaskedTermsObjective, DiffusionLM):
         source = torch.zeros_like(ids, dtype=torch.bool)
         source[:, pred] = at  # pred is injective: one source position per selected token
         rows = self.logits(ids, at=source, attn_mask=mask, position_ids=pos)  # [N, V], ascending over ids
-        if not self.shift:
+        if not self.shift_logits:
             return rows  # pred = arange(T): already in x0[at]'s order
         # block starts are read from the clean stream (after all of x_t): each token's row is its source's rank
         rank = source.flatten().cumsum(0).view_as(source) - 1
@@ -145,13 +145,13 @@ class BD3LM(MaskedTermsObjective, DiffusionLM):
         for start in range(0, T, L):
             end = min(start + L, T)
             prefix = x0[:, :start]
-            if self.shift:
+            if self.shift_logits:
                 prefix = torch.cat([torch.full_like(x0[:, :1], self.start_id), prefix], dim=1)
             ids = torch.cat([prefix, xt[:, start:end]], dim=1)
             blk = torch.cat([torch.full((prefix.shape[1] - start,), -1), self.blocks(end)]).to(x0.device)
             mask = (blk[None, :] <= blk[:, None])[None, None]  # block-causal; s in a block of its own
             logits = self.logits(ids, attn_mask=mask, position_ids=torch.arange(ids.shape[1], device=x0.device)[None])
-            out.append(logits[:, start : end] if self.shift else logits[:, -(end - start) :])
+            out.append(logits[:, start : end] if self.shift_logits else logits[:, -(end - start) :])
         return torch.cat(out, dim=1)
 
     def _diffusion_terms(
@@ -181,7 +181,7 @@ class BD3LM(MaskedTermsObjective, DiffusionLM):
         """Fill the masks of x [B, N] block by block. eos_from: stop once every row has an EOS at or after it."""
         B, N = x.shape
         L, dev = self.block_size, x.device
-        offset = 1 if self.shift else 0
+        offset = 1 if self.shift_logits else 0
         start = torch.full((B, 1), self.start_id, dtype=torch.long, device=dev)
         # first: logits predicting the next block's first token (shift); a copy, as a compiled backbone under CUDA
         # graphs overwrites its output on the next call
@@ -189,7 +189,7 @@ class BD3LM(MaskedTermsObjective, DiffusionLM):
         # a static cache when the backbone is compiled (fixed shapes; DiffusionLM.new_kv_cache), else None: it grows
         cache = self.new_kv_cache(B, N + offset) if self.kv_cache else None
         done_upto = 0  # x[:, :done_upto] is in the cache
-        if self.shift and self.kv_cache:
+        if self.shift_logits and self.kv_cache:
             logits, cache = self.backbone(start, attn_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=dev),
                                           position_ids=torch.zeros(1, 1, dtype=torch.long, device=dev),
                                           past_key_values=cache, use_cache=True)
@@ -210,18 +210,18 @@ class BD3LM(MaskedTermsObjective, DiffusionLM):
                 if self.kv_cache:
                     def denoiser(z: Tensor, b0=b0, first=first) -> Tensor:
                         logits = clean_prefix_forward(z, b0, keep=False)
-                        if self.shift:
+                        if self.shift_logits:
                             logits = torch.cat([first, logits[:, :-1]], dim=1)
                         return self._subs(logits, z)
                 else:
                     def denoiser(z: Tensor, b0=b0) -> Tensor:
-                        ctx = torch.cat([start, x[:, :b0]], dim=1) if self.shift else x[:, :b0]
+                        ctx = torch.cat([start, x[:, :b0]], dim=1) if self.shift_logits else x[:, :b0]
                         ids = torch.cat([ctx, z], dim=1)
                         blk = torch.cat([torch.full((offset,), -1, device=dev), torch.arange(b0, device=dev) // L,
                                          torch.full((z.shape[1],), b0 // L, device=dev)])
                         mask = (blk[None, :] <= blk[:, None])[None, None]
                         logits = self.logits(ids, attn_mask=mask, position_ids=torch.arange(ids.shape[1], device=dev)[None])
-                        logits = logits[:, ctx.shape[1] - 1 : -1] if self.shift else logits[:, ctx.shape[1]:]
+                        logits = logits[:, ctx.shape[1] - 1 : -1] if self.shift_logits else logits[:, ctx.shape[1]:]
                         return self._subs(logits, z)
                 gen = sampler.sample(denoiser, xb.clone(), prior=MaskPrior(self.mask_id, self.schedule),
                                      generator=generator)
@@ -242,7 +242,7 @@ class BD3LM(MaskedTermsObjective, DiffusionLM):
         if sampler is None:
             raise ValueError("no sampler given and none configured: pass sampler= or set sampler=<name>")
         max_len = getattr(self.backbone, "max_seq_len", None)
-        if max_len is not None and x.shape[1] + int(self.shift) > max_len:
+        if max_len is not None and x.shape[1] + int(self.shift_logits) > max_len:
             raise ValueError(f"{x.shape[1]} tokens exceed the model's max_seq_len={max_len}")
         was_training = self.training
         self.eval()

@@ -56,6 +56,9 @@ from dlm.models.kv_cache import check_static_capacity, is_static_cache, static_c
 from dlm.models.moe import count_active_parameters  # noqa: F401  (re-exported)
 from dlm.models.transformer import check_logits_at, positions_from_doc_ids
 
+# transformers submodules imported inside functions: only the wrapper path that runs needs them (from_pretrained,
+# caches, masking utilities), and `import dlm.models` stays light for the CLIs' start-up.
+
 MASKABLE_IMPLEMENTATIONS = ("sdpa", "eager")
 # Model types whose causal-LM forward is exactly ``lm_head(decoder(...).last_hidden_state)`` (final norm inside the
 # decoder; no logit scaling or softcapping), so ``logits_at`` may run the head on the selected hidden states only.

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+# transformers is imported where a checkpoint's config is read: planning a native model needs none of it.
+
 # Geometry of Qwen/Qwen3-30B-A3B-Base (the RND1 starting point): ~30.5B parameters, ~3.3B active per token.
 # Used to build the model on the meta device (dry runs, parameter counts) without the checkpoint.
 QWEN3_30B_A3B: dict[str, Any] = {

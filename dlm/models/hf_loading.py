@@ -13,6 +13,8 @@ from dlm.config_values import to_plain
 from dlm.models.hf_geometry import pretrained_geometry
 from dlm.parallel.params import gathered, shape
 
+# transformers is imported where a model is loaded: start-up of everything that does not load one.
+
 
 def _plain_dict(config: Any) -> dict[str, Any]:
     """A Hydra DictConfig (or any mapping) as a plain, recursively converted dict."""

@@ -22,6 +22,8 @@ from dlm.models.hf_loading import grow_vocab, load_hf_model
 from dlm.models.inputs import check_inputs
 from dlm.models.transformer import positions_from_doc_ids
 
+# transformers is imported where the encoder is built or masked: start-up of everything else.
+
 __all__ = ["HFMaskedLM"]
 
 

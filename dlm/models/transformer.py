@@ -27,6 +27,7 @@ from dlm.models.attention import PATTERNS, attention_mask
 from dlm.models.capabilities import BackboneCapabilities
 from dlm.models.inputs import check_inputs
 from dlm.models.kv_cache import (  # noqa: F401  (KVCache re-exported)
+    # safetensors is imported by from_pretrained only: start-up of every run that builds the model from config.
     KVCache,
     StaticKVCache,
     check_static_capacity,
