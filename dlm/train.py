@@ -204,6 +204,7 @@ def train(cfg: DictConfig) -> Path:
     import lightning as L
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+    from dlm.callbacks.continuity import RunContinuity
     from dlm.console import quiet_lightning_logging
     from dlm.methods.base import NonFiniteLossError
     from dlm.threads import apply_threads
@@ -221,6 +222,9 @@ def train(cfg: DictConfig) -> Path:
     module = prepare_module(cfg, run_dir, datamodule, ckpt_path)
     loggers = build_loggers(cfg)
     callbacks = build_callbacks(cfg)
+    for callback in callbacks:  # the run's clock starts with train(), model loading included
+        if isinstance(callback, RunContinuity):
+            callback.started = started
     log_config(loggers, cfg)
     trainer = build(cfg.trainer, "trainer", MisconfigurationException, TypeError, logger=loggers or False, callbacks=callbacks)
     terminated = fit(trainer, module, datamodule, ckpt_path, vetted)
