@@ -29,6 +29,7 @@ RESULTS = "results.json"
 METRICS = "metrics.csv"
 RESUMES = "resumes.jsonl"
 
+
 class RunFolder:
     """The paths of one run folder (``RunFolder(run_dir).last_ckpt``): the one place that knows the layout."""
 
@@ -48,12 +49,6 @@ class RunFolder:
     def is_run(self) -> bool:
         """Whether the folder holds a run (its composed config)."""
         return self.config.is_file()
-
-    @staticmethod
-    def of_checkpoint(ckpt: str | Path) -> RunFolder | None:
-        """The run folder a checkpoint inside ``<run>/checkpoints/`` belongs to (None elsewhere)."""
-        ckpt = Path(ckpt)
-        return RunFolder(ckpt.parent.parent) if ckpt.parent.name == CHECKPOINTS else None
 
 
 _claimed: dict[str, Path] = {}  # parent -> the folder this process claimed under it for the run in progress
