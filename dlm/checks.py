@@ -82,3 +82,21 @@ def choice(cfg: DictConfig, key: str, options: tuple) -> str | None:
 
 def collect(*problems: str | None) -> list[str]:
     return [p for p in problems if p]
+
+
+def run_given(cfg: DictConfig, forms: str) -> str | None:
+    """A CLI request's ``run=``: required; ``forms`` says what it may be."""
+    if OmegaConf.is_missing(cfg, "run") or not cfg.get("run"):
+        return f"run= is required: {forms}"
+    return None
+
+
+def torch_device(cfg: DictConfig, key: str = "device") -> str | None:
+    """``key`` names a torch device."""
+    import torch  # lazily: the config checks run before torch is needed
+
+    try:
+        torch.device(str(cfg.get(key, "cpu")))
+    except RuntimeError:
+        return f"{key}={cfg.get(key)!r} is not a torch device; use cpu, cuda or cuda:<index>"
+    return None

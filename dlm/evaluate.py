@@ -339,11 +339,9 @@ def update_wandb_summary(run: LoadedRun, metrics: dict[str, Any]) -> str | None:
 
 def check_request(cfg: DictConfig) -> None:
     """The request's own values, checked before the run is loaded; every problem in one ConfigError."""
-    problems = []
-    if OmegaConf.is_missing(cfg, "run") or not cfg.get("run"):
-        problems.append("run= is required: a run folder (printed as `run_dir: ...` by python -m dlm.train) or a .ckpt "
-                        "inside <run>/checkpoints/")
-    problems += checks.collect(
+    problems = checks.collect(
+        checks.run_given(cfg, "a run folder (printed as `run_dir: ...` by python -m dlm.train) or a .ckpt inside "
+                              "<run>/checkpoints/"),
         checks.integer(cfg, "num_mc", 1),
         checks.integer(cfg, "max_batches", 1, nullable=True, null_means=": the whole validation split"),
         checks.integer(cfg, "batch_size", 1, nullable=True, null_means=": the data's val_batch_size"),
@@ -357,11 +355,8 @@ def check_request(cfg: DictConfig) -> None:
         checks.boolean(cfg, "likelihood"),
         checks.boolean(cfg, "use_ema"),
         checks.choice(cfg, "wandb", ("auto", "off")),
+        checks.torch_device(cfg),
     )
-    try:
-        torch.device(str(cfg.get("device", "cpu")))
-    except RuntimeError:
-        problems.append(f"device={cfg.get('device')!r} is not a torch device; use cpu, cuda or cuda:<index>")
     if cfg.get("scorer"):
         problems += [p for p in [scorer_problem(str(cfg.scorer))] if p]
     if problems:

@@ -198,11 +198,9 @@ def _ar_trajectory(start: Tensor, final: Tensor, calls: int, mask_id: int) -> li
 
 def check_request(cfg: DictConfig) -> None:
     """The request's own values, checked before the run is loaded; every problem in one ConfigError."""
-    problems = []
-    if OmegaConf.is_missing(cfg, "run") or not cfg.get("run"):
-        problems.append("run= is required: a run folder (printed as `run_dir: ...` by python -m dlm.train), a .ckpt "
-                        "inside <run>/checkpoints/, or an HF folder written by AR.export_hf")
-    problems += checks.collect(
+    problems = checks.collect(
+        checks.run_given(cfg, "a run folder (printed as `run_dir: ...` by python -m dlm.train), a .ckpt inside "
+                              "<run>/checkpoints/, or an HF folder written by AR.export_hf"),
         checks.integer(cfg, "num_samples", 1),
         checks.integer(cfg, "length", 1, nullable=True, null_means=": the data's seq_len"),
         checks.integer(cfg, "steps", 1, nullable=True, null_means=": the sampler's own"),
@@ -210,14 +208,11 @@ def check_request(cfg: DictConfig) -> None:
         checks.boolean(cfg, "use_ema"),
         checks.boolean(cfg, "trajectory"),
         checks.boolean(cfg, "eos_fill"),
+        checks.torch_device(cfg),
     )
     for key in ("prompt", "infill"):
         if cfg.get(key) is not None and not isinstance(cfg.get(key), str):
             problems.append(f"{key}={cfg.get(key)!r} must be text (quote it: {key}='...')")
-    try:
-        torch.device(str(cfg.get("device", "cpu")))
-    except RuntimeError:
-        problems.append(f"device={cfg.get('device')!r} is not a torch device; use cpu, cuda or cuda:<index>")
     if problems:
         raise ConfigError(problems)
 

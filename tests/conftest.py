@@ -109,3 +109,22 @@ def run_dir_of(stdout: str):
     from pathlib import Path
 
     return Path(stdout.strip().splitlines()[-1].removeprefix("run_dir: "))
+
+
+def write_mc_task(folder, name: str, doc: dict, target_delimiter: str | None = None):
+    """One local lm-eval multiple-choice task ``name`` in ``folder`` (no download): ``doc`` holds "question",
+    "choices" and "label"; returns the folder (lm_eval's --include_path)."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "data.jsonl").write_text(json.dumps(doc) + "\n")
+    lines = [f"task: {name}", "dataset_path: json", "dataset_kwargs:", "  data_files:",
+             f"    test: {folder / 'data.jsonl'}", "test_split: test", "output_type: multiple_choice",
+             'doc_to_text: "{{question}}"', 'doc_to_choice: "{{choices}}"', "doc_to_target: label"]
+    if target_delimiter is not None:
+        lines.append(f'target_delimiter: "{target_delimiter}"')
+    lines += ["metric_list:", "  - metric: acc", "metadata:", "  version: 1.0"]
+    (folder / f"{name}.yaml").write_text("\n".join(lines) + "\n")
+    return folder

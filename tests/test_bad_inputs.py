@@ -8,17 +8,16 @@ cases run as real subprocesses to prove the command line itself."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
 import sys
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning  # noqa: F401  (imported outside any test's capture: its log handlers keep a stream that stays open)
 import pytest
+from conftest import write_mc_task
 
 REPO = Path(__file__).resolve().parent.parent
 MAIN = {
@@ -282,26 +281,8 @@ def where(tmp_path_factory) -> dict[str, str]:
     places = {"tmp": str(tmp), "empty": str(tmp / "empty"), "file": str(tmp / "a_file"),
               "binary": str(tmp / "binary.dat"), "latin1": str(tmp / "latin1.txt"), "good": str(tmp / "good.txt"),
               "blank": str(tmp / "blank.txt")}
-    tasks = tmp / "tasks"
-    tasks.mkdir()
-    (tasks / "data.jsonl").write_text(json.dumps({"q": "(", "choices": [")", "]"], "label": 0}) + "\n")
-    (tasks / "mc.yaml").write_text(textwrap.dedent(f"""\
-        task: dlm_bad_inputs_mc
-        dataset_path: json
-        dataset_kwargs:
-          data_files:
-            test: {tasks / 'data.jsonl'}
-        test_split: test
-        output_type: multiple_choice
-        doc_to_text: "{{{{q}}}}"
-        doc_to_choice: "{{{{choices}}}}"
-        doc_to_target: label
-        target_delimiter: ""
-        metric_list:
-          - metric: acc
-        metadata:
-          version: 1.0
-    """))
+    tasks = write_mc_task(tmp / "tasks", "dlm_bad_inputs_mc", {"question": "(", "choices": [")", "]"], "label": 0},
+                          target_delimiter="")
     places["tasks"] = str(tasks)
     return places
 

@@ -14,12 +14,11 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST
+from conftest import FAST, write_mc_task
 
 import dlm.evaluate
 import dlm.generate
@@ -127,25 +126,8 @@ def hostile_run(genuine, tmp_path, marker) -> Path:
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory) -> Path:
     """One local lm-eval multiple-choice task (no download)."""
-    folder = tmp_path_factory.mktemp("tasks")
-    (folder / "data.jsonl").write_text(json.dumps({"question": "1+1=", "choices": ["2", "3"], "label": 0}) + "\n")
-    (folder / "mc.yaml").write_text(textwrap.dedent(f"""\
-        task: dlm_safe_mc
-        dataset_path: json
-        dataset_kwargs:
-          data_files:
-            test: {folder / 'data.jsonl'}
-        test_split: test
-        output_type: multiple_choice
-        doc_to_text: "{{{{question}}}}"
-        doc_to_choice: "{{{{choices}}}}"
-        doc_to_target: label
-        metric_list:
-          - metric: acc
-        metadata:
-          version: 1.0
-    """))
-    return folder
+    return write_mc_task(tmp_path_factory.mktemp("tasks"), "dlm_safe_mc",
+                         {"question": "1+1=", "choices": ["2", "3"], "label": 0})
 
 
 # ---- every entry point refuses, runs nothing, writes nothing ---------------------------------------------------
