@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["BackboneCapabilities", "capabilities_of"]
+__all__ = ["BackboneCapabilities", "ModelConventions", "capabilities_of", "conventions_of"]
 
 
 @dataclass(frozen=True)
@@ -30,3 +30,45 @@ def capabilities_of(backbone: nn.Module) -> BackboneCapabilities:
     """The backbone's declared capabilities (nothing beyond the plain call when it declares none)."""
     caps = getattr(backbone, "capabilities", None)
     return caps if isinstance(caps, BackboneCapabilities) else PLAIN
+
+
+@dataclass(frozen=True)
+class ModelConventions:
+    """What a pretrained checkpoint brings besides its weights: the facts a run must take from the model, not from
+    the data or the method (a model config's ``conventions:`` block; see conf/model/*.yaml).
+
+    Every field None means "no convention": the data's tokenizer, the method's ``shift_logits``, the family's
+    default sampler. A set field is the model's, and a run that contradicts it is told so (never silently)."""
+
+    tokenizer: str | None = None  # hub id or folder of the checkpoint's tokenizer (usually its own folder)
+    mask_token: str | None = None  # the mask token the checkpoint was trained with (e.g. LLaDA "<|mdm_mask|>")
+    mask_token_id: int | None = None  # its id in that tokenizer (checked against the tokenizer when both are known)
+    shift_logits: bool | None = None  # token i is read from position i-1 (Dream, RND1: continued AR checkpoints)
+    sampler: str | None = None  # the conf/sampler option its model card recommends (e.g. low_confidence)
+    sampler_fields: dict | None = None  # fields over that option (e.g. {block_length: 32})
+    chat_template: bool | None = None  # whether its tokenizer carries a chat template (instruct models)
+
+    @classmethod
+    def from_config(cls, config) -> ModelConventions:
+        """From a model config's ``conventions`` mapping (OmegaConf or dict; None = no conventions)."""
+        if config is None:
+            return cls()
+        from dlm.config_values import to_plain
+
+        fields = to_plain(config)
+        unknown = sorted(set(fields) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(
+                f"model.conventions: unknown field(s) {', '.join(unknown)}; valid: "
+                f"{', '.join(cls.__dataclass_fields__)}"
+            )
+        return cls(**fields)
+
+
+NO_CONVENTIONS = ModelConventions()
+
+
+def conventions_of(backbone: nn.Module) -> ModelConventions:
+    """The backbone's checkpoint conventions (none when it declares none: a model built from scratch)."""
+    conv = getattr(backbone, "conventions", None)
+    return conv if isinstance(conv, ModelConventions) else NO_CONVENTIONS

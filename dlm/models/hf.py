@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from dlm.models.attention import PATTERNS, attention_mask, implementation_mask
-from dlm.models.capabilities import BackboneCapabilities
+from dlm.models.capabilities import BackboneCapabilities, ModelConventions
 from dlm.models.hf_geometry import (  # noqa: F401
     GPT2_SMALL,
     KNOWN_GEOMETRIES,
@@ -91,6 +91,8 @@ class HFCausalLM(nn.Module):
             dense models. Computed in training mode only; see :meth:`pop_aux_loss`.
         load_weights: False builds ``pretrained``'s architecture (``config`` fields over it) with random weights
             and downloads nothing but its config (none for the hub ids in ``KNOWN_GEOMETRIES``).
+        conventions: what the checkpoint brings besides its weights (its tokenizer, mask token, logit shift,
+            recommended sampler): a :class:`~dlm.models.capabilities.ModelConventions` mapping, read by the run.
     """
 
     time_conditioning = False
@@ -110,8 +112,10 @@ class HFCausalLM(nn.Module):
         lr_multipliers: dict[str, float] | None = None,
         router_aux_loss_coef: float | None = None,
         load_weights: bool = True,
+        conventions: dict | None = None,
     ):
         super().__init__()
+        self.conventions = ModelConventions.from_config(conventions)
         from transformers import AutoModelForCausalLM
 
         from dlm.optim import merge_lr_multipliers

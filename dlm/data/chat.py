@@ -1,0 +1,64 @@
+"""Chat conversations as token ids: the tokenizer's own chat template (``apply_chat_template``) when it has one, else a
+plain built-in template that any tokenizer can encode.
+
+A conversation is a list of ``{"role": "system"|"user"|"assistant", "content": str}``. The plain template writes each
+turn as ``"<role>: <content>\\n"`` and ends every assistant turn with the tokenizer's EOS id (not text: a character
+tokenizer has no spelling for it), so that a model trained on it learns where a reply stops; the generation prompt
+is ``"assistant: "``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from dlm.errors import UserError
+
+ROLES = ("system", "user", "assistant")
+PLAIN_GENERATION_PROMPT = "assistant: "
+
+
+class ChatError(UserError, ValueError):
+    """A conversation that is not a list of {role, content} messages with known roles."""
+
+
+def check_messages(messages: Any, where: str = "messages") -> list[dict[str, str]]:
+    """The conversation as plain dicts; a clear error naming ``where`` when it is malformed."""
+    if isinstance(messages, Mapping) or not isinstance(messages, Sequence) or isinstance(messages, str):
+        raise ChatError(f"{where}: expected a list of {{role, content}} messages, got {type(messages).__name__}")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
+            raise ChatError(f"{where}[{i}]: expected {{role: ..., content: ...}}, got {m!r}")
+        if m["role"] not in ROLES:
+            raise ChatError(f"{where}[{i}].role={m['role']!r}: must be one of {', '.join(ROLES)}")
+        out.append({"role": str(m["role"]), "content": str(m["content"])})
+    return out
+
+
+def chat_template_of(tokenizer) -> str | None:
+    """The tokenizer's own chat template (a jinja string), or None when it has none (then the plain one is used)."""
+    hf = getattr(tokenizer, "hf_tokenizer", None)
+    return getattr(hf, "chat_template", None) if hf is not None else None
+
+
+def chat_ids(tokenizer, messages, add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of ``messages`` under the tokenizer's chat template (or the plain one); with
+    ``add_generation_prompt`` they end where the assistant's next reply begins."""
+    messages = check_messages(messages)
+    if chat_template_of(tokenizer) is not None:
+        ids = tokenizer.hf_tokenizer.apply_chat_template(
+            messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=False
+        )
+        if isinstance(ids, Mapping):  # transformers versions differ in what tokenize=True returns
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+    ids: list[int] = []
+    for m in messages:
+        ids += tokenizer.encode(f"{m['role']}: ") + tokenizer.encode(m["content"])
+        if m["role"] == "assistant":
+            ids.append(int(tokenizer.eos_token_id))
+        ids += tokenizer.encode("\n")
+    if add_generation_prompt:
+        ids += tokenizer.encode(PLAIN_GENERATION_PROMPT)
+    return ids
