@@ -3,16 +3,19 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import sys
 import textwrap
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+import dlm.rewards
 from dlm.config import CONF_DIR
 from dlm.data.brackets import BracketsTask
 from dlm.errors import UserError
@@ -416,3 +419,11 @@ def test_every_prompts_config_instantiates_lazily(path):
                 cfg[key] = 8
         row = next(instantiate(cfg).rows("val"))
         assert "prompt" in row
+
+
+def test_no_reward_module_calls_eval_or_exec():
+    package = Path(dlm.rewards.__file__).parent
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                assert node.func.id not in {"eval", "exec", "compile", "__import__"}, f"{path.name} calls {node.func.id}"

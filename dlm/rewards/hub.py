@@ -37,6 +37,7 @@ class HubPrompts:
         self.splits = {"train": "train", "val": "test", **dict(splits or {})}
         self.data_files = dict(data_files) if isinstance(data_files, Mapping) else data_files
         self.max_rows, self.shuffle_seed, self.revision = max_rows, shuffle_seed, revision
+        self._loaded: dict[str, Any] = {}  # split -> dataset: load once, iterate every epoch
 
     def _load(self, split: str):
         import datasets  # lazy: building a config never imports or downloads anything
@@ -59,7 +60,9 @@ class HubPrompts:
 
     def rows(self, split: str) -> Iterator[dict[str, Any]]:
         split = split_name(split)
-        data = self._load(self.splits[split])
+        if split not in self._loaded:
+            self._loaded[split] = self._load(self.splits[split])
+        data = self._loaded[split]
         fields = set(data.column_names)
         wanted = set(self.columns.values()) | ({self.prompt_field} if self.prompt_field else set())
         missing = sorted(wanted - fields)
