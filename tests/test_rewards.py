@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import pickle
 import sys
 import textwrap
 from fractions import Fraction
@@ -29,6 +30,7 @@ from dlm.rewards import (
     FunctionReward,
     GSM8KReward,
     HubPrompts,
+    IntegerAnswer,
     MathReward,
     RewardError,
     RewardSet,
@@ -312,6 +314,8 @@ def test_xml_format_rewards():
     assert XMLFormat(strict=False)(texts, [""] * 7) == [0.5, 0.5, 0.5, 0.0, 0.0, 0.0, 0.0]
     counts = XMLTagCount()([good, good + "tail", "", squashed], [""] * 4)
     assert counts[0] == pytest.approx(0.5) and counts[1] < counts[0] and counts[2] == 0.0 and counts[3] == 0.0
+    ints = IntegerAnswer()([good, "<answer>-4</answer>", "<answer>4.5</answer>", "<answer> 12 </answer>", "4"], [""] * 5)
+    assert ints == [0.5, 0.0, 0.0, 0.5, 0.0]
 
 
 # -- sets and user functions -----------------------------------------------------------------------------------------
@@ -406,6 +410,8 @@ def test_every_reward_config_instantiates_and_scores(path):
                "numbers": [[2, 2]], "target": [4]}
     parts = reward.components(["<answer>2+2</answer>"], ["2+2="], **columns)
     assert set(parts) == set(reward.rewards) and all(len(v) == 1 for v in parts.values())
+    clone = pickle.loads(pickle.dumps(reward))  # travels to DDP ranks and data-loader workers
+    assert clone.components(["<answer>2+2</answer>"], ["2+2="], **columns) == parts
 
 
 @pytest.mark.parametrize("path", sorted((CONF_DIR / "prompts").glob("*.yaml")), ids=lambda p: p.stem)
@@ -417,8 +423,10 @@ def test_every_prompts_config_instantiates_lazily(path):
         for key in ("num_train", "num_val"):
             if key in cfg:
                 cfg[key] = 8
-        row = next(instantiate(cfg).rows("val"))
+        source = instantiate(cfg)
+        row = next(source.rows("val"))
         assert "prompt" in row
+        assert next(pickle.loads(pickle.dumps(source)).rows("val")) == row
 
 
 def test_no_reward_module_calls_eval_or_exec():

@@ -5,7 +5,7 @@ The three variants of d1's ``diffu-grpo/reward_func.py`` (after Will Brown's GRP
 optional, since generation may stop at EOS right after the tag),
 ``XMLFormat(strict=false)`` for ``<reasoning>...</reasoning>`` then ``<answer>...</answer>`` at the start, any
 whitespace; ``XMLTagCount`` gives partial credit, 0.125 per well-placed tag, less 0.001 per character after the
-closing answer tag.
+closing answer tag; ``IntegerAnswer`` pays for a bare integer inside the answer tag.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from dlm.rewards.answers import answer_tag
 from dlm.rewards.base import Reward
 
 _STRICT = re.compile(r"^<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n?$", re.DOTALL)
@@ -51,3 +52,20 @@ class XMLTagCount(Reward):
 
     def score(self, completions: Sequence[str], prompts: Sequence[str], **columns) -> list[float]:
         return [self._count(c) for c in completions]
+
+
+class IntegerAnswer(Reward):
+    """``value`` when the ``<answer>`` tag holds a bare non-negative integer (d1's ``int_reward_func``: GSM8K answers
+    are integers), else 0.0."""
+
+    name = "int_answer"
+
+    def __init__(self, value: float = 0.5):
+        self.value = float(value)
+
+    def score(self, completions: Sequence[str], prompts: Sequence[str], **columns) -> list[float]:
+        out = []
+        for completion in completions:
+            text = answer_tag(completion)
+            out.append(self.value if text is not None and re.fullmatch(r"[0-9]+", text) else 0.0)
+        return out
