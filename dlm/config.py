@@ -20,7 +20,7 @@ from dlm.errors import UserError
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = (
     "method", "model", "schedule", "optimizer", "lr_scheduler", "trainer", "data", "sampler", "logger",
-    "callbacks", "experiment", "paths", "launcher", "hparams_search",
+    "callbacks", "experiment", "paths", "launcher", "hparams_search", "reward", "prompts",
 )
 
 
@@ -66,6 +66,8 @@ class TrainSchema:
     paths: Any = None
     launcher: Any = None
     hparams_search: Any = None
+    reward: Any = None  # RL: a dlm.rewards Reward or RewardSet config (conf/reward/)
+    prompts: Any = None  # RL: a dlm.rewards PromptSource config (conf/prompts/)
 
 
 def register_resolvers() -> None:

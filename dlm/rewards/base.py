@@ -54,3 +54,12 @@ class PromptSource(Protocol):
     columns its reward reads (e.g. ``answer``). ``rows(split)`` yields them in a fixed order for a given seed."""
 
     def rows(self, split: str) -> Iterator[dict[str, Any]]: ...
+
+
+def as_reward_set(reward: Reward | RewardSet) -> RewardSet:
+    """A ``reward=`` config may build one :class:`Reward` or a :class:`RewardSet`; the trainer always gets a set."""
+    if isinstance(reward, RewardSet):
+        return reward
+    if isinstance(reward, Reward):
+        return RewardSet({reward.name: reward})
+    raise TypeError(f"reward: expected a dlm.rewards Reward or RewardSet, got {type(reward).__name__}")
