@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import unicodedata
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -70,6 +71,12 @@ def check_request(cfg: DictConfig) -> None:
         raise ConfigError(problems)
 
 
+def printable(text: str) -> str:
+    """The text with control characters (an escape sequence a model emitted would drive the terminal) shown as
+    U+FFFD; newlines and tabs kept."""
+    return "".join(c if c in "\n\t" or unicodedata.category(c) != "Cc" else "\ufffd" for c in text)
+
+
 class LiveView:
     """The reply as it denoises: ``update(ids)`` after every step draws it (masked positions as ``placeholder``)
     over the previous drawing; ``finish(text)`` draws the final text. Only on a terminal: elsewhere both print
@@ -84,7 +91,7 @@ class LiveView:
     def _draw(self, text: str) -> None:
         width = max(shutil.get_terminal_size((80, 24)).columns, 1)
         up = f"\x1b[{self.rows - 1}A" if self.rows > 1 else ""
-        shown = MODEL_PROMPT + text
+        shown = MODEL_PROMPT + printable(text)
         self.out.write("\r" + up + CLEAR_DOWN + shown)
         self.out.flush()
         self.rows = sum(max(1, -(-len(line) // width)) for line in shown.split("\n"))
@@ -104,15 +111,15 @@ class LiveView:
             self._draw(text)
             self.out.write("\n")
         else:
-            self.out.write(MODEL_PROMPT + text + "\n")
+            self.out.write(MODEL_PROMPT + printable(text) + "\n")
         self.rows = 0
         self.out.flush()
 
 
 def stats_line(reply, tty: bool) -> str:
     rate = reply.tokens / max(reply.seconds, 1e-9)
-    line = (f"{reply.tokens} tokens{'' if reply.stopped else ' (no EOS: max_new_tokens reached)'} · "
-            f"{rate:.1f} tokens/s · {reply.network_calls} network calls · {reply.seconds:.2f} s")
+    line = (f"{reply.tokens} tokens{'' if reply.stopped else ' (no EOS: max_new_tokens reached)'} | "
+            f"{rate:.1f} tokens/s | {reply.network_calls} network calls | {reply.seconds:.2f} s")
     return f"{DIM}{line}{RESET}" if tty else line
 
 
@@ -203,7 +210,7 @@ def read_line(stdin: IO[str], out: IO[str]) -> str | None:
 def chat_loop(session: ChatSession, stdin: IO[str], out: IO[str], live: bool = True, placeholder: str = "·") -> int:
     """Read lines until /exit or EOF; each line is a command or a message the model replies to. Returns 0."""
     tty = out.isatty()
-    out.write(f"chatting with {session.model.source} · sampler: {session.sampler!r} · {HELP}\n")
+    out.write(f"chatting with {session.model.source} | sampler: {session.sampler!r} | {HELP}\n")
     while True:
         try:
             line = read_line(stdin, out)
