@@ -7,8 +7,9 @@ positions after it, and the reply is what comes before the first EOS (LLaDA / Dr
 whose tail the model fills with EOS). An observer (``on_step``) sees the reply's positions after every sampler step
 (:attr:`dlm.sampling.Sampler.on_step`) for a live view.
 
-:func:`load_chat_model` is the one call that gives (module, tokenizer, sampler config); a run folder today
-(:func:`dlm.run.load_run`).
+:func:`load_chat_model` is the one call that gives (module, tokenizer, sampler config) from a run folder
+(:func:`dlm.run.load_run`); :func:`chat_model_of` wraps a module loaded any other way (its checkpoint's sampler
+convention as the sampler config).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from dlm.data.chat import ChatError, chat_ids, check_messages
 from dlm.errors import UserError
 from dlm.sampling.base import cut_at_eos
 
-__all__ = ["ChatModel", "ConversationTooLong", "Reply", "chat_sampler", "fit_history", "generate_reply",
+__all__ = ["ChatModel", "ConversationTooLong", "Reply", "chat_model_of", "chat_sampler", "fit_history", "generate_reply",
            "load_chat_model", "parse_messages", "render_partial"]
 
 MESSAGES_FORM = """messages='[{"role": "user", "content": "..."}]'"""
@@ -60,6 +61,20 @@ def load_chat_model(run: str | Path, ckpt: str = "last", device: str = "cpu", us
 
     loaded = load_run(run, ckpt=ckpt, device=device, setup_data=False, use_ema=use_ema)
     return ChatModel(loaded.module, loaded.datamodule.tokenizer, plain(loaded.cfg.get("sampler")), loaded.run_dir)
+
+
+def chat_model_of(module, tokenizer, source: str | Path, sampler_cfg: dict | None = None) -> ChatModel:
+    """A ChatModel around a module built elsewhere (e.g. straight from a model config, no run folder): the sampler
+    config given, else the checkpoint's own convention (``conventions.sampler`` with ``sampler_fields`` over it,
+    dlm.models.capabilities), else None (the module's sampler as it is)."""
+    if sampler_cfg is None:
+        from dlm.build import sampler_config
+        from dlm.models.capabilities import conventions_of
+
+        conv = conventions_of(module.backbone)
+        if conv.sampler is not None:
+            sampler_cfg = {**sampler_config(conv.sampler), **(conv.sampler_fields or {})}
+    return ChatModel(module, tokenizer, sampler_cfg, Path(source))
 
 
 def chat_sampler(model: ChatModel, steps: int | None = None, temperature: float | None = None,

@@ -181,6 +181,21 @@ def test_sampler_settings_and_their_errors(model):
         chat_sampler(model, temperature=-1.0)
 
 
+def test_a_module_built_elsewhere_brings_its_sampler_convention(model):
+    from dlm.conversation import chat_model_of
+    from dlm.models.capabilities import ModelConventions
+
+    backbone = model.module.backbone
+    try:
+        backbone.conventions = ModelConventions(sampler="low_confidence", sampler_fields={"block_length": 4})
+        zoo = chat_model_of(model.module, model.tokenizer, "zoo")
+        sampler = chat_sampler(zoo, steps=6)
+        assert type(sampler).__name__ == "LowConfidenceSampler" and sampler.block_length == 4 and sampler.steps == 6
+    finally:
+        del backbone.conventions
+    assert chat_model_of(model.module, model.tokenizer, "x").sampler_cfg is None  # no convention: module.sampler
+
+
 def test_messages_parsing_errors():
     assert parse_messages('[{"role": "user", "content": "hi"}]') == [{"role": "user", "content": "hi"}]
     for bad, match in (('[{"role": "user"', "not JSON"), ('[{"role": "bot", "content": "x"}]', "must be one of"),
@@ -287,6 +302,10 @@ def test_chat_cli_in_process_exits_0_at_eof(tiny_run, run_cli, monkeypatch):
     assert "you> 12+3=" in out and "model> " in out and re.search(r"\d+ network calls", out)
     code, out, err = run_cli(main, f"run={tiny_run}", "steps=0", "live=maybe")
     assert code == 2 and "steps=0 must be a positive integer" in err and "live=" in err
+    for args, match in (((), "run= is required"), ((f"run={tiny_run}/nosuch",), "no such file or folder"),
+                        ((f"run={tiny_run}", "block_length=4"), "has no block length")):
+        code, out, err = run_cli(main, *args)
+        assert code == 2 and match in err and "Traceback" not in err, err
 
 
 # ---- the chat CLI in a terminal (tmux) ------------------------------------------------------------------------
