@@ -222,6 +222,7 @@ def chat_loop(session: ChatSession, stdin: IO[str], out: IO[str], live: bool = T
         line = line.strip()
         if not line:
             continue
+        view = None
         try:
             if line.startswith("/"):
                 if not command(session, line, out):
@@ -234,10 +235,8 @@ def chat_loop(session: ChatSession, stdin: IO[str], out: IO[str], live: bool = T
             reply = session.reply(line, on_step=view.update if view.tty else None)
             view.finish(reply.text)
             out.write(stats_line(reply, tty) + "\n")
-        except UserError as err:
-            out.write(f"error: {err}\n")
-        except ValueError as err:  # e.g. a character the run's tokenizer has no id for
-            out.write(f"error: {err}\n")
+        except (UserError, ValueError) as err:  # ValueError: e.g. a character the run's tokenizer has no id for
+            out.write(("\n" if view is not None and view.rows else "") + f"error: {err}\n")
         except KeyboardInterrupt:
             out.write("\n(reply interrupted)\n")
         out.flush()

@@ -179,9 +179,9 @@ def generate_reply(model: ChatModel, messages: list[dict[str, str]], sampler, ma
     prompt = torch.tensor([ids], dtype=torch.long)
     sampler = sampler if sampler is not None else module.sampler
     observed = [0.0]
+    if not hasattr(sampler, "on_step"):  # a sampler object without the hook: nothing to observe, the reply as usual
+        on_step = None
     if on_step is not None:
-        if sampler is None or not hasattr(sampler, "on_step"):
-            raise ValueError(f"{sampler!r} takes no step observer (dlm.sampling.Sampler.on_step)")
 
         def observe(x: Tensor) -> None:
             started = time.perf_counter()
