@@ -156,6 +156,33 @@ def test_the_reply_stops_at_eos_and_counts_it():
     assert long.text == "xxxx" and not long.stopped and long.tokens == 4
 
 
+def test_a_tokenizer_with_a_chat_template_renders_the_prompt(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from dlm.data.tokenizers import HFTokenizer
+
+    words = ["[UNK]", "user", "assistant", "hello", "world", "the", "cat", "sat"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    hf.chat_template = ("{% for m in messages %}{{ m.role }} {{ m.content }} {% endfor %}"
+                        "{% if add_generation_prompt %}assistant {% endif %}")
+    hf.save_pretrained(str(tmp_path / "tok"))
+    tok = HFTokenizer(str(tmp_path / "tok"))
+    module = StubModule(tok, tok.encode("the cat") + [tok.eos_token_id] + tok.encode("sat"))
+    prompts = []
+    real = module.generate
+    module.generate = lambda prompt, length, **kw: (prompts.append(prompt[0].tolist()), real(prompt, length, **kw))[1]
+    reply = generate_reply(ChatModel(module, tok, None, tmp_path), [{"role": "user", "content": "hello world"}],
+                           None, 6)
+    assert prompts == [tok.encode("user hello world assistant")]  # the tokenizer's template, generation prompt on
+    assert reply.text == "the cat" and reply.stopped
+    m = tok.mask_token_id
+    assert render_partial(tok, [*tok.encode("the cat"), m, *tok.encode("sat")], m, tok.eos_token_id, "_") == \
+        "the cat_sat"
+
+
 def test_old_turns_are_dropped_when_the_context_is_full():
     tok = ByteTokenizer()
     convo = [{"role": "system", "content": "be brief"}]
