@@ -225,7 +225,7 @@ class BD3LM(MaskedTermsObjective, DiffusionLM):
                         return self._subs(logits, z)
                 observe = getattr(sampler, "on_step", None)
                 if observe is not None:  # the observer sees whole rows, not just the block being denoised
-                    sampler.on_step = lambda z, b0=b0, b1=b1: observe(torch.cat([x[:, :b0], z, x[:, b1:]], dim=1))
+                    sampler.on_step = lambda z, b0=b0, b1=b1, seen=observe: seen(torch.cat([x[:, :b0], z, x[:, b1:]], dim=1))
                 try:
                     gen = sampler.sample(denoiser, xb.clone(), prior=MaskPrior(self.mask_id, self.schedule),
                                          generator=generator)
