@@ -3,6 +3,7 @@
     python -m dlm.generate run=runs/mdlm-tiny/... prompt="47+8="                      # complete a prompt
     python -m dlm.generate run=runs/mdlm-tiny/... infill="4[MASK:1]+8=55"             # fill holes
     python -m dlm.generate run=runs/mdlm-tiny/... num_samples=4 length=12             # unconditional
+    python -m dlm.generate run=... messages='[{"role":"user","content":"hi"}]'     # reply to a conversation
     python -m dlm.generate run=... prompt="1+2=" sampler=threshold sampler.threshold=0.8 trajectory=true
 
 Every family goes through the one interface, ``module.generate(prompt, length, sampler)`` or
@@ -17,6 +18,10 @@ trajectory otherwise (BD3-LM runs its sampler block by block) gets a two-frame p
 ``torch.compile`` (:mod:`dlm.compile`: the samplers' fixed-shape denoiser calls, and the KV-cache paths through a
 static cache; ``static_kv_cache=false`` keeps a growing cache, run eagerly) and runs the request once untimed first,
 so the printed speed leaves compilation out.
+
+``messages=`` (JSON text of ``[{role, content}, ...]``) renders the conversation with ``dlm.data.chat.chat_ids``
+(the tokenizer's chat template, else the plain one) and prints the assistant's reply alone, cut at its first EOS:
+``python -m dlm.chat`` non-interactively (dlm/conversation.py).
 
 Infill templates: literal text with holes ``[MASK]`` (one token) or ``[MASK:n]`` (n tokens), e.g.
 ``"The [MASK:5] sat on the [MASK:3]."`` (text that tokenizes as the run's tokenizer does: the arithmetic
@@ -210,7 +215,7 @@ def check_request(cfg: DictConfig) -> None:
         checks.boolean(cfg, "eos_fill"),
         checks.torch_device(cfg),
     )
-    for key in ("prompt", "infill"):
+    for key in ("prompt", "infill"):  # messages: JSON text or a list (dlm.conversation.parse_messages checks it)
         if cfg.get(key) is not None and not isinstance(cfg.get(key), str):
             problems.append(f"{key}={cfg.get(key)!r} must be text (quote it: {key}='...')")
     if problems:
@@ -253,12 +258,26 @@ def infill_request(cfg: DictConfig, source: GenerationSource, sampler, n: int) -
                    tokens.masked_fill(fill_mask, mask_id), int(fill_mask.sum()))
 
 
-def prompt_request(cfg: DictConfig, source: GenerationSource, sampler, n: int) -> Request:
-    """n continuations of cfg.prompt (empty: unconditional) of ``length`` tokens (default: up to the data's seq_len)."""
+def messages_request(cfg: DictConfig, source: GenerationSource, sampler, n: int) -> Request:
+    """n assistant replies to the conversation cfg.messages (JSON text or a list of {role, content}), rendered by
+    dlm.data.chat.chat_ids with the generation prompt; each text is the reply alone, cut at its first EOS."""
+    from dlm.conversation import parse_messages
+    from dlm.data.chat import chat_ids
+
+    ids = chat_ids(source.tokenizer, parse_messages(cfg.messages))
+    return prompt_request(cfg, source, sampler, n, ids=ids, echo="")
+
+
+def prompt_request(cfg: DictConfig, source: GenerationSource, sampler, n: int, ids: list[int] | None = None,
+                   echo: str | None = None) -> Request:
+    """n continuations of cfg.prompt (empty: unconditional) of ``length`` tokens (default: up to the data's seq_len).
+    ``ids``: the prompt's tokens given (not cfg.prompt's), ``echo``: the text printed before each continuation
+    (default: the prompt)."""
     module, tok = source.module, source.tokenizer
     eos, mask_id, length = int(tok.eos_token_id), int(module.mask_id), cfg.get("length")
-    prompt_text = cfg.get("prompt") or ""
-    ids = tok.encode(prompt_text) if prompt_text else []
+    prompt_text = (cfg.get("prompt") or "") if echo is None else echo
+    if ids is None:
+        ids = tok.encode(prompt_text) if prompt_text else []
     if length is None:
         length = (source.seq_len - len(ids)) if source.seq_len and source.seq_len > len(ids) else DEFAULT_LENGTH
     length = int(length)
@@ -328,7 +347,10 @@ def run_generation(cfg: DictConfig) -> dict[str, Any]:
     n = int(cfg.num_samples)  # checked >= 1 (check_request): 0 is refused, never read as 1
     if cfg.get("infill") is not None and cfg.get("prompt") is not None:
         raise GenerateError("give prompt= or infill=, not both")
-    make = infill_request if cfg.get("infill") is not None else prompt_request
+    if cfg.get("messages") is not None and (cfg.get("prompt") is not None or cfg.get("infill") is not None):
+        raise GenerateError("give messages= (a conversation to reply to) or prompt= / infill=, not both")
+    make = (messages_request if cfg.get("messages") is not None else
+            infill_request if cfg.get("infill") is not None else prompt_request)
     request = make(cfg, source, sampler, n)
     gen, seconds, compile_seconds = timed_run(request, int(cfg.seed), module.compute_device, compile_mode)
     texts = request.decode(gen)
@@ -359,16 +381,16 @@ def hydra_main(cfg: DictConfig) -> None:
         print(f"trajectory: {out['trajectory']}")
 
 
-TEXT_KEYS = ("prompt", "infill")
+TEXT_KEYS = ("prompt", "infill", "messages")  # messages: JSON text
 
 
-def quote_text_overrides(argv: list[str]) -> list[str]:
+def quote_text_overrides(argv: list[str], keys: tuple[str, ...] = TEXT_KEYS) -> list[str]:
     """``prompt=47+8=`` and ``infill=The [MASK:5] sat`` as the shell passes them are not valid Hydra override values
     (``=``, ``[``, spaces); quote them so any text goes through verbatim. Already quoted values are kept."""
     out = []
     for arg in argv:
         key, sep, value = arg.partition("=")
-        if sep and key.lstrip("+~") in TEXT_KEYS and not (len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""):
+        if sep and key.lstrip("+~") in keys and not (len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""):
             arg = f"{key}='" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
         out.append(arg)
     return out

@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "dlm"
-CLIS = {"dlm.train", "dlm.generate", "dlm.evaluate", "dlm.consolidate", "dlm.lm_eval"}
+CLIS = {"dlm.train", "dlm.generate", "dlm.evaluate", "dlm.consolidate", "dlm.lm_eval", "dlm.chat"}
 
 
 def modules() -> dict[str, Path]:

@@ -126,6 +126,7 @@ class AR(DiffusionLM):
         tokens for the same generator).
         """
         settings = decoding_settings(sampler or self.sampler)
+        observe = getattr(sampler or self.sampler, "on_step", None)  # sees the rows after every token, rest masked
         device = self.compute_device
         if prompt is None:
             prompt = torch.empty(num_samples, 0, dtype=torch.long, device=device)
@@ -154,6 +155,8 @@ class AR(DiffusionLM):
                 calls += 1
                 token = torch.where(done, self.eos_id, settings.draw(logits, generator))
                 out[:, i] = token
+                if observe is not None:
+                    observe(torch.cat([prompt, out[:, : i + 1], out.new_full((B, length - i - 1), self.mask_id)], 1))
                 done |= token == self.eos_id
                 if bool(done.all()):
                     break

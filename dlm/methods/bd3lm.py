@@ -223,8 +223,15 @@ class BD3LM(MaskedTermsObjective, DiffusionLM):
                         logits = self.logits(ids, attn_mask=mask, position_ids=torch.arange(ids.shape[1], device=dev)[None])
                         logits = logits[:, ctx.shape[1] - 1 : -1] if self.shift_logits else logits[:, ctx.shape[1]:]
                         return self._subs(logits, z)
-                gen = sampler.sample(denoiser, xb.clone(), prior=MaskPrior(self.mask_id, self.schedule),
-                                     generator=generator)
+                observe = getattr(sampler, "on_step", None)
+                if observe is not None:  # the observer sees whole rows, not just the block being denoised
+                    sampler.on_step = lambda z, b0=b0, b1=b1, seen=observe: seen(torch.cat([x[:, :b0], z, x[:, b1:]], dim=1))
+                try:
+                    gen = sampler.sample(denoiser, xb.clone(), prior=MaskPrior(self.mask_id, self.schedule),
+                                         generator=generator)
+                finally:
+                    if observe is not None:
+                        sampler.on_step = observe
                 x[:, b0:b1] = gen.tokens
                 calls += gen.num_network_calls
             if eos_from is not None:

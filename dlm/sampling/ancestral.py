@@ -80,6 +80,5 @@ class AncestralSampler(Sampler):
             if changed:
                 lp = self._exclude_mask(logp[reveal], mask_id)
                 x[reveal] = self._draw(lp, generator).to(x.dtype)
-            if trajectory is not None:
-                trajectory.append(x.clone())
+            self._record(trajectory, x)
         return Generation(x, calls, trajectory)

@@ -30,6 +30,8 @@ class ARSampler:
             by the diffusion samplers composes for every method.
     """
 
+    on_step = None  # an observer of the rows after every token (dlm.sampling.Sampler.on_step; the family calls it)
+
     def __init__(
         self,
         temperature: float = 1.0,

@@ -183,11 +183,15 @@ class Sampler(ABC):
         top_p: nucleus filtering threshold in (0, 1] (None: no nucleus filtering).
         record_trajectory: keep ``x`` after every step in :attr:`Generation.trajectory`.
 
+    :attr:`on_step` (not a constructor argument: an observer is no part of a run's config) is called with a copy of
+    ``x`` after every step when set, e.g. by the chat's live view (dlm/chat.py); observing changes no drawn token.
+
     A subclass declares :attr:`priors` (default: :class:`~dlm.sampling.prior.MaskPrior`) and implements
     :meth:`_sample`.
     """
 
     priors: ClassVar[tuple[type[Prior], ...]] = (MaskPrior,)
+    on_step: Callable[[Tensor], None] | None = None  # an observer of x after every step (None: not observed)
 
     def __init__(
         self,
@@ -271,6 +275,13 @@ class Sampler(ABC):
             lp = lp.clone()
             lp[..., mask_id] = float("-inf")
         return lp.log_softmax(dim=-1)
+
+    def _record(self, trajectory: list[Tensor] | None, x: Tensor) -> None:
+        """After a step: keep ``x`` in the trajectory (when recorded) and show it to :attr:`on_step` (when set)."""
+        if trajectory is not None:
+            trajectory.append(x.clone())
+        if self.on_step is not None:
+            self.on_step(x.clone())
 
     def _draw(self, lp: Tensor, generator: torch.Generator | None) -> Tensor:
         """Draw tokens from normalised log-probs ``lp`` (``[N, V]``) with this sampler's settings."""

@@ -147,8 +147,7 @@ class OrderedUnmaskingSampler(Sampler):
                     break
                 x = step(x, i, eligible, remaining, block_steps - i, generator)
                 calls += 1
-                if trajectory is not None:
-                    trajectory.append(x.clone())
+                self._record(trajectory, x)
         return Generation(x, calls, trajectory)
 
     def _open_block(self, denoiser: Denoiser, j: int, first: int, in_block: Tensor, mask_id: int):

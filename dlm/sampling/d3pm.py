@@ -96,8 +96,7 @@ class D3PMSampler(Sampler):
                 u = torch.rand(int(masked.sum()), generator=generator, device=x.device, dtype=torch.float64)
                 maybe = u < bound.max()  # positions that some x0 would reveal
                 if not maybe.any():  # nothing can change: no call (a time-conditioned model is called at the next t)
-                    if trajectory is not None:
-                        trajectory.append(x.clone())
+                    self._record(trajectory, x)
                     continue
             logp = denoiser(x, t)
             if logp.dim() != 3 or logp.shape[:2] != x.shape:
@@ -112,6 +111,5 @@ class D3PMSampler(Sampler):
             values = x[masked]
             values[reveal] = x0[reveal[maybe]].to(x.dtype)
             x[masked] = values
-            if trajectory is not None:
-                trajectory.append(x.clone())
+            self._record(trajectory, x)
         return Generation(x, calls, trajectory)

@@ -78,8 +78,7 @@ class ReMDMSampler(Sampler):
             a_s = float(schedule.alpha(times[i + 1]))
             sigma = 0.0 if last else self.sigma(a_t, a_s)
             if not masked.any() and sigma == 0.0:
-                if trajectory is not None:
-                    trajectory.append(x.clone())
+                self._record(trajectory, x)
                 continue
             logp = self._call(denoiser, x)
             calls += 1
@@ -97,6 +96,5 @@ class ReMDMSampler(Sampler):
                 lp = self._exclude_mask(logp[reveal], mask_id)
                 x[reveal] = self._draw(lp, generator).to(x.dtype)
             x[remask] = mask_id
-            if trajectory is not None:
-                trajectory.append(x.clone())
+            self._record(trajectory, x)
         return Generation(x, calls, trajectory)

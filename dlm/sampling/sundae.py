@@ -103,8 +103,7 @@ class SundaeSampler(Sampler):
                 new[update] = self._draw(lp, generator).to(x.dtype)
             changed = bool((new != x).any())
             x = new
-            if trajectory is not None:
-                trajectory.append(x.clone())
+            self._record(trajectory, x)
             if self.stop_when_unchanged and not changed:
                 break
         return Generation(x, calls, trajectory)
@@ -148,8 +147,7 @@ class ArgmaxUnrolledSampler(Sampler):
             conf = torch.where(update, best_lp.double(), conf)
             changed = bool((new != x).any())
             x = new
-            if trajectory is not None:
-                trajectory.append(x.clone())
+            self._record(trajectory, x)
             if k > 0 and not changed:
                 break
         return Generation(x, calls, trajectory)
