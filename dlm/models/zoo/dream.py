@@ -40,6 +40,8 @@ class DreamLayout(PublishedLayout):
         fields = architecture_fields(published)
         fields.update(model_type="qwen2", use_sliding_window=False, use_cache=False)
         fields.pop("sliding_window", None)
+        if not fields.get("rope_scaling"):  # None: unscaled (transformers 5 reads rope_parameters)
+            fields.pop("rope_scaling", None)
         return fields
 
     def geometry_fields(self) -> dict[str, str]:
