@@ -77,6 +77,13 @@ class PublishedDLM(HFCausalLM):
             return load_hf_model(auto_class, None, {**geometry, **overrides}, attn_implementation=attn_implementation,
                                  torch_dtype=torch_dtype, trust_remote_code=False, owner=type(self).__name__,
                                  example_types=self.layout.transformers_type)
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled():  # the stream fills whole tensors; ZeRO-3 wants each rank's partition
+            raise ValueError(
+                f"{self.layout.name}: loading a published layout into ZeRO-3 partitions is not supported yet; use "
+                "trainer=deepspeed_zero2 (or fsdp), or trainer.strategy.stage=2"
+            )
         folder = resolve_folder(pretrained)
         published = read_config(folder)
         self.layout.require(published, folder)
