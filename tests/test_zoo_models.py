@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import TINY_CLI, run_dir_of
 
 VOCAB = 40  # tiny tokenizer: 38 words, EOS, mask
@@ -306,8 +305,14 @@ def _bidirectional_transformers(model_cls, config_cls, fields: dict, state: dict
 
 
 def _reference_transformers(arch: str, state: dict):
-    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3MoeConfig,
-                              Qwen3MoeForCausalLM)
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+    )
 
     s = _f32(state)
     if arch == "llada":
@@ -528,8 +533,8 @@ def _train(train_cli, arch, folder, tmp_path, *extra):
 
 @pytest.mark.parametrize("arch,extra", [("llada", ()), ("dream", ("method.shift_logits=true",))])
 def test_training_run_exports_the_published_layout(arch, extra, checkpoints, train_cli, tmp_path):
-    from dlm.run import find_checkpoint
     from dlm.parallel.checkpoint import load_state_dict
+    from dlm.run import find_checkpoint
 
     folder, state = checkpoints[arch]
     run = _train(train_cli, arch, folder, tmp_path, *extra)
@@ -549,3 +554,43 @@ def test_training_run_exports_the_published_layout(arch, extra, checkpoints, tra
     trained = load_state_dict(find_checkpoint(run, "last"))
     for k, v in backbone.hf_model.state_dict().items():
         assert torch.equal(v, trained[f"backbone.hf_model.{k}"].to(v.dtype)), k
+
+
+# ---- conventions and random-weight builds ------------------------------------------------------------------
+CONVENTIONS = {  # config -> (mask id, shift, sampler, chat template)
+    "llada_8b": (126336, False, "low_confidence", False), "llada_8b_instruct": (126336, False, "low_confidence", True),
+    "llada_1p5_8b": (126336, False, "low_confidence", True), "llada_moe": (156895, False, "low_confidence", False),
+    "llada_moe_instruct": (156895, False, "low_confidence", True), "dream_7b": (151666, True, "entropy", False),
+    "dream_7b_instruct": (151666, True, "entropy", True), "rnd1_30b": (151669, True, "entropy_bounded", False),
+}
+
+
+@pytest.mark.parametrize("name", list(CONVENTIONS))
+def test_zoo_config_conventions(name):
+    from omegaconf import OmegaConf
+
+    from dlm.config import CONF_DIR, compose_train
+    from dlm.models.capabilities import ModelConventions
+
+    cfg = compose_train([f"model={name}"])
+    conv = ModelConventions.from_config(cfg.model.conventions)
+    assert (conv.mask_token_id, conv.shift_logits, conv.sampler, conv.chat_template) == CONVENTIONS[name]
+    assert conv.tokenizer == cfg.model.pretrained and cfg.model.trust_remote_code is False
+    sampler = OmegaConf.load(CONF_DIR / "sampler" / f"{conv.sampler}.yaml")
+    assert set(conv.sampler_fields) <= set(sampler) - {"_target_"}, conv.sampler_fields
+    from dlm.models.hf_geometry import KNOWN_GEOMETRIES
+
+    assert cfg.model.pretrained in KNOWN_GEOMETRIES  # plans offline
+
+
+def test_load_weights_false_keeps_the_published_geometry_and_exports(checkpoints, tmp_path):
+    folder, state = checkpoints["llada_moe"]
+    backbone, _ = load_backbone("llada_moe", folder, "model.load_weights=false")
+    out = backbone.save_published(tmp_path / "random", max_shard_bytes=1 << 20)
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        written = {k: f.get_tensor(k) for k in f.keys()}
+    assert {k: tuple(v.shape) for k, v in written.items()} == {k: tuple(v.shape) for k, v in state.items()}
+    assert not torch.equal(written["lm_head.weight"].to(torch.bfloat16), state["lm_head.weight"])  # random
+    assert json.loads((out / "config.json").read_text()) == LLADA_MOE_CONFIG | {"torch_dtype": "float32"}

@@ -108,7 +108,9 @@ def pretrained_geometry(pretrained: str) -> dict[str, Any]:
     else from KNOWN_GEOMETRIES (offline). Never loads weights."""
     from transformers import AutoConfig
 
-    from dlm.models.zoo import published_geometry  # a diffusion LM's own layout (config.json unknown to transformers)
+    from dlm.models.zoo import (
+        published_geometry,  # a diffusion LM's own layout (config.json unknown to transformers)
+    )
 
     zoo = published_geometry(pretrained)
     if zoo is not None:
