@@ -108,9 +108,7 @@ def pretrained_geometry(pretrained: str) -> dict[str, Any]:
     else from KNOWN_GEOMETRIES (offline). Never loads weights."""
     from transformers import AutoConfig
 
-    from dlm.models.zoo import (
-        published_geometry,  # a diffusion LM's own layout (config.json unknown to transformers)
-    )
+    from dlm.models.zoo.registry import published_geometry  # a DLM's own layout (unknown to transformers)
 
     zoo = published_geometry(pretrained)
     if zoo is not None:
