@@ -185,7 +185,9 @@ def load_backbone(arch: str, folder: Path, *overrides: str):
     from dlm.config import build, compose_train
 
     name = ARCHS[arch][0]
-    cfg = compose_train([f"model={name}", f"model.pretrained={folder}", *overrides])
+    # the tiny tokenizer's mask id (the config's is the published checkpoint's)
+    cfg = compose_train([f"model={name}", f"model.pretrained={folder}",
+                         f"model.conventions.mask_token_id={VOCAB - 1}", *overrides])
     return build(cfg.model, "model", vocab_size=VOCAB), cfg
 
 
@@ -521,7 +523,8 @@ def _train(train_cli, arch, folder, tmp_path, *extra):
     corpus.write_text("\n\n".join(" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (20,), generator=rng))
                                   for _ in range(60)))
     args = [a for a in TINY_CLI if not a.startswith("name=")] + [
-        f"model={ARCHS[arch][0]}", f"model.pretrained={folder}", "model.torch_dtype=float32", "method=mdlm",
+        f"model={ARCHS[arch][0]}", f"model.pretrained={folder}", f"model.conventions.mask_token_id={VOCAB - 1}",
+        "model.torch_dtype=float32", "method=mdlm",
         "data=text_files", f"data.source.paths={corpus}", "data.seq_len=16", "data.batch_size=4",
         "data.tokenizer._target_=dlm.data.tokenizers.HFTokenizer", f"+data.tokenizer.name_or_path={folder}",
         f"paths.output_root={tmp_path / 'runs'}", f"paths.cache_dir={tmp_path / 'cache'}", "trainer=cpu",
