@@ -64,7 +64,8 @@ LLADA_8B: dict[str, Any] = {
     "attention_bias": False, "mlp_bias": False,
 }
 # LLaDA-MoE-7B-A1B: 64 experts top-8 (no renormalisation), per-head QK-norm, rope_theta 50000: 7.36B parameters,
-# 1.72B active per token of which 1.40B besides the input embedding (the paper: "7B", "1.4B active").
+# 1.72B active per token of which 1.40B besides the input embedding (the paper: "7B", "1.4B active"). Its own
+# config.json was not in reach: vocab 157184 is inclusionAI's Ling tokenizer (pad/eos 156892, mask 156895 fit it).
 LLADA_MOE_7B: dict[str, Any] = {
     "model_type": "qwen3_moe", "hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 16,
     "num_key_value_heads": 16, "head_dim": 128, "intermediate_size": 8192, "moe_intermediate_size": 1024,
