@@ -597,3 +597,62 @@ def test_load_weights_false_keeps_the_published_geometry_and_exports(checkpoints
     assert {k: tuple(v.shape) for k, v in written.items()} == {k: tuple(v.shape) for k, v in state.items()}
     assert not torch.equal(written["lm_head.weight"].to(torch.bfloat16), state["lm_head.weight"])  # random
     assert json.loads((out / "config.json").read_text()) == LLADA_MOE_CONFIG | {"torch_dtype": "float32"}
+
+
+# ---- ZeRO-3: the gathered, parameter-at-a-time loading path ----------------------------------------------------
+@pytest.mark.parametrize("arch", ["llada", "rnd1"])
+def test_parameter_at_a_time_loading_equals_the_stream(arch, checkpoints):
+    """load_published_into (the ZeRO-3 path: a built model, each parameter gathered and written) gives the same
+    weights as the meta-device stream; here nothing is partitioned, so gathering is a no-op."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dlm.models.zoo.layout import hf_fields, load_published_into
+
+    folder, _ = checkpoints[arch]
+    streamed, _ = load_backbone(arch, folder)
+    hf = streamed.layout.hf_config(ARCHS[arch][1])
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(hf.pop("model_type"), **hf), dtype=torch.bfloat16)
+    load_published_into(model, streamed.layout, folder, hf_fields(model.config))
+    ours = model.state_dict()
+    for k, v in streamed.hf_model.state_dict().items():
+        assert torch.equal(ours[k], v), k
+
+
+@pytest.mark.slow
+def test_zero3_cpu_run_loads_a_published_layout_into_partitions(checkpoints, tmp_path):
+    """python -m dlm.train under DeepSpeed ZeRO-3 on the CPU (tests/zero_cpu_strategy.py) from a tiny RND1-layout
+    checkpoint at learning rate 0: the run's export, in the published layout, is the checkpoint bit for bit."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    folder, state = checkpoints["rnd1"]
+    tests = Path(__file__).resolve().parent
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(20)) for i in range(40)))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
+           "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    args = [*[a for a in TINY_CLI if not a.startswith("name=")], "name=zoo3", "trainer=deepspeed",
+            "trainer.strategy._target_=zero_cpu_strategy.CPUDeepSpeedStrategy", "trainer.accelerator=cpu",
+            "trainer.devices=1", "trainer.precision=bf16-mixed", "optimizer.lr=0", "model=rnd1_30b",
+            f"model.pretrained={folder}", f"model.conventions.mask_token_id={VOCAB - 1}",
+            "model.gradient_checkpointing=false", "method=mdlm", "method.shift_logits=true", "data=text_files",
+            f"data.source.paths={corpus}", "data.seq_len=16", "data.batch_size=4",
+            "data.tokenizer._target_=dlm.data.tokenizers.HFTokenizer", f"+data.tokenizer.name_or_path={folder}",
+            f"paths.output_root={tmp_path / 'runs'}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    proc = subprocess.run([sys.executable, "-m", "dlm.train", *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = run_dir_of(proc.stdout)
+    hf = run if run.is_absolute() else tmp_path / run
+    hf = hf / "hf"
+    files = [hf / "model.safetensors"] if (hf / "model.safetensors").is_file() else sorted(hf.glob("model-*.safetensors"))
+    exported = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            exported.update({k: f.get_tensor(k) for k in f.keys()})
+    assert set(exported) == set(state)
+    for name, tensor in state.items():
+        assert torch.equal(exported[name].to(torch.bfloat16), tensor), name

@@ -23,6 +23,7 @@ from dlm.models.zoo.layout import (
     PublishedLayout,
     cached_config,
     hf_fields,
+    load_published_into,
     load_published_state,
     read_config,
     resolve_folder,
@@ -77,25 +78,27 @@ class PublishedDLM(HFCausalLM):
             return load_hf_model(auto_class, None, {**geometry, **overrides}, attn_implementation=attn_implementation,
                                  torch_dtype=torch_dtype, trust_remote_code=False, owner=type(self).__name__,
                                  example_types=self.layout.transformers_type)
+        from transformers import AutoConfig
         from transformers.integrations import is_deepspeed_zero3_enabled
 
-        if is_deepspeed_zero3_enabled():  # the stream fills whole tensors; ZeRO-3 wants each rank's partition
-            raise ValueError(
-                f"{self.layout.name}: loading a published layout into ZeRO-3 partitions is not supported yet; use "
-                "trainer=deepspeed_zero2 (or fsdp), or trainer.strategy.stage=2"
-            )
         folder = resolve_folder(pretrained)
         published = read_config(folder)
         self.layout.require(published, folder)
         hf = {**self.layout.hf_config(published), **overrides}
-        from transformers import AutoConfig
-
         hf_config = AutoConfig.for_model(hf.pop("model_type"), **hf)
-        with torch.device("meta"):
-            model = auto_class.from_config(hf_config, attn_implementation=attn_implementation)
         dtype = _resolve_dtype(torch_dtype)
-        load_published_state(model, self.layout, folder, hf_fields(model.config),
-                             dtype=None if dtype in (None, "auto") else dtype)
+        dtype = None if dtype in (None, "auto") else dtype
+        if is_deepspeed_zero3_enabled():
+            # under a live HfDeepSpeedConfig transformers builds the model inside deepspeed.zero.Init (each rank
+            # holds its partitions); the weights are then written one gathered parameter at a time
+            published_dtype = _resolve_dtype(published.get("torch_dtype") or published.get("dtype") or "float32")
+            model = auto_class.from_config(hf_config, attn_implementation=attn_implementation,
+                                           dtype=dtype or published_dtype)
+            load_published_into(model, self.layout, folder, hf_fields(model.config))
+        else:  # the meta device, then each tensor assigned as read: one copy of the checkpoint in host memory
+            with torch.device("meta"):
+                model = auto_class.from_config(hf_config, attn_implementation=attn_implementation)
+            load_published_state(model, self.layout, folder, hf_fields(model.config), dtype=dtype)
         object.__setattr__(self, "published_config", published)
         object.__setattr__(self, "published_source", folder)
         return model

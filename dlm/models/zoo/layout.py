@@ -181,6 +181,19 @@ def _listing(names, limit: int = 8) -> str:
     return ", ".join(names[:limit]) + (f" ... ({len(names)} in all)" if len(names) > limit else "")
 
 
+def _checked_shards(layout: PublishedLayout, folder: Path, table: dict[str, Target]) -> dict[str, list[str]]:
+    """The shards' weight names, refused by name where they do not match the layout's table."""
+    shards = shard_files(folder)
+    unexpected = sorted(n for names in shards.values() for n in names if n not in table)
+    if unexpected:
+        raise LayoutError(f"{folder}: weights that the {layout.name} layout does not have: {_listing(unexpected)}")
+    present = {n for names in shards.values() for n in names}
+    missing = sorted(set(table) - present)
+    if missing:
+        raise LayoutError(f"{folder}: the {layout.name} layout's weights missing from the checkpoint: {_listing(missing)}")
+    return shards
+
+
 @torch.no_grad()
 def load_published_state(model: nn.Module, layout: PublishedLayout, folder: Path, hf: dict,
                          dtype: torch.dtype | None = None) -> None:
@@ -191,14 +204,7 @@ def load_published_state(model: nn.Module, layout: PublishedLayout, folder: Path
 
     table = layout.names(hf)
     params = dict(model.named_parameters(remove_duplicate=False))
-    shards = shard_files(folder)
-    unexpected = sorted(n for names in shards.values() for n in names if n not in table)
-    if unexpected:
-        raise LayoutError(f"{folder}: weights that the {layout.name} layout does not have: {_listing(unexpected)}")
-    present = {n for names in shards.values() for n in names}
-    missing = sorted(set(table) - present)
-    if missing:
-        raise LayoutError(f"{folder}: the {layout.name} layout's weights missing from the checkpoint: {_listing(missing)}")
+    shards = _checked_shards(layout, folder, table)
     state: dict[str, Tensor] = {}
     for shard, names in shards.items():
         with safe_open(str(folder / shard), framework="pt") as f:
@@ -225,6 +231,42 @@ def load_published_state(model: nn.Module, layout: PublishedLayout, folder: Path
         raise LayoutError(f"{layout.name}: transformers parameters not filled by the checkpoint: {_listing(left)}"
                           f" (unexpected keys {_listing(result.unexpected_keys)})")
     materialize_buffers(model)
+
+
+@torch.no_grad()
+def load_published_into(model: nn.Module, layout: PublishedLayout, folder: Path, hf: dict) -> None:
+    """Copy ``folder``'s weights into an already built ``model`` (real, or ZeRO-3 partitioned parameters), one
+    transformers parameter at a time: it is gathered whole (dlm.parallel.params.gathered: a no-op when not
+    partitioned), every published tensor of it is written (rank 0's writes kept and scattered back), released.
+    Peak memory is one parameter (a fused expert tensor) beyond the rank's partition."""
+    from contextlib import ExitStack
+
+    from safetensors import safe_open
+
+    from dlm.parallel.params import gathered
+
+    table = layout.names(hf)
+    shards = _checked_shards(layout, folder, table)
+    shard_of = {name: shard for shard, names in shards.items() for name in names}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    parts: dict[str, list[str]] = {}
+    for name, target in table.items():
+        parts.setdefault(target.key, []).append(name)
+    with ExitStack() as stack:
+        files = {shard: stack.enter_context(safe_open(str(folder / shard), framework="pt")) for shard in shards}
+        for key, names in parts.items():
+            param = params[key]
+            with gathered([param], modifier_rank=0):
+                for name in names:
+                    tensor = files[shard_of[name]].get_tensor(name)
+                    index = table[name].index
+                    view = param.data if index is None else param.data[index]
+                    if tuple(tensor.shape) != tuple(view.shape):
+                        raise LayoutError(f"{folder}: {name} has shape {tuple(tensor.shape)}, the config says "
+                                          f"{tuple(view.shape)}")
+                    view.copy_(tensor.to(view.dtype))
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
 
 
 def materialize_buffers(model: nn.Module) -> None:
