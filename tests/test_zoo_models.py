@@ -645,6 +645,8 @@ def test_zero3_cpu_run_loads_a_published_layout_into_partitions(checkpoints, tmp
     proc = subprocess.run([sys.executable, "-m", "dlm.train", *args], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    # the partitioned path was taken: the backbone was built inside zero.Init (dlm.parallel.deepspeed prints it)
+    assert f"zero3: rank 0 loaded {folder} into ZeRO-3 partitions" in proc.stdout, proc.stdout[-2000:]
     run = run_dir_of(proc.stdout)
     hf = run if run.is_absolute() else tmp_path / run
     hf = hf / "hf"
