@@ -63,7 +63,7 @@ MASKABLE_IMPLEMENTATIONS = ("sdpa", "eager")
 # Model types whose causal-LM forward is exactly ``lm_head(decoder(...).last_hidden_state)`` (final norm inside the
 # decoder; no logit scaling or softcapping), so ``logits_at`` may run the head on the selected hidden states only.
 # Other types compute every position's logits and select.
-PLAIN_HEAD_MODEL_TYPES = ("qwen3", "qwen3_moe", "llama", "gpt2")
+PLAIN_HEAD_MODEL_TYPES = ("qwen3", "qwen3_moe", "llama", "gpt2", "qwen2")
 
 
 class HFCausalLM(nn.Module):
@@ -123,10 +123,9 @@ class HFCausalLM(nn.Module):
         self.lr_multipliers = merge_lr_multipliers(_plain_dict(lr_multipliers) if lr_multipliers else None)
 
         _check_arguments(attention, block_size, attn_implementation)
-        self.hf_model = load_hf_model(
+        self.hf_model = self._load_model(
             AutoModelForCausalLM, pretrained, config, attn_implementation=attn_implementation,
-            torch_dtype=torch_dtype, trust_remote_code=trust_remote_code, owner="HFCausalLM",
-            example_types="qwen3, qwen3_moe, llama, gpt2", load_weights=load_weights,
+            torch_dtype=torch_dtype, trust_remote_code=trust_remote_code, load_weights=load_weights,
         )
         self.hf_model.train()  # from_pretrained returns eval mode; a backbone starts in train mode like any module
         self.attn_implementation = attn_implementation
@@ -158,6 +157,15 @@ class HFCausalLM(nn.Module):
                 self.hf_model.gradient_checkpointing_enable(
                     gradient_checkpointing_kwargs={"use_reentrant": False}
                 )
+
+    def _load_model(self, auto_class, pretrained, config, *, attn_implementation: str, torch_dtype,
+                    trust_remote_code: bool, load_weights: bool) -> nn.Module:
+        """The wrapped transformers model (a subclass reads other checkpoint layouts: dlm.models.zoo)."""
+        return load_hf_model(
+            auto_class, pretrained, config, attn_implementation=attn_implementation, torch_dtype=torch_dtype,
+            trust_remote_code=trust_remote_code, owner="HFCausalLM", example_types="qwen3, qwen3_moe, llama, gpt2",
+            load_weights=load_weights,
+        )
 
     # ---- MoE router statistics -------------------------------------------------------------------------------
     def _setup_router_statistics(self, router_aux_loss_coef: float | None) -> None:

@@ -23,12 +23,14 @@ def export_hf_folder(cfg, state_dict: dict[str, torch.Tensor], out: str | Path, 
     from dlm.models.hf import HFCausalLM, pretrained_geometry  # lazily: start-up: transformers
 
     model_cfg = cfg.model
-    if model_cfg.get("_target_") != "dlm.models.hf.HFCausalLM":
+    if not is_hf_backbone(model_cfg):
         raise ValueError(f"consolidation to an HF folder needs an HFCausalLM model, not {model_cfg.get('_target_')}")
     prefix = "backbone.hf_model."
     hf_state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     if not hf_state:
         raise ValueError(f"no {prefix}* weights in the checkpoint (keys start {list(state_dict)[:3]})")
+    if is_hf_backbone(model_cfg, published=True):  # a published DLM goes back into its own layout
+        return _export_published(model_cfg, hf_state, out, extra)
     geometry = dict(OmegaConf.to_container(model_cfg.config, resolve=True)) if model_cfg.get("config") else {}
     if model_cfg.get("pretrained"):
         geometry = {**pretrained_geometry(model_cfg.pretrained), **geometry}
@@ -49,6 +51,37 @@ def export_hf_folder(cfg, state_dict: dict[str, torch.Tensor], out: str | Path, 
     return out
 
 
+def is_hf_backbone(model_cfg, published: bool = False) -> bool:
+    """Whether a model config builds an HFCausalLM (``published``: a dlm.models.zoo.PublishedDLM), by its class."""
+    from hydra.utils import get_class
+
+    target = model_cfg.get("_target_")
+    if published and not str(target).startswith("dlm.models.zoo"):
+        return False  # not imported for the plain HF runs
+    try:
+        cls = get_class(target)
+    except Exception:  # noqa: BLE001 - not a class path (a function, a typo): not an HF backbone
+        return False
+    from dlm.models.hf import HFCausalLM
+
+    if published:
+        from dlm.models.zoo import PublishedDLM
+
+        return isinstance(cls, type) and issubclass(cls, PublishedDLM)
+    return isinstance(cls, type) and issubclass(cls, HFCausalLM)
+
+
+def _export_published(model_cfg, hf_state: dict[str, torch.Tensor], out, extra: dict | None) -> Path:
+    """The run's weights in the checkpoint's published layout (config.json keys, weight names, sharded index, the
+    source folder's tokenizer and code files): the architecture is built on the meta device from config.json."""
+    model_cfg = OmegaConf.merge(model_cfg, {"load_weights": False, "gradient_checkpointing": False})
+    with torch.device("meta"):
+        backbone = instantiate(model_cfg, vocab_size=None)
+    out = backbone.save_published(out, state=hf_state)
+    (Path(out) / "dlm_export.json").write_text(json.dumps(extra or {}, indent=2) + "\n")
+    return Path(out)
+
+
 def consolidate_run(run_dir: str | Path, ckpt: str = "last", out: str | Path | None = None,
                     use_ema: bool = True) -> Path:
     """A run's checkpoint (``last``, ``best`` or a path; a DeepSpeed folder or a file) -> ``<run_dir>/hf``; a run
@@ -57,7 +90,7 @@ def consolidate_run(run_dir: str | Path, ckpt: str = "last", out: str | Path | N
     run_dir, _ = resolve_run_path(run_dir)  # NotARunError (one line) for anything but a run folder
     cfg = load_config(run_dir)
     target = cfg.model.get("_target_")
-    if target != "dlm.models.hf.HFCausalLM":  # say so before reading a checkpoint that cannot be exported
+    if not is_hf_backbone(cfg.model):  # say so before reading a checkpoint that cannot be exported
         raise UserError(
             f"dlm.consolidate exports runs whose model is an HF backbone (model._target_=dlm.models.hf.HFCausalLM); "
             f"{run_dir} has model._target_={target}. Use the run folder itself instead: dlm.generate run=<run>, "
