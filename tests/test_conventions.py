@@ -163,3 +163,28 @@ def test_the_cpu_variant_is_one_override_away(compose):
     assert cfg.data.tokenizer.name_or_path == "Qwen/Qwen3-30B-A3B-Base"  # still the model's tokenizer
     small = compose(["paths.run_dir=/tmp/x", "paths.cache_dir=/tmp/x", "model=moe_tiny"])
     assert small.data.source._target_ == "dlm.data.sources.BracketsSource" and small.data.seq_len == 16
+
+
+def test_a_continued_runs_export_brings_its_tokenizer(train_cli, ckpt, tmp_path):
+    """The CLI run records the conventions in .hydra, and its <run>/hf export carries the tokenizer (mask token
+    included), so the export loads back as a checkpoint that brings its tokenizer."""
+    from conftest import run_dir_of
+    from tiny_checkpoint import conventions_override
+
+    from dlm.run import load_model
+
+    code, out, err = train_cli(*tiny_model_overrides(ckpt, shift_logits=True), "data=brackets",
+                               "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
+                               "data.batch_size=4", "samples.num_unconditional=1", "samples.num_prompted=1",
+                               "samples.num_infill=1", "logger=none", f"paths.output_root={tmp_path}/runs",
+                               f"paths.cache_dir={tmp_path}/cache", "+trainer.enable_model_summary=false")
+    assert code == 0, err[-3000:]
+    run_dir = run_dir_of(out)
+    saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    assert saved.data.tokenizer.name_or_path == str(ckpt) and saved.method.shift_logits is True
+    assert "model conventions: method.shift_logits: true" in out
+    export = run_dir / "hf"
+    assert (export / "tokenizer.json").is_file()
+    back = load_model("qwen3_tiny", [f"model.pretrained={export}", "model.config=null",
+                                     conventions_override(export, shift_logits=True)])
+    assert back.datamodule.tokenizer.mask_token_id == MASK_ID and back.module.shift_logits is True
