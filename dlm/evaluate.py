@@ -12,6 +12,10 @@ under a scorer (an HF causal LM by name or path, or a dlm run).
 
 Results are merged into <run>/results.json under `eval/...`, appended to <run>/eval.jsonl, written to the
 wandb run's summary, and the last stdout line is `results: <path>`.
+
+`model=<conf/model option>` instead of `run=` evaluates a checkpoint without a run folder (dlm.run.load_model:
+method= default mdlm, the model's conventions, data= for the likelihood rows); the results go to `out_dir`
+(default evals/<method>-<model>/) and no wandb run is touched.
 """
 
 from __future__ import annotations

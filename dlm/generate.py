@@ -4,6 +4,11 @@
     python -m dlm.generate run=runs/mdlm-tiny/... infill="4[MASK:1]+8=55"             # fill holes
     python -m dlm.generate run=runs/mdlm-tiny/... num_samples=4 length=12             # unconditional
     python -m dlm.generate run=... prompt="1+2=" sampler=threshold sampler.threshold=0.8 trajectory=true
+    python -m dlm.generate model=llada_8b_instruct prompt="..." device=cuda            # a checkpoint, no run folder
+
+``model=<conf/model option>`` (instead of ``run=``) wraps the model config's checkpoint in ``method=`` (default mdlm)
+with its conventions (dlm.run.load_model: tokenizer, mask, shift, default sampler); for a model with a chat template
+``prompt=`` is sent as one user message through it (``raw_prompt=true``: as is).
 
 Every family goes through the one interface, ``module.generate(prompt, length, sampler)`` or
 ``module.infill(tokens, fill_mask, sampler)``; the sampler is the run's own (``sampler`` left null) or one
