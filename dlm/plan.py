@@ -229,9 +229,9 @@ def plan_vocab(cfg: DictConfig, tokenizer) -> tuple[int | None, str]:
     """(vocabulary the plan builds the model with, the plan's tokenizer line). A tokenizer that cannot be loaded
     here (a hub tokenizer offline) is planned with the checkpoint's vocabulary (dlm.models.hf_geometry): the
     parameter count is the checkpoint's either way (the embedding only grows for a larger tokenizer)."""
-    from dlm.conventions import model_conventions
+    from dlm.models.capabilities import ModelConventions
 
-    conv = model_conventions(cfg)
+    conv = ModelConventions.from_config(OmegaConf.select(cfg, "model.conventions", default=None))
     name = getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
     whose = " (the model's own: model.conventions.tokenizer)" if conv.tokenizer and name == conv.tokenizer else ""
     try:
