@@ -50,7 +50,7 @@ def test_an_explicit_other_data_tokenizer_is_refused_naming_both(compose, ckpt):
     text = str(err.value)
     assert "data.tokenizer=CharTokenizer(xyz)" in text and str(ckpt) in text and "conventions.tokenizer=null" in text
     # the same tokenizer given explicitly is no contradiction; opting out keeps the data's
-    same = [f"data.tokenizer._target_=dlm.data.tokenizers.HFTokenizer", f"+data.tokenizer.name_or_path={ckpt}"]
+    same = ["data.tokenizer._target_=dlm.data.tokenizers.HFTokenizer", f"+data.tokenizer.name_or_path={ckpt}"]
     cfg = composed(compose, ckpt, "data=brackets", *same)
     apply_conventions(cfg, overrides=same, choices={})
     cfg = composed(compose, ckpt, "data=brackets", *over, "model.conventions.tokenizer=null")
