@@ -188,3 +188,13 @@ def test_a_continued_runs_export_brings_its_tokenizer(train_cli, ckpt, tmp_path)
     back = load_model("qwen3_tiny", [f"model.pretrained={export}", "model.config=null",
                                      conventions_override(export, shift_logits=True)])
     assert back.datamodule.tokenizer.mask_token_id == MASK_ID and back.module.shift_logits is True
+
+
+@pytest.mark.parametrize(("model", "tokenizer", "mask"), [
+    ("qwen3_0p6b", "Qwen/Qwen3-0.6B-Base", "id 151669"), ("gpt2", "openai-community/gpt2", "id 50257"),
+    ("bert_base", "bert-base-uncased", "id 103"),
+])
+def test_every_pretrained_config_plans_offline_with_its_tokenizer(train_cli, tmp_path, model, tokenizer, mask):
+    code, out, err = train_cli(f"model={model}", "dry_run=true", f"paths.output_root={tmp_path}/runs")
+    assert code == 0, err[-2000:]
+    assert f"tokenizer: {tokenizer} (the model's own" in out and mask in out and "parameters:" in out

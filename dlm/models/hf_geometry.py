@@ -54,6 +54,18 @@ GPT2_SMALL: dict[str, Any] = {
     "vocab_size": 50257,
 }
 
+# Geometry of bert-base-uncased (110M), the DiffusionBERT initialisation (model=bert_base).
+BERT_BASE_UNCASED: dict[str, Any] = {
+    "model_type": "bert",
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "max_position_embeddings": 512,
+    "type_vocab_size": 2,
+    "vocab_size": 30522,
+}
+
 # Attention implementations that accept an arbitrary explicit 4D mask.
 
 # Geometries of the hub checkpoints our configs name, so that a plan (dry_run=true) works offline.
@@ -64,6 +76,8 @@ KNOWN_GEOMETRIES: dict[str, dict[str, Any]] = {
     "Qwen/Qwen3-0.6B": QWEN3_0P6B,
     "openai-community/gpt2": GPT2_SMALL,
     "gpt2": GPT2_SMALL,
+    "bert-base-uncased": BERT_BASE_UNCASED,
+    "google-bert/bert-base-uncased": BERT_BASE_UNCASED,
 }
 
 
