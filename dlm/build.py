@@ -27,6 +27,9 @@ def build_module(cfg: DictConfig, datamodule, backbone=None, defer_to_zero3: boo
     weights, the backbone is a meta-device placeholder that ``configure_model`` replaces inside the strategy's
     sharded context (dlm.parallel.deepspeed.build_in_partitions)."""
     tokenizer = datamodule.tokenizer
+    from dlm.conventions import check_mask_token, model_conventions
+
+    check_mask_token(model_conventions(cfg), tokenizer)  # the checkpoint's mask id, before any weights load
     deferred = None
     if backbone is None:
         from dlm.parallel.deepspeed import (  # lazily: Lightning's strategies are a slow import

@@ -85,9 +85,14 @@ def collect(*problems: str | None) -> list[str]:
 
 
 def run_given(cfg: DictConfig, forms: str) -> str | None:
-    """A CLI request's ``run=``: required; ``forms`` says what it may be."""
-    if OmegaConf.is_missing(cfg, "run") or not cfg.get("run"):
-        return f"run= is required: {forms}"
+    """A CLI request's ``run=`` or ``model=`` (a checkpoint from its model config, dlm.run.load_model): exactly one;
+    ``forms`` says what run= may be."""
+    run = None if OmegaConf.is_missing(cfg, "run") else cfg.get("run")
+    if run and cfg.get("model") is not None:
+        return (f"run={run} and model= are both given: run= loads a trained run folder, model=<conf/model option> a "
+                f"checkpoint without one; give one of them")
+    if not run and cfg.get("model") is None:
+        return f"run= is required: {forms}; or model=<conf/model option> for a checkpoint without a run folder"
     return None
 
 

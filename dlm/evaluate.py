@@ -12,6 +12,10 @@ under a scorer (an HF causal LM by name or path, or a dlm run).
 
 Results are merged into <run>/results.json under `eval/...`, appended to <run>/eval.jsonl, written to the
 wandb run's summary, and the last stdout line is `results: <path>`.
+
+`model=<conf/model option>` instead of `run=` evaluates a checkpoint without a run folder (dlm.run.load_model:
+method= default mdlm, the model's conventions, data= for the likelihood rows); the results go to `out_dir`
+(default evals/<method>-<model>/) and no wandb run is touched.
 """
 
 from __future__ import annotations
@@ -363,13 +367,26 @@ def check_request(cfg: DictConfig) -> None:
         raise ConfigError(problems)
 
 
+def load_evaluated(cfg: DictConfig) -> LoadedRun:
+    """The run= folder, or for model= the checkpoint from its model config (dlm.run.load_model) with its results
+    folder (out_dir, default evals/<method>-<model>) as the run folder the results go to."""
+    if cfg.get("model") is None:
+        return load_run(cfg.run, ckpt=cfg.ckpt, device=cfg.device, use_ema=bool(cfg.get("use_ema", True)))
+    from dlm.run import load_requested_model
+
+    run = load_requested_model(device=cfg.device, setup_data=True)
+    run.run_dir = Path(cfg.get("out_dir") or Path("evals") / run.cfg.name).absolute()
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    return run
+
+
 def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], Path]:
     check_request(cfg)
     started = time.perf_counter()
-    run = load_run(cfg.run, ckpt=cfg.ckpt, device=cfg.device, use_ema=bool(cfg.get("use_ema", True)))
+    run = load_evaluated(cfg)
     # loaded before anything is written: a scorer that cannot load (a refused checkpoint) leaves no trace
     scorer = make_scorer(cfg.scorer, cfg.device, cfg.num_mc, cfg.seed, cfg.scorer_batch_size) if cfg.get("scorer") else None
-    out: dict[str, Any] = {"ckpt": str(run.ckpt_path), "seed": int(cfg.seed)}
+    out: dict[str, Any] = {"ckpt": str(run.ckpt_path or run.cfg.model.get("pretrained")), "seed": int(cfg.seed)}
     progress = bool(cfg.get("progress_bar", True))
 
     if cfg.likelihood:
@@ -401,7 +418,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], Path]:
     merge_results(path, metrics)
     with open(run.run_dir / "eval.jsonl", "a") as f:
         f.write(json.dumps(metrics) + "\n")
-    if cfg.get("wandb", "auto") == "auto":
+    if cfg.get("wandb", "auto") == "auto" and run.ckpt_path is not None:  # model=: no run, so no wandb run
         try:
             run_id = update_wandb_summary(run, metrics)
             if run_id:

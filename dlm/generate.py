@@ -5,6 +5,11 @@
     python -m dlm.generate run=runs/mdlm-tiny/... num_samples=4 length=12             # unconditional
     python -m dlm.generate run=... messages='[{"role":"user","content":"hi"}]'     # reply to a conversation
     python -m dlm.generate run=... prompt="1+2=" sampler=threshold sampler.threshold=0.8 trajectory=true
+    python -m dlm.generate model=llada_8b_instruct prompt="..." device=cuda            # a checkpoint, no run folder
+
+``model=<conf/model option>`` (instead of ``run=``) wraps the model config's checkpoint in ``method=`` (default mdlm)
+with its conventions (dlm.run.load_model: tokenizer, mask, shift, default sampler); for a model with a chat template
+``prompt=`` is sent as one user message through it (``raw_prompt=true``: as is).
 
 Every family goes through the one interface, ``module.generate(prompt, length, sampler)`` or
 ``module.infill(tokens, fill_mask, sampler)``; the sampler is the run's own (``sampler`` left null) or one
@@ -139,6 +144,33 @@ def load_for_generation(path: str | Path, ckpt: str = "last", device: str = "cpu
                   run.run_dir, "run")
 
 
+def load_source(cfg: DictConfig) -> GenerationSource:
+    """What the request names: ``model=`` (a checkpoint from its model config, no run folder: dlm.run.load_model),
+    else ``run=`` (a run folder, a .ckpt or an HF folder)."""
+    if cfg.get("model") is not None:
+        from dlm.run import load_requested_model, plain
+
+        run = load_requested_model(device=cfg.get("device", "cpu"))
+        return GenerationSource(run.module, run.datamodule.tokenizer, None, plain(run.cfg.get("sampler")), Path.cwd(),
+                                "model")
+    return load_for_generation(cfg.run, ckpt=cfg.get("ckpt", "last"), device=cfg.get("device", "cpu"),
+                               use_ema=bool(cfg.get("use_ema", True)))
+
+
+def prompt_ids(cfg: DictConfig, source: GenerationSource) -> list[int]:
+    """The prompt's token ids: for a model with a chat template (an instruct checkpoint: conventions.chat_template)
+    one user message through it (dlm.data.chat.chat_ids, ending where the reply begins), unless raw_prompt=true."""
+    from dlm.data.chat import chat_ids
+    from dlm.models.capabilities import conventions_of
+
+    text = cfg.get("prompt") or ""
+    if not text:
+        return []
+    if conventions_of(source.module.backbone).chat_template and not cfg.get("raw_prompt"):
+        return chat_ids(source.tokenizer, [{"role": "user", "content": text}])
+    return source.tokenizer.encode(text)
+
+
 # ---- requests -----------------------------------------------------------------------------------------------------
 def parse_template(template: str, tokenizer) -> tuple[list[int], list[bool]]:
     """Token ids and the positions to fill of an infill template with ``[MASK]`` / ``[MASK:n]`` holes."""
@@ -213,6 +245,7 @@ def check_request(cfg: DictConfig) -> None:
         checks.boolean(cfg, "use_ema"),
         checks.boolean(cfg, "trajectory"),
         checks.boolean(cfg, "eos_fill"),
+        checks.boolean(cfg, "raw_prompt"),
         checks.torch_device(cfg),
     )
     for key in ("prompt", "infill"):  # messages: JSON text or a list (dlm.conversation.parse_messages checks it)
@@ -277,7 +310,7 @@ def prompt_request(cfg: DictConfig, source: GenerationSource, sampler, n: int, i
     eos, mask_id, length = int(tok.eos_token_id), int(module.mask_id), cfg.get("length")
     prompt_text = (cfg.get("prompt") or "") if echo is None else echo
     if ids is None:
-        ids = tok.encode(prompt_text) if prompt_text else []
+        ids = prompt_ids(cfg, source)
     if length is None:
         length = (source.seq_len - len(ids)) if source.seq_len and source.seq_len > len(ids) else DEFAULT_LENGTH
     length = int(length)
@@ -338,8 +371,7 @@ def run_generation(cfg: DictConfig) -> dict[str, Any]:
     compile_mode = cfg.get("compile")
     check_mode(compile_mode)  # before loading: a bad mode fails at once
     static_kv_cache = check_cache_switch(cfg)
-    source = load_for_generation(cfg.run, ckpt=cfg.get("ckpt", "last"), device=cfg.get("device", "cpu"),
-                                 use_ema=bool(cfg.get("use_ema", True)))
+    source = load_source(cfg)
     module = source.module
     compile_backbone(module.backbone, compile_mode)
     module.static_kv_cache = static_kv_cache

@@ -1,6 +1,7 @@
 """lm-evaluation-harness model type ``dlm``: evaluate a dlm run folder on harness tasks.
 
     python -m dlm.lm_eval --model dlm --model_args run=runs/mdlm-tiny/<time>,mc_num=8 --tasks <task> ...
+    python -m dlm.lm_eval --model dlm --model_args model=llada_8b_instruct --tasks gsm8k ...  # no run folder
 
     import lm_eval, dlm.lm_eval_model  # registers "dlm"
     lm_eval.simple_evaluate(model="dlm", model_args="run=<path>,mc_num=8", tasks=[...])
@@ -11,7 +12,10 @@ with the same arguments.
 
 model_args (``key=value,...``):
 
-    run        the run folder or a .ckpt inside <run>/checkpoints/ (required)
+    run        the run folder or a .ckpt inside <run>/checkpoints/ (this, or model=)
+    model      a conf/model option: its checkpoint without a run folder (dlm.run.load_model), with its conventions
+               (tokenizer, mask, shift, default sampler); method= (default mdlm), data= and model.<key>= /
+               method.<key>= overrides, e.g. model=qwen3_tiny,model.pretrained=/ckpt
     ckpt       last (default) | best | a .ckpt path
     mc_num     Monte-Carlo draws per loglikelihood request for diffusion families (default 8)
     batch_size rows per forward pass (default 16; "auto" means the default)
@@ -169,6 +173,13 @@ def mc_continuation_nll(
     return total / mc_num, greedy
 
 
+def _override_value(value: Any) -> str:
+    """A model_args value (lm_eval turns "true" and numbers into Python values) as a Hydra override value."""
+    if value is None:
+        return "null"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 @register_model("dlm")
 class DLMHarnessModel(LM):
     """A dlm run as an lm-evaluation-harness model (see the module docstring for model_args)."""
@@ -189,19 +200,32 @@ class DLMHarnessModel(LM):
         module: Any = None,
         tokenizer: Any = None,
         seq_len: int | None = None,
+        model: str | None = None,
+        method: str | None = None,
+        data: str | None = None,
         **sampler_fields: Any,
     ):
-        """From a run folder (`run=`, what lm_eval's model_args give), or, from Python, from a DiffusionLM in
-        memory (`module=`, with `tokenizer=` defaulting to module.tokenizer and `seq_len=` for tail=mask|eos)."""
+        """From a run folder (`run=`, what lm_eval's model_args give), from a model config's checkpoint without a
+        run folder (`model=<conf/model option>`, optionally `method=`, `data=` and `model.<key>=...` /
+        `method.<key>=...` overrides: dlm.run.load_model), or, from Python, from a DiffusionLM in memory (`module=`,
+        with `tokenizer=` defaulting to module.tokenizer and `seq_len=` for tail=mask|eos)."""
         super().__init__()
-        if (run is None) == (module is None):
-            raise ModelArgsError("model_args needs run=<run folder | .ckpt>, e.g. --model_args run=runs/mdlm-tiny/<time>"
-                             + ("" if module is None else " (pass run= or module=, not both)"))
+        given = [name for name, value in (("run", run), ("model", model), ("module", module)) if value is not None]
+        if len(given) != 1:
+            raise ModelArgsError("model_args needs run=<run folder | .ckpt> or model=<conf/model option>, e.g. "
+                                 "--model_args run=runs/mdlm-tiny/<time> or --model_args model=llada_8b_instruct"
+                                 + (f" (got {' and '.join(given)}: pass one)" if given else ""))
+        overrides = {k: v for k, v in sampler_fields.items()
+                     if k.lstrip("+~").split(".")[0] in ("model", "method", "data")}
+        if overrides and model is None:
+            raise ModelArgsError(f"model_args {sorted(overrides)} override a model config: they need model=<option>")
+        sampler_fields = {k: v for k, v in sampler_fields.items() if k not in overrides}
         bad = [k for k in sampler_fields if not k.startswith("sampler_")]
         if bad:
             raise ModelArgsError(
-                f"unknown model_args {bad}: known are run, ckpt, mc_num, batch_size, device, seed, estimator, tail, "
-                f"sampler, max_gen_toks and sampler_<field> (e.g. sampler_steps=8)"
+                f"unknown model_args {bad}: known are run, model, method, data, model.<key>, method.<key>, ckpt, "
+                f"mc_num, batch_size, device, seed, estimator, tail, sampler, max_gen_toks and sampler_<field> (e.g. "
+                f"sampler_steps=8)"
             )
         _check_counts(mc_num=mc_num, seed=seed, max_gen_toks=max_gen_toks, batch_size=batch_size)
         from dlm.run import load_run
@@ -212,7 +236,14 @@ class DLMHarnessModel(LM):
             # lm_eval's CLI passes --device cuda unless told otherwise; on a machine without CUDA run on the CPU.
             log.warning("device=%s asked for but CUDA is not available: evaluating on the CPU", device)
             device = "cpu"
-        if run is not None:
+        if model is not None:
+            from dlm.run import load_model
+
+            args = [*([f"data={data}"] if data else []), *(f"{k}={_override_value(v)}" for k, v in overrides.items())]
+            self.loaded = load_model(str(model), args, method=method, device=device)
+            self.module = self.loaded.module
+            self.tok = self.loaded.datamodule.tokenizer
+        elif run is not None:
             self.loaded = load_run(run, ckpt=ckpt, device=device, setup_data=False)
             self.module = self.loaded.module
             self.tok = self.loaded.datamodule.tokenizer

@@ -57,6 +57,8 @@ class Plan:
     accumulate: int
     max_steps: int
     flops_per_token: float = 0.0  # training model FLOPs per data token (dlm.flops)
+    # GPUs per node a devices=auto GPU run would get on a typical node, when this machine has none to count
+    auto_gpus_per_node: int | None = None
 
     @property
     def world_size(self) -> int:
@@ -75,13 +77,28 @@ class Plan:
             f" x accumulate {self.accumulate} x {self.world_size} device(s))",
             f"steps: {self.max_steps:,} -> {self.tokens_per_step * max(self.max_steps, 0):,} tokens",
             *self._compute_lines(),
+            *self._node_lines(),
             "memory per GPU for weights+grads+Adam (bf16 mixed precision, activations excluded):",
         ]
-        for gpus in sorted({1, 8, self.world_size}):
+        for gpus in sorted({1, 8, self.world_size, (self.auto_gpus_per_node or 1) * self.num_nodes}):
             mem = zero_memory_per_gpu(self.total_params, gpus)
             lines.append(f"  {gpus:>3} GPU(s): " + ", ".join(f"{k} {v:,.1f} GiB" for k, v in mem.items()))
         return lines
 
+
+    def _node_lines(self) -> list[str]:
+        """The same run at devices=auto on nodes of ``auto_gpus_per_node`` GPUs (the plan here counts 1 device)."""
+        if not self.auto_gpus_per_node:
+            return []
+        world = self.auto_gpus_per_node * self.num_nodes
+        per_step = self.batch_size * self.seq_len * self.accumulate * world
+        total = per_step * max(self.max_steps, 0)
+        line = (f"on GPU nodes (devices=auto: {self.auto_gpus_per_node} per node x {self.num_nodes} node(s) = {world}): "
+                f"{per_step:,} tokens per step, {total:,} tokens in {self.max_steps:,} steps")
+        if self.flops_per_token:
+            seconds = self.flops_per_token * total / (PLAN_MFU * PEAK_BF16_TFLOPS["H100"] * 1e12)
+            line += f", ~{seconds / 3600:,.1f} H100-hours (~{seconds / 3600 / world:,.1f} h wall)"
+        return [line]
 
     def _compute_lines(self) -> list[str]:
         if not self.flops_per_token:
@@ -92,6 +109,14 @@ class Plan:
         return [f"model FLOPs: {self.flops_per_token:.3g} per token (6N + 12 L d T over the family's forwards), "
                 f"{total:.3g} for the run: ~{time} at {PLAN_MFU:.0%} MFU "
                 f"({PEAK_BF16_TFLOPS['H100']:g} TFLOP/s bf16)"]
+
+
+AUTO_GPUS_PER_NODE = 8  # a typical GPU node (8 x H100/A100), for plans made on a machine without GPUs
+
+
+def _auto_without_gpus(trainer_cfg: DictConfig) -> bool:
+    return (trainer_cfg.get("devices", 1) in ("auto", -1, "-1") and trainer_cfg.get("accelerator") in ("gpu", "cuda")
+            and not torch.cuda.is_available())
 
 
 def build_plan(cfg: DictConfig, vocab_size: int | None) -> Plan:
@@ -110,6 +135,7 @@ def build_plan(cfg: DictConfig, vocab_size: int | None) -> Plan:
         non_embedding_params=count_parameters(backbone, exclude_embeddings=True),
         active_params=count_active_parameters(backbone),
         devices_per_node=resolved_devices(cfg.trainer),
+        auto_gpus_per_node=AUTO_GPUS_PER_NODE if _auto_without_gpus(cfg.trainer) else None,
         num_nodes=int(cfg.trainer.get("num_nodes", 1)),
         batch_size=int(cfg.data.batch_size),
         seq_len=int(cfg.data.seq_len),
@@ -197,3 +223,48 @@ def gpu_memory_check(cfg: DictConfig, vocab_size: int | None = None) -> str | No
     gpus = int(-(-per_gpu_zero3 // max(have * 0.8, 1e-9)))
     return (msg + f"; this machine has {n_cuda} GPU(s) of {have:,.1f} GiB. ZeRO-3 needs at least {gpus} such GPUs "
             f"(trainer.num_nodes x trainer.devices), or use trainer=deepspeed_zero3_offload")
+
+
+def plan_vocab(cfg: DictConfig, tokenizer) -> tuple[int | None, str]:
+    """(vocabulary the plan builds the model with, the plan's tokenizer line). A tokenizer that cannot be loaded
+    here (a hub tokenizer offline) is planned with the checkpoint's vocabulary (dlm.models.hf_geometry): the
+    parameter count is the checkpoint's either way (the embedding only grows for a larger tokenizer)."""
+    from dlm.models.capabilities import ModelConventions
+
+    conv = ModelConventions.from_config(OmegaConf.select(cfg, "model.conventions", default=None))
+    name = getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
+    whose = " (the model's own: model.conventions.tokenizer)" if conv.tokenizer and name == conv.tokenizer else ""
+    try:
+        vocab = int(tokenizer.vocab_size)
+        mask = f"mask {tokenizer.mask_token!r} id {tokenizer.mask_token_id}"
+        return vocab, f"tokenizer: {name}{whose}, vocab {vocab:,}, {mask}"
+    except (OSError, ValueError) as err:  # offline: HubUnavailableError / TokenizerError are OSErrors
+        pretrained = OmegaConf.select(cfg, "model.pretrained", default=None)
+        if not pretrained:
+            raise
+        from dlm.models.hf import pretrained_geometry
+
+        vocab = pretrained_geometry(pretrained).get("vocab_size")
+        mask = (f"mask {conv.mask_token!r} id {conv.mask_token_id}" if conv.mask_token_id is not None
+                else "its mask token")
+        why = "offline" if "offline" in str(err) else type(err).__name__
+        return vocab, (f"tokenizer: {name}{whose}, {mask}; not loaded here ({why}): planned with the checkpoint's "
+                       f"vocabulary {vocab:,}")
+
+
+def data_lines(cfg: DictConfig) -> list[str]:
+    """What the run trains on: the source (corpus, subset, streaming), seq_len, batch and packing."""
+    data = cfg.data
+    source = data.get("source") or {}
+    target = str(source.get("_target_", "?")).rsplit(".", 1)[-1]
+    what = [str(source[k]) for k in ("path", "name") if source.get(k)]
+    if source.get("paths"):
+        what.append(str(OmegaConf.to_container(source.paths) if OmegaConf.is_config(source.paths) else source.paths))
+    extra = []
+    if source.get("streaming"):
+        extra.append("streamed")
+    if source.get("max_train_documents"):
+        extra.append(f"first {int(source.max_train_documents):,} documents")
+    corpus = f"{target}({', '.join(what)})" if what else target
+    return [f"data: {corpus}{' [' + ', '.join(extra) + ']' if extra else ''}; seq_len {data.seq_len}, batch "
+            f"{data.batch_size} per device, packing {str(bool(data.get('packing'))).lower()}"]

@@ -14,23 +14,25 @@ hydra.yaml, and `paths.run_dir` is the folder the run is found in now (so a move
 from __future__ import annotations
 
 import re
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dlm.build import build_module
-from dlm.config import register_resolvers
+from dlm.config import ConfigError, build, register_resolvers
 from dlm.config_values import to_plain as plain  # noqa: F401  (dlm.run.plain: re-exported)
 from dlm.errors import UserError
 from dlm.parallel.checkpoint import ema_weights, load_state_dict
 from dlm.run_folder import CHECKPOINTS, LAST_CKPT, RunFolder
 
-__all__ = ["LoadedRun", "NotARunError", "find_checkpoint", "load_config", "load_run", "resolve_run_path",
-           "run_choices", "run_overrides"]
+__all__ = ["LoadedRun", "NotARunError", "find_checkpoint", "load_config", "load_model", "load_run",
+           "resolve_run_path", "run_choices", "run_overrides"]
 
 _HYDRA_REF = re.compile(r"\$\{hydra:([^}]+)\}")
 
@@ -44,7 +46,7 @@ class LoadedRun:
     module: Any  # the family's DiffusionLM, weights loaded, eval mode
     datamodule: Any  # set up (tokenizer, train/val rows)
     cfg: DictConfig  # the run's config, Hydra references answered, paths.run_dir = run_dir
-    run_dir: Path
+    run_dir: Path | None  # None: loaded from a model config (load_model), no run folder
     ckpt_path: Path | None = None
     choices: dict[str, str] = field(default_factory=dict)  # group -> option, e.g. {"method": "mdlm", ...}
     overrides: list[str] = field(default_factory=list)
@@ -190,3 +192,73 @@ def load_run(path: str | Path, ckpt: str | Path | None = "last", device: str | t
     module.to(device).eval()
     return LoadedRun(module=module, datamodule=datamodule, cfg=cfg, run_dir=run_dir, ckpt_path=ckpt_file,
                      choices=run_choices(run_dir), overrides=run_overrides(run_dir))
+
+
+DEFAULT_METHOD = "mdlm"  # the family a checkpoint is wrapped in when none is named (masked diffusion: the zoo's)
+
+
+def load_model(model: str, overrides: Sequence[str] = (), method: str | None = None, device: str | torch.device = "cpu",
+               setup_data: bool = False) -> LoadedRun:
+    """A family built around a model config's checkpoint, without a run folder: what ``model=<name>`` gives the
+    generate, evaluate, lm-eval and chat CLIs.
+
+        run = load_model("llada_8b_instruct")                                   # mdlm around LLaDA-8B-Instruct
+        run = load_model("qwen3_tiny", ["model.pretrained=/ckpt"], method="bd3lm", device="cuda")
+
+    model: a conf/model option; overrides: train-config overrides on top (``model.pretrained=<folder>``,
+    ``data=wikitext103``, ``method.block_size=32``, ``sampler=threshold`` ...); method: a conf/method option
+    (None: mdlm). The model's conventions (dlm/conventions.py) are applied as in training: the data's tokenizer is
+    the checkpoint's, ``method.shift_logits`` follows it, the default sampler is its recommended one unless
+    ``sampler=`` is among the overrides; its mask id is checked against the tokenizer. The weights are the
+    checkpoint's (the model config loads them). ``setup_data``: set the data module up for validation (likelihood
+    evaluation needs its rows). Returned in eval mode on ``device``, with ``run_dir=None`` and ``ckpt_path=None``.
+    """
+    from dlm.config import compose_train, preflight
+    from dlm.conventions import apply_conventions, model_conventions
+
+    register_resolvers()
+    args = [f"model={model}", f"method={method or DEFAULT_METHOD}", *overrides]
+    try:
+        cfg = compose_train(args, return_hydra_config=True)
+    except Exception as err:  # Hydra raises several types for a bad override: name each culprit
+        raise ConfigError(preflight(args) or [f"model={model}: {err}"]) from err
+    choices = {str(k): v for k, v in OmegaConf.to_container(cfg.hydra.runtime.choices).items()}
+    with open_dict(cfg):
+        del cfg["hydra"]
+        cfg.name = f"{choices.get('method')}-{choices.get('model')}"  # what a run of it would be named
+        cfg.paths.run_dir = None  # no run folder (the saved configs' ${hydra:runtime.output_dir})
+    notes = apply_conventions(cfg, overrides=args, choices=choices)
+    for note in notes:
+        print(f"model conventions: {note}", file=sys.stderr)  # stdout is the CLIs' answer (texts, results)
+    if any(note.startswith("sampler:") for note in notes):
+        choices["sampler"] = model_conventions(cfg).sampler  # the sampler's name in the CLIs' reports
+    datamodule = build(cfg.data, "data", FileNotFoundError)
+    if setup_data:
+        try:
+            datamodule.setup("validate")
+        except (ValueError, FileNotFoundError) as err:
+            raise ConfigError([f"data: {err}"]) from err
+    module = build_module(cfg, datamodule)
+    module.to(device).eval()
+    return LoadedRun(module=module, datamodule=datamodule, cfg=cfg, run_dir=None, ckpt_path=None, choices=choices,
+                     overrides=list(overrides))
+
+
+# The train-config groups whose overrides a model= request of a CLI (generate, evaluate) passes on to load_model.
+MODEL_REQUEST_GROUPS = ("model", "method", "data")
+
+
+def load_requested_model(device: str | torch.device = "cpu", setup_data: bool = False) -> LoadedRun:
+    """:func:`load_model` for the running CLI's ``model=`` request (dlm.generate, dlm.evaluate): its model and
+    method choices, and its ``model.*``, ``method.*`` and ``data`` overrides, read from the Hydra job."""
+    from dlm.config import running_hydra_config
+
+    hc = running_hydra_config()
+    if hc is None:
+        raise ConfigError(["model=: a request outside the command line; from Python call dlm.run.load_model(model, "
+                           "overrides, method=...)"])
+    choices = hc.runtime.choices
+    keys = [(o, o.split("=", 1)[0].lstrip("+~")) for o in hc.overrides.task]
+    forwarded = [o for o, key in keys if key.split(".")[0] in MODEL_REQUEST_GROUPS and key not in ("model", "method")]
+    return load_model(str(choices["model"]), forwarded, method=choices.get("method"), device=device,
+                      setup_data=setup_data)

@@ -138,12 +138,13 @@ def record_run(cfg: DictConfig, run_dir: Path, module, ckpt_path: str | None) ->
 def print_plan(cfg: DictConfig, run_dir: Path) -> None:
     """dry_run=true: the plan (dlm/plan.py) from the tokenizer and a meta-device backbone; no datamodule, module or
     trainer is built, so no Lightning is imported."""
-    from dlm.plan import build_plan
+    from dlm.plan import build_plan, data_lines, plan_vocab
 
     tokenizer = build(cfg.data.tokenizer, "data.tokenizer", FileNotFoundError)
-    plan = build_plan(cfg, vocab_size=tokenizer.vocab_size)
+    vocab_size, tokenizer_line = plan_vocab(cfg, tokenizer)
+    plan = build_plan(cfg, vocab_size=vocab_size)
     print(f"plan for {cfg.name} (method {cfg.method._target_}, model {cfg.model._target_}):")
-    for line in plan.lines():
+    for line in [*data_lines(cfg), tokenizer_line, *plan.lines()]:
         print("  " + line)
     print(f"  outputs: {run_dir} (checkpoints/, metrics.csv, results.json, samples.jsonl, wandb/)")
     release_run_dir(run_dir)  # a plan leaves no empty run folder behind
@@ -195,7 +196,11 @@ def run_status(trainer, module, datamodule, terminated: bool) -> str:
 
 def train(cfg: DictConfig) -> Path:
     started = time.perf_counter()
+    from dlm.conventions import apply_conventions  # here: it imports the models' declarations (torch)
+
     run_dir = Path(cfg.paths.run_dir)
+    for note in apply_conventions(cfg):  # the model's tokenizer, shift and sampler (dlm/conventions.py)
+        print(f"model conventions: {note}")
     check_config(cfg)
     if cfg.dry_run:
         print_plan(cfg, run_dir)

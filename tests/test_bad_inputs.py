@@ -168,8 +168,8 @@ CASES = [
                                                                           "is a file, not a folder"]),
     T("output_root-is-a-file", "paths.output_root={file}", expect=["paths.output_root=", "is a file, not a folder"]),
     T("cache_dir-under-a-file", "paths.cache_dir={file}/cache", expect=["paths.cache_dir=", "is a file, not a folder"]),
-    T("moe30b-on-cpu", "model=moe30b", "trainer=cpu", expect=["trainer.accelerator=cpu", "GiB of host memory",
-                                                             "this machine has", "dry_run=true"]),
+    T("moe30b-on-cpu", "model=moe30b", "data=brackets", "trainer=cpu",
+      expect=["trainer.accelerator=cpu", "GiB of host memory", "this machine has", "dry_run=true"]),
     # ---- dlm.generate ----------------------------------------------------------------------------------------
     Case("gen-run-missing", "generate", ["prompt=()"], ["run= is required", "a run folder"]),
     Case("gen-run-nosuch", "generate", ["run={tmp}/nosuch"], expect=["no such file or folder", "pass a run folder"]),

@@ -277,6 +277,7 @@ def test_hub_model_configs_build_on_meta(name, geometry, expected):
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.load(CONF / f"{name}.yaml")
+    cfg.pop("defaults", None)  # Hydra's defaults list, not a model argument (moe30b chooses its data)
     assert cfg._target_ == "dlm.models.hf.HFCausalLM"
     assert isinstance(cfg.pretrained, str) and "/" in cfg.pretrained and cfg.config is None
     # No network: the checkpoint's geometry instead of the checkpoint. (`config` cannot be a keyword of

@@ -52,6 +52,7 @@ from dlm.schedules import MaskSchedule
 
 class BD3LM(MaskedTermsObjective, DiffusionLM):
     uses_schedule = True
+    mask_sampling = True
 
     def __init__(
         self,

@@ -82,6 +82,17 @@ DREAM_7B: dict[str, Any] = {
 # RND1-Base-0910: Qwen3-30B-A3B's geometry (RND1Config's CONFIG_DEFAULTS), top-8 renormalised.
 RND1_30B: dict[str, Any] = {**QWEN3_30B_A3B, "max_position_embeddings": 40960, "norm_topk_prob": True,
                             "decoder_sparse_step": 1, "mlp_only_layers": [], "router_aux_loss_coef": 0.001}
+# Geometry of bert-base-uncased (110M), the DiffusionBERT initialisation (model=bert_base).
+BERT_BASE_UNCASED: dict[str, Any] = {
+    "model_type": "bert",
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "max_position_embeddings": 512,
+    "type_vocab_size": 2,
+    "vocab_size": 30522,
+}
 
 # Attention implementations that accept an arbitrary explicit 4D mask.
 
@@ -101,6 +112,8 @@ KNOWN_GEOMETRIES: dict[str, dict[str, Any]] = {
     "Dream-org/Dream-v0-Base-7B": DREAM_7B,
     "Dream-org/Dream-v0-Instruct-7B": DREAM_7B,
     "radicalnumerics/RND1-Base-0910": RND1_30B,
+    "bert-base-uncased": BERT_BASE_UNCASED,
+    "google-bert/bert-base-uncased": BERT_BASE_UNCASED,
 }
 
 

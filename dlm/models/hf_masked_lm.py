@@ -56,8 +56,12 @@ class HFMaskedLM(nn.Module):
         max_seq_len: int | None = None,
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
+        conventions: dict | None = None,
     ):
         super().__init__()
+        from dlm.models.capabilities import ModelConventions
+
+        self.conventions = ModelConventions.from_config(conventions)  # what the checkpoint brings (its tokenizer)
         from transformers import AutoModelForMaskedLM
 
         self.hf_model = load_hf_model(

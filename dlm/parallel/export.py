@@ -108,4 +108,18 @@ def consolidate_run(run_dir: str | Path, ckpt: str = "last", out: str | Path | N
         "checkpoint": str(path),
         "ema": bool(shadow),
     }
-    return export_hf_folder(cfg, state, out or run_dir / "hf", extra)
+    folder = export_hf_folder(cfg, state, out or run_dir / "hf", extra)
+    save_run_tokenizer(cfg, folder)
+    return folder
+
+
+def save_run_tokenizer(cfg, folder: Path) -> None:
+    """The run's HF tokenizer (mask token included) beside the weights, so that the export is a checkpoint that
+    brings its tokenizer (model.conventions.tokenizer: ${..pretrained} reads it back, dlm/conventions.py). A
+    character or byte tokenizer has no files: the run folder around <run>/hf answers for it (dlm.generate)."""
+    tokenizer = instantiate(cfg.data.tokenizer)
+    if hasattr(tokenizer, "hf_tokenizer"):
+        try:
+            tokenizer.hf_tokenizer.save_pretrained(str(folder))
+        except OSError as err:  # not loadable here (offline hub id): the export stays usable with an explicit one
+            print(f"export: tokenizer not saved with the weights ({err})")
