@@ -244,10 +244,16 @@ def chat_loop(session: ChatSession, stdin: IO[str], out: IO[str], live: bool = T
 
 def run_chat(cfg: DictConfig, stdin: IO[str] | None = None, out: IO[str] | None = None) -> int:
     check_request(cfg)
-    from dlm.conversation import load_chat_model
+    from dlm.conversation import chat_model_of, load_chat_model
 
-    model = load_chat_model(cfg.run, ckpt=cfg.get("ckpt", "last"), device=cfg.get("device", "cpu"),
-                            use_ema=bool(cfg.get("use_ema", True)))
+    if cfg.get("model") is not None:  # a checkpoint from its model config (its conventions: tokenizer, sampler)
+        from dlm.run import load_requested_model
+
+        loaded = load_requested_model(device=cfg.get("device", "cpu"))
+        model = chat_model_of(loaded.module, loaded.datamodule.tokenizer, f"model={loaded.choices.get('model')}")
+    else:
+        model = load_chat_model(cfg.run, ckpt=cfg.get("ckpt", "last"), device=cfg.get("device", "cpu"),
+                                use_ema=bool(cfg.get("use_ema", True)))
     settings = Settings(cfg.get("steps"), cfg.get("temperature"), cfg.get("block_length"), int(cfg.max_new_tokens))
     session = ChatSession(model, settings, seed=int(cfg.seed), system=cfg.get("system"))
     return chat_loop(session, stdin or sys.stdin, out or sys.stdout, live=bool(cfg.live),

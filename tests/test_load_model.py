@@ -112,3 +112,20 @@ def test_lm_eval_adapter_from_a_model_config(ckpt):
         DLMHarnessModel(model="qwen3_tiny", run="/x")
     with pytest.raises(ModelArgsError, match="need model=<option>"):
         DLMHarnessModel(run="/x", **{"model.pretrained": "/y"})
+
+
+def test_chat_cli_from_a_model_config(run_cli, model_args, tmp_path, monkeypatch):
+    """`dlm.chat model=...`: the checkpoint's template renders the turn and its recommended sampler replies."""
+    import io
+    import sys
+
+    from dlm.chat import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n/reset\nho\n"))
+    code, out, err = run_cli(main, "model=qwen3_tiny", *model_args, "max_new_tokens=4", "temperature=0")
+    assert code == 0, err[-3000:]
+    assert out.count("model> ") == 2 and "you> hi" in out and "you> ho" in out
+    assert "model conventions: sampler: low_confidence" in err
+    code, out, err = run_cli(main, "model=qwen3_tiny", *model_args, f"run={tmp_path}")
+    assert code == 2 and "and model= are both given" in err and "Traceback" not in err
