@@ -361,12 +361,13 @@ def save_adapter_folder(backbone: nn.Module, state: dict[str, Tensor], out: str 
 
 def export_adapted(backbone: nn.Module, out: str | Path) -> bool:
     """Before a family's own export of a live backbone (AR's ``export_hf``): with ``export=merged`` the adapters
-    are merged in place (the run is over) and the family exports as usual (False); with ``export=adapter`` peft's
-    adapter folder is written to ``out`` (True: nothing else to export). No adapters: False."""
+    are merged in place (the run is over) and the family exports as usual (False); with ``export=adapter``, or a
+    QLoRA run (its base is 4-bit), peft's adapter folder is written to ``out`` (True: nothing else to export). No
+    adapters: False."""
     spec = adapter_spec(backbone)
     if spec is None:
         return False
-    if spec.export == "adapter":
+    if spec.export == "adapter" or spec.quantize:  # a 4-bit base cannot take a merge: the adapters alone
         config = getattr(adapter_root(backbone), "config", None)
         save_adapter_folder(backbone, backbone.state_dict(), out, base=getattr(config, "_name_or_path", None) or None)
         return True

@@ -61,7 +61,10 @@ def _export_adapters(model_cfg, lora, state_dict: dict[str, torch.Tensor], out: 
     with torch.device("meta"):  # the adapted model's layout (which layers, Conv1D or Linear), no weights
         adapted = add_adapters(instantiate(model_cfg, vocab_size=None), lora)
     extra = {**(extra or {}), "lora": {"r": lora.r, "alpha": lora.alpha, "export": lora.export}}
-    if lora.export == "adapter":
+    if lora.export == "adapter" or lora.quantize:  # QLoRA: the checkpoint's base is 4-bit; merge onto the 16-bit one
+        if lora.export != "adapter":                # with peft (PeftModel.from_pretrained(base, out).merge_and_unload())
+            print(f"export: model.lora.quantize={lora.quantize}: the adapter folder, not a merged model (the base in the "
+                  f"checkpoint is quantized; merge onto the 16-bit base with peft's merge_and_unload)")
         prefix = "backbone."
         backbone_state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         return save_adapter_folder(adapted, backbone_state, out, base=base, extra=extra)
