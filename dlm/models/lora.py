@@ -23,8 +23,10 @@ DeepSpeed too). The A2D learning-rate roles (``lr_multipliers``) apply to an ada
 adapts: its name keeps the module's path (``...self_attn.q_proj.lora_A...`` is attention, ``...mlp.w1.lora_B...`` mlp).
 EMA (callbacks=ema) averages trainable parameters, i.e. the adapters.
 
-Checkpoints hold the whole module (frozen base + adapters): resume and ``dlm.run.load_run`` are unchanged, and a
-checkpoint stands alone (a base built from a config with random weights exists nowhere else). The end-of-run export
+Checkpoints hold the whole module (frozen base + adapters) and the adapters' optimizer state: resume and
+``dlm.run.load_run`` are unchanged, and a checkpoint stands alone (a base built from a config with random weights
+exists nowhere else). Measured on model=small (10.1M parameters, r=16: 0.65M trainable): last.ckpt 45.7 MB with
+LoRA vs 113.4 MB fully fine-tuned (the Adam moments are the adapters' only). The end-of-run export
 merges the adapters into the weights (``model.lora.export=merged``) or writes peft's adapter folder
 (``adapter_config.json`` + ``adapter_model.safetensors``; ``model.lora.export=adapter``).
 """
