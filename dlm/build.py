@@ -46,7 +46,10 @@ def build_module(cfg: DictConfig, datamodule, backbone=None, defer_to_zero3: boo
             deferred = functools.partial(build_in_partitions, cfg.model, tokenizer.vocab_size,
                                          compile_mode=cfg.get("compile"))
         else:
-            backbone = build(cfg.model, "model", vocab_size=tokenizer.vocab_size)
+            from dlm.models.lora import instantiate_backbone  # model.lora's adapters, where configured
+
+            backbone = instantiate_backbone(cfg.model, instantiate=lambda node, **kw: build(node, "model", **kw),
+                                            vocab_size=tokenizer.vocab_size)
     max_len = getattr(backbone, "max_seq_len", None)
     if max_len is not None and datamodule.seq_len > max_len:
         raise ConfigError(

@@ -149,6 +149,9 @@ def check_config(cfg: DictConfig) -> None:
         if cfg.samples[key] < 0:
             problems.append(f"samples.{key}={cfg.samples[key]} must be >= 0")
     problems += _value_problems(cfg)
+    from dlm.models.lora import lora_problems  # model.lora: r > 0, known keys, valid quantize/export
+
+    problems += lora_problems(OmegaConf.select(cfg, "model.lora", default=None))
     accelerator = OmegaConf.select(cfg, "trainer.accelerator")
     if accelerator in ("gpu", "cuda") and not cfg.get("dry_run"):
         import torch
@@ -228,11 +231,13 @@ def _host_memory_problem(cfg: DictConfig) -> str | None:
     from dlm.plan import build_plan
 
     try:
-        params = build_plan(cfg, _plan_vocab(cfg)).total_params
+        plan = build_plan(cfg, _plan_vocab(cfg))
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
     except Exception:  # noqa: BLE001 - a plan that cannot be built must not hide the real error
         return None
-    need = params * 16 / 1024**3
+    params = plan.total_params
+    trainable = params if plan.trainable_params is None else plan.trainable_params  # LoRA: the adapters
+    need = (params * 4 + trainable * 12) / 1024**3
     if need <= have:
         return None
     return (f"trainer.accelerator=cpu: this model ({params / 1e9:.2f}B parameters) needs {need:,.1f} GiB of host "

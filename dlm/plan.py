@@ -7,11 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from dlm.flops import PEAK_BF16_TFLOPS, flops_per_token
 from dlm.models import count_active_parameters, count_parameters
+from dlm.models.lora import adapter_spec, instantiate_backbone, plan_line
 
 # Imports inside functions: transformers (a checkpoint's geometry) and Lightning's strategy registry load only
 # for the plans that need them (`dry_run` start-up, issue #17).
@@ -23,14 +24,16 @@ PLAN_MFU = 0.4  # the utilisation the GPU-hours estimate assumes (a well-tuned d
 _WEIGHT, _GRAD, _OPTIM = 2, 2, 12
 
 
-def zero_memory_per_gpu(n_params: int, n_gpus: int) -> dict[str, float]:
-    """GiB per GPU for weights + gradients + Adam state (activations excluded) under ZeRO stages 0-3."""
+def zero_memory_per_gpu(n_params: int, n_gpus: int, trainable: int | None = None) -> dict[str, float]:
+    """GiB per GPU for weights + gradients + Adam state (activations excluded) under ZeRO stages 0-3; ``trainable``
+    (default all): the parameters that have gradients and optimizer state (LoRA: the adapters)."""
     g, gib = max(1, n_gpus), 1024**3
+    t = n_params if trainable is None else trainable
     return {
-        "zero0 (ddp)": n_params * (_WEIGHT + _GRAD + _OPTIM) / gib,
-        "zero1": n_params * (_WEIGHT + _GRAD + _OPTIM / g) / gib,
-        "zero2": n_params * (_WEIGHT + (_GRAD + _OPTIM) / g) / gib,
-        "zero3": n_params * (_WEIGHT + _GRAD + _OPTIM) / g / gib,
+        "zero0 (ddp)": (n_params * _WEIGHT + t * (_GRAD + _OPTIM)) / gib,
+        "zero1": (n_params * _WEIGHT + t * (_GRAD + _OPTIM / g)) / gib,
+        "zero2": (n_params * _WEIGHT + t * (_GRAD + _OPTIM) / g) / gib,
+        "zero3": (n_params * _WEIGHT + t * (_GRAD + _OPTIM)) / g / gib,
     }
 
 
@@ -59,6 +62,8 @@ class Plan:
     flops_per_token: float = 0.0  # training model FLOPs per data token (dlm.flops)
     # GPUs per node a devices=auto GPU run would get on a typical node, when this machine has none to count
     auto_gpus_per_node: int | None = None
+    trainable_params: int | None = None  # None: all (no adapters)
+    lora_line: str = ""  # the LoRA line (dlm.models.lora.plan_line), when the model has adapters
 
     @property
     def world_size(self) -> int:
@@ -78,10 +83,11 @@ class Plan:
             f"steps: {self.max_steps:,} -> {self.tokens_per_step * max(self.max_steps, 0):,} tokens",
             *self._compute_lines(),
             *self._node_lines(),
+            *([self.lora_line] if self.lora_line else []),
             "memory per GPU for weights+grads+Adam (bf16 mixed precision, activations excluded):",
         ]
         for gpus in sorted({1, 8, self.world_size, (self.auto_gpus_per_node or 1) * self.num_nodes}):
-            mem = zero_memory_per_gpu(self.total_params, gpus)
+            mem = zero_memory_per_gpu(self.total_params, gpus, self.trainable_params)
             lines.append(f"  {gpus:>3} GPU(s): " + ", ".join(f"{k} {v:,.1f} GiB" for k, v in mem.items()))
         return lines
 
@@ -129,9 +135,15 @@ def build_plan(cfg: DictConfig, vocab_size: int | None) -> Plan:
         model_cfg = OmegaConf.merge(model_cfg, {"pretrained": None})
         model_cfg.config = geometry
     with torch.device("meta"):
-        backbone = instantiate(model_cfg, vocab_size=vocab_size)
+        backbone = instantiate_backbone(model_cfg, vocab_size=vocab_size)
+    total = count_parameters(backbone)
+    trainable = None
+    if adapter_spec(backbone) is not None:
+        trainable = sum(p.numel() for p in {id(p): p for p in backbone.parameters() if p.requires_grad}.values())
     return Plan(
-        total_params=count_parameters(backbone),
+        trainable_params=trainable,
+        lora_line=plan_line(backbone, total, trainable, _GRAD + _OPTIM) if trainable is not None else "",
+        total_params=total,
         non_embedding_params=count_parameters(backbone, exclude_embeddings=True),
         active_params=count_active_parameters(backbone),
         devices_per_node=resolved_devices(cfg.trainer),
@@ -207,7 +219,7 @@ def gpu_memory_check(cfg: DictConfig, vocab_size: int | None = None) -> str | No
     n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
     devices = cfg.trainer.get("devices", 1)
     world = plan.num_nodes * (max(1, n_cuda) if devices in ("auto", -1, "-1") else resolved_devices(cfg.trainer))
-    need = zero_memory_per_gpu(plan.total_params, world)[column]
+    need = zero_memory_per_gpu(plan.total_params, world, plan.trainable_params)[column]
     if offloaded:
         need = 0.0  # parameters and optimizer state live in CPU memory; only activations and buffers on the GPU
     have = torch.cuda.get_device_properties(0).total_memory / 1024**3 if n_cuda else 0.0

@@ -92,7 +92,10 @@ def export_model(module, run_dir: Path) -> None:
                 from dlm.run import load_run  # so export a CPU copy loaded from the consolidated checkpoint
 
                 module = load_run(run_dir, setup_data=False).module
-            module.export_hf(run_dir / "hf")
+            from dlm.models.lora import export_adapted
+
+            if not export_adapted(module.backbone, run_dir / "hf"):  # LoRA: merged in place, or the adapter folder
+                module.export_hf(run_dir / "hf")
         elif isinstance(module.backbone, HFCausalLM) and RunFolder(run_dir).is_run():
             from dlm.parallel.export import consolidate_run
 

@@ -94,10 +94,10 @@ def test_diffusionbert_initialised_from_the_masked_lm_trains_and_samples(checkpo
 
 def test_config_files_build_the_wrapper():
     from conftest import compose
-    from hydra.utils import instantiate
+    from dlm.models.lora import instantiate_backbone  # the model config without train.yaml's model.lora
 
     cfg = compose(["model=bert_tiny", "paths.run_dir=/tmp/x", "paths.cache_dir=/tmp/x"])
-    model = instantiate(cfg.model, vocab_size=15)
+    model = instantiate_backbone(cfg.model, vocab_size=15)
     assert isinstance(model, HFMaskedLM) and model.vocab_size == 512
     base = compose(["model=bert_base", "paths.run_dir=/tmp/x", "paths.cache_dir=/tmp/x"])
     assert base.model.pretrained == "bert-base-uncased" and base.model._target_.endswith("HFMaskedLM")

@@ -11,6 +11,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from dlm.models.lora import instantiate_backbone
 from dlm.optim import parameter_role, parameter_roles
 from dlm.parallel.deepspeed import (
     DeepSpeedStrategy,
@@ -130,7 +131,7 @@ def test_build_module_defers_and_configure_model_replaces_the_placeholder(run_cf
     finally:
         module._trainer = None
     assert module.backbone is real and real is not placeholder and module._build_backbone is None
-    expected = instantiate(cfg.model, vocab_size=datamodule.tokenizer.vocab_size).state_dict()
+    expected = instantiate_backbone(cfg.model, vocab_size=datamodule.tokenizer.vocab_size).state_dict()
     state = real.state_dict()
     assert set(state) == set(expected)
     for name, value in expected.items():

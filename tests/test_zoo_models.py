@@ -188,7 +188,11 @@ def load_backbone(arch: str, folder: Path, *overrides: str):
     # the tiny tokenizer's mask id (the config's is the published checkpoint's)
     cfg = compose_train([f"model={name}", f"model.pretrained={folder}",
                          f"model.conventions.mask_token_id={VOCAB - 1}", *overrides])
-    return build(cfg.model, "model", vocab_size=VOCAB), cfg
+    from dlm.models.lora import instantiate_backbone
+
+    backbone = instantiate_backbone(cfg.model, instantiate=lambda node, **kw: build(node, "model", **kw),
+                                    vocab_size=VOCAB)
+    return backbone, cfg
 
 
 @pytest.fixture(scope="module")

@@ -93,6 +93,8 @@ class HFCausalLM(nn.Module):
             and downloads nothing but its config (none for the hub ids in ``KNOWN_GEOMETRIES``).
         conventions: what the checkpoint brings besides its weights (its tokenizer, mask token, logit shift,
             recommended sampler): a :class:`~dlm.models.capabilities.ModelConventions` mapping, read by the run.
+        quantization_config: a transformers quantization config for ``from_pretrained`` (QLoRA: passed by
+            :mod:`dlm.models.lora` for ``model.lora.quantize=4bit``; not a model-config key).
     """
 
     time_conditioning = False
@@ -113,6 +115,7 @@ class HFCausalLM(nn.Module):
         router_aux_loss_coef: float | None = None,
         load_weights: bool = True,
         conventions: dict | None = None,
+        quantization_config: Any = None,
     ):
         super().__init__()
         self.conventions = ModelConventions.from_config(conventions)
@@ -126,6 +129,7 @@ class HFCausalLM(nn.Module):
         self.hf_model = self._load_model(
             AutoModelForCausalLM, pretrained, config, attn_implementation=attn_implementation,
             torch_dtype=torch_dtype, trust_remote_code=trust_remote_code, load_weights=load_weights,
+            quantization_config=quantization_config,
         )
         self.hf_model.train()  # from_pretrained returns eval mode; a backbone starts in train mode like any module
         self.attn_implementation = attn_implementation
@@ -159,12 +163,12 @@ class HFCausalLM(nn.Module):
                 )
 
     def _load_model(self, auto_class, pretrained, config, *, attn_implementation: str, torch_dtype,
-                    trust_remote_code: bool, load_weights: bool) -> nn.Module:
+                    trust_remote_code: bool, load_weights: bool, quantization_config: Any = None) -> nn.Module:
         """The wrapped transformers model (a subclass reads other checkpoint layouts: dlm.models.zoo)."""
         return load_hf_model(
             auto_class, pretrained, config, attn_implementation=attn_implementation, torch_dtype=torch_dtype,
             trust_remote_code=trust_remote_code, owner="HFCausalLM", example_types="qwen3, qwen3_moe, llama, gpt2",
-            load_weights=load_weights,
+            load_weights=load_weights, quantization_config=quantization_config,
         )
 
     # ---- MoE router statistics -------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ def _resolve_dtype(torch_dtype: str | torch.dtype | None) -> torch.dtype | str |
 def load_hf_model(
     auto_class, pretrained: str | None, config: Any, *, attn_implementation: str, torch_dtype: str | None,
     trust_remote_code: bool, owner: str, example_types: str, load_weights: bool = True,
+    quantization_config: Any = None,
 ) -> nn.Module:
     """A transformers model from a checkpoint (``pretrained``: hub id or folder; ``config`` fields override its
     config before the weights load) or from ``config`` alone (``model_type`` + fields, random init).
@@ -58,6 +59,13 @@ def load_hf_model(
     dtype = _resolve_dtype(torch_dtype)
     if dtype is not None:
         load_kwargs["dtype"] = dtype
+    if quantization_config is not None:  # QLoRA (dlm.models.lora): quantized as it loads, onto this rank's GPU
+        if pretrained is None:
+            raise ValueError("model.lora.quantize=4bit quantizes pretrained weights as they load: set model.pretrained")
+        import os
+
+        load_kwargs.update(quantization_config=quantization_config,
+                           device_map={"": torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))})
     if pretrained is not None:
         hf_config = AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code, **overrides)
         if model_type is not None and model_type != hf_config.model_type:

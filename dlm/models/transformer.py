@@ -161,6 +161,9 @@ def check_logits_at(logits_at: Tensor | None, input_ids: Tensor, past_key_values
 
 
 class Transformer(nn.Module):
+    # model.lora's default targets (dlm/models/lora.py): the attention and SwiGLU projections
+    lora_targets = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
     def __init__(
         self,
         vocab_size: int,

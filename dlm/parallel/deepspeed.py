@@ -119,8 +119,10 @@ def placeholder_backbone(model_cfg: Any, vocab_size: int | None) -> nn.Module:
     no weights, so the module's constructor checks (vocabulary, max_seq_len, lr roles) run before the real
     backbone exists. Same parameter names and shapes as the loaded one."""
 
+    from dlm.models.lora import instantiate_backbone  # with model.lora's adapters: the same parameter names
+
     with torch.device("meta"):
-        backbone = instantiate(model_cfg, vocab_size=vocab_size, load_weights=False)
+        backbone = instantiate_backbone(model_cfg, vocab_size=vocab_size, load_weights=False)
     backbone.zero3_placeholder = True
     return backbone
 
@@ -132,9 +134,9 @@ def build_in_partitions(model_cfg: Any, vocab_size: int | None, compile_mode: st
     build must have left no parameter whole; it prints how much of the model this rank holds. The model's modules
     are imported by then (the placeholder was built from them): a first import of ``torch._dynamo`` inside
     ``zero.Init`` fails (DeepSpeed patches ``Tensor.__new__``)."""
+    from dlm.models.lora import instantiate_backbone  # adapters too, partitioned as they are made
 
-
-    backbone = instantiate(model_cfg, vocab_size=vocab_size)
+    backbone = instantiate_backbone(model_cfg, vocab_size=vocab_size)
     params = list(backbone.parameters())
     if any(is_partitioned(p) for p in params):
         whole = [n for n, p in backbone.named_parameters() if not is_partitioned(p)]

@@ -21,11 +21,19 @@ def export_hf_folder(cfg, state_dict: dict[str, torch.Tensor], out: str | Path, 
     second copy of the weights is allocated and nothing is downloaded beyond the checkpoint's config."""
 
     from dlm.models.hf import HFCausalLM, pretrained_geometry  # lazily: start-up: transformers
+    from dlm.models.lora import split_lora
 
-    model_cfg = cfg.model
+    model_cfg, lora = split_lora(cfg.model)
     if not is_hf_backbone(model_cfg):
         raise ValueError(f"consolidation to an HF folder needs an HFCausalLM model, not {model_cfg.get('_target_')}")
     prefix = "backbone.hf_model."
+    if lora is not None and lora.export == "merged" and not lora.quantize and is_hf_backbone(model_cfg, published=True):
+        from dlm.models.lora import merged_state
+
+        # a published DLM's layers are all nn.Linear (no Conv1D): merge, then write its own layout
+        state_dict = merged_state(state_dict, lora.scaling, fan_in_fan_out=False)
+        extra = {**(extra or {}), "lora": {"r": lora.r, "alpha": lora.alpha, "export": lora.export}}
+        lora = None
     hf_state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     if not hf_state:
         raise ValueError(f"no {prefix}* weights in the checkpoint (keys start {list(state_dict)[:3]})")
@@ -36,6 +44,8 @@ def export_hf_folder(cfg, state_dict: dict[str, torch.Tensor], out: str | Path, 
         geometry = {**pretrained_geometry(model_cfg.pretrained), **geometry}
     model_cfg = OmegaConf.merge(model_cfg, {"pretrained": None, "gradient_checkpointing": False})
     model_cfg.config = geometry
+    if lora is not None:
+        return _export_adapters(model_cfg, lora, state_dict, out, cfg.model.get("pretrained"), extra)
     with torch.device("meta"):
         backbone: HFCausalLM = instantiate(model_cfg, vocab_size=None)
     emb_name = next(n for n, p in backbone.hf_model.named_parameters() if p is backbone.hf_model.get_input_embeddings().weight)
@@ -80,6 +90,27 @@ def _export_published(model_cfg, hf_state: dict[str, torch.Tensor], out, extra: 
     out = backbone.save_published(out, state=hf_state)
     (Path(out) / "dlm_export.json").write_text(json.dumps(extra or {}, indent=2) + "\n")
     return Path(out)
+
+
+def _export_adapters(model_cfg, lora, state_dict: dict[str, torch.Tensor], out: str | Path, base: str | None,
+                     extra: dict | None) -> Path:
+    """A LoRA run's export (dlm/models/lora.py): the adapters merged into the weights as a plain HF folder
+    (``model.lora.export=merged``), or peft's adapter folder for the run's base (``adapter``)."""
+    from dlm.models.lora import add_adapters, merged_state, peft_config_of, save_adapter_folder
+
+    with torch.device("meta"):  # the adapted model's layout (which layers, Conv1D or Linear), no weights
+        adapted = add_adapters(instantiate(model_cfg, vocab_size=None), lora)
+    extra = {**(extra or {}), "lora": {"r": lora.r, "alpha": lora.alpha, "export": lora.export}}
+    if lora.export == "adapter" or lora.quantize:  # QLoRA: the checkpoint's base is 4-bit; merge onto the 16-bit one
+        if lora.export != "adapter":                # with peft (PeftModel.from_pretrained(base, out).merge_and_unload())
+            print(f"export: model.lora.quantize={lora.quantize}: the adapter folder, not a merged model (the base in the "
+                  f"checkpoint is quantized; merge onto the 16-bit base with peft's merge_and_unload)")
+        prefix = "backbone."
+        backbone_state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        return save_adapter_folder(adapted, backbone_state, out, base=base, extra=extra)
+    config = peft_config_of(adapted)
+    merged = merged_state(state_dict, lora.scaling, config.fan_in_fan_out)
+    return export_hf_folder(OmegaConf.create({"model": model_cfg}), merged, out, extra)
 
 
 def consolidate_run(run_dir: str | Path, ckpt: str = "last", out: str | Path | None = None,

@@ -54,7 +54,13 @@ class PublishedDLM(HFCausalLM):
         super().__init__(pretrained=pretrained, config=config, **kwargs)
 
     def _load_model(self, auto_class, pretrained, config, *, attn_implementation: str, torch_dtype, trust_remote_code,
-                    load_weights: bool):
+                    load_weights: bool, quantization_config=None):
+        if quantization_config is not None:
+            from dlm.models.zoo.layout import LayoutError
+
+            raise LayoutError(f"model.lora.quantize: a published {self.layout.name} checkpoint loads through its own "
+                              "layout, which has no 4-bit path yet; use LoRA on the 16-bit model (drop "
+                              "model.lora.quantize)")
         overrides = _plain_dict(config) if config is not None else {}
         if pretrained is None:  # a transformers config alone (a plan builds the mapped geometry on the meta device)
             return super()._load_model(auto_class, None, config, attn_implementation=attn_implementation,

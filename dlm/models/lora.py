@@ -1,0 +1,388 @@
+"""LoRA adapters on any backbone, through ``peft`` (``model.lora``); QLoRA: the HF base loaded in 4-bit.
+
+    python -m dlm.train model=qwen3_0p6b model.lora.r=16                  # LoRA
+    python -m dlm.train model=qwen3_0p6b model.lora.r=16 model.lora.quantize=4bit trainer=gpu   # QLoRA
+
+LoRA (Hu et al. 2021, arXiv:2106.09685) freezes a pretrained weight W and learns a low-rank update:
+``y = W x + (alpha / r) B A x`` with A [r, in] random and B [out, r] zero, so training starts at the base model. QLoRA
+(Dettmers et al. 2023, arXiv:2305.14314) keeps W in 4-bit NF4 (bitsandbytes) and computes in bf16. The adapter layers
+are peft's (``LoraConfig`` + ``inject_adapter_in_model``: in place, no ``PeftModel`` wrapper, so the backbone keeps
+its class and its forward; parameter names gain ``.base_layer.`` / ``.lora_A.default.`` / ``.lora_B.default.``).
+
+Where it applies: ``model.lora`` is split off the model config wherever a backbone is built
+(:func:`instantiate_backbone`: the run, the plan's meta-device model, the ZeRO-3 placeholder and partitioned build,
+the export), so every backbone class takes adapters without a constructor argument. peft wraps the backbone's
+``hf_model`` (HF wrappers: adapter folders then load onto ``AutoModelForCausalLM`` with ``PeftModel``) or the
+backbone itself (the native Transformer). Default targets: the attention and MLP linear layers (the native
+Transformer declares them, ``lora_targets``; for HF models, the Linear/Conv1D layers whose parameters dlm.optim
+classes as attention or mlp: routers, fused experts and the output embedding are left alone).
+
+What trains: the adapters only. Every other parameter of the backbone is frozen (requires_grad False), so it gets no
+optimizer group, no gradient and no optimizer state (dlm.optim.param_groups takes trainable parameters only; under
+DeepSpeed too). The A2D learning-rate roles (``lr_multipliers``) apply to an adapter by the role of the module it
+adapts: its name keeps the module's path (``...self_attn.q_proj.lora_A...`` is attention, ``...mlp.w1.lora_B...`` mlp).
+EMA (callbacks=ema) averages trainable parameters, i.e. the adapters.
+
+Checkpoints hold the whole module (frozen base + adapters) and the adapters' optimizer state: resume and
+``dlm.run.load_run`` are unchanged, and a checkpoint stands alone (a base built from a config with random weights
+exists nowhere else). Measured on model=small (10.1M parameters, r=16: 0.65M trainable): last.ckpt 45.7 MB with
+LoRA vs 113.4 MB fully fine-tuned (the Adam moments are the adapters' only). The end-of-run export
+merges the adapters into the weights (``model.lora.export=merged``) or writes peft's adapter folder
+(``adapter_config.json`` + ``adapter_model.safetensors``; ``model.lora.export=adapter``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dlm.errors import UserError
+
+ADAPTER = "default"  # peft's adapter name: parameter names carry it (lora_A.default.weight)
+LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "quantize", "export")
+QUANTIZE = ("4bit",)
+EXPORTS = ("merged", "adapter")
+QLORA_HINT = "QLoRA needs a CUDA GPU and bitsandbytes (pip install dlm[qlora])"
+
+
+class LoraError(UserError):
+    """A bad ``model.lora`` setting (one line naming the key and the valid form)."""
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """``model.lora`` validated. ``alpha`` None means ``r`` (scaling 1); ``target_modules`` None: the backbone's
+    attention and MLP linear layers."""
+
+    r: int
+    alpha: float | None = None
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] | None = None
+    quantize: str | None = None
+    export: str = "merged"
+
+    @property
+    def scaling(self) -> float:
+        return (self.r if self.alpha is None else self.alpha) / self.r
+
+
+def lora_problems(config: Any) -> list[str]:
+    """Every problem of a ``model.lora`` node (None, or ``r`` None: LoRA off, no problem)."""
+    if config is None:
+        return []
+    from dlm.config_values import to_plain
+
+    fields = to_plain(config)
+    if not isinstance(fields, Mapping):
+        return [f"model.lora={fields!r} must be a mapping {{r, alpha, dropout, target_modules, quantize, export}} "
+                f"or null (off)"]
+    problems = [f"model.lora.{k}: unknown key; valid keys: {', '.join(LORA_KEYS)}" for k in fields if k not in LORA_KEYS]
+    r = fields.get("r")
+    if r is None:
+        return problems
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        problems.append(f"model.lora.r={r} must be a positive integer (the adapters' rank, e.g. 16), or null (off)")
+    alpha = fields.get("alpha")
+    if alpha is not None and (not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0):
+        problems.append(f"model.lora.alpha={alpha} must be a number > 0 (the update is scaled by alpha / r), or null (= r)")
+    dropout = fields.get("dropout", 0.0)
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+        problems.append(f"model.lora.dropout={dropout} must be a number in [0, 1)")
+    targets = fields.get("target_modules")
+    if targets is not None and (isinstance(targets, str) and not targets or not isinstance(targets, str) and (
+            not isinstance(targets, (list, tuple)) or not targets or not all(isinstance(t, str) and t for t in targets))):
+        problems.append(f"model.lora.target_modules={targets} must be a non-empty list of module names (e.g. "
+                        f"[q_proj,v_proj]), or null (the attention and MLP linear layers)")
+    if fields.get("quantize") not in (None, *QUANTIZE):
+        problems.append(f"model.lora.quantize={fields.get('quantize')}: valid: null (no quantization), 4bit (QLoRA)")
+    if fields.get("export", "merged") not in EXPORTS:
+        problems.append(f"model.lora.export={fields.get('export')}: valid: merged (the adapters merged into an HF "
+                        f"folder), adapter (peft's adapter folder)")
+    return problems
+
+
+def lora_spec(config: Any) -> LoraSpec | None:
+    """``model.lora`` as a :class:`LoraSpec`, None when off (``model.lora`` null or ``model.lora.r`` null); a bad
+    value raises :class:`LoraError` listing every problem."""
+    problems = lora_problems(config)
+    if problems:
+        raise LoraError("; ".join(problems))
+    if config is None or config.get("r") is None:
+        return None
+    from dlm.config_values import to_plain
+
+    fields = dict(to_plain(config))
+    targets = fields.get("target_modules")
+    return LoraSpec(
+        r=int(fields["r"]), alpha=None if fields.get("alpha") is None else float(fields["alpha"]),
+        dropout=float(fields.get("dropout") or 0.0),
+        target_modules=None if targets is None else tuple([targets] if isinstance(targets, str) else targets),
+        quantize=fields.get("quantize"), export=fields.get("export") or "merged",
+    )
+
+
+def split_lora(model_cfg: Any) -> tuple[Any, LoraSpec | None]:
+    """(the model config without its ``lora`` key, the spec or None)."""
+    from omegaconf import DictConfig, OmegaConf, open_dict
+
+    if isinstance(model_cfg, DictConfig):
+        if "lora" not in model_cfg:
+            return model_cfg, None
+        node = OmegaConf.create(OmegaConf.to_container(model_cfg, resolve=False))
+        node._set_parent(model_cfg._get_parent())  # interpolations (${...}) resolve against the run's config
+        with open_dict(node):
+            spec = lora_spec(node.pop("lora"))
+        return node, spec
+    node = dict(model_cfg)
+    return node, lora_spec(node.pop("lora", None))
+
+
+def quantization_kwargs(spec: LoraSpec | None) -> dict[str, Any]:
+    """The backbone's load arguments for ``spec.quantize`` (QLoRA: bitsandbytes NF4, bf16 compute); refuses on a
+    machine without a CUDA GPU or without bitsandbytes (before anything is loaded)."""
+    if spec is None or spec.quantize is None:
+        return {}
+    if not torch.cuda.is_available():
+        raise LoraError(f"model.lora.quantize={spec.quantize}: this machine has no CUDA GPU; {QLORA_HINT}. Drop "
+                        f"model.lora.quantize (plain LoRA runs on the CPU)")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise LoraError(f"model.lora.quantize={spec.quantize}: bitsandbytes is not installed; {QLORA_HINT}") from None
+    from transformers import BitsAndBytesConfig
+
+    return {"quantization_config": BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True)}
+
+
+def instantiate_backbone(model_cfg: Any, *, instantiate: Callable | None = None, **kwargs) -> nn.Module:
+    """The backbone of a model config with ``model.lora``'s adapters (if any) added: ``instantiate(node, **kwargs)``
+    on the config without its ``lora`` key (default: Hydra's), then :func:`add_adapters`."""
+    if instantiate is None:
+        from hydra.utils import instantiate
+    node, spec = split_lora(model_cfg)
+    backbone = instantiate(node, **kwargs, **quantization_kwargs(spec if not _on_meta() else None))
+    return backbone if spec is None else add_adapters(backbone, spec)
+
+
+def _on_meta() -> bool:
+    return torch.empty(0).device.type == "meta"  # a plan's or placeholder's build: nothing loads, nothing to quantize
+
+
+# ---- adding adapters -------------------------------------------------------------------------------------------
+def adapter_root(backbone: nn.Module) -> nn.Module:
+    """The module peft wraps: an HF wrapper's transformers model (so that adapter folders fit it), else the
+    backbone."""
+    root = getattr(backbone, "hf_model", None)
+    return root if isinstance(root, nn.Module) else backbone
+
+
+def _linear_types() -> tuple[type, ...]:
+    from transformers.pytorch_utils import Conv1D  # GPT-2's transposed Linear
+
+    return (nn.Linear, Conv1D)
+
+
+def linear_names(root: nn.Module) -> list[str]:
+    """The distinct last names of the Linear (and Conv1D) layers under ``root``: what target_modules can name."""
+    return sorted({name.rpartition(".")[2] for name, m in root.named_modules() if name and isinstance(m, _linear_types())})
+
+
+def default_targets(backbone: nn.Module) -> list[str]:
+    """The attention and MLP linear layers: the backbone's ``lora_targets`` where it declares them, else the
+    Linear/Conv1D layers whose weight dlm.optim classes as attention or mlp (not routers, experts, embeddings)."""
+    declared = getattr(backbone, "lora_targets", None)
+    if declared:
+        return list(declared)
+    from dlm.optim import parameter_role
+
+    root = adapter_root(backbone)
+    output = root.get_output_embeddings() if hasattr(root, "get_output_embeddings") else None
+    names = set()
+    for name, module in root.named_modules():
+        if name and isinstance(module, _linear_types()) and module is not output:
+            if parameter_role(f"{name}.weight", module.weight, module) in ("attention", "mlp"):
+                names.add(name.rpartition(".")[2])
+    return sorted(names)
+
+
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)  # peft's rule for a list of names
+
+
+def add_adapters(backbone: nn.Module, spec: LoraSpec) -> nn.Module:
+    """Add LoRA adapters to ``backbone`` in place and freeze everything else; returns it. The spec is kept as
+    ``backbone.lora_spec`` (read by the export and the plan)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    root = adapter_root(backbone)
+    targets = list(spec.target_modules or default_targets(backbone))
+    modules = dict(root.named_modules())
+    kind = type(backbone).__name__
+    valid = ", ".join(linear_names(root)) or "none"
+    for target in targets:
+        matched = [m for n, m in modules.items() if _matches(n, target)]
+        if not matched:
+            raise LoraError(f"model.lora.target_modules: {target!r} matches no module of {kind}; its Linear "
+                            f"modules: {valid}")
+        if not all(isinstance(m, _linear_types()) for m in matched):
+            raise LoraError(f"model.lora.target_modules: {target!r} names a {type(matched[0]).__name__}, not a "
+                            f"Linear layer, in {kind}; its Linear modules: {valid}")
+    from transformers.pytorch_utils import Conv1D
+
+    transposed = [isinstance(m, Conv1D) for n, m in modules.items() if any(_matches(n, t) for t in targets)]
+    if any(transposed) and not all(transposed):
+        raise LoraError(f"model.lora.target_modules={targets} mixes Linear and Conv1D layers of {kind}; "
+                        f"adapt one kind per run")
+    config = LoraConfig(r=spec.r, lora_alpha=spec.r if spec.alpha is None else spec.alpha,
+                        lora_dropout=spec.dropout, target_modules=targets, fan_in_fan_out=any(transposed),
+                        bias="none")
+    if spec.quantize:
+        from peft import prepare_model_for_kbit_training
+
+        # norms and embeddings in float32 for stable training next to the 4-bit weights (peft's QLoRA preparation)
+        prepare_model_for_kbit_training(root, use_gradient_checkpointing=False)
+    inject_adapter_in_model(config, root, adapter_name=ADAPTER)
+    _reset_partitioned_adapters(root)
+    for name, param in backbone.named_parameters():
+        param.requires_grad_(is_adapter_parameter(name))
+    backbone.lora_spec = spec
+    return backbone
+
+
+def _reset_partitioned_adapters(root: nn.Module) -> None:
+    """Built inside DeepSpeed's ``zero.Init`` (ZeRO-3 loading), the adapters' weights are partitioned as soon as
+    they exist, so peft's init (B = 0) wrote into empty placeholders: redo it on the gathered weights (rank 0's
+    writes kept). A no-op elsewhere."""
+    from peft.tuners.lora import LoraLayer
+
+    from dlm.parallel.params import gathered, is_partitioned
+
+    for module in root.modules():
+        if isinstance(module, LoraLayer):
+            params = [p for p in module.parameters() if is_partitioned(p)]
+            if params:
+                with gathered(params, modifier_rank=0):
+                    module.reset_lora_parameters(ADAPTER, True)
+
+
+def is_adapter_parameter(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def adapter_spec(backbone: nn.Module) -> LoraSpec | None:
+    spec = getattr(backbone, "lora_spec", None)
+    return spec if isinstance(spec, LoraSpec) else None
+
+
+def adapter_count(backbone: nn.Module) -> int:
+    """Trainable adapter parameters: r * (in + out) per adapted layer."""
+    from dlm.parallel.params import numel
+
+    return sum(numel(p) for n, p in backbone.named_parameters() if is_adapter_parameter(n))
+
+
+# ---- merging and exporting ---------------------------------------------------------------------------------------
+def merge_adapters(backbone: nn.Module) -> nn.Module:
+    """Merge every adapter into its base layer (peft's ``merge``: W + scaling B A) and put the plain layer back, in
+    place: the backbone is then the model the adapters made, with its original parameter names. Returns it."""
+    from peft.tuners.lora import LoraLayer
+
+    root = adapter_root(backbone)
+    for name, module in list(root.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge(adapter_names=[ADAPTER])
+            parent, _, child = name.rpartition(".")
+            setattr(root.get_submodule(parent) if parent else root, child, module.get_base_layer())
+    if hasattr(root, "peft_config"):
+        del root.peft_config
+    backbone.lora_spec = None
+    return backbone
+
+
+def merged_state(state: dict[str, Tensor], scaling: float, fan_in_fan_out: bool) -> dict[str, Tensor]:
+    """A state dict with adapters (``<m>.base_layer.*``, ``<m>.lora_A.default.weight``, ``<m>.lora_B.default.weight``)
+    as the plain model's (``<m>.weight`` = W + scaling B A, transposed for Conv1D), computed in float32."""
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if is_adapter_parameter(key):
+            continue
+        if ".base_layer." not in key:
+            out[key] = value
+            continue
+        module, _, leaf = key.partition(".base_layer.")
+        if leaf == "weight":
+            a, b = state[f"{module}.lora_A.{ADAPTER}.weight"], state[f"{module}.lora_B.{ADAPTER}.weight"]
+            delta = scaling * (b.float() @ a.float())
+            value = (value.float() + (delta.T if fan_in_fan_out else delta)).to(value.dtype)
+        out[f"{module}.{leaf}"] = value
+    return out
+
+
+def peft_config_of(backbone: nn.Module):
+    return adapter_root(backbone).peft_config[ADAPTER]
+
+
+def save_adapter_folder(backbone: nn.Module, state: dict[str, Tensor], out: str | Path,
+                        base: str | None = None, extra: dict | None = None) -> Path:
+    """peft's adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``, the keys
+    ``PeftModel.from_pretrained`` expects) from ``state``: the backbone's state dict (keys relative to the backbone,
+    adapters included). ``base``: the base model it adapts (``base_model_name_or_path``)."""
+    import copy
+
+    from safetensors.torch import save_file
+
+    root = adapter_root(backbone)
+    prefix = "hf_model." if root is not backbone else ""
+    tensors = {}
+    for key, value in state.items():
+        if is_adapter_parameter(key) and key.startswith(prefix):
+            name = key[len(prefix):].replace(f".{ADAPTER}.", ".")
+            tensors[f"base_model.model.{name}"] = value.detach().cpu().contiguous()
+    if not tensors:
+        raise ValueError("no adapter weights (lora_A/lora_B) in the state dict")
+    config = copy.deepcopy(peft_config_of(backbone))
+    config.base_model_name_or_path = base
+    config.inference_mode = True
+    if prefix:
+        config.task_type = "CAUSAL_LM" if type(root).__name__.endswith("ForCausalLM") else config.task_type
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(out))
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    (out / "dlm_export.json").write_text(json.dumps({**(extra or {}), "format": "peft-adapter"}, indent=2) + "\n")
+    return out
+
+
+def export_adapted(backbone: nn.Module, out: str | Path) -> bool:
+    """Before a family's own export of a live backbone (AR's ``export_hf``): with ``export=merged`` the adapters
+    are merged in place (the run is over) and the family exports as usual (False); with ``export=adapter``, or a
+    QLoRA run (its base is 4-bit), peft's adapter folder is written to ``out`` (True: nothing else to export). No
+    adapters: False."""
+    spec = adapter_spec(backbone)
+    if spec is None:
+        return False
+    if spec.export == "adapter" or spec.quantize:  # a 4-bit base cannot take a merge: the adapters alone
+        config = getattr(adapter_root(backbone), "config", None)
+        save_adapter_folder(backbone, backbone.state_dict(), out, base=getattr(config, "_name_or_path", None) or None)
+        return True
+    merge_adapters(backbone)
+    return False
+
+
+def plan_line(backbone: nn.Module, total: int, trainable: int, grad_optim_bytes: int) -> str:
+    """The dry run's LoRA line: trainable vs total, and the gradients + optimizer state the frozen base is spared."""
+    spec = adapter_spec(backbone)
+    saved = (total - trainable) * grad_optim_bytes / 1024**3
+    quant = f", base in {spec.quantize} (NF4)" if spec.quantize else ""
+    return (f"LoRA r={spec.r} alpha={spec.r if spec.alpha is None else spec.alpha:g}{quant}: {trainable:,} trainable of "
+            f"{total:,} parameters ({100 * trainable / max(total, 1):.3g}%); the frozen base holds no gradients or "
+            f"Adam state: {saved:,.1f} GiB saved on one GPU (the adapters' take {trainable * grad_optim_bytes / 1024**3:,.2f} "
+            f"GiB)")
