@@ -563,6 +563,29 @@ def test_training_run_exports_the_published_layout(arch, extra, checkpoints, tra
         assert torch.equal(v, trained[f"backbone.hf_model.{k}"].to(v.dtype)), k
 
 
+def test_a_lora_run_on_a_published_model_exports_merged_into_its_layout(checkpoints, train_cli, tmp_path):
+    """model.lora on a zoo model: only the adapters train, and <run>/hf is the published layout with the adapters
+    merged (W + scaling B A), so the authors' code loads the fine-tuned model."""
+    from dlm.models.lora import merged_state
+    from dlm.parallel.checkpoint import load_state_dict
+    from dlm.run import find_checkpoint
+
+    folder, state = checkpoints["llada"]
+    run = _train(train_cli, "llada", folder, tmp_path, "model.lora.r=4", "optimizer.lr=0.05")
+    trained = load_state_dict(find_checkpoint(run, "last"))
+    assert any(".lora_A." in k for k in trained)
+    backbone, _ = load_backbone("llada", run / "hf")  # the published layout again
+    scaling = 1.0  # alpha null = r
+    merged = merged_state(trained, scaling, fan_in_fan_out=False)
+    changed = 0
+    for k, v in backbone.hf_model.state_dict().items():
+        assert torch.allclose(v, merged[f"backbone.hf_model.{k}"].to(v.dtype), atol=1e-6), k
+        module, _, leaf = f"backbone.hf_model.{k}".rpartition(".")
+        base = trained.get(f"{module}.base_layer.{leaf}", trained.get(f"backbone.hf_model.{k}"))
+        changed += not torch.equal(v, base.to(v.dtype))
+    assert changed > 0  # merged weights differ from the frozen base: the adapters are in them
+
+
 # ---- conventions and random-weight builds ------------------------------------------------------------------
 CONVENTIONS = {  # config -> (mask id, shift, sampler, chat template)
     "llada_8b": (126336, False, "low_confidence", False), "llada_8b_instruct": (126336, False, "low_confidence", True),

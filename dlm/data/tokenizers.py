@@ -285,7 +285,9 @@ class HFTokenizer(BaseTokenizer):
         if problem:
             raise HubUnavailableError(problem)
         try:
-            tok = AutoTokenizer.from_pretrained(self.name_or_path, **self._kwargs)
+            # trust_remote_code=False said out loud: a folder whose config.json has an auto_map (a published DLM's)
+            # would otherwise make transformers ask on stdin whether to run the folder's code
+            tok = AutoTokenizer.from_pretrained(self.name_or_path, **{"trust_remote_code": False, **self._kwargs})
         except Exception as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise TokenizerError(
