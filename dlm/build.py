@@ -5,12 +5,13 @@ constructor that refuses its arguments is one message naming the config key)."""
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Mapping
 from typing import Any
 
 from hydra.utils import get_class
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dlm.config import ConfigError, build, compose_train, group_options
 
@@ -62,10 +63,19 @@ def build_module(cfg: DictConfig, datamodule, backbone=None, defer_to_zero3: boo
     }
     if family.uses_schedule:
         parts["schedule"] = build(cfg.schedule, "schedule")
-    module = build(cfg.method, "method", **parts)
+    module = build(family_arguments(cfg.method), "method", **parts)
     if deferred is not None:
         module.defer_backbone(deferred)
     return module
+
+
+def family_arguments(method_cfg: DictConfig) -> DictConfig:
+    """cfg.method less ``training_layout``: the plan's declaration (dlm.flops.TrainingLayout), not a constructor
+    argument. A shallow copy, so interpolations still resolve against the whole config."""
+    node = copy.copy(method_cfg)
+    with open_dict(node):
+        node.pop("training_layout", None)
+    return node
 
 
 def build_loggers(cfg: DictConfig) -> list:

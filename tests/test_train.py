@@ -112,10 +112,8 @@ def test_dry_run_prints_the_plan_and_trains_nothing(run_cfg, capsys):
     assert not (run_dir / "checkpoints").exists()
 
 
-# A plan (dry_run) needs no trainer: it must not pay Lightning's import (seconds). Still blocked by one import: the
-# plan asks the family class for its training_layout (the FLOPs line), and every family is a LightningModule
-# (dlm/methods/base.py), so the layout needs a Lightning-free declaration there first.
-@pytest.mark.xfail(strict=True, reason="dlm.plan reads training_layout from the family class, a LightningModule")
+# A plan (dry_run) needs no trainer: it must not pay Lightning's import (seconds). The FLOPs line reads the family's
+# training layout from its method yaml (dlm.flops.TrainingLayout), not from the family class (a LightningModule).
 def test_dry_run_and_cfg_job_import_no_lightning(tmp_path):
     probe = ("import runpy, sys; sys.argv = ['dlm.train', *sys.argv[1:]]\n"
              "try:\n    runpy.run_module('dlm.train', run_name='__main__')\n"

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from dlm.compile import is_compiled
 from dlm.config_values import to_plain
+from dlm.flops import TrainingLayout
 from dlm.log_interval import logs_this_step
 from dlm.models.capabilities import BackboneCapabilities, capabilities_of
 from dlm.optim import freeze_roles, merge_lr_multipliers, param_groups, reapply_hparams
@@ -92,11 +93,11 @@ class DiffusionLM(L.LightningModule, ABC):
         return None
 
     @classmethod
-    def training_layout(cls, method_cfg) -> tuple[int, int]:
-        """How a training step runs the backbone over a row of T tokens: (forwards, sequence-length multiple). The
-        plan's FLOPs estimate reads it (dlm.flops.flops_per_token); the live count needs none (it is counted where
-        the backbone runs). Most families: one forward over T."""
-        return 1, 1
+    def training_layout(cls, method_cfg) -> TrainingLayout:
+        """How a training step runs the backbone over a row (dlm.flops.TrainingLayout), for the plan's FLOPs. The
+        one declaration is the method yaml's ``training_layout:`` (read without importing this class); the live
+        count needs none (it is counted where the backbone runs)."""
+        return TrainingLayout.of(method_cfg)
 
     def defer_backbone(self, build) -> None:
         """Have ``configure_model`` replace the current (placeholder) backbone with ``build()``: the training CLI

@@ -80,11 +80,6 @@ class BD3LM(MaskedTermsObjective, DiffusionLM):
         self.kv_cache = bool(kv_cache)
 
     # ---- the objective ----------------------------------------------------------------------------------
-    @classmethod
-    def training_layout(cls, method_cfg) -> tuple[int, int]:
-        """One backbone forward over [x_t ; x_0]: twice the row's length."""
-        return 1, 2
-
     def sample_time(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n diffusion times on [t_eps, 1] (the same draws as MDLM.sample_time)."""
         return sample_times(n, self.time_sampling, self.t_eps, self.device, generator)

@@ -70,11 +70,6 @@ class SUNDAE(DiffusionLM):
         self.register_buffer("noise_ids", ids, persistent=False)
 
     # ---- the objective ----------------------------------------------------------------------------------
-    @classmethod
-    def training_layout(cls, method_cfg) -> tuple[int, int]:
-        """One backbone forward (with backward) per unrolled step."""
-        return int(method_cfg.get("unroll_steps", 2)), 1
-
     def corrupt(self, x0: Tensor, counted: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """x_1 ~ q(. | x0): per row a rate r ~ U[0, 1], each counted token replaced by uniform noise w.p. r."""
         r = torch.rand(x0.shape[0], 1, device=x0.device, generator=generator)
