@@ -59,6 +59,7 @@ def decoding_settings(sampler) -> ARSampler:
 
 class AR(DiffusionLM):
     supports_infill = False
+    kv_caches = ("prefix",)  # decoding through a KV cache of the prefix: one new token per forward
     exact_nll = True  # nll_bound is the exact NLL: evaluation needs one pass, not K Monte-Carlo draws
 
     def __init__(
@@ -120,7 +121,7 @@ class AR(DiffusionLM):
         """Continue each prompt row (or `num_samples` empty rows) by `length` tokens, one at a time.
 
         Returns [B, P + length] tokens (no start token). A row that emits EOS is finished: its remaining
-        positions are EOS, and decoding stops once every row is finished. With ``sampler.use_cache`` (the
+        positions are EOS, and decoding stops once every row is finished. With ``sampler.kv_cache=prefix`` (the
         default) each step feeds only the new token through the KV cache (a static one when the backbone is
         compiled: :meth:`DiffusionLM.new_kv_cache`); otherwise the whole prefix is recomputed every step (same
         tokens for the same generator).
@@ -142,9 +143,10 @@ class AR(DiffusionLM):
         self.eval()
         try:
             # static (preallocated, compiled decoding) or None: the backbone grows one (see DiffusionLM.new_kv_cache)
-            cache = self.new_kv_cache(B, P + 1 + length) if settings.use_cache else None
+            cached = self.kv_cache_of(settings) == "prefix"
+            cache = self.new_kv_cache(B, P + 1 + length) if cached else None
             for i in range(length):
-                if settings.use_cache:
+                if cached:
                     new = seq if i == 0 else seq[:, -1:]
                     logits, cache = self.backbone(new, attention="causal", past_key_values=cache, use_cache=True)
                     logits = logits[:, -1, : self.vocab_size].float()

@@ -52,6 +52,8 @@ class DiffusionLM(L.LightningModule, ABC):
     exact_nll: ClassVar[bool] = False  # nll_bound is the exact NLL: evaluation needs one pass, not Monte-Carlo draws
     supports_infill: ClassVar[bool] = True  # infill() fills any positions given both sides
     uses_schedule: ClassVar[bool] = False  # the constructor takes ``schedule`` (the schedule group's MaskSchedule)
+    # the KV caches (sampler.kv_cache) the family runs around its sampler: BD3-LM's of finished blocks, AR's
+    kv_caches: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -69,6 +71,7 @@ class DiffusionLM(L.LightningModule, ABC):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.sampler = sampler if sampler is not None else self.default_sampler()
+        self.kv_cache_of(self.sampler)  # a cache no one runs here is refused when the module is built
         self.lr_multipliers = merge_lr_multipliers(getattr(backbone, "lr_multipliers", None), lr_multipliers)
         self.frozen = freeze_roles(self.backbone, self.lr_multipliers)  # {role: parameters frozen}
         self.val_seed = val_seed
@@ -86,6 +89,21 @@ class DiffusionLM(L.LightningModule, ABC):
         self.static_kv_cache: bool | None = None
         self._static_cache: tuple | None = None  # (key, cache): reused by calls of the same shape
         self._check_vocabulary()
+
+    def kv_cache_of(self, sampler) -> str:
+        """The KV cache that ``sampler`` runs under this family: its ``kv_cache``, or for None the family's default
+        (its own exact cache, ``kv_caches[0]``, else none); refused unless the sampler (``sampler.kv_caches``) or
+        this family runs it."""
+        if sampler is None:
+            return "none"
+        mode = sampler.kv_cache or (self.kv_caches[0] if self.kv_caches else "none")
+        runs = dict.fromkeys(("none", *sampler.kv_caches, *self.kv_caches))
+        if mode not in runs:
+            raise ValueError(
+                f"sampler.kv_cache={mode}: {type(sampler).__name__} under {type(self).__name__} runs "
+                f"kv_cache={' | '.join(runs)}; the threshold sampler (sampler=threshold) runs prefix and dual"
+            )
+        return mode
 
     def default_sampler(self) -> Sampler | None:
         """The sampler a run uses when its config names none (a family without conf/sampler/<method>.yaml); None:
@@ -177,6 +195,7 @@ class DiffusionLM(L.LightningModule, ABC):
         if not isinstance(sampler, Sampler):
             raise ValueError(f"{sampler!r} is not a dlm.sampling.Sampler: this family samples through one "
                              f"(e.g. sampler={sampler_hint})")
+        self.kv_cache_of(sampler)
         max_len = getattr(self.backbone, "max_seq_len", None)
         n = tokens.shape[1]
         if max_len is not None and n + extra_tokens > max_len:
