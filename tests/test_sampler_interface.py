@@ -166,3 +166,36 @@ def test_the_old_kv_cache_keys_are_refused_naming_sampler_kv_cache(run_cfg):
     cfg = run_cfg("method=bd3lm", "+method.kv_cache=true")  # e.g. a run folder saved before the rename
     with pytest.raises(ConfigError, match="method.kv_cache was renamed: use sampler.kv_cache"):
         build_module(cfg, datamodule=None)
+
+
+def test_sampling_runs_in_eval_mode_and_restores_the_mode_it_found():
+    from test_prefix_cache import make_mdlm
+
+    from dlm.methods.base import evaluating
+    from dlm.sampling import AncestralSampler
+
+    model = make_mdlm().train()
+    seen = []
+
+    class Probe(AncestralSampler):
+        def _sample(self, denoiser, x, prior, generator):
+            seen.append(model.training)
+            raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        model.infill(torch.tensor([[1, 2, 3]]), torch.tensor([[False, True, True]]), sampler=Probe(steps=2))
+    assert seen == [False] and model.training  # eval inside, train again after (an exception too)
+    with evaluating(model.eval()):
+        assert not model.training
+    assert not model.training
+
+
+def test_ar_takes_no_steps_and_reads_any_samplers_decoding_settings():
+    from dlm.methods.ar import decoding_settings
+    from dlm.sampling import AncestralSampler
+
+    with pytest.raises(TypeError, match="steps"):
+        ARSampler(steps=4)
+    got = decoding_settings(AncestralSampler(temperature=0.5, top_k=3, top_p=0.9))
+    assert (got.temperature, got.top_k, got.top_p, got.kv_cache) == (0.5, 3, 0.9, None)
+    assert decoding_settings(ARSampler(temperature=0.0, kv_cache="none")).kv_cache == "none"

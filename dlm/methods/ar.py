@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dlm.methods.base import DiffusionLM
+from dlm.methods.base import DiffusionLM, evaluating
 from dlm.sampling import Generation
 from dlm.sampling.autoregressive import ARSampler
 
@@ -47,18 +47,16 @@ class InfillNotSupportedError(NotImplementedError):
 
 
 def decoding_settings(sampler) -> ARSampler:
-    """An ARSampler from whatever was configured: an ARSampler, or any object with temperature/top_k/top_p."""
-    if isinstance(sampler, ARSampler):
-        return sampler
+    """The next-token settings of the configured sampler: an ARSampler or a diffusion Sampler, which both declare
+    temperature, top_k, top_p and kv_cache (None: ARSampler's defaults)."""
     if sampler is None:
         return ARSampler()
-    return ARSampler(
-        getattr(sampler, "temperature", 1.0), getattr(sampler, "top_k", None), getattr(sampler, "top_p", None)
-    )
+    return ARSampler(sampler.temperature, sampler.top_k, sampler.top_p, kv_cache=sampler.kv_cache)
 
 
 class AR(DiffusionLM):
     supports_infill = False
+    one_token_per_call = True  # a generation's trajectory is rebuilt from its tokens (dlm.generate)
     kv_caches = ("prefix",)  # decoding through a KV cache of the prefix: one new token per forward
     exact_nll = True  # nll_bound is the exact NLL: evaluation needs one pass, not K Monte-Carlo draws
 
@@ -139,9 +137,7 @@ class AR(DiffusionLM):
         out = torch.full((B, length), self.eos_id, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         calls = 0
-        was_training = self.training
-        self.eval()
-        try:
+        with evaluating(self):
             # static (preallocated, compiled decoding) or None: the backbone grows one (see DiffusionLM.new_kv_cache)
             cached = self.kv_cache_of(settings) == "prefix"
             cache = self.new_kv_cache(B, P + 1 + length) if cached else None
@@ -160,8 +156,6 @@ class AR(DiffusionLM):
                 if bool(done.all()):
                     break
                 seq = torch.cat([seq, token[:, None]], dim=1)
-        finally:
-            self.train(was_training)
         return Generation(torch.cat([prompt, out], dim=1), calls)
 
     def infill(self, tokens: Tensor, fill_mask: Tensor, sampler=None, generator: torch.Generator | None = None):

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import ClassVar
 
 import lightning as L
@@ -47,11 +49,24 @@ class NonFiniteLossError(RuntimeError):
     the step and the last finite checkpoint (dlm.callbacks.nonfinite)."""
 
 
+@contextmanager
+def evaluating(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode for the block, then back in the mode it was in: a family samples in eval mode
+    (dropout off) also when called mid-training (end-of-fit samples, callbacks)."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
 class DiffusionLM(L.LightningModule, ABC):
     # What the family can do, declared here and read as attributes (no probing):
     exact_nll: ClassVar[bool] = False  # nll_bound is the exact NLL: evaluation needs one pass, not Monte-Carlo draws
     supports_infill: ClassVar[bool] = True  # infill() fills any positions given both sides
     uses_schedule: ClassVar[bool] = False  # the constructor takes ``schedule`` (the schedule group's MaskSchedule)
+    one_token_per_call: ClassVar[bool] = False  # generates left to right, one token per network call (AR)
     # the KV caches (sampler.kv_cache) the family runs around its sampler: BD3-LM's of finished blocks, AR's
     kv_caches: ClassVar[tuple[str, ...]] = ()
 

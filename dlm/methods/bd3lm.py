@@ -42,7 +42,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dlm.methods.base import DiffusionLM
+from dlm.methods.base import DiffusionLM, evaluating
 from dlm.methods.masked_terms import MaskedTermsObjective, masked_token_nll
 from dlm.methods.time_sampling import check_time_sampling, sample_times
 from dlm.models.capabilities import capabilities_of
@@ -240,12 +240,8 @@ class BD3LM(MaskedTermsObjective, DiffusionLM):
         max_len = getattr(self.backbone, "max_seq_len", None)
         if max_len is not None and x.shape[1] + int(self.shift_logits) > max_len:
             raise ValueError(f"{x.shape[1]} tokens exceed the model's max_seq_len={max_len}")
-        was_training = self.training
-        self.eval()
-        try:
+        with evaluating(self):
             gen = self._semi_ar(x, sampler, generator, eos_from)
-        finally:
-            self.train(was_training)
         if eos_from is not None:  # variable length: everything after a row's first generated EOS is EOS
             tail = gen.tokens[:, eos_from:]
             after = (tail == self.eos_id).long().cumsum(1) > 0

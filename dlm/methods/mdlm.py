@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from dlm.methods.base import DiffusionLM
+from dlm.methods.base import DiffusionLM, evaluating
 from dlm.methods.masked_terms import MaskedTermsObjective, masked_token_nll
 from dlm.methods.time_sampling import check_time_sampling, sample_times
 from dlm.models.attention import attention_mask
@@ -217,12 +217,8 @@ class MDLM(MaskedTermsObjective, DiffusionLM):
         """Fill the positions where fill_mask is True, conditioning on every other position (both sides)."""
         x, _, sampler = self._infill_start(tokens, fill_mask, sampler)
         denoiser = MDLMDenoiser(self, initial_masks=(x == self.mask_id).sum(1).clamp(min=1))
-        was_training = self.training
-        self.eval()
-        try:
+        with evaluating(self):
             return sampler.sample(denoiser, x, prior=MaskPrior(self.mask_id, self.schedule), generator=generator)
-        finally:
-            self.train(was_training)
 
 
 class MDLMDenoiser(Denoiser):

@@ -28,8 +28,8 @@ class ARSampler:
             it, ``AR.kv_caches``); ``"none"`` recomputes the whole prefix every step (the reference the cached
             path is tested against: same tokens for a fixed seed); None: the family's default (prefix). Static or
             growing: ``static_kv_cache``.
-        steps: ignored (AR takes one step per token); accepted so that the ``sampler.steps`` override shared
-            by the diffusion samplers composes for every method.
+
+    There is no ``steps``: AR takes one step per token (``length``), so a ``steps`` given to an AR run is refused.
     """
 
     kv_caches = ("none",)  # the caches it runs itself: none (the family runs the prefix cache)
@@ -40,7 +40,6 @@ class ARSampler:
         top_k: int | None = None,
         top_p: float | None = None,
         kv_cache: str | None = None,
-        steps: int | None = None,
     ):
         if temperature is None or not temperature >= 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
