@@ -190,12 +190,13 @@ def test_sampling_runs_in_eval_mode_and_restores_the_mode_it_found():
     assert not model.training
 
 
-def test_ar_takes_no_steps_and_reads_any_samplers_decoding_settings():
+def test_ar_checks_its_steps_and_reads_any_samplers_decoding_settings():
     from dlm.methods.ar import decoding_settings
     from dlm.sampling import AncestralSampler
 
-    with pytest.raises(TypeError, match="steps"):
-        ARSampler(steps=4)
+    ARSampler(steps=4)  # composes with a sweep's sampler.steps; one step per token all the same
+    with pytest.raises(ValueError, match="steps must be an integer >= 1 or None"):
+        ARSampler(steps=0)
     got = decoding_settings(AncestralSampler(temperature=0.5, top_k=3, top_p=0.9))
     assert (got.temperature, got.top_k, got.top_p, got.kv_cache) == (0.5, 3, 0.9, None)
     assert decoding_settings(ARSampler(temperature=0.0, kv_cache="none")).kv_cache == "none"

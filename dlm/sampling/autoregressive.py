@@ -28,8 +28,9 @@ class ARSampler:
             it, ``AR.kv_caches``); ``"none"`` recomputes the whole prefix every step (the reference the cached
             path is tested against: same tokens for a fixed seed); None: the family's default (prefix). Static or
             growing: ``static_kv_cache``.
-
-    There is no ``steps``: AR takes one step per token (``length``), so a ``steps`` given to an AR run is refused.
+        steps: checked (an integer >= 1 or None) but not used: AR takes one step per token. Kept so that
+            ``sampler.steps=<n>`` composes for every method (``-m method=mdlm,ar sampler.steps=8``; Hydra refuses a
+            key the config lacks), since dropping it broke those sweeps.
     """
 
     kv_caches = ("none",)  # the caches it runs itself: none (the family runs the prefix cache)
@@ -40,6 +41,7 @@ class ARSampler:
         top_k: int | None = None,
         top_p: float | None = None,
         kv_cache: str | None = None,
+        steps: int | None = None,
     ):
         if temperature is None or not temperature >= 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
@@ -50,6 +52,8 @@ class ARSampler:
         self.temperature = float(temperature)
         self.top_k = None if top_k is None else int(top_k)
         self.top_p = None if top_p is None else float(top_p)
+        if steps is not None and (isinstance(steps, bool) or int(steps) != steps or steps < 1):
+            raise ValueError(f"steps must be an integer >= 1 or None (AR takes one step per token), got {steps!r}")
         self.kv_cache = check_kv_cache_mode(kv_cache)
 
     def draw(self, logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
