@@ -23,9 +23,9 @@ Every variant runs through dlm's public ``module.generate(prompt, length, sample
 ``bd3lm_b32``           BD3-LM (``block_size=32``), its exact KV cache over finished blocks,
                         ``LowConfidenceSampler(steps=8)`` per block: 64 denoiser calls over 32 tokens, plus
                         one cache append per prompt block and per finished block
-``threshold_cache_b32`` MDLM, ``ThresholdSampler(threshold=1.0, steps=64, block_length=32, prefix_cache=True)``:
+``threshold_cache_b32`` MDLM, ``ThresholdSampler(threshold=1.0, steps=64, block_length=32, kv_cache="prefix")``:
                         Fast-dLLM's prefix KV cache (a full forward per block, suffix-only forwards between)
-``dual_cache_b32``      the same with ``dual_cache=True``: Fast-dLLM's DualCache (forwards over the block only)
+``dual_cache_b32``      the same with ``kv_cache="dual"``: Fast-dLLM's DualCache (forwards over the block only)
 ``ar_kvcache``          dlm's AR family (``method=ar``): greedy, one token per forward through its KV cache
 ======================= =================================================================================
 
@@ -155,10 +155,10 @@ def variants(gen: int, block: int) -> dict[str, tuple[str, object]]:
             steps=min(2, per_block) if warm else per_block, temperature=0.0)),
         "threshold_cache_b32": ("mdlm", lambda warm: ThresholdSampler(
             threshold=1.0, steps=min(2 * nblocks, fast) if warm else fast, temperature=0.0, block_length=block,
-            prefix_cache=True)),
+            kv_cache="prefix")),
         "dual_cache_b32": ("mdlm", lambda warm: ThresholdSampler(
             threshold=1.0, steps=min(2 * nblocks, fast) if warm else fast, temperature=0.0, block_length=block,
-            dual_cache=True)),
+            kv_cache="dual")),
         "ar_kvcache": ("ar", lambda warm: ARSampler(temperature=0.0)),
     }
 

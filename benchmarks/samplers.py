@@ -11,7 +11,7 @@ calls per generated position (a batched forward counts once), the prompted accur
 iff ``prompt + completion`` is valid under the task), and the ratios of speed and calls against the *naive*
 sampler measured in the same process: one full forward per step and one token per step (confidence order,
 ``steps = length``, greedy). Speed is only interesting where the accuracy column holds. The ``+ cache`` rows use
-Fast-dLLM's prefix KV cache (``ThresholdSampler(prefix_cache=True)``; ``prompt cache``: one block, so only the
+Fast-dLLM's prefix KV cache (``ThresholdSampler(kv_cache="prefix")``; ``prompt cache``: one block, so only the
 prompt is cached) and its DualCache (``+ dual``: the suffix after the block too, each step a forward over the block
 alone; ``/2``: refreshed every 2nd step, ``refresh_every=2``): the same network calls as without them, each
 cheaper, so their gain shows in tok/s only.
@@ -95,13 +95,13 @@ def samplers(length: int) -> dict[str, object]:
         # block's first one a forward over the columns from the current block on; compare with the row above it
         "threshold tau=0.9 blocks of 4": ThresholdSampler(threshold=0.9, temperature=0.0, block_length=4),
         "threshold tau=0.9 blocks 4 + cache": ThresholdSampler(threshold=0.9, temperature=0.0, block_length=4,
-                                                               prefix_cache=True),
+                                                               kv_cache="prefix"),
         "threshold tau=0.9 blocks 4 + dual": ThresholdSampler(threshold=0.9, temperature=0.0, block_length=4,
-                                                              dual_cache=True),
+                                                              kv_cache="dual"),
         "threshold tau=0.9 blocks 4 + dual/2": ThresholdSampler(threshold=0.9, temperature=0.0, block_length=4,
-                                                                dual_cache=True, refresh_every=2),
+                                                                kv_cache="dual", refresh_every=2),
         "threshold tau=0.9 + prompt cache": ThresholdSampler(threshold=0.9, temperature=0.0, block_length=length,
-                                                             prefix_cache=True),
+                                                             kv_cache="prefix"),
         "remdm cap 0.02, L steps": ReMDMSampler(steps=length, eta_cap=0.02, temperature=0.0),
     }
 
@@ -116,7 +116,7 @@ def family_naive(module, length: int):
     decoding without its KV cache (the same tokens for the same generator, so the same calls)."""
     default = module.sampler
     if isinstance(default, ARSampler):
-        return ARSampler(temperature=default.temperature, top_k=default.top_k, top_p=default.top_p, use_cache=False)
+        return ARSampler(temperature=default.temperature, top_k=default.top_k, top_p=default.top_p, kv_cache="none")
     if isinstance(default, SundaeSampler):
         return SundaeSampler(steps=length, temperature=default.temperature, stop_when_unchanged=False)
     return ConfidenceSampler(steps=getattr(module, "block_size", None) or length, temperature=default.temperature,

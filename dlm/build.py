@@ -5,14 +5,15 @@ constructor that refuses its arguments is one message naming the config key)."""
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Mapping
 from typing import Any
 
 from hydra.utils import get_class
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from dlm.config import ConfigError, build, compose_train, group_options
+from dlm.config import ConfigError, build, compose_train, group_options, renamed_key_problems
 
 
 def build_datamodule(cfg: DictConfig):
@@ -26,6 +27,9 @@ def build_module(cfg: DictConfig, datamodule, backbone=None, defer_to_zero3: boo
     ``defer_to_zero3`` (the training CLI): when cfg.trainer is DeepSpeed ZeRO-3 and cfg.model loads pretrained HF
     weights, the backbone is a meta-device placeholder that ``configure_model`` replaces inside the strategy's
     sharded context (dlm.parallel.deepspeed.build_in_partitions)."""
+    renamed = renamed_key_problems(cfg)
+    if renamed:  # e.g. a run folder saved before the rename
+        raise ConfigError(renamed)
     tokenizer = datamodule.tokenizer
     from dlm.conventions import check_mask_token, model_conventions
 
@@ -68,10 +72,19 @@ def build_module(cfg: DictConfig, datamodule, backbone=None, defer_to_zero3: boo
     }
     if family.uses_schedule:
         parts["schedule"] = build(cfg.schedule, "schedule")
-    module = build(cfg.method, "method", **parts)
+    module = build(family_arguments(cfg.method), "method", **parts)
     if deferred is not None:
         module.defer_backbone(deferred)
     return module
+
+
+def family_arguments(method_cfg: DictConfig) -> DictConfig:
+    """cfg.method less ``training_layout``: the plan's declaration (dlm.flops.TrainingLayout), not a constructor
+    argument. A shallow copy, so interpolations still resolve against the whole config."""
+    node = copy.copy(method_cfg)
+    with open_dict(node):
+        node.pop("training_layout", None)
+    return node
 
 
 def build_loggers(cfg: DictConfig) -> list:
@@ -95,6 +108,9 @@ def build_sampler(base: Mapping[str, Any], steps: int | None = None, fields: Map
     """The sampler of config ``base`` with ``steps`` and ``fields`` over it (the generate, evaluate and lm-eval
     requests' shorthands); a constructor that refuses its arguments is one message naming ``key``."""
     cfg = dict(base)
+    renamed = renamed_key_problems({**cfg, **(fields or {})}, prefix="sampler.")
+    if renamed:
+        raise ConfigError(renamed)
     if steps is not None:
         cfg["steps"] = int(steps)
     cfg.update(fields or {})

@@ -10,9 +10,9 @@ into an uncompiled module and back, and a run resumes with or without compile.
 What runs compiled: every backbone call without a growing KV cache, i.e. training steps, the samplers' denoiser
 calls (one ``[B, T]`` shape for a whole generation: one graph) and calls with a static (preallocated) KV cache
 (:mod:`dlm.models.kv_cache`: fixed shapes, buffers updated in place at static addresses, so CUDA graphs replay
-them). The cached sampling paths (AR decoding, BD3-LM's block cache, ``ThresholdSampler(prefix_cache=True)``)
+them). The cached sampling paths (AR decoding, BD3-LM's block cache, ``ThresholdSampler(kv_cache="prefix")``: ``sampler.kv_cache``)
 take a static cache when the backbone is compiled (``DiffusionLM.static_kv_cache``, default null = exactly
-then; the dual cache, ``ThresholdSampler(dual_cache=True)``, always does). Calls with a growing cache (``DynamicCache``/``KVCache``, or ``use_cache=True`` without a cache) run
+then; the dual cache, ``kv_cache="dual"``, always does). Calls with a growing cache (``DynamicCache``/``KVCache``, or ``use_cache=True`` without a cache) run
 eagerly: their length changes every call (compiled, 5 tokens of AR decoding on the native backbone made 19
 graphs), and the cache tensors they return are kept across calls, which CUDA graphs overwrite on the next replay.
 ``dynamic=None`` is Dynamo's automatic dynamic shapes: the first shape is compiled static, a second one

@@ -257,6 +257,25 @@ def _gpu_memory_problem(cfg: DictConfig) -> str | None:
         return None
 
 
+# ---- renamed keys: refused with the key that replaced them (never silently accepted) -----------------------
+RENAMED_KEYS = {
+    "method.kv_cache": "sampler.kv_cache=prefix|none (BD3-LM's cache of finished blocks: conf/sampler/bd3lm.yaml)",
+    "sampler.use_cache": "sampler.kv_cache=prefix|none",
+    "sampler.prefix_cache": "sampler.kv_cache=prefix",
+    "sampler.dual_cache": "sampler.kv_cache=dual",
+}
+
+
+def renamed_key_problems(cfg: Any, prefix: str = "") -> list[str]:
+    """One line per renamed key that ``cfg`` (a whole config, or with ``prefix="sampler."`` a sampler's fields)
+    still sets."""
+    problems = []
+    for old, new in RENAMED_KEYS.items():
+        if old.startswith(prefix) and OmegaConf.select(OmegaConf.create(cfg), old[len(prefix):], default=None) is not None:
+            problems.append(f"{old} was renamed: use {new}")
+    return problems
+
+
 # ---- explaining failed overrides ---------------------------------------------------------------------------
 def group_options(group: str) -> list[str]:
     folder = CONF_DIR / group
@@ -266,6 +285,8 @@ def group_options(group: str) -> list[str]:
 def explain_override(override: str, base_overrides: list[str], error: Exception, config_name: str = "train") -> str:
     """A message for one override that Hydra refused, naming the valid choices or keys."""
     key = override.split("=", 1)[0].lstrip("+~")
+    if key in RENAMED_KEYS:
+        return f"{override}: {key} was renamed: use {RENAMED_KEYS[key]}"
     if key in GROUPS:
         return f"{override}: no such option; valid options for {key}: {', '.join(group_options(key))}"
     parent, _, leaf = key.rpartition(".")

@@ -198,7 +198,7 @@ class RunScorer:
 
         tok, dm = self.run.datamodule.tokenizer, self.run.datamodule
         docs = [tok.encode(t) for t in texts]
-        rows = pad_each(docs, dm.seq_len, tok.eos_token_id, tok.pad_token_id)
+        rows = pad_each(docs, dm.seq_len, tok.eos_token_id)
         ids = torch.from_numpy(rows["input_ids"])
         counted = torch.from_numpy(rows["loss_mask"])
         # Score each document and its first EOS; the remaining fill is the data's convention, not the text.

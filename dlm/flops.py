@@ -11,10 +11,12 @@ recomputation does more.
 
 Used by ``ThroughputLogger`` (``train/tflops``, ``train/mfu``: peak ``peak_tflops`` per device, or for a
 recognised CUDA device its dense bf16 peak, :data:`PEAK_BF16_TFLOPS`; nothing on a CPU unless given) and by the
-``dry_run=true`` plan (:func:`flops_per_token`, from the family's training layout).
+``dry_run=true`` plan (:func:`flops_per_token`, from the family's :class:`TrainingLayout`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -69,12 +71,28 @@ def per_position(n: int, layers: int, width: int, seq_len: int, backward: bool =
     return k * (2 * n + 4 * layers * width * seq_len)
 
 
-def flops_per_token(backbone: nn.Module, seq_len: int, layout: tuple[int, int] = (1, 1)) -> float:
-    """Training model FLOPs per data token: ``layout`` = (backbone forwards per row, sequence-length multiple), the
-    family's :meth:`~dlm.methods.base.DiffusionLM.training_layout` (BD3-LM: one forward over 2T; SUNDAE: one per
-    unrolled step)."""
-    forwards, stretch = layout
-    return forwards * stretch * per_position(*backbone_geometry(backbone), seq_len * stretch)
+@dataclass(frozen=True)
+class TrainingLayout:
+    """How a training step runs the backbone over a row of T tokens: ``forwards`` forwards (with backward), each over
+    ``seq_multiple`` x T positions (BD3-LM: one over [x_t ; x_0], 2T; SUNDAE: one per unrolled step). A family
+    declares it as ``training_layout:`` in its conf/method yaml, from its own fields, so that the plan reads it
+    without importing the family (a LightningModule: seconds of start-up); without one, one forward over T.
+    tests/test_flops.py checks each family's declaration against the FLOPs counted in a training step."""
+
+    forwards: int = 1
+    seq_multiple: int = 1
+
+    @classmethod
+    def of(cls, method_cfg) -> TrainingLayout:
+        """The layout that a method config (``cfg.method``) declares."""
+        declared = method_cfg.get("training_layout") if method_cfg is not None else None
+        return cls(**declared) if declared else cls()
+
+
+def flops_per_token(backbone: nn.Module, seq_len: int, layout: TrainingLayout = TrainingLayout()) -> float:
+    """Training model FLOPs per data token of a family whose step has ``layout``."""
+    stretch = int(layout.seq_multiple)
+    return int(layout.forwards) * stretch * per_position(*backbone_geometry(backbone), seq_len * stretch)
 
 
 class FlopCounter:

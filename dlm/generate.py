@@ -346,12 +346,11 @@ def timed_run(request: Request, seed: int, device, compile_mode: str | None) -> 
 def write_trajectory(cfg: DictConfig, source: GenerationSource, request: Request, gen, texts: list[str],
                      sampler_name: str) -> Path:
     """The HTML page of the denoising steps: the family's frames, else rebuilt (AR) or start and end only."""
-    from dlm.methods.ar import AR
     from dlm.sampling.trajectory_html import write_trajectory_html
 
     module, mask_id = source.module, int(source.module.mask_id)
     frames, note = gen.trajectory, ""
-    if frames is None and isinstance(module, AR):
+    if frames is None and module.one_token_per_call:
         frames = _ar_trajectory(request.start, gen.tokens.cpu(), gen.num_network_calls, mask_id)
         note = "autoregressive: one token per network call"
     elif frames is None:

@@ -10,7 +10,7 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from dlm.flops import PEAK_BF16_TFLOPS, flops_per_token
+from dlm.flops import PEAK_BF16_TFLOPS, TrainingLayout, flops_per_token
 from dlm.models import count_active_parameters, count_parameters
 from dlm.models.lora import adapter_spec, instantiate_backbone, plan_line
 
@@ -153,8 +153,8 @@ def build_plan(cfg: DictConfig, vocab_size: int | None) -> Plan:
         seq_len=int(cfg.data.seq_len),
         accumulate=int(cfg.trainer.get("accumulate_grad_batches", 1)),
         max_steps=int(cfg.trainer.max_steps),
-        flops_per_token=flops_per_token(backbone, int(cfg.data.seq_len),
-                                        get_class(cfg.method._target_).training_layout(cfg.method)),
+        # the method config's declaration, not the family class: importing that imports Lightning (issue #17)
+        flops_per_token=flops_per_token(backbone, int(cfg.data.seq_len), TrainingLayout.of(cfg.method)),
     )
 
 

@@ -20,7 +20,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from dlm.config import ConfigError, compose_train
 from dlm.config_values import to_plain
-from dlm.run import load_config, run_choices
 from dlm.run_folder import CHECKPOINTS, LAST_CKPT, RunFolder
 from dlm.safe_load import load_checkpoint
 
@@ -107,6 +106,8 @@ def resolve_resume(given: list[str]) -> Resume | None:
             return Resume(checkpoint, None, list(given))
         merged = merge_overrides(saved_overrides(run_dir), [o for o in given if override_key(o) != "ckpt_path"])
         merged.append(f"ckpt_path={checkpoint}")
+        from dlm.run import load_config  # imports torch: start-up of every dlm.train command line (--cfg job)
+
         problems = fit_problems(_compose(merged), load_config(run_dir))
         if not problems:
             return Resume(checkpoint, run_dir, merged)
@@ -136,6 +137,7 @@ def check_checkpoint_fits(module, checkpoint: Path, run_dir: Path | None) -> int
     if problems:
         origin = ""
         if run_dir is not None and RunFolder(run_dir).hydra.is_file():
+            from dlm.run import run_choices  # imports torch: see resolve_resume
 
             choices = run_choices(run_dir)
             origin = (f"; it comes from {run_dir} (model={choices.get('model')}, method={choices.get('method')}, "

@@ -71,9 +71,9 @@ def test_cached_generation_equals_recomputing_the_prefix(kind, settings):
     model = make_ar(backbone)
     prompt = torch.tensor([[1, 2], [3, 4]])
     out = {}
-    for use_cache in (True, False):
+    for cache in ("prefix", "none"):
         g = torch.Generator().manual_seed(3)
-        out[use_cache] = model.generate(prompt, 12, sampler=ARSampler(**settings, use_cache=use_cache), generator=g)
+        out[cache == "prefix"] = model.generate(prompt, 12, sampler=ARSampler(**settings, kv_cache=cache), generator=g)
     assert torch.equal(out[True].tokens, out[False].tokens)
     assert out[True].tokens.shape == (2, 14) and torch.equal(out[True].tokens[:, :2], prompt)
     assert not (out[True].tokens == MASK).any()

@@ -110,7 +110,7 @@ def test_cached_sampling_equals_uncached(kind, shift, sampler):
     prompt = torch.tensor([[1, 2, 3, 4, 5], [0, 1, 2, 3, 4]])  # ends mid-block: block 1 is partly given
     out = {}
     for cache in (True, False):
-        model.kv_cache = cache
+        sampler.kv_cache = "prefix" if cache else "none"  # the sampler's switch (None: BD3-LM's default, prefix)
         out[cache] = model.generate(prompt, 11, generator=torch.Generator().manual_seed(2))
     assert torch.equal(out[True].tokens, out[False].tokens)
     tokens = out[True].tokens
@@ -130,7 +130,7 @@ def test_unconditional_generation_stops_after_every_row_has_eos():
 
 @pytest.mark.parametrize("cache", [True, False])
 def test_infill_keeps_given_tokens_and_fills_holes_in_any_block(cache):
-    model = make(4, kv_cache=cache)
+    model = make(4, sampler=AncestralSampler(steps=4, kv_cache="prefix" if cache else "none"))
     tokens = torch.tensor([[1, 2, 3, 4, 5, 6, 0, 1, 2, 3]])
     fill = torch.zeros_like(tokens, dtype=torch.bool)
     fill[0, [1, 6, 9]] = True

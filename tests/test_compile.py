@@ -64,7 +64,7 @@ def test_compiled_greedy_sampling_matches_eager_and_kv_cache_calls_stay_eager():
     prompt = torch.randint(0, 9, (3, 4), generator=torch.Generator().manual_seed(1))
     samplers = {
         "greedy": ConfidenceSampler(steps=12, temperature=0.0),
-        "prefix cache": ThresholdSampler(threshold=0.9, temperature=0.0, block_length=4, prefix_cache=True),
+        "prefix cache": ThresholdSampler(threshold=0.9, temperature=0.0, block_length=4, kv_cache="prefix"),
     }
     eager = {name: model.generate(prompt, 12, sampler=s) for name, s in samplers.items()}
     ar = AR(model.backbone, TOKENIZER).eval()

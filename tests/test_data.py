@@ -276,7 +276,7 @@ def test_pack_exact_fit_has_no_padding():
 
 def test_pad_each_eos_fill_and_truncation():
     docs = [[1, 2], [3, 4, 5, 6, 7, 8], [9]]
-    out = pad_each(docs, seq_len=5, eos_id=EOS, pad_id=PAD)
+    out = pad_each(docs, seq_len=5, eos_id=EOS)
     assert "doc_ids" not in out
     np.testing.assert_array_equal(
         out["input_ids"],
@@ -291,7 +291,7 @@ def test_pad_each_eos_fill_and_truncation():
 @pytest.mark.parametrize("fn", [pack, pad_each])
 def test_packing_bad_seq_len(fn):
     with pytest.raises(ValueError, match="seq_len must be an int >= 2"):
-        fn([[1]], seq_len=1, eos_id=EOS, pad_id=PAD)
+        fn([[1]], seq_len=1, eos_id=EOS, **({"pad_id": PAD} if fn is pack else {}))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Fast-dLLM's DualCache (ThresholdSampler(dual_cache=True) through MDLM's ``with_dual_cache`` hook): exact where the
+"""Fast-dLLM's DualCache (ThresholdSampler(kv_cache="dual") through MDLM's ``with_dual_cache`` hook): exact where the
 block sees neither a changed prefix nor the suffix (block-causal backbone, aligned blocks; native and HF, shift
 or not, EOS fill, ragged rows), each step but a block's first a forward over the block alone, well-formed on a
 bidirectional model, and bad settings rejected with a message."""
@@ -37,7 +37,7 @@ def test_dual_cache_equals_uncached_when_the_block_sees_neither_side(kind, shift
     kw = dict(threshold=tau, temperature=temperature, block_length=L, eos_id=eos)
     plain = run(model, ThresholdSampler(**kw))
     seen = forward_lengths(model)
-    dual = run(model, ThresholdSampler(dual_cache=True, **kw))
+    dual = run(model, ThresholdSampler(kv_cache="dual", **kw))
     assert torch.equal(dual.tokens, plain.tokens)
     assert dual.num_network_calls == plain.num_network_calls == len(seen)
     # a block's first step is a full forward (the refresh); the others run over the block (+1 token when shifting)
@@ -51,7 +51,7 @@ def test_exact_with_ragged_rows_and_eos_fill_past_the_block():
     for eos in (None, EOS):
         kw = dict(threshold=0.5, temperature=1.0, block_length=L, eos_id=eos)
         plain = run(model, ThresholdSampler(**kw), x, fill, seed=3)
-        dual = run(model, ThresholdSampler(dual_cache=True, **kw), x, fill, seed=3)
+        dual = run(model, ThresholdSampler(kv_cache="dual", **kw), x, fill, seed=3)
         assert torch.equal(dual.tokens, plain.tokens)
         assert torch.equal(dual.tokens[~fill], x[~fill])
 
@@ -72,7 +72,7 @@ def test_an_eos_committed_in_the_block_fills_the_suffix_too():
         return logp_of(z, 3, 1.0)
 
     denoiser = FunctionDenoiser(denoiser, dual_cache=lambda z, start, end: (logp_of(z, 3, 1.0), lambda b: logp_of(b, 4, 9.0)))
-    s = ThresholdSampler(threshold=0.99, temperature=0.0, block_length=4, eos_id=4, steps=T, dual_cache=True)
+    s = ThresholdSampler(threshold=0.99, temperature=0.0, block_length=4, eos_id=4, steps=T, kv_cache="dual")
     out = s.sample(denoiser, x, prior=MaskPrior(mask))
     assert out.tokens[0].tolist() == [1, 2, 3] + [4] * (T - 3) and out.num_network_calls == 2
 
@@ -82,7 +82,7 @@ def test_bidirectional_dual_run_is_well_formed_and_cheapest():
     kw = dict(threshold=1.0, temperature=0.0, block_length=L, steps=LENGTH)  # tau = 1: the even split, same steps
     seen = forward_lengths(model)
     runs = {}
-    for name, extra in (("plain", {}), ("prefix", {"prefix_cache": True}), ("dual", {"dual_cache": True})):
+    for name, extra in (("plain", {}), ("prefix", {"kv_cache": "prefix"}), ("dual", {"kv_cache": "dual"})):
         seen[:] = []
         runs[name] = (run(model, ThresholdSampler(**kw, **extra)), sum(seen), list(seen))
     T = P + LENGTH
@@ -94,13 +94,13 @@ def test_bidirectional_dual_run_is_well_formed_and_cheapest():
 
 
 def test_bad_settings_name_the_fix():
-    with pytest.raises(ValueError, match="exclusive"):
-        ThresholdSampler(prefix_cache=True, dual_cache=True, block_length=4)
-    with pytest.raises(NotImplementedError, match="dual_cache=True\\) needs block_length"):
-        ThresholdSampler(dual_cache=True)
+    with pytest.raises(ValueError, match="kv_cache must be one of none, prefix, dual or null"):
+        ThresholdSampler(kv_cache="both", block_length=4)
+    with pytest.raises(NotImplementedError, match="kv_cache='dual'\\) needs block_length"):
+        ThresholdSampler(kv_cache="dual")
     x = torch.cat([prompts(1), torch.full((1, 4), MASK)], dim=1)
     with pytest.raises(ValueError, match="with_dual_cache\\(x, start, end\\) hook"):
-        ThresholdSampler(dual_cache=True, block_length=4).sample(lambda z: z, x, prior=MaskPrior(MASK))
+        ThresholdSampler(kv_cache="dual", block_length=4).sample(lambda z: z, x, prior=MaskPrior(MASK))
     model = make_mdlm()
     with pytest.raises(ValueError, match="must not contain mask tokens"):
         model.dual_cached_denoise(x, 5, 8)
@@ -123,7 +123,7 @@ def test_at_the_refresh_state_the_block_denoiser_equals_the_full_forward(kind, s
         torch.testing.assert_close(block(x[:, start:end]), full[:, start:end], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("cache", ["prefix_cache", "dual_cache"])
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
 def test_refresh_every_step_is_the_uncached_sampler_and_every_k_steps_in_between(cache):
     """Bidirectional attention (the caches are approximate): refreshing on every step is exact; every 2nd step
     makes a full forward on every other step of a block."""
@@ -131,12 +131,12 @@ def test_refresh_every_step_is_the_uncached_sampler_and_every_k_steps_in_between
     kw = dict(threshold=1.0, temperature=0.0, block_length=L, steps=LENGTH)  # tau = 1: the even split, same steps
     plain = run(model, ThresholdSampler(**kw))
     seen = forward_lengths(model)
-    every = run(model, ThresholdSampler(**kw, **{cache: True}, refresh_every=1))
+    every = run(model, ThresholdSampler(**kw, kv_cache=cache, refresh_every=1))
     assert torch.equal(every.tokens, plain.tokens) and every.num_network_calls == plain.num_network_calls
     T = P + LENGTH
     assert seen == [T] * LENGTH
     seen[:] = []
-    run(model, ThresholdSampler(**kw, **{cache: True}, refresh_every=2))
+    run(model, ThresholdSampler(**kw, kv_cache=cache, refresh_every=2))
     assert [n == T for n in seen] == [i % 2 == 0 for i in range(LENGTH)]
     with pytest.raises(ValueError, match="refresh_every must be an integer >= 1"):
-        ThresholdSampler(block_length=4, dual_cache=True, refresh_every=0)
+        ThresholdSampler(block_length=4, kv_cache="dual", refresh_every=0)

@@ -1,6 +1,6 @@
-"""Fast-dLLM prefix KV cache of ThresholdSampler(prefix_cache=True) through MDLM's ``with_prefix_cache`` hook:
+"""Fast-dLLM prefix KV cache of ThresholdSampler(kv_cache="prefix") through MDLM's ``with_prefix_cache`` hook:
 exact (identical tokens) where the prefix cannot see the suffix, cheaper and well-formed on a bidirectional
-model, and prefix_cache=false unchanged."""
+model, and kv_cache=none unchanged."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def test_cached_equals_uncached_when_the_prefix_cannot_see_the_suffix(shift, tem
     kw = dict(threshold=tau, temperature=temperature, block_length=L)
     plain = run(model, ThresholdSampler(**kw))
     seen = count_positions(model)
-    cached = run(model, ThresholdSampler(prefix_cache=True, **kw))
+    cached = run(model, ThresholdSampler(kv_cache="prefix", **kw))
     assert torch.equal(cached.tokens, plain.tokens)
     assert cached.num_network_calls == plain.num_network_calls == len(seen)
     assert sum(seen) < plain.num_network_calls * (P + LENGTH) or tau == 0.0
@@ -80,7 +80,7 @@ def test_exact_with_ragged_rows_and_eos_fill():
     for eos in (None, EOS):
         kw = dict(threshold=0.5, temperature=1.0, block_length=L, eos_id=eos)
         plain = run(model, ThresholdSampler(**kw), x, fill, seed=3)
-        cached = run(model, ThresholdSampler(prefix_cache=True, **kw), x, fill, seed=3)
+        cached = run(model, ThresholdSampler(kv_cache="prefix", **kw), x, fill, seed=3)
         assert torch.equal(cached.tokens, plain.tokens)
         assert torch.equal(cached.tokens[~fill], x[~fill])
 
@@ -92,7 +92,7 @@ def test_bidirectional_cached_run_is_well_formed_and_cheaper():
     seen = count_positions(model)
     plain = run(model, ThresholdSampler(**kw))
     plain_positions, seen[:] = sum(seen), []
-    cached = run(model, ThresholdSampler(prefix_cache=True, **kw))
+    cached = run(model, ThresholdSampler(kv_cache="prefix", **kw))
     T = P + LENGTH
     assert torch.equal(cached.tokens[:, :P], prompts())
     assert not (cached.tokens == MASK).any()
@@ -103,14 +103,14 @@ def test_bidirectional_cached_run_is_well_formed_and_cheaper():
     assert sum(seen) < plain_positions == LENGTH * T
     # Fast-dLLM's setting (tau = 0.9, one block = the prompt-only cache): still well-formed
     for block in (L, LENGTH):
-        gen = run(model, ThresholdSampler(threshold=0.9, temperature=0.0, block_length=block, prefix_cache=True))
+        gen = run(model, ThresholdSampler(threshold=0.9, temperature=0.0, block_length=block, kv_cache="prefix"))
         assert torch.equal(gen.tokens[:, :P], prompts()) and not (gen.tokens == MASK).any()
         assert 1 <= gen.num_network_calls <= LENGTH
 
 
 def test_time_conditioned_backbone_runs():
     model = make_mdlm("bidirectional", time_conditioning=True)
-    gen = run(model, ThresholdSampler(threshold=0.9, temperature=0.0, block_length=L, prefix_cache=True))
+    gen = run(model, ThresholdSampler(threshold=0.9, temperature=0.0, block_length=L, kv_cache="prefix"))
     assert not (gen.tokens == MASK).any() and torch.equal(gen.tokens[:, :P], prompts())
 
 
@@ -122,7 +122,7 @@ def test_prefix_cache_false_is_unchanged_and_never_calls_the_hook():
         return model.denoise(z)
 
     def hook(*a):
-        raise AssertionError("the hook must not be used with prefix_cache=false")
+        raise AssertionError("the hook must not be used with kv_cache=none")
 
     denoiser = FunctionDenoiser(denoiser, prefix_cache=hook)
     for block in (None, L):
@@ -161,7 +161,7 @@ def test_sampler_level_exactness_with_a_toy_hook():
     for tau, temp in ((0.9, 0.0), (0.4, 1.0)):
         kw = dict(threshold=tau, temperature=temp, block_length=3, eos_id=V - 2, record_trajectory=True)
         a = ThresholdSampler(**kw).sample(denoiser, x, prior=MaskPrior(V - 1), generator=torch.Generator().manual_seed(1))
-        b = ThresholdSampler(prefix_cache=True, **kw).sample(
+        b = ThresholdSampler(kv_cache="prefix", **kw).sample(
             denoiser, x, prior=MaskPrior(V - 1), generator=torch.Generator().manual_seed(1))
         assert torch.equal(a.tokens, b.tokens) and a.num_network_calls == b.num_network_calls
         assert all(torch.equal(u, w) for u, w in zip(a.trajectory, b.trajectory, strict=True))
@@ -170,12 +170,12 @@ def test_sampler_level_exactness_with_a_toy_hook():
 
 def test_configuration_errors():
     with pytest.raises(NotImplementedError, match="block_length"):
-        ThresholdSampler(prefix_cache=True)
+        ThresholdSampler(kv_cache="prefix")
     x = torch.tensor([[1, 2, MASK, MASK]])
     with pytest.raises(ValueError, match="with_prefix_cache"):
-        ThresholdSampler(prefix_cache=True, block_length=2).sample(
+        ThresholdSampler(kv_cache="prefix", block_length=2).sample(
             lambda z: torch.zeros(*z.shape, VOCAB).log_softmax(-1), x, prior=MaskPrior(MASK))
-    assert "prefix_cache=True" in repr(ThresholdSampler(prefix_cache=True, block_length=2))
+    assert "kv_cache='prefix'" in repr(ThresholdSampler(kv_cache="prefix", block_length=2))
     model = make_mdlm()
     with pytest.raises(ValueError, match="mask"):
         model.prefix_cached_denoise(x, 3)
@@ -195,7 +195,7 @@ def test_hf_causal_lm_backbone():
         assert model.supports_prefix_cache
         kw = dict(threshold=0.9 if exact else 1.0, temperature=0.0, block_length=L, steps=LENGTH)
         plain = run(model, ThresholdSampler(**kw))
-        cached = run(model, ThresholdSampler(prefix_cache=True, **kw))
+        cached = run(model, ThresholdSampler(kv_cache="prefix", **kw))
         assert cached.num_network_calls == plain.num_network_calls
         assert not (cached.tokens == MASK).any() and torch.equal(cached.tokens[:, :P], prompts())
         if exact:

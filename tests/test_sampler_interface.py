@@ -97,7 +97,7 @@ def test_a_prior_must_be_a_prior_object():
 def test_cache_hooks_are_declared_methods():
     # a plain callable declares no hook; a FunctionDenoiser declares the ones it is given
     x, _ = inputs()
-    s = ThresholdSampler(block_length=4, prefix_cache=True)
+    s = ThresholdSampler(block_length=4, kv_cache="prefix")
     with pytest.raises(ValueError, match="with_prefix_cache"):
         s.sample(denoiser, x, prior=MaskPrior(MASK))
     with pytest.raises(ValueError, match="with_prefix_cache"):  # a dual-cache-only denoiser has no prefix hook
@@ -129,3 +129,74 @@ def test_a_family_hands_its_prior_and_a_wrong_sampler_is_refused_by_name():
     # the hooks are declared by MDLM's denoiser where the backbone can cache (the native Transformer can)
     den = MDLMDenoiser(model, initial_masks=torch.tensor([3]))
     assert den.has_prefix_cache and den.has_dual_cache
+
+
+def test_one_kv_cache_switch_runs_where_the_sampler_or_the_family_runs_it():
+    """sampler.kv_cache: null is the family's default (AR, BD3-LM: their exact prefix cache; else none); a mode neither
+    the sampler nor the family runs is refused, naming the ones that run."""
+    from test_bd3lm import make as make_bd3lm
+    from test_prefix_cache import make_mdlm
+
+    from dlm.sampling import AncestralSampler
+
+    mdlm = make_mdlm()
+    assert mdlm.kv_cache_of(AncestralSampler()) == "none"
+    assert mdlm.kv_cache_of(ThresholdSampler(block_length=2, kv_cache="dual")) == "dual"
+    with pytest.raises(ValueError, match="kv_cache=prefix: AncestralSampler under MDLM runs kv_cache=none; the threshold"):
+        mdlm.infill(torch.tensor([[1, 2, 3]]), torch.tensor([[False, True, True]]),
+                    sampler=AncestralSampler(kv_cache="prefix"))
+    bd3 = make_bd3lm(2)
+    assert bd3.kv_cache_of(AncestralSampler()) == "prefix" and bd3.kv_cache_of(AncestralSampler(kv_cache="none")) == "none"
+    with pytest.raises(ValueError, match="kv_cache=dual: AncestralSampler under BD3LM runs kv_cache=none \\| prefix"):
+        make_bd3lm(2, sampler=AncestralSampler(kv_cache="dual"))
+    assert ARSampler().kv_cache is None and ARSampler(kv_cache="none").kv_cache == "none"
+
+
+def test_the_old_kv_cache_keys_are_refused_naming_sampler_kv_cache(run_cfg):
+    from dlm.build import build_module, build_sampler
+    from dlm.config import ConfigError, explain_override
+
+    for override, new in (("sampler.prefix_cache=true", "sampler.kv_cache=prefix"),
+                          ("sampler.dual_cache=true", "sampler.kv_cache=dual"),
+                          ("sampler.use_cache=false", "sampler.kv_cache=prefix|none"),
+                          ("method.kv_cache=false", "sampler.kv_cache=prefix|none")):
+        assert f"was renamed: use {new}" in explain_override(override, ["method=bd3lm"], ValueError())
+    with pytest.raises(ConfigError, match="sampler.use_cache was renamed: use sampler.kv_cache=prefix\\|none"):
+        build_sampler({"_target_": "dlm.sampling.ARSampler"}, fields={"use_cache": False})
+    cfg = run_cfg("method=bd3lm", "+method.kv_cache=true")  # e.g. a run folder saved before the rename
+    with pytest.raises(ConfigError, match="method.kv_cache was renamed: use sampler.kv_cache"):
+        build_module(cfg, datamodule=None)
+
+
+def test_sampling_runs_in_eval_mode_and_restores_the_mode_it_found():
+    from test_prefix_cache import make_mdlm
+
+    from dlm.methods.base import evaluating
+    from dlm.sampling import AncestralSampler
+
+    model = make_mdlm().train()
+    seen = []
+
+    class Probe(AncestralSampler):
+        def _sample(self, denoiser, x, prior, generator):
+            seen.append(model.training)
+            raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        model.infill(torch.tensor([[1, 2, 3]]), torch.tensor([[False, True, True]]), sampler=Probe(steps=2))
+    assert seen == [False] and model.training  # eval inside, train again after (an exception too)
+    with evaluating(model.eval()):
+        assert not model.training
+    assert not model.training
+
+
+def test_ar_checks_its_steps_and_reads_any_samplers_decoding_settings():
+    from dlm.methods.ar import decoding_settings
+    from dlm.sampling import AncestralSampler
+
+    ARSampler(steps=4)  # composes with a sweep's sampler.steps; one step per token all the same
+    with pytest.raises(ValueError, match="steps must be an integer >= 1 or None"):
+        ARSampler(steps=0)
+    got = decoding_settings(AncestralSampler(temperature=0.5, top_k=3, top_p=0.9))
+    assert (got.temperature, got.top_k, got.top_p, got.kv_cache) == (0.5, 3, 0.9, None)
+    assert decoding_settings(ARSampler(temperature=0.0, kv_cache="none")).kv_cache == "none"

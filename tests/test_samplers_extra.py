@@ -200,8 +200,8 @@ def test_threshold_commits_every_position_above_tau_and_at_least_one():
     den.inputs = []
     gen = ThresholdSampler(threshold=0.0, temperature=0.0).sample(den, x, prior=MaskPrior(MASK))
     assert gen.num_network_calls == 1  # tau = 0: everything at once
-    with pytest.raises(NotImplementedError, match="prefix_cache"):
-        ThresholdSampler(prefix_cache=True)
+    with pytest.raises(NotImplementedError, match="kv_cache='prefix'"):
+        ThresholdSampler(kv_cache="prefix")
 
 
 def test_entropy_bounded_commits_the_largest_prefix_within_gamma():

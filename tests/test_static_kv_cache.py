@@ -118,14 +118,14 @@ def test_only_growing_caches_are_routed_around_the_compiled_graph():
 # ---- the sampling paths: a static cache gives the same tokens and calls -------------------------------------------
 def families(kind: str):
     """(name, module, sampler, prompt length, generation length) of every cached sampling path."""
-    prefix = ThresholdSampler(threshold=0.9, temperature=0.0, block_length=4, prefix_cache=True)
+    prefix = ThresholdSampler(threshold=0.9, temperature=0.0, block_length=4, kv_cache="prefix")
     yield "ar", AR(build(kind, layers=1), TOKENIZER), ARSampler(temperature=1.0), 4, 12
     for shift in (False, True):
         yield (f"bd3lm shift={shift}", BD3LM(build(kind, attention="bidirectional", layers=1), TOKENIZER, LinearSchedule(),
                                             block_size=4, shift_logits=shift), AncestralSampler(steps=4), 6, 14)
         yield (f"mdlm prefix cache shift={shift}", MDLM(build(kind, attention="bidirectional", layers=1), TOKENIZER,
                                                        LinearSchedule(), shift_logits=shift), prefix, 6, 12)
-    dual = ThresholdSampler(threshold=0.9, temperature=0.0, block_length=4, dual_cache=True)  # always a static cache
+    dual = ThresholdSampler(threshold=0.9, temperature=0.0, block_length=4, kv_cache="dual")  # always a static cache
     yield "mdlm dual cache", MDLM(build(kind, attention="bidirectional", layers=1), TOKENIZER, LinearSchedule()), dual, 6, 12
 
 

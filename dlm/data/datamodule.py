@@ -224,9 +224,10 @@ class DLMDataModule(L.LightningDataModule):
     def _build(self, split: str) -> dict[str, np.ndarray]:
         counter = [0]
         docs = self._token_docs(split, counter)
-        fn = pack if self.packing else pad_each
-        try:
-            arrays = fn(docs, self.seq_len, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+        eos = self.tokenizer.eos_token_id
+        try:  # only packing pads (the last row); pad_each fills with EOS
+            arrays = (pack(docs, self.seq_len, eos, self.tokenizer.pad_token_id) if self.packing
+                      else pad_each(docs, self.seq_len, eos))
         except ValueError as e:
             if counter[0] == 0 and not isinstance(e, UserError):  # the source's own message says more
                 raise ValueError(

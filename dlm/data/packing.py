@@ -13,7 +13,7 @@ attention keeps them apart from real text.
 ``loss_mask`` is True everywhere -- on the document, its first EOS and the EOS fill -- so the model learns
 where documents end (i.e. their length).  Documents longer than ``seq_len - 1`` are truncated to
 ``seq_len - 1`` tokens (the row still ends with EOS) and counted in ``num_truncated``.  There is no
-``doc_ids`` key.  ``pad_id`` is unused (kept for a uniform signature).
+``doc_ids`` key (and no padding: it takes no ``pad_id``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 __all__ = ["pack", "pad_each"]
 
 
-def _check(seq_len: int, eos_id: int, pad_id: int) -> None:
+def _check(seq_len: int, eos_id: int, pad_id: int = 0) -> None:
     if not isinstance(seq_len, (int, np.integer)) or seq_len < 2:
         raise ValueError(
             f"seq_len must be an int >= 2 (room for at least one token and EOS), got {seq_len!r}"
@@ -71,10 +71,8 @@ def pack(
     }
 
 
-def pad_each(
-    token_docs: Iterable[Sequence[int]], seq_len: int, eos_id: int, pad_id: int
-) -> dict[str, np.ndarray]:
-    _check(seq_len, eos_id, pad_id)
+def pad_each(token_docs: Iterable[Sequence[int]], seq_len: int, eos_id: int) -> dict[str, np.ndarray]:
+    _check(seq_len, eos_id)
     rows: list[np.ndarray] = []
     truncated = 0
     keep = seq_len - 1

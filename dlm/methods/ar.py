@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dlm.methods.base import DiffusionLM
+from dlm.methods.base import DiffusionLM, evaluating
 from dlm.sampling import Generation
 from dlm.sampling.autoregressive import ARSampler
 
@@ -47,18 +47,17 @@ class InfillNotSupportedError(NotImplementedError):
 
 
 def decoding_settings(sampler) -> ARSampler:
-    """An ARSampler from whatever was configured: an ARSampler, or any object with temperature/top_k/top_p."""
-    if isinstance(sampler, ARSampler):
-        return sampler
+    """The next-token settings of the configured sampler: an ARSampler or a diffusion Sampler, which both declare
+    temperature, top_k, top_p and kv_cache (None: ARSampler's defaults)."""
     if sampler is None:
         return ARSampler()
-    return ARSampler(
-        getattr(sampler, "temperature", 1.0), getattr(sampler, "top_k", None), getattr(sampler, "top_p", None)
-    )
+    return ARSampler(sampler.temperature, sampler.top_k, sampler.top_p, kv_cache=sampler.kv_cache)
 
 
 class AR(DiffusionLM):
     supports_infill = False
+    one_token_per_call = True  # a generation's trajectory is rebuilt from its tokens (dlm.generate)
+    kv_caches = ("prefix",)  # decoding through a KV cache of the prefix: one new token per forward
     exact_nll = True  # nll_bound is the exact NLL: evaluation needs one pass, not K Monte-Carlo draws
 
     def __init__(
@@ -120,7 +119,7 @@ class AR(DiffusionLM):
         """Continue each prompt row (or `num_samples` empty rows) by `length` tokens, one at a time.
 
         Returns [B, P + length] tokens (no start token). A row that emits EOS is finished: its remaining
-        positions are EOS, and decoding stops once every row is finished. With ``sampler.use_cache`` (the
+        positions are EOS, and decoding stops once every row is finished. With ``sampler.kv_cache=prefix`` (the
         default) each step feeds only the new token through the KV cache (a static one when the backbone is
         compiled: :meth:`DiffusionLM.new_kv_cache`); otherwise the whole prefix is recomputed every step (same
         tokens for the same generator).
@@ -139,13 +138,12 @@ class AR(DiffusionLM):
         out = torch.full((B, length), self.eos_id, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         calls = 0
-        was_training = self.training
-        self.eval()
-        try:
+        with evaluating(self):
             # static (preallocated, compiled decoding) or None: the backbone grows one (see DiffusionLM.new_kv_cache)
-            cache = self.new_kv_cache(B, P + 1 + length) if settings.use_cache else None
+            cached = self.kv_cache_of(settings) == "prefix"
+            cache = self.new_kv_cache(B, P + 1 + length) if cached else None
             for i in range(length):
-                if settings.use_cache:
+                if cached:
                     new = seq if i == 0 else seq[:, -1:]
                     logits, cache = self.backbone(new, attention="causal", past_key_values=cache, use_cache=True)
                     logits = logits[:, -1, : self.vocab_size].float()
@@ -161,8 +159,6 @@ class AR(DiffusionLM):
                 if bool(done.all()):
                     break
                 seq = torch.cat([seq, token[:, None]], dim=1)
-        finally:
-            self.train(was_training)
         return Generation(torch.cat([prompt, out], dim=1), calls)
 
     def infill(self, tokens: Tensor, fill_mask: Tensor, sampler=None, generator: torch.Generator | None = None):

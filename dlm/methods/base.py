@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import ClassVar
 
 import lightning as L
@@ -34,6 +36,7 @@ from torch import Tensor, nn
 
 from dlm.compile import is_compiled
 from dlm.config_values import to_plain
+from dlm.flops import TrainingLayout
 from dlm.log_interval import logs_this_step
 from dlm.models.capabilities import BackboneCapabilities, capabilities_of
 from dlm.optim import freeze_roles, merge_lr_multipliers, param_groups, reapply_hparams
@@ -46,6 +49,18 @@ class NonFiniteLossError(RuntimeError):
     the step and the last finite checkpoint (dlm.callbacks.nonfinite)."""
 
 
+@contextmanager
+def evaluating(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode for the block, then back in the mode it was in: a family samples in eval mode
+    (dropout off) also when called mid-training (end-of-fit samples, callbacks)."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
 class DiffusionLM(L.LightningModule, ABC):
     # What the family can do, declared here and read as attributes (no probing):
     exact_nll: ClassVar[bool] = False  # nll_bound is the exact NLL: evaluation needs one pass, not Monte-Carlo draws
@@ -54,6 +69,9 @@ class DiffusionLM(L.LightningModule, ABC):
     # samples by unmasking an absorbing mask through a conf/sampler mask sampler, so a checkpoint's recommended
     # sampler (model.conventions.sampler, dlm/conventions.py) applies
     mask_sampling: ClassVar[bool] = False
+    one_token_per_call: ClassVar[bool] = False  # generates left to right, one token per network call (AR)
+    # the KV caches (sampler.kv_cache) the family runs around its sampler: BD3-LM's of finished blocks, AR's
+    kv_caches: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -71,6 +89,7 @@ class DiffusionLM(L.LightningModule, ABC):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.sampler = sampler if sampler is not None else self.default_sampler()
+        self.kv_cache_of(self.sampler)  # a cache no one runs here is refused when the module is built
         self.lr_multipliers = merge_lr_multipliers(getattr(backbone, "lr_multipliers", None), lr_multipliers)
         self.frozen = freeze_roles(self.backbone, self.lr_multipliers)  # {role: parameters frozen}
         self.val_seed = val_seed
@@ -89,17 +108,32 @@ class DiffusionLM(L.LightningModule, ABC):
         self._static_cache: tuple | None = None  # (key, cache): reused by calls of the same shape
         self._check_vocabulary()
 
+    def kv_cache_of(self, sampler) -> str:
+        """The KV cache that ``sampler`` runs under this family: its ``kv_cache``, or for None the family's default
+        (its own exact cache, ``kv_caches[0]``, else none); refused unless the sampler (``sampler.kv_caches``) or
+        this family runs it."""
+        if sampler is None:
+            return "none"
+        mode = sampler.kv_cache or (self.kv_caches[0] if self.kv_caches else "none")
+        runs = dict.fromkeys(("none", *sampler.kv_caches, *self.kv_caches))
+        if mode not in runs:
+            raise ValueError(
+                f"sampler.kv_cache={mode}: {type(sampler).__name__} under {type(self).__name__} runs "
+                f"kv_cache={' | '.join(runs)}; the threshold sampler (sampler=threshold) runs prefix and dual"
+            )
+        return mode
+
     def default_sampler(self) -> Sampler | None:
         """The sampler a run uses when its config names none (a family without conf/sampler/<method>.yaml); None:
         the family's generate/infill need no sampler object."""
         return None
 
     @classmethod
-    def training_layout(cls, method_cfg) -> tuple[int, int]:
-        """How a training step runs the backbone over a row of T tokens: (forwards, sequence-length multiple). The
-        plan's FLOPs estimate reads it (dlm.flops.flops_per_token); the live count needs none (it is counted where
-        the backbone runs). Most families: one forward over T."""
-        return 1, 1
+    def training_layout(cls, method_cfg) -> TrainingLayout:
+        """How a training step runs the backbone over a row (dlm.flops.TrainingLayout), for the plan's FLOPs. The
+        one declaration is the method yaml's ``training_layout:`` (read without importing this class); the live
+        count needs none (it is counted where the backbone runs)."""
+        return TrainingLayout.of(method_cfg)
 
     def defer_backbone(self, build) -> None:
         """Have ``configure_model`` replace the current (placeholder) backbone with ``build()``: the training CLI
@@ -179,6 +213,7 @@ class DiffusionLM(L.LightningModule, ABC):
         if not isinstance(sampler, Sampler):
             raise ValueError(f"{sampler!r} is not a dlm.sampling.Sampler: this family samples through one "
                              f"(e.g. sampler={sampler_hint})")
+        self.kv_cache_of(sampler)
         max_len = getattr(self.backbone, "max_seq_len", None)
         n = tokens.shape[1]
         if max_len is not None and n + extra_tokens > max_len:

@@ -26,9 +26,10 @@ w = 1; for any t the bound's expectation over t is that NLL, since E_t[w(t)(1 - 
 
 Sampling is semi-autoregressive: block by block, each block denoised by the configured mask sampler
 (``self.sampler``, e.g. AncestralSampler / LowConfidenceSampler) with a denoiser that reads an exact KV
-cache of the finished clean blocks; a finished block is then appended to the cache. ``kv_cache=False``
-recomputes the whole clean prefix for every denoiser call (the reference: identical tokens for a fixed
-generator). Generation stops after the block in which every row has produced an EOS.
+cache of the finished clean blocks (``sampler.kv_cache="prefix"``, conf/sampler/bd3lm.yaml's default); a
+finished block is then appended to the cache. ``kv_cache="none"`` recomputes the whole clean prefix for every
+denoiser call (the reference: identical tokens for a fixed generator). Generation stops after the block in
+which every row has produced an EOS.
 
 Limits: the backbone must take explicit masks (native Transformer; HFCausalLM with sdpa/eager); the
 backbone must not be time-conditioned (the noise level differs per block); ``shift_logits`` does not support
@@ -41,7 +42,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dlm.methods.base import DiffusionLM
+from dlm.methods.base import DiffusionLM, evaluating
 from dlm.methods.masked_terms import MaskedTermsObjective, masked_token_nll
 from dlm.methods.time_sampling import check_time_sampling, sample_times
 from dlm.models.capabilities import capabilities_of
@@ -53,6 +54,7 @@ from dlm.schedules import MaskSchedule
 class BD3LM(MaskedTermsObjective, DiffusionLM):
     uses_schedule = True
     mask_sampling = True
+    kv_caches = ("prefix",)  # the exact cache of finished blocks, around any mask sampler
 
     def __init__(
         self,
@@ -64,7 +66,6 @@ class BD3LM(MaskedTermsObjective, DiffusionLM):
         start_token_id: int | None = None,
         time_sampling: str = "antithetic",
         t_eps: float = 1e-3,
-        kv_cache: bool = True,
         **base_kwargs,
     ):
         super().__init__(backbone, tokenizer, **base_kwargs)
@@ -78,14 +79,8 @@ class BD3LM(MaskedTermsObjective, DiffusionLM):
         self.shift_logits = bool(shift_logits)
         self.start_id = self.eos_id if start_token_id is None else int(start_token_id)
         self.time_sampling, self.t_eps = time_sampling, t_eps
-        self.kv_cache = bool(kv_cache)
 
     # ---- the objective ----------------------------------------------------------------------------------
-    @classmethod
-    def training_layout(cls, method_cfg) -> tuple[int, int]:
-        """One backbone forward over [x_t ; x_0]: twice the row's length."""
-        return 1, 2
-
     def sample_time(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n diffusion times on [t_eps, 1] (the same draws as MDLM.sample_time)."""
         return sample_times(n, self.time_sampling, self.t_eps, self.device, generator)
@@ -187,10 +182,11 @@ class BD3LM(MaskedTermsObjective, DiffusionLM):
         # first: logits predicting the next block's first token (shift); a copy, as a compiled backbone under CUDA
         # graphs overwrites its output on the next call
         calls, first = 0, None
+        cached = self.kv_cache_of(sampler) == "prefix"
         # a static cache when the backbone is compiled (fixed shapes; DiffusionLM.new_kv_cache), else None: it grows
-        cache = self.new_kv_cache(B, N + offset) if self.kv_cache else None
+        cache = self.new_kv_cache(B, N + offset) if cached else None
         done_upto = 0  # x[:, :done_upto] is in the cache
-        if self.shift_logits and self.kv_cache:
+        if self.shift_logits and cached:
             logits, cache = self.backbone(start, attn_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=dev),
                                           position_ids=torch.zeros(1, 1, dtype=torch.long, device=dev),
                                           past_key_values=cache, use_cache=True)
@@ -208,7 +204,7 @@ class BD3LM(MaskedTermsObjective, DiffusionLM):
             b1 = min(b0 + L, N)
             xb = x[:, b0:b1]
             if (xb == self.mask_id).any():
-                if self.kv_cache:
+                if cached:
                     def denoiser(z: Tensor, b0=b0, first=first) -> Tensor:
                         logits = clean_prefix_forward(z, b0, keep=False)
                         if self.shift_logits:
@@ -240,7 +236,7 @@ class BD3LM(MaskedTermsObjective, DiffusionLM):
                 if bool(hit.all()) and b1 < N:
                     x[:, b1:] = self.eos_id
                     break
-            if self.kv_cache and b1 < N and bool((x[:, b1:] == self.mask_id).any()):
+            if cached and b1 < N and bool((x[:, b1:] == self.mask_id).any()):
                 logits, cache = clean_prefix_forward(x[:, done_upto:b1], done_upto, keep=True)
                 first, done_upto, calls = logits[:, -1:].clone(), b1, calls + 1
         return Generation(x, calls)
@@ -252,12 +248,8 @@ class BD3LM(MaskedTermsObjective, DiffusionLM):
         max_len = getattr(self.backbone, "max_seq_len", None)
         if max_len is not None and x.shape[1] + int(self.shift_logits) > max_len:
             raise ValueError(f"{x.shape[1]} tokens exceed the model's max_seq_len={max_len}")
-        was_training = self.training
-        self.eval()
-        try:
+        with evaluating(self):
             gen = self._semi_ar(x, sampler, generator, eos_from)
-        finally:
-            self.train(was_training)
         if eos_from is not None:  # variable length: everything after a row's first generated EOS is EOS
             tail = gen.tokens[:, eos_from:]
             after = (tail == self.eos_id).long().cumsum(1) > 0

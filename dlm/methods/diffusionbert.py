@@ -44,7 +44,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dlm.methods.base import DiffusionLM
+from dlm.methods.base import DiffusionLM, evaluating
 from dlm.models.capabilities import capabilities_of
 from dlm.sampling import D3PMPrior, Generation, MaskPrior, Sampler, takes
 from dlm.schedules import LinearSchedule, MaskSchedule
@@ -325,9 +325,5 @@ class DiffusionBERT(DiffusionLM):
             raise ValueError(f"{type(sampler).__name__} is time-agnostic: use a D3PMSampler (sampler=diffusionbert)")
         else:
             prior = MaskPrior(self.mask_id, self.schedule if isinstance(self.schedule, MaskSchedule) else LinearSchedule())
-        was_training = self.training
-        self.eval()
-        try:
+        with evaluating(self):
             return sampler.sample(denoiser, x, prior=prior, generator=generator)
-        finally:
-            self.train(was_training)

@@ -16,7 +16,7 @@ samplers (through :meth:`MDLM.denoise`) and evaluation read predictions from, so
 Prefix / dual KV cache (Fast-dLLM): :meth:`MDLM.infill`'s denoiser, an :class:`MDLMDenoiser`, declares the
 ``with_prefix_cache(x, prefix_len)`` hook (:meth:`MDLM.prefix_cached_denoise`) when the backbone takes
 ``past_key_values`` and ``with_dual_cache`` (:meth:`MDLM.dual_cached_denoise`) when it has a static cache; only
-``ThresholdSampler(prefix_cache=True / dual_cache=True)`` uses them (contract and approximation in :mod:`dlm.sampling.threshold`).
+``ThresholdSampler(kv_cache="prefix" / "dual")`` uses them (contract and approximation in :mod:`dlm.sampling.threshold`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from dlm.methods.base import DiffusionLM
+from dlm.methods.base import DiffusionLM, evaluating
 from dlm.methods.masked_terms import MaskedTermsObjective, masked_token_nll
 from dlm.methods.time_sampling import check_time_sampling, sample_times
 from dlm.models.attention import attention_mask
@@ -123,7 +123,7 @@ class MDLM(MaskedTermsObjective, DiffusionLM):
     def prefix_cached_denoise(
         self, xt: Tensor, prefix_len: int, time_fn: Callable[[Tensor], Tensor | None] | None = None
     ) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-        """The prefix-KV-cache hook of :class:`~dlm.sampling.ThresholdSampler` (``prefix_cache=True``; the
+        """The prefix-KV-cache hook of :class:`~dlm.sampling.ThresholdSampler` (``kv_cache="prefix"``; the
         contract is in :mod:`dlm.sampling.threshold`). One full forward over ``xt`` [B, T] gives
         ``denoise(xt)`` and the keys/values of ``xt[:, :prefix_len]`` (which must hold no masks); returns that
         log p and ``suffix(z)``: log p [B, T - prefix_len, V] of a later suffix ``z`` computed by a forward over
@@ -168,7 +168,7 @@ class MDLM(MaskedTermsObjective, DiffusionLM):
     def dual_cached_denoise(
         self, xt: Tensor, start: int, end: int, time_fn: Callable[[Tensor], Tensor | None] | None = None
     ) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-        """The DualCache hook of :class:`~dlm.sampling.ThresholdSampler` (``dual_cache=True``; Fast-dLLM). One full
+        """The DualCache hook of :class:`~dlm.sampling.ThresholdSampler` (``kv_cache="dual"``; Fast-dLLM). One full
         forward over ``xt`` [B, T] gives ``denoise(xt)`` and every position's keys/values, kept in a static KV cache
         (:mod:`dlm.models.kv_cache`); returns that log p and ``block(z)``: log p [B, end - start, V] of a later state
         ``z`` of the columns ``start:end``, by a forward over ``z`` alone that attends (under the backbone's own
@@ -218,12 +218,8 @@ class MDLM(MaskedTermsObjective, DiffusionLM):
         """Fill the positions where fill_mask is True, conditioning on every other position (both sides)."""
         x, _, sampler = self._infill_start(tokens, fill_mask, sampler)
         denoiser = MDLMDenoiser(self, initial_masks=(x == self.mask_id).sum(1).clamp(min=1))
-        was_training = self.training
-        self.eval()
-        try:
+        with evaluating(self):
             return sampler.sample(denoiser, x, prior=MaskPrior(self.mask_id, self.schedule), generator=generator)
-        finally:
-            self.train(was_training)
 
 
 class MDLMDenoiser(Denoiser):

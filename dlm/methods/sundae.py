@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dlm.methods.base import DiffusionLM
+from dlm.methods.base import DiffusionLM, evaluating
 from dlm.models.capabilities import capabilities_of
 from dlm.sampling import Generation, Sampler, UniformPrior, samplers_for, takes
 from dlm.sampling.sundae import uniform_noise
@@ -70,11 +70,6 @@ class SUNDAE(DiffusionLM):
         self.register_buffer("noise_ids", ids, persistent=False)
 
     # ---- the objective ----------------------------------------------------------------------------------
-    @classmethod
-    def training_layout(cls, method_cfg) -> tuple[int, int]:
-        """One backbone forward (with backward) per unrolled step."""
-        return int(method_cfg.get("unroll_steps", 2)), 1
-
     def corrupt(self, x0: Tensor, counted: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """x_1 ~ q(. | x0): per row a rate r ~ U[0, 1], each counted token replaced by uniform noise w.p. r."""
         r = torch.rand(x0.shape[0], 1, device=x0.device, generator=generator)
@@ -138,9 +133,5 @@ class SUNDAE(DiffusionLM):
         """Refine the positions where fill_mask is True from uniform noise; every other position stays as given."""
         x, free, sampler = self._infill_start(tokens, fill_mask, sampler, sampler_hint="sundae")
         prior = UniformPrior(free=free, noise_ids=self.noise_ids.to(x.device), mask_id=self.mask_id)
-        was_training = self.training
-        self.eval()
-        try:
+        with evaluating(self):
             return sampler.sample(self.denoise, x, prior=prior, generator=generator)
-        finally:
-            self.train(was_training)

@@ -38,8 +38,9 @@ class AncestralSampler(Sampler):
         record_trajectory: bool = False,
         cache_unchanged: bool = True,
         cap_steps: bool = True,
+        kv_cache: str | None = None,
     ):
-        super().__init__(steps, temperature, top_k, top_p, record_trajectory)
+        super().__init__(steps, temperature, top_k, top_p, record_trajectory, kv_cache=kv_cache)
         self.cache_unchanged = bool(cache_unchanged)
         self.cap_steps = bool(cap_steps)
 

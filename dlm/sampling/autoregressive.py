@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dlm.sampling.base import filter_logits, sample_categorical
+from dlm.sampling.base import check_kv_cache_mode, filter_logits, sample_categorical
 
 __all__ = ["ARSampler"]
 
@@ -24,20 +24,24 @@ class ARSampler:
         temperature: softmax temperature; 0 = greedy (argmax).
         top_k: keep the ``top_k`` most likely tokens (None: no top-k filtering).
         top_p: nucleus threshold in (0, 1] (None: no nucleus filtering).
-        use_cache: decode with a KV cache (one new token per forward); False recomputes the whole prefix
-            every step (the reference the cached path is tested against: same tokens for a fixed seed).
-        steps: ignored (AR takes one step per token); accepted so that the ``sampler.steps`` override shared
-            by the diffusion samplers composes for every method.
+        kv_cache: ``"prefix"``: decode with a KV cache of the prefix (one new token per forward; the AR family runs
+            it, ``AR.kv_caches``); ``"none"`` recomputes the whole prefix every step (the reference the cached
+            path is tested against: same tokens for a fixed seed); None: the family's default (prefix). Static or
+            growing: ``static_kv_cache``.
+        steps: checked (an integer >= 1 or None) but not used: AR takes one step per token. Kept so that
+            ``sampler.steps=<n>`` composes for every method (``-m method=mdlm,ar sampler.steps=8``; Hydra refuses a
+            key the config lacks), since dropping it broke those sweeps.
     """
 
     on_step = None  # an observer of the rows after every token (dlm.sampling.Sampler.on_step; the family calls it)
+    kv_caches = ("none",)  # the caches it runs itself: none (the family runs the prefix cache)
 
     def __init__(
         self,
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
-        use_cache: bool = True,
+        kv_cache: str | None = None,
         steps: int | None = None,
     ):
         if temperature is None or not temperature >= 0:
@@ -49,7 +53,9 @@ class ARSampler:
         self.temperature = float(temperature)
         self.top_k = None if top_k is None else int(top_k)
         self.top_p = None if top_p is None else float(top_p)
-        self.use_cache = bool(use_cache)
+        if steps is not None and (isinstance(steps, bool) or int(steps) != steps or steps < 1):
+            raise ValueError(f"steps must be an integer >= 1 or None (AR takes one step per token), got {steps!r}")
+        self.kv_cache = check_kv_cache_mode(kv_cache)
 
     def draw(self, logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """One token per row of ``logits`` [..., V] (unnormalised) under these settings."""
@@ -60,5 +66,5 @@ class ARSampler:
     def __repr__(self) -> str:
         return (
             f"ARSampler(temperature={self.temperature:g}, top_k={self.top_k}, top_p={self.top_p}, "
-            f"use_cache={self.use_cache})"
+            f"kv_cache={self.kv_cache!r})"
         )

@@ -24,6 +24,7 @@ __all__ = [
     "Denoiser",
     "FunctionDenoiser",
     "Generation",
+    "KV_CACHES",
     "Sampler",
     "filter_logits",
     "sample_categorical",
@@ -153,6 +154,16 @@ def sample_categorical(logp: Tensor, generator: torch.Generator | None = None) -
     return (logp.double() + gumbel).argmax(dim=-1)
 
 
+# The KV caches a sampling can run (``sampler.kv_cache``); which ones a run takes, the sampler and its family declare.
+KV_CACHES = ("none", "prefix", "dual")
+
+
+def check_kv_cache_mode(mode: str | None) -> str | None:
+    if mode is not None and mode not in KV_CACHES:
+        raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHES)} or null (the family's default), got {mode!r}")
+    return mode
+
+
 def _subclasses(cls: type) -> list[type]:
     out = []
     for sub in cls.__subclasses__():
@@ -182,15 +193,23 @@ class Sampler(ABC):
         top_k: keep only the ``top_k`` most likely tokens (None: no top-k filtering).
         top_p: nucleus filtering threshold in (0, 1] (None: no nucleus filtering).
         record_trajectory: keep ``x`` after every step in :attr:`Generation.trajectory`.
+        kv_cache: the KV cache of the sampling, one of :data:`KV_CACHES` (the one switch: ``sampler.kv_cache``):
+            ``none`` recomputes every position at every call; ``prefix`` caches what comes before the positions
+            being decoded; ``dual`` also what comes after them. A mode runs where the sampler implements it
+            (:attr:`kv_caches`) or the family does around the sampler (``DiffusionLM.kv_caches``: BD3-LM's exact
+            cache of finished blocks); the family refuses any other. None: the family's default (its own exact
+            cache where it runs one, AR's and BD3-LM's; else none). Whether the cache is a static (preallocated)
+            or a growing one is the CLIs' ``static_kv_cache`` (``DiffusionLM.static_kv_cache``).
 
     :attr:`on_step` (not a constructor argument: an observer is no part of a run's config) is called with a copy of
     ``x`` after every step when set, e.g. by the chat's live view (dlm/chat.py); observing changes no drawn token.
 
-    A subclass declares :attr:`priors` (default: :class:`~dlm.sampling.prior.MaskPrior`) and implements
-    :meth:`_sample`.
+    A subclass declares :attr:`priors` (default: :class:`~dlm.sampling.prior.MaskPrior`) and :attr:`kv_caches` (the
+    caches it implements itself; default none), and implements :meth:`_sample`.
     """
 
     priors: ClassVar[tuple[type[Prior], ...]] = (MaskPrior,)
+    kv_caches: ClassVar[tuple[str, ...]] = ("none",)
     on_step: Callable[[Tensor], None] | None = None  # an observer of x after every step (None: not observed)
 
     def __init__(
@@ -200,6 +219,7 @@ class Sampler(ABC):
         top_k: int | None = None,
         top_p: float | None = None,
         record_trajectory: bool = False,
+        kv_cache: str | None = None,
     ):
         if isinstance(steps, bool) or int(steps) != steps or steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
@@ -214,6 +234,7 @@ class Sampler(ABC):
         self.top_k = None if top_k is None else int(top_k)
         self.top_p = None if top_p is None else float(top_p)
         self.record_trajectory = bool(record_trajectory)
+        self.kv_cache = check_kv_cache_mode(kv_cache)
 
     def accepts(self, prior: Prior | type[Prior]) -> bool:
         """Whether this sampler can reverse ``prior`` (an instance or a class)."""

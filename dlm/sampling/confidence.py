@@ -91,8 +91,9 @@ class OrderedUnmaskingSampler(Sampler):
         record_trajectory: bool = False,
         block_length: int | None = None,
         eos_id: int | None = None,
+        kv_cache: str | None = None,
     ):
-        super().__init__(steps, temperature, top_k, top_p, record_trajectory)
+        super().__init__(steps, temperature, top_k, top_p, record_trajectory, kv_cache=kv_cache)
         if block_length is not None and (
             isinstance(block_length, bool) or int(block_length) != block_length or block_length < 1
         ):

@@ -62,8 +62,9 @@ class D3PMSampler(Sampler):
         top_p: float | None = None,
         record_trajectory: bool = False,
         cap_steps: bool = True,
+        kv_cache: str | None = None,
     ):
-        super().__init__(steps, temperature, top_k, top_p, record_trajectory)
+        super().__init__(steps, temperature, top_k, top_p, record_trajectory, kv_cache=kv_cache)
         self.cap_steps = bool(cap_steps)
 
     def _extra_repr(self) -> str:

@@ -40,8 +40,9 @@ class EntropyBoundedSampler(EntropySampler):
         block_length: int | None = None,
         eos_id: int | None = None,
         gamma: float = 0.1,
+        kv_cache: str | None = None,
     ):
-        super().__init__(steps, temperature, top_k, top_p, record_trajectory, block_length, eos_id)
+        super().__init__(steps, temperature, top_k, top_p, record_trajectory, block_length, eos_id, kv_cache=kv_cache)
         if gamma is None or not gamma >= 0:
             raise ValueError(f"gamma must be >= 0 (nats), got {gamma!r}")
         self.gamma = float(gamma)

@@ -43,8 +43,9 @@ class ReMDMSampler(Sampler):
         record_trajectory: bool = False,
         eta_cap: float = 0.02,
         eta_rescale: float = 1.0,
+        kv_cache: str | None = None,
     ):
-        super().__init__(steps, temperature, top_k, top_p, record_trajectory)
+        super().__init__(steps, temperature, top_k, top_p, record_trajectory, kv_cache=kv_cache)
         for name, value in (("eta_cap", eta_cap), ("eta_rescale", eta_rescale)):
             if value is None or not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value!r}")

@@ -71,8 +71,9 @@ class SundaeSampler(Sampler):
         stop_when_unchanged: bool = True,
         record_trajectory: bool = False,
         cap_steps: bool = True,
+        kv_cache: str | None = None,
     ):
-        super().__init__(steps, temperature, top_k, top_p, record_trajectory)
+        super().__init__(steps, temperature, top_k, top_p, record_trajectory, kv_cache=kv_cache)
         if not 0 < update_proportion <= 1:
             raise ValueError(f"update_proportion must be in (0, 1], got {update_proportion!r}")
         self.update_proportion = float(update_proportion)
@@ -114,8 +115,8 @@ class ArgmaxUnrolledSampler(Sampler):
 
     priors = (UniformPrior,)
 
-    def __init__(self, steps: int = 10, record_trajectory: bool = False):
-        super().__init__(steps, 0.0, None, None, record_trajectory)
+    def __init__(self, steps: int = 10, record_trajectory: bool = False, kv_cache: str | None = None):
+        super().__init__(steps, 0.0, None, None, record_trajectory, kv_cache=kv_cache)
 
     @torch.no_grad()
     def _sample(self, denoiser: Denoiser, x: Tensor, prior: UniformPrior, generator: torch.Generator | None) -> Generation:

@@ -8,12 +8,12 @@ the other confidence samplers (at least ``ceil(remaining / steps_left)`` are com
 ``steps`` is large so the threshold alone decides. Combine with ``block_length`` for Fast-dLLM's
 semi-autoregressive block decoding.
 
-Prefix KV cache (``prefix_cache=True``, Fast-dLLM's "prefix cache"): within a block, the keys/values of the
+Prefix KV cache (``kv_cache="prefix"``, Fast-dLLM's "prefix cache"): within a block, the keys/values of the
 prompt and of the finished blocks (the *prefix*) are computed once and reused, and each step's forward runs
 only over the positions from the current block on. The cache is refreshed at every block boundary by one full
 forward, whose output is also that step's prediction, so the cached run makes exactly the same steps (and
 network calls) as the uncached one, each but the first of a block over ``T - prefix_len`` positions instead of
-``T``. ``dual_cache=True`` (Fast-dLLM's DualCache) also caches the *suffix*, every position after the current
+``T``. ``kv_cache="dual"`` (Fast-dLLM's DualCache) also caches the *suffix*, every position after the current
 block (mostly masks), as the refresh saw it: each step's forward then runs over the current block only. Both
 need ``block_length`` (the refresh points; ``block_length >= completion length`` caches the prompt only). The
 prefix of block ``j`` is every column before ``min_rows(first masked position) + j * block_length`` (clean in
@@ -69,11 +69,13 @@ class ThresholdSampler(ConfidenceSampler):
     """Fast-dLLM threshold decoding: commit all positions with confidence > ``threshold``, at least one.
 
     Args: those of :class:`~dlm.sampling.confidence.OrderedUnmaskingSampler` plus ``threshold`` in [0, 1]
-    and ``prefix_cache`` (Fast-dLLM's approximate prefix KV cache, refreshed at every block boundary: needs
-    ``block_length`` and a denoiser with the ``with_prefix_cache`` hook; see the module docstring) or
-    ``dual_cache`` (Fast-dLLM's DualCache: the prefix and the suffix after the block; ``with_dual_cache`` hook),
+    and ``kv_cache``: ``"prefix"`` (Fast-dLLM's approximate prefix KV cache, refreshed at every block boundary:
+    needs ``block_length`` and a denoiser with the ``with_prefix_cache`` hook; see the module docstring) or
+    ``"dual"`` (Fast-dLLM's DualCache: the prefix and the suffix after the block; ``with_dual_cache`` hook),
     and ``refresh_every`` (with a cache: also refresh it every k steps inside a block).
     """
+
+    kv_caches = ("none", "prefix", "dual")
 
     def __init__(
         self,
@@ -85,20 +87,16 @@ class ThresholdSampler(ConfidenceSampler):
         block_length: int | None = None,
         eos_id: int | None = None,
         threshold: float = 0.9,
-        prefix_cache: bool = False,
-        dual_cache: bool = False,
+        kv_cache: str | None = None,
         refresh_every: int | None = None,
     ):
-        super().__init__(steps, temperature, top_k, top_p, record_trajectory, block_length, eos_id)
+        super().__init__(steps, temperature, top_k, top_p, record_trajectory, block_length, eos_id, kv_cache=kv_cache)
         if threshold is None or not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
-        if prefix_cache and dual_cache:
-            raise ValueError("prefix_cache and dual_cache are exclusive (the dual cache holds the prefix too): pick one")
-        if (prefix_cache or dual_cache) and self.block_length is None:
-            name = "prefix_cache" if prefix_cache else "dual_cache"
+        if self.kv_cache in ("prefix", "dual") and self.block_length is None:
             raise NotImplementedError(
-                f"ThresholdSampler({name}=True) needs block_length: the cache is refreshed at block boundaries "
-                "(Fast-dLLM); a block_length >= the completion length caches the prompt only"
+                f"ThresholdSampler(kv_cache={self.kv_cache!r}) needs block_length: the cache is refreshed at block "
+                "boundaries (Fast-dLLM); a block_length >= the completion length caches the prompt only"
             )
         if refresh_every is not None and (isinstance(refresh_every, bool) or int(refresh_every) != refresh_every
                                           or refresh_every < 1):
@@ -106,12 +104,10 @@ class ThresholdSampler(ConfidenceSampler):
                 f"refresh_every must be an integer >= 1 or None (block boundaries only), got {refresh_every!r}"
             )
         self.threshold = float(threshold)
-        self.prefix_cache = bool(prefix_cache)
-        self.dual_cache = bool(dual_cache)
         self.refresh_every = None if refresh_every is None else int(refresh_every)
 
     def _extra_repr(self) -> str:
-        cache = ", prefix_cache=True" if self.prefix_cache else ", dual_cache=True" if self.dual_cache else ""
+        cache = f", kv_cache={self.kv_cache!r}" if self.kv_cache in ("prefix", "dual") else ""
         if cache and self.refresh_every is not None:
             cache += f", refresh_every={self.refresh_every}"
         return f"threshold={self.threshold:g}, " + super()._extra_repr() + cache
@@ -122,26 +118,25 @@ class ThresholdSampler(ConfidenceSampler):
 
     @torch.no_grad()
     def _sample(self, denoiser: Denoiser, x: Tensor, prior: MaskPrior, generator: torch.Generator | None) -> Generation:
-        if self.prefix_cache or self.dual_cache:
+        if self.kv_cache in ("prefix", "dual"):
             self._check_hook(denoiser)
         return super()._sample(denoiser, x, prior, generator)
 
     def _check_hook(self, denoiser) -> None:
-        dual = self.dual_cache
+        dual = self.kv_cache == "dual"
         declared = isinstance(denoiser, Denoiser) and (denoiser.has_dual_cache if dual else denoiser.has_prefix_cache)
         if not declared:
-            name, signature = ("dual_cache", "with_dual_cache(x, start, end)") if dual else \
-                ("prefix_cache", "with_prefix_cache(x, prefix_len)")
+            signature = "with_dual_cache(x, start, end)" if dual else "with_prefix_cache(x, prefix_len)"
             raise ValueError(
-                f"ThresholdSampler({name}=True) needs a denoiser with the {signature} hook (MDLM on a backbone "
-                f"taking past_key_values: the native Transformer or HFCausalLM{', sdpa/eager' if dual else ''}); use "
-                f"{name}=false for this family / backbone"
+                f"ThresholdSampler(kv_cache={self.kv_cache!r}) needs a denoiser with the {signature} hook (MDLM on a "
+                f"backbone taking past_key_values: the native Transformer or HFCausalLM{', sdpa/eager' if dual else ''}"
+                f"); use kv_cache=none for this family / backbone"
             )
 
     def _open_block(self, denoiser: Denoiser, j: int, first: int, in_block: Tensor, mask_id: int):
-        if not (self.prefix_cache or self.dual_cache):
+        if self.kv_cache not in ("prefix", "dual"):
             return super()._open_block(denoiser, j, first, in_block, mask_id)
-        dual = self.dual_cache
+        dual = self.kv_cache == "dual"
         T = in_block.shape[1]
         # every row's blocks < j are finished, so columns before p are clean in every row
         p = min(first + j * self.block_length, T)
