@@ -266,6 +266,30 @@ RENAMED_KEYS = {
 }
 
 
+def migrate_renamed_keys(cfg: dict) -> list[str]:
+    """A saved run's config (a plain dict) from before the KV-cache keys were renamed, rewritten in place to
+    ``sampler.kv_cache``, so that a run folder trained earlier still loads (nothing is lost); one note per key
+    rewritten. New configs naming the old keys are refused instead (:func:`renamed_key_problems`)."""
+    notes: list[str] = []
+    method, sampler = cfg.get("method"), cfg.get("sampler")
+    sampler = sampler if isinstance(sampler, dict) else None
+
+    def set_cache(value: str, old: str) -> None:
+        if sampler is not None and sampler.get("kv_cache") is None:
+            sampler["kv_cache"] = value
+        notes.append(f"{old} (saved by an older dlm) read as sampler.kv_cache={value}")
+
+    if isinstance(method, dict) and "kv_cache" in method:
+        set_cache("prefix" if method.pop("kv_cache") else "none", "method.kv_cache")
+    if sampler is not None:
+        if "use_cache" in sampler:
+            set_cache("prefix" if sampler.pop("use_cache") else "none", "sampler.use_cache")
+        if "prefix_cache" in sampler or "dual_cache" in sampler:
+            prefix, dual = sampler.pop("prefix_cache", False), sampler.pop("dual_cache", False)
+            set_cache("dual" if dual else "prefix" if prefix else "none", "sampler.prefix_cache/dual_cache")
+    return notes
+
+
 def renamed_key_problems(cfg: Any, prefix: str = "") -> list[str]:
     """One line per renamed key that ``cfg`` (a whole config, or with ``prefix="sampler."`` a sampler's fields)
     still sets."""

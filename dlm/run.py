@@ -25,7 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dlm.build import build_module
-from dlm.config import ConfigError, build, register_resolvers
+from dlm.config import ConfigError, build, migrate_renamed_keys, register_resolvers
 from dlm.config_values import to_plain as plain  # noqa: F401  (dlm.run.plain: re-exported)
 from dlm.errors import UserError
 from dlm.parallel.checkpoint import ema_weights, load_state_dict
@@ -130,6 +130,8 @@ def load_config(run_dir: str | Path) -> DictConfig:
     register_resolvers()
     run_dir, _ = resolve_run_path(run_dir)
     raw = OmegaConf.to_container(OmegaConf.load(RunFolder(run_dir).config), resolve=False)
+    for note in migrate_renamed_keys(raw):
+        print(f"{run_dir}: {note}", file=sys.stderr)
     cfg = OmegaConf.create(_answer_hydra_refs(raw, _hydra_node(run_dir), run_dir))
     if cfg.get("paths") is not None:
         cfg.paths.run_dir = str(run_dir)

@@ -200,3 +200,30 @@ def test_ar_checks_its_steps_and_reads_any_samplers_decoding_settings():
     got = decoding_settings(AncestralSampler(temperature=0.5, top_k=3, top_p=0.9))
     assert (got.temperature, got.top_k, got.top_p, got.kv_cache) == (0.5, 3, 0.9, None)
     assert decoding_settings(ARSampler(temperature=0.0, kv_cache="none")).kv_cache == "none"
+
+
+def test_a_run_folder_saved_with_the_old_kv_cache_keys_still_loads_its_config(tmp_path, capsys):
+    """Nothing is lost: a run trained before the rename has its saved keys read as sampler.kv_cache (with a note),
+    while a new config naming them is refused (above)."""
+    import yaml
+
+    from dlm.config import migrate_renamed_keys
+    from dlm.run import load_config
+
+    old = {"method": {"_target_": "dlm.methods.bd3lm.BD3LM", "kv_cache": False},
+           "sampler": {"_target_": "dlm.sampling.AncestralSampler", "steps": 8}}
+    assert migrate_renamed_keys(old) == ["method.kv_cache (saved by an older dlm) read as sampler.kv_cache=none"]
+    assert "kv_cache" not in old["method"] and old["sampler"]["kv_cache"] == "none"
+    for sampler, want in (({"use_cache": True}, "prefix"), ({"prefix_cache": True, "dual_cache": False}, "prefix"),
+                          ({"prefix_cache": False, "dual_cache": True}, "dual"),
+                          ({"prefix_cache": False, "dual_cache": False}, "none")):
+        cfg = {"sampler": dict(sampler)}
+        assert len(migrate_renamed_keys(cfg)) == 1 and cfg["sampler"] == {"kv_cache": want}
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(
+        {"method": {"_target_": "dlm.methods.ar.AR"}, "sampler": {"_target_": "dlm.sampling.ARSampler",
+                                                                 "use_cache": False}}))
+    cfg = load_config(run)
+    assert cfg.sampler.kv_cache == "none" and "use_cache" not in cfg.sampler
+    assert "sampler.use_cache (saved by an older dlm) read as sampler.kv_cache=none" in capsys.readouterr().err
