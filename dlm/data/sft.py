@@ -5,8 +5,8 @@ only those tokens are corrupted and scored, the prompt stays clean context; dlm.
 
 ``eos_loss`` (one conversation per row, ``packing=false``): True, the LLaDA recipe, counts the EOS fill after the
 conversation as response, so the model learns where a reply stops (its length) and the sampler can stop there;
-False: the fill is clean context without loss (a model trained so never learns to end a reply in a masked tail:
-the silent-EOS pitfall, ZHZisZZ/dllm#81). With ``packing=true`` there is no fill; the final row's pad never counts.
+False: the fill is clean context without loss (then training never shows a masked tail after a reply, yet
+sampling starts from one: the silent-EOS pitfall, ZHZisZZ/dllm#81). With ``packing=true`` there is no fill; the final row's pad never counts.
 The validation bound is averaged over the counted tokens, i.e. per response token, so SFT runs compare across
 families.
 """
