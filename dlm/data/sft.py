@@ -32,6 +32,9 @@ class ChatDataModule(DLMDataModule):
     """A :class:`DLMDataModule` over a conversation source (``conversations(split)``: dlm.data.chat_sources)."""
 
     def __init__(self, source: Any, tokenizer: Any, eos_loss: bool = True, **kwargs: Any):
+        if not callable(getattr(source, "conversations", None)):
+            raise ValueError(f"data.source={source!r} yields documents, not conversations: ChatDataModule needs a chat "
+                             "source (dlm.data.chat_sources: ChatDatasetSource, InstructionsSource)")
         super().__init__(source, tokenizer, **kwargs)
         if not isinstance(eos_loss, bool):
             raise ValueError(f"data.eos_loss must be true or false, got {eos_loss!r}")
