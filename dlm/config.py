@@ -181,7 +181,10 @@ def check_config(cfg: DictConfig) -> None:
 # Mandatory values (???) that the run fills in itself; every other one must come from the command line.
 FILLED_AT_RUN_TIME = ("model.vocab_size",)
 MISSING_HINTS = {"data.source.paths": "a file, folder or glob, or a list of them, e.g. data.source.paths=corpus.txt "
-                                      "or data.source.paths='[a.txt,texts/]'"}
+                                      "or data.source.paths='[a.txt,texts/]'",
+                 "data.source.data_files": "data.source.data_files=<chat rows: .jsonl, .json or .parquet file(s)>",
+                 "data.tokenizer.name_or_path": "data.tokenizer.name_or_path=<the model's tokenizer: an HF name or a "
+                                                "local folder; its chat template renders chat data>"}
 
 
 def _missing_values(node: Any, prefix: str = "") -> list[str]:

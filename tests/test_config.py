@@ -29,6 +29,10 @@ def test_option_composes_and_instantiates(group, option, tmp_path):
     if (group, option) == ("data", "text_files"):
         (tmp_path / "corpus.txt").write_text("one document\n\nanother one\n")
         extra = [f"data.source.paths={tmp_path / 'corpus.txt'}"]
+    if group == "data" and option in ("chat_jsonl", "chat_hub", "tulu3_sft", "ultrachat", "s1k"):
+        extra = ["data.tokenizer.name_or_path=gpt2"]  # the model's tokenizer, given; loaded lazily (never here)
+        extra += {"chat_jsonl": ["data.source.data_files=chat.jsonl"], "chat_hub": ["data.source.path=org/chat"]}.get(
+            option, [])
     cfg = compose(BASE + [f"{group}={option}"] + extra)
     node = cfg.get(group)
     if group in ("experiment", "paths", "launcher", "hparams_search"):  # global configs: composing is the check

@@ -62,3 +62,49 @@ def chat_ids(tokenizer, messages, add_generation_prompt: bool = True) -> list[in
     if add_generation_prompt:
         ids += tokenizer.encode(PLAIN_GENERATION_PROMPT)
     return ids
+
+
+class TemplateError(ChatError):
+    """A chat template whose rendering of a conversation's first turns is not a prefix of the whole conversation's:
+    the reply spans of SFT cannot be read off it."""
+
+
+def sft_ids(tokenizer, messages) -> tuple[list[int], list[bool]]:
+    """A conversation encoded for supervised fine-tuning: its token ids (exactly ``chat_ids(tokenizer, messages,
+    add_generation_prompt=False)``) and a per-token response mask, True on every assistant reply, False on
+    everything else (system, user turns and the template's own role headers: the context).
+
+    Reply ``i``'s span runs from the end of the rendering of ``messages[:i]`` with the generation prompt to the end
+    of the rendering of ``messages[:i+1]``: so it holds the reply and whatever the template closes a turn with (the
+    end-of-turn token, the plain template's EOS), which the model must learn to emit. Multi-turn: every assistant
+    turn is supervised, earlier turns are context (TRL's ``assistant_only_loss``, LLaDA's SFT guideline, which
+    conditions on the prompt and noises the response only). A template whose partial renderings are not prefixes
+    of the full one (some "thinking" templates drop earlier turns' reasoning) is refused: its spans are undefined.
+    """
+    messages = check_messages(messages)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ChatError("messages: a conversation for SFT needs at least one assistant turn (the supervised reply)")
+    ids = chat_ids(tokenizer, messages, add_generation_prompt=False)
+    response = [False] * len(ids)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        head = chat_ids(tokenizer, messages[:i], add_generation_prompt=True) if i else \
+            _generation_prompt(tokenizer)
+        upto = chat_ids(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if ids[: len(upto)] != upto or upto[: len(head)] != head:
+            raise TemplateError(
+                f"the chat template of {tokenizer!r} renders turn {i} differently inside the whole conversation: "
+                "its reply span is undefined; use a template whose renderings of earlier turns are prefixes "
+                "(or a tokenizer without one: the plain template)"
+            )
+        for j in range(len(head), len(upto)):
+            response[j] = True
+    return ids, response
+
+
+def _generation_prompt(tokenizer) -> list[int]:
+    """What precedes a reply that opens the conversation: the generation prompt of an empty history."""
+    if chat_template_of(tokenizer) is None:
+        return tokenizer.encode(PLAIN_GENERATION_PROMPT)
+    return chat_ids(tokenizer, [], add_generation_prompt=True)

@@ -14,6 +14,14 @@ attention keeps them apart from real text.
 where documents end (i.e. their length).  Documents longer than ``seq_len - 1`` are truncated to
 ``seq_len - 1`` tokens (the row still ends with EOS) and counted in ``num_truncated``.  There is no
 ``doc_ids`` key (and no padding: it takes no ``pad_id``).
+
+Chat (SFT) rows take ``(ids, response_mask)`` pairs (:func:`dlm.data.chat.sft_ids`) and set ``loss_mask`` to the
+response tokens only, so the prompt stays clean context in every family (see dlm.methods.base):
+
+``pad_each_chat``: one conversation per row, EOS fill; ``eos_loss=True`` (LLaDA) also counts the fill, so the model
+learns where a reply stops; ``eos_loss=False``: the fill is clean context with no loss.  ``pack_chat``: conversations
+concatenated (the template closes each turn itself: no separator added), ``doc_ids`` as in ``pack``, the final
+row's pad carries no loss.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["pack", "pad_each"]
+__all__ = ["pack", "pack_chat", "pad_each", "pad_each_chat"]
 
 
 def _check(seq_len: int, eos_id: int, pad_id: int = 0) -> None:
@@ -91,4 +99,70 @@ def pad_each(token_docs: Iterable[Sequence[int]], seq_len: int, eos_id: int) -> 
         "input_ids": input_ids,
         "loss_mask": np.ones_like(input_ids, dtype=bool),
         "num_truncated": np.array(truncated, dtype=np.int64),
+    }
+
+
+def pad_each_chat(
+    examples: Iterable[tuple[Sequence[int], Sequence[bool]]], seq_len: int, eos_id: int, eos_loss: bool = True
+) -> dict[str, np.ndarray]:
+    _check(seq_len, eos_id, 0)
+    ids_rows: list[np.ndarray] = []
+    mask_rows: list[np.ndarray] = []
+    truncated = 0
+    keep = seq_len - 1  # as pad_each: a row always ends with at least one EOS
+    for ids, response in examples:
+        a = np.asarray(ids, dtype=np.int64).reshape(-1)
+        r = np.asarray(response, dtype=bool).reshape(-1)
+        if a.size != r.size:
+            raise ValueError(f"pad_each_chat: {a.size} ids but {r.size} response-mask entries")
+        if a.size > keep:
+            truncated += 1
+            a, r = a[:keep], r[:keep]
+        row = np.full(seq_len, eos_id, dtype=np.int64)
+        row[: a.size] = a
+        mask = np.full(seq_len, bool(eos_loss))
+        mask[: a.size] = r
+        ids_rows.append(row)
+        mask_rows.append(mask)
+    if not ids_rows:
+        raise ValueError("pad_each_chat: no conversations (the corpus/split is empty)")
+    return {
+        "input_ids": np.stack(ids_rows),
+        "loss_mask": np.stack(mask_rows),
+        "num_truncated": np.array(truncated, dtype=np.int64),
+    }
+
+
+def pack_chat(
+    examples: Iterable[tuple[Sequence[int], Sequence[bool]]], seq_len: int, eos_id: int, pad_id: int
+) -> dict[str, np.ndarray]:
+    _check(seq_len, eos_id, pad_id)
+    ids_parts: list[np.ndarray] = []
+    mask_parts: list[np.ndarray] = []
+    lengths: list[int] = []
+    for ids, response in examples:
+        a = np.asarray(ids, dtype=np.int64).reshape(-1)
+        r = np.asarray(response, dtype=bool).reshape(-1)
+        if a.size != r.size:
+            raise ValueError(f"pack_chat: {a.size} ids but {r.size} response-mask entries")
+        ids_parts.append(a)
+        mask_parts.append(r)
+        lengths.append(a.size)
+    if not lengths:
+        raise ValueError("pack_chat: no conversations to pack (the corpus/split is empty)")
+    total = sum(lengths)
+    n_rows = -(-total // seq_len)
+    padded = n_rows * seq_len
+    input_ids = np.full(padded, pad_id, dtype=np.int64)
+    input_ids[:total] = np.concatenate(ids_parts)
+    loss_mask = np.zeros(padded, dtype=bool)
+    loss_mask[:total] = np.concatenate(mask_parts)
+    doc_g = np.full(padded, len(lengths), dtype=np.int64)  # pad positions: one extra "document"
+    doc_g[:total] = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+    doc_g = doc_g.reshape(n_rows, seq_len)
+    return {
+        "input_ids": input_ids.reshape(n_rows, seq_len),
+        "doc_ids": (doc_g - doc_g[:, :1]).astype(np.int32),
+        "loss_mask": loss_mask.reshape(n_rows, seq_len),
+        "num_truncated": np.array(0, dtype=np.int64),
     }

@@ -20,6 +20,14 @@ router's load-balancing loss) has it added to the training loss after ``loss(bat
 
 Batches are dicts with `input_ids` [B, T], `loss_mask` [B, T] (bool) and, for packed data, `doc_ids` [B, T]
 (the backbone then masks attention across documents).
+
+`loss_mask` has one meaning in every family: the positions that may be corrupted and are scored. Every other
+position stays clean (never masked, replaced or unrolled) and is context only; losses and bounds are averaged over
+the `loss_mask` positions, and validation logs val/<key> per such token. Pretraining rows count everything but
+packing's trailing pad; SFT rows (dlm.data.sft) count the response tokens only (plus the EOS fill with
+data.eos_loss), so the prompt is never noised (LLaDA's SFT: only response tokens are masked; AR: response-only
+cross-entropy; BD3-LM: prompt blocks stay clean) and val/nll_bound is per response token, comparable across
+families.
 """
 
 from __future__ import annotations
