@@ -12,7 +12,7 @@ unless the user chose otherwise, and a choice that contradicts the model is refu
     sampler       the model's ``conventions.sampler`` (a conf/sampler option) with ``sampler_fields`` over it
                   replaces the family's default sampler, unless ``sampler=`` was chosen (on the command line or
                   by an experiment); ``sampler.<field>=`` overrides apply on top of the model's sampler. Only for
-                  families that sample through a mask sampler (``DiffusionLM.mask_sampling``).
+                  families that sample through a mask sampler (their default sampler takes the MaskPrior).
 
 The config is changed in place before anything is built, so the run folder records what the run used (a run
 loaded back with :func:`dlm.run.load_run` rebuilds the same) and a dry run plans with it. The mask token id is
@@ -168,12 +168,18 @@ def _shift(cfg: DictConfig, conv: ModelConventions, notes: list[str], problems: 
 
 
 def _mask_sampling(cfg: DictConfig) -> bool:
+    """Whether the family samples by unmasking an absorbing mask: its own default sampler (the composed sampler
+    node) takes the MaskPrior, so a checkpoint's recommended mask sampler can stand in for it. Read from the sampler
+    class (dlm.sampling: no LightningModule is imported, so a dry run stays light)."""
     from hydra.utils import get_class
 
+    from dlm.sampling.prior import MaskPrior
+
     try:
-        return bool(getattr(get_class(cfg.method._target_), "mask_sampling", False))
-    except Exception:  # noqa: BLE001 - a bad method target is reported where the module is built
+        sampler = get_class(cfg.sampler._target_)
+    except Exception:  # noqa: BLE001 - a bad sampler target is reported where the sampler is built
         return False
+    return MaskPrior in getattr(sampler, "priors", ())
 
 
 def _sampler(cfg: DictConfig, conv: ModelConventions, overrides: list[str]) -> None:

@@ -74,9 +74,6 @@ class DiffusionLM(L.LightningModule, ABC):
     exact_nll: ClassVar[bool] = False  # nll_bound is the exact NLL: evaluation needs one pass, not Monte-Carlo draws
     supports_infill: ClassVar[bool] = True  # infill() fills any positions given both sides
     uses_schedule: ClassVar[bool] = False  # the constructor takes ``schedule`` (the schedule group's MaskSchedule)
-    # samples by unmasking an absorbing mask through a conf/sampler mask sampler, so a checkpoint's recommended
-    # sampler (model.conventions.sampler, dlm/conventions.py) applies
-    mask_sampling: ClassVar[bool] = False
     one_token_per_call: ClassVar[bool] = False  # generates left to right, one token per network call (AR)
     # the KV caches (sampler.kv_cache) the family runs around its sampler: BD3-LM's of finished blocks, AR's
     kv_caches: ClassVar[tuple[str, ...]] = ()

@@ -53,7 +53,6 @@ from dlm.schedules import MaskSchedule
 
 class BD3LM(MaskedTermsObjective, DiffusionLM):
     uses_schedule = True
-    mask_sampling = True
     kv_caches = ("prefix",)  # the exact cache of finished blocks, around any mask sampler
 
     def __init__(

@@ -36,7 +36,6 @@ from dlm.schedules import MaskSchedule
 
 class MDLM(MaskedTermsObjective, DiffusionLM):
     uses_schedule = True
-    mask_sampling = True
 
     def __init__(
         self,
