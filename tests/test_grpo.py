@@ -295,11 +295,15 @@ def test_resume_mid_batch_of_generations_continues_exactly(run_cfg, tmp_path):
     assert _metrics(straight, "rl/loss") == _metrics(split, "rl/loss")
 
 
-def test_the_reference_stays_frozen_bit_for_bit_and_init_from_loads_the_run(run_cfg, tmp_path):
+def test_the_reference_stays_frozen_bit_for_bit_and_init_from_loads_the_run(run_cfg, tmp_path, workdir, train_cli):
+    from conftest import TINY_CLI, run_dir_of
+
     from dlm.safe_load import load_checkpoint
     from dlm.train import train
 
-    base = train(run_cfg("trainer.max_steps=2", run_dir=tmp_path / "base"))
+    code, out, err = train_cli(*TINY_CLI)  # a run folder (.hydra/ included) to start from
+    assert code == 0, err
+    base = run_dir_of(out)
     start = load_checkpoint(base / "checkpoints" / "last.ckpt")["state_dict"]
     run = train(run_cfg(*RL, "trainer.max_steps=3", f"method.init_from={base}", "method.beta=0.1",
                         run_dir=tmp_path / "rl"))
@@ -320,7 +324,7 @@ def test_refusals_name_the_field(run_cfg):
 
     cfg = run_cfg(*RL, "method.policy._target_=dlm.methods.ar.AR", "~method.policy.sampler",
                   "method.estimator={_target_:dlm.rl.estimators.MeanFieldLogProb}")
-    with pytest.raises(ConfigError, match="method: MeanFieldLogProb .* ExactLogProb"):
+    with pytest.raises(ConfigError, match="method: MeanFieldLogProb .*ExactLogProb"):
         build_module(cfg, instantiate(cfg.data))
     cfg = run_cfg(*RL, "method.num_generations=1")
     with pytest.raises(ConfigError, match="num_generations must be an integer >= 2"):

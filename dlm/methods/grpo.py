@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,8 @@ class GRPO(DiffusionLM):
         self.reference = None
         if beta > 0 or track_kl:
             self.reference = copy.deepcopy(family).requires_grad_(False).eval()
+            # Lightning warns of modules in eval mode at the start of fit: the frozen reference is one on purpose
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
         self.reward, self.prompts, self.estimator = reward, prompts, estimator
         self.num_generations, self.prompts_per_step = int(num_generations), int(prompts_per_step)
         self.completion_length, self.num_iterations = int(completion_length), int(num_iterations)
