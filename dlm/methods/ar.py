@@ -60,6 +60,7 @@ def decoding_settings(sampler) -> ARSampler:
 class AR(DiffusionLM):
     supports_infill = False
     exact_nll = True  # nll_bound is the exact NLL: evaluation needs one pass, not K Monte-Carlo draws
+    eos_fills_tail = True  # a row's tokens after its first generated EOS are set to EOS
 
     def __init__(
         self,

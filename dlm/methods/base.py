@@ -51,6 +51,7 @@ class DiffusionLM(L.LightningModule, ABC):
     exact_nll: ClassVar[bool] = False  # nll_bound is the exact NLL: evaluation needs one pass, not Monte-Carlo draws
     supports_infill: ClassVar[bool] = True  # infill() fills any positions given both sides
     uses_schedule: ClassVar[bool] = False  # the constructor takes ``schedule`` (the schedule group's MaskSchedule)
+    eos_fills_tail: ClassVar[bool] = False  # generate() sets every token after a row's first EOS to EOS (not sampled)
 
     def __init__(
         self,

@@ -52,6 +52,7 @@ from dlm.schedules import MaskSchedule
 
 class BD3LM(MaskedTermsObjective, DiffusionLM):
     uses_schedule = True
+    eos_fills_tail = True  # a row's tokens after its first generated EOS are set to EOS
 
     def __init__(
         self,

@@ -17,6 +17,10 @@ config node (``_partial_: true``) built around the composed model. ``sampler=<op
 sampler for the rollouts and the end-of-fit samples. Validation reports the policy's own ``val/nll_bound`` on the
 run's data, so drift from the pretrained distribution is visible beside the rewards.
 
+The actions a rollout is scored on are the tokens its sampler drew: every completion position for a family that
+samples the whole canvas (MDLM), up to and including the first EOS where the family sets the rest to EOS
+(``eos_fills_tail``: AR, BD3-LM; TRL's completion mask).
+
 Exact resume: the rollout generator's state, the prompt rows consumed, and the batch of generations still in use
 (tokens, advantages, old and reference log-probabilities) are saved in every checkpoint; the estimator's masks are
 a function of (seed, rank, generation, inner step). Rollouts go to ``samples.jsonl`` (kind ``rollout``, with each
@@ -103,6 +107,7 @@ class GRPO(DiffusionLM):
         # what the family can do is the policy's (instance attributes over the class defaults)
         self.exact_nll = type(family).exact_nll
         self.supports_infill = type(family).supports_infill
+        self.eos_fills_tail = type(family).eos_fills_tail
         self.reference = None
         if beta > 0 or track_kl:
             self.reference = copy.deepcopy(family).requires_grad_(False).eval()
@@ -288,8 +293,11 @@ class GRPO(DiffusionLM):
             gen = self.generate(prompt if P else None, C, num_samples=len(members) * G, generator=self._gen)
             tokens = gen.tokens.to(dev)
             samples = [i * G + g for i in members for g in range(G)]
-            buckets.append({"tokens": tokens, "prompt_len": P, "samples": samples,
-                            "scored": _completion_mask(tokens, P, self.eos_id)})
+            upto_eos = _completion_mask(tokens, P, self.eos_id)
+            # the actions: every generated token, except those a family sets to EOS after the first (AR, BD3-LM)
+            scored = upto_eos if self.eos_fills_tail else _completion_mask(tokens, P, None)
+            buckets.append({"tokens": tokens, "prompt_len": P, "samples": samples, "scored": scored,
+                            "length": upto_eos.sum(1)})
             for row, s in zip(tokens[:, P:].tolist(), samples):
                 completions[s] = self.tokenizer.decode(cut_at_eos(row, self.eos_id))
             order += samples
@@ -311,7 +319,7 @@ class GRPO(DiffusionLM):
                     self.estimator(model, bucket["tokens"], bucket["scored"], bucket["prompt_len"],
                                    generator=self._estimator_generator(generation, j, index)).logp
                     for j in range(self.num_iterations)])
-        scored_len = torch.cat([b["scored"].sum(1) for b in buckets]).float()
+        scored_len = torch.cat([b.pop("length") for b in buckets]).float()
         stats = {"reward_mean": float(total.mean()), "reward_std": float(total.std()) if total.numel() > 1 else 0.0,
                  "completion_len": float(scored_len.mean()),
                  "gen_tokens_per_s": sum(b["tokens"][:, b["prompt_len"]:].numel() for b in buckets) / max(gen_time, 1e-9)}
@@ -336,11 +344,15 @@ class GRPO(DiffusionLM):
                 f.write(json.dumps(row) + "\n")
 
 
-def _completion_mask(tokens: Tensor, prompt_len: int, eos_id: int) -> Tensor:
-    """The completion tokens a rollout is scored on: up to and including its first EOS (TRL's completion mask)."""
+def _completion_mask(tokens: Tensor, prompt_len: int, eos_id: int | None) -> Tensor:
+    """The completion positions up to and including the first EOS (TRL's completion mask); all of them when
+    ``eos_id`` is None."""
+    mask = torch.zeros_like(tokens, dtype=torch.bool)
+    if eos_id is None:
+        mask[:, prompt_len:] = True
+        return mask
     completion = tokens[:, prompt_len:]
     eos_before = (completion == eos_id).long().cumsum(1) - (completion == eos_id).long()
-    mask = torch.zeros_like(tokens, dtype=torch.bool)
     mask[:, prompt_len:] = eos_before == 0
     return mask
 
