@@ -72,6 +72,13 @@ def build_module(cfg: DictConfig, datamodule, backbone=None, defer_to_zero3: boo
     }
     if family.uses_schedule:
         parts["schedule"] = build(cfg.schedule, "schedule")
+    if family.uses_reward:  # RL: the reward= and prompts= groups
+        missing = [g for g in ("reward", "prompts") if cfg.get(g) is None]
+        if missing:
+            raise ConfigError([f"{g}=null: method={cfg.method._target_.rpartition('.')[2].lower()} needs a {g} "
+                               f"(e.g. reward=brackets prompts=brackets; options in conf/{g}/)" for g in missing])
+        parts["reward"] = build(cfg.reward, "reward")
+        parts["prompts"] = build(cfg.prompts, "prompts")
     module = build(family_arguments(cfg.method), "method", **parts)
     if deferred is not None:
         module.defer_backbone(deferred)

@@ -61,12 +61,26 @@ class WriteSamples(L.Callback):
         if not trainer.is_global_zero:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = _rows_of_other_kinds(self.path)  # e.g. method=grpo's rollouts, written during training
         with open(self.path, "w") as f:
+            for line in kept:
+                f.write(line + "\n")
             for row in rows:
                 f.write(json.dumps(row) + "\n")
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         print("samples: " + ", ".join(f"{k}={v:.3g}" for k, v in metrics.items()) + f" -> {self.path}")
+
+
+SAMPLE_KINDS = ("unconditional", "prompted", "infill")  # the rows this callback writes (and rewrites)
+
+
+def _rows_of_other_kinds(path: Path) -> list[str]:
+    """The lines of an existing samples.jsonl that another writer made (any kind but this callback's)."""
+    if not path.is_file():
+        return []
+    return [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("kind") not in SAMPLE_KINDS]
 
 
 @torch.no_grad()

@@ -59,6 +59,7 @@ class AR(DiffusionLM):
     one_token_per_call = True  # a generation's trajectory is rebuilt from its tokens (dlm.generate)
     kv_caches = ("prefix",)  # decoding through a KV cache of the prefix: one new token per forward
     exact_nll = True  # nll_bound is the exact NLL: evaluation needs one pass, not K Monte-Carlo draws
+    eos_fills_tail = True  # a row's tokens after its first generated EOS are set to EOS
 
     def __init__(
         self,

@@ -74,9 +74,11 @@ class DiffusionLM(L.LightningModule, ABC):
     exact_nll: ClassVar[bool] = False  # nll_bound is the exact NLL: evaluation needs one pass, not Monte-Carlo draws
     supports_infill: ClassVar[bool] = True  # infill() fills any positions given both sides
     uses_schedule: ClassVar[bool] = False  # the constructor takes ``schedule`` (the schedule group's MaskSchedule)
+    uses_reward: ClassVar[bool] = False  # the constructor takes ``reward`` and ``prompts`` (the reward= and prompts= groups)
     one_token_per_call: ClassVar[bool] = False  # generates left to right, one token per network call (AR)
     # the KV caches (sampler.kv_cache) the family runs around its sampler: BD3-LM's of finished blocks, AR's
     kv_caches: ClassVar[tuple[str, ...]] = ()
+    eos_fills_tail: ClassVar[bool] = False  # generate() sets every token after a row's first EOS to EOS (not sampled)
 
     def __init__(
         self,

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from dlm.methods.base import DiffusionLM, evaluating
-from dlm.methods.masked_terms import MaskedTermsObjective, masked_token_nll
+from dlm.methods.masked_terms import MaskedTermsObjective, masked_token_log_probs, masked_token_nll
 from dlm.methods.time_sampling import check_time_sampling, sample_times
 from dlm.models.capabilities import capabilities_of
 from dlm.models.transformer import positions_from_doc_ids
@@ -54,6 +54,7 @@ from dlm.schedules import MaskSchedule
 class BD3LM(MaskedTermsObjective, DiffusionLM):
     uses_schedule = True
     kv_caches = ("prefix",)  # the exact cache of finished blocks, around any mask sampler
+    eos_fills_tail = True  # a row's tokens after its first generated EOS are set to EOS
 
     def __init__(
         self,
@@ -169,6 +170,18 @@ class BD3LM(MaskedTermsObjective, DiffusionLM):
             logits = self.vectorised_logits(xt, x0, batch.get("doc_ids"), at=masked)
         nll, correct = masked_token_nll(logits, x0, masked, self.mask_id)
         return self.schedule.elbo_weight(t_tok) * nll, masked, correct
+
+    # ---- what the RL estimators read (dlm/rl/estimators.py) ---------------------------------------------------
+    def masked_log_probs(self, xt: Tensor, x0: Tensor) -> tuple[Tensor, Tensor]:
+        """log p(x0_i | xt's block, clean earlier blocks of x0) [B, T] at the masked positions of ``xt`` (zero
+        elsewhere), with gradient, and their entropies (detached): one vectorised forward over [x_t ; x_0]."""
+        masked = xt == self.mask_id
+        rows = self.vectorised_logits(xt, x0, at=masked)
+        return masked_token_log_probs(rows, x0, masked, self.mask_id)
+
+    def mask_groups(self, T: int, device=None) -> Tensor:
+        """Which positions are denoised jointly [T]: the blocks (earlier blocks are clean context)."""
+        return self.blocks(T, device)
 
     # ---- sampling ----------------------------------------------------------------------------------------
     @torch.no_grad()

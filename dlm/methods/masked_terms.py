@@ -25,6 +25,23 @@ def masked_token_nll(logits: Tensor, x0: Tensor, masked: Tensor, mask_id: int) -
     return nll, correct
 
 
+def masked_token_log_probs(rows: Tensor, x0: Tensor, masked: Tensor, mask_id: int) -> tuple[Tensor, Tensor]:
+    """log p(x0_i | x_t) [B, T] under SUBS at the masked positions (zero elsewhere), with gradient, and the entropy
+    [B, T] of each masked position's prediction (detached; zero elsewhere). ``rows``: the masked positions' logits
+    [N, V] in ``x0[masked]``'s order (or every position's [B, T, V]). What the RL estimators read (dlm/rl)."""
+    rows = (rows[masked] if rows.dim() == 3 else rows).float()
+    never = torch.zeros(rows.shape[-1], dtype=torch.bool, device=rows.device)
+    never[mask_id] = True
+    logp_rows = rows.masked_fill(never, float("-inf")).log_softmax(-1)
+    logp = torch.zeros(x0.shape, device=x0.device, dtype=logp_rows.dtype)
+    logp = logp.masked_scatter(masked, logp_rows.gather(-1, x0[masked][:, None])[:, 0])
+    with torch.no_grad():
+        p = logp_rows.exp()
+        ent_rows = -(p * logp_rows.masked_fill(p == 0, 0.0)).sum(-1)
+        entropy = torch.zeros(x0.shape, device=x0.device, dtype=ent_rows.dtype).masked_scatter(masked, ent_rows)
+    return logp, entropy
+
+
 @torch.no_grad()
 def subs_log_probs(logits: Tensor, xt: Tensor, mask_id: int, vocab_size: int) -> Tensor:
     """SUBS log p(x0 | x_t) [B, T, V] for sampling: the mask token never predicted, clean tokens copied (one-hot).

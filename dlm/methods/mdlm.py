@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from dlm.methods.base import DiffusionLM, evaluating
-from dlm.methods.masked_terms import MaskedTermsObjective, masked_token_nll
+from dlm.methods.masked_terms import MaskedTermsObjective, masked_token_log_probs, masked_token_nll
 from dlm.methods.time_sampling import check_time_sampling, sample_times
 from dlm.models.attention import attention_mask
 from dlm.sampling import Denoiser, Generation, MaskPrior, Sampler
@@ -97,6 +97,19 @@ class MDLM(MaskedTermsObjective, DiffusionLM):
         # the head runs on the masked positions only: the rest carry no loss under SUBS
         nll, correct = masked_token_nll(self.logits(xt, at=masked, **kwargs), x0, masked, self.mask_id)
         return self.schedule.elbo_weight(t)[:, None] * nll, masked, correct
+
+    # ---- what the RL estimators read (dlm/rl/estimators.py) ---------------------------------------------------
+    def masked_log_probs(self, xt: Tensor, x0: Tensor) -> tuple[Tensor, Tensor]:
+        """log p(x0_i | xt) [B, T] at the masked positions of ``xt`` (zero elsewhere), with gradient, and their
+        entropies (detached): one forward, the head at the masked positions only. A time-conditioned backbone gets
+        the masked fraction as its time (exact for the linear schedule)."""
+        masked = xt == self.mask_id
+        kwargs = {"time": masked.float().mean(1)} if self._time_conditioned else {}
+        return masked_token_log_probs(self.logits(xt, at=masked, **kwargs), x0, masked, self.mask_id)
+
+    def mask_groups(self, T: int, device=None) -> Tensor:
+        """Which positions are denoised jointly [T] (one id per group): MDLM, all of them."""
+        return torch.zeros(T, dtype=torch.long, device=device)
 
     @property
     def _time_conditioned(self) -> bool:

@@ -1,0 +1,435 @@
+"""method=grpo: group relative policy optimisation of any family (diffusion or the AR baseline) on a reward.
+
+GRPO (Shao et al. 2024) as TRL's ``GRPOTrainer`` runs it (huggingface/trl, trl/trainer/grpo_trainer.py) and d1's
+diffu-GRPO carries it to masked diffusion (Zhao et al. 2025, dllm-reasoning/d1): every ``num_iterations`` (μ)
+optimizer steps the policy samples ``num_generations`` (G) completions of each of ``prompts_per_step`` prompts with
+the family's own sampler (no gradient), a :class:`~dlm.rewards.base.RewardSet` scores them, the rewards become
+group-normalised advantages, and each of the next μ steps minimises the clipped-ratio loss of dlm/rl/objective.py on
+that batch of generations (TRL's buffered inputs: one optimizer step per Lightning step, so ``trainer.max_steps``,
+checkpoints and the learning-rate schedule count optimizer steps as in every other method). The per-token
+log-probabilities of the ratio come from a named estimator (dlm/rl/estimators.py: d1's mean-field, an ELBO with K
+coupled draws, AR's exact ones); the old policy's are computed once per generation batch (μ > 1) and the frozen
+reference's (β > 0, or ``track_kl``) under the same masks.
+
+The policy is a family module: ``init_from=<run folder>`` loads a trained run (its tokenizer, mask token, logit
+shift, weights and sampler come with it; the composed ``model=`` is then unused), else ``policy`` is a family's
+config node (``_partial_: true``) built around the composed model. ``sampler=<option>`` replaces the policy's
+sampler for the rollouts and the end-of-fit samples. Validation reports the policy's own ``val/nll_bound`` on the
+run's data, so drift from the pretrained distribution is visible beside the rewards.
+
+The actions a rollout is scored on are the tokens its sampler drew: every completion position for a family that
+samples the whole canvas (MDLM), up to and including the first EOS where the family sets the rest to EOS
+(``eos_fills_tail``: AR, BD3-LM; TRL's completion mask).
+
+Exact resume: the rollout generator's state, the prompt rows consumed, and the batch of generations still in use
+(tokens, advantages, old and reference log-probabilities) are saved in every checkpoint; the estimator's masks are
+a function of (seed, rank, generation, inner step). Rollouts go to ``samples.jsonl`` (kind ``rollout``, with each
+reward) and a resume drops the rows generated after its checkpoint.
+
+Limits: ``trainer.accumulate_grad_batches`` must be 1 (raise ``prompts_per_step``); each rank draws its own prompts
+and rollouts (DDP / ZeRO-2 average the gradients); under ZeRO-3 generation would have to be collective with equal
+call counts on every rank (not supported yet).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dlm.errors import UserError
+from dlm.log_interval import logs_this_step
+from dlm.methods.base import DiffusionLM
+from dlm.parallel import must_return_a_loss
+from dlm.rewards.base import Reward, RewardSet, as_reward_set
+from dlm.rl.estimators import ExactLogProb, LogProbEstimator, MeanFieldLogProb
+from dlm.rl.objective import NORMALISATIONS, clipped_policy_loss, group_advantages, k3_kl
+from dlm.sampling import Generation, Sampler
+from dlm.sampling.base import cut_at_eos
+
+ROLLOUT = "rollout"  # the samples.jsonl kind of RL generations
+
+
+class GRPO(DiffusionLM):
+    uses_schedule = True  # passed on to a policy built from config that takes one
+    uses_reward = True  # reward= and prompts= (the top-level groups)
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        tokenizer,
+        schedule=None,
+        *,
+        reward: RewardSet,
+        prompts,
+        estimator: LogProbEstimator | None = None,
+        policy=None,
+        init_from: str | None = None,
+        init_ckpt: str = "last",
+        num_generations: int = 8,
+        prompts_per_step: int = 8,
+        completion_length: int = 16,
+        num_iterations: int = 1,
+        epsilon_low: float = 0.2,
+        epsilon_high: float = 0.2,
+        beta: float = 0.0,
+        scale_rewards: bool = True,
+        normalisation: str = "sequence",
+        track_kl: bool = True,
+        rollout_seed: int = 0,
+        samples_path: str | None = None,
+        log_rollouts_every: int = 1,
+        sampler: Sampler | None = None,
+        **base_kwargs,
+    ):
+        _check_settings(num_generations, prompts_per_step, completion_length, num_iterations, epsilon_low,
+                        epsilon_high, beta, normalisation, log_rollouts_every)
+        if not isinstance(reward, Reward | RewardSet):
+            raise ValueError(f"reward= must build a dlm.rewards Reward or RewardSet, got {type(reward).__name__}")
+        reward = as_reward_set(reward)
+        if not callable(getattr(prompts, "rows", None)):
+            raise ValueError(f"prompts= must build a prompt source with rows(split), got {prompts!r}")
+        family = _policy_from_run(init_from, init_ckpt, tokenizer) if init_from else \
+            _policy_from_config(policy, backbone, tokenizer, schedule, sampler)
+        if estimator is None:  # the family's own: exact where it has an exact likelihood, else d1's
+            estimator = ExactLogProb() if type(family).exact_nll else MeanFieldLogProb()
+        if not isinstance(estimator, LogProbEstimator):
+            raise ValueError(f"method.estimator must build a dlm.rl.estimators.LogProbEstimator, got {estimator!r}")
+        estimator.check(family)
+        rollout_sampler = sampler if sampler is not None else family.sampler
+        # the rollouts run under the policy's family: its KV caches (AR's, BD3-LM's) are the ones the base class's
+        # sampler check must accept, so they are in place before it runs
+        self.kv_caches = type(family).kv_caches
+        super().__init__(family.backbone, family.tokenizer, sampler=rollout_sampler, **base_kwargs)
+        self.policy = family
+        # what the family can do is the policy's (instance attributes over the class defaults)
+        self.one_token_per_call = type(family).one_token_per_call
+        self.exact_nll = type(family).exact_nll
+        self.supports_infill = type(family).supports_infill
+        self.eos_fills_tail = type(family).eos_fills_tail
+        self.reference = None
+        if beta > 0 or track_kl:
+            self.reference = copy.deepcopy(family).requires_grad_(False).eval()
+            # Lightning warns of modules in eval mode at the start of fit: the frozen reference is one on purpose
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        self.reward, self.prompts, self.estimator = reward, prompts, estimator
+        self.num_generations, self.prompts_per_step = int(num_generations), int(prompts_per_step)
+        self.completion_length, self.num_iterations = int(completion_length), int(num_iterations)
+        self.epsilon_low, self.epsilon_high, self.beta = float(epsilon_low), float(epsilon_high), float(beta)
+        self.scale_rewards, self.normalisation = bool(scale_rewards), normalisation
+        self.rollout_seed, self.log_rollouts_every = int(rollout_seed), int(log_rollouts_every)
+        self.samples_path = Path(samples_path) if samples_path else None
+        self.init_from = init_from
+        self._restored: dict | None = None  # the RL state of a checkpoint, applied in on_train_start
+        self._gen: torch.Generator | None = None
+        self._rows_taken = 0  # prompt rows this rank consumed
+        self._generations = 0  # batches of generations made
+        self._buffer: dict | None = None  # the batch of generations in use
+        self._prompt_iter: Iterator[dict] | None = None
+        self._train_started: float | None = None
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if getattr(self, "reference", None) is not None:
+            self.reference.eval()  # frozen: no dropout, whatever Lightning asks
+        return self
+
+    # ---- the family interface: the policy's --------------------------------------------------------------
+    def loss(self, batch, generator=None):
+        raise NotImplementedError("method=grpo trains on its rollouts (training_step); the policy's own objective is "
+                                  "module.policy.loss")
+
+    def nll_bound(self, batch, generator=None) -> Tensor:
+        return self.policy.nll_bound(batch, generator=generator)
+
+    def validation_stats(self, batch, generator) -> dict[str, Tensor]:
+        return self.policy.validation_stats(batch, generator)
+
+    def generate(self, prompt, length, sampler=None, num_samples=1, generator=None) -> Generation:
+        return self.policy.generate(prompt, length, sampler=sampler or self.sampler, num_samples=num_samples,
+                                    generator=generator)
+
+    def infill(self, tokens, fill_mask, sampler=None, generator=None) -> Generation:
+        return self.policy.infill(tokens, fill_mask, sampler=sampler or self.sampler, generator=generator)
+
+    @property
+    def export_hf(self):
+        """The policy's export (method=ar's causal LM), absent where the policy has none (train.py asks hasattr)."""
+        return self.policy.export_hf
+
+    # ---- Lightning hooks ------------------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self.trainer.accumulate_grad_batches != 1:
+            raise UserError(f"method=grpo makes one optimizer step per batch of generations: "
+                            f"trainer.accumulate_grad_batches must be 1 (got {self.trainer.accumulate_grad_batches}); "
+                            f"raise method.prompts_per_step instead")
+        state, self._restored = self._restored or {}, None
+        self._gen = torch.Generator(device=self.compute_device)
+        if "rollout_rng" in state:
+            self._gen.set_state(state["rollout_rng"].cpu())
+        else:
+            self._gen.manual_seed(hash((self.rollout_seed, self.global_rank, 1)) % (2**63))
+        self._rows_taken = int(state.get("rows_taken", 0))
+        self._generations = int(state.get("generations", 0))
+        self._prompt_iter = self._prompt_rows(skip=self._rows_taken)
+        buffer = state.get("buffer")
+        self._buffer = None if buffer is None else _to_device(buffer, self.compute_device)
+        if self.trainer.ckpt_path and self.global_rank == 0:
+            _drop_rollouts_from(self.samples_path, self.global_step)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["grpo"] = {
+            "rollout_rng": self._gen.get_state() if self._gen is not None else None,
+            "rows_taken": self._rows_taken,
+            "generations": self._generations,
+            "buffer": None if self._buffer is None else _to_device(self._buffer, "cpu"),
+        }
+        if checkpoint["grpo"]["rollout_rng"] is None:
+            del checkpoint["grpo"]["rollout_rng"]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._restored = checkpoint.get("grpo")
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        # the data loader's batch is not used: the rollouts are the batch
+        if self._buffer is None or self._buffer["iteration"] >= self.num_iterations:
+            self._buffer = self._rollouts()
+        buf = self._buffer
+        j = buf["iteration"]
+        started = time.perf_counter()
+        n_seq = sum(b["tokens"].shape[0] for b in buf["buckets"])
+        n_tok = sum(int(b["scored"].sum()) for b in buf["buckets"])
+        loss = torch.zeros((), device=self.compute_device)
+        stats = {"clipped": 0.0, "kl": 0.0, "entropy": 0.0}
+        for index, bucket in enumerate(buf["buckets"]):
+            scored = bucket["scored"]
+            est = self.estimator(self.policy, bucket["tokens"], scored, bucket["prompt_len"],
+                                 generator=self._estimator_generator(buf["generation"], j, index))
+            old = bucket["old"][j] if bucket["old"] is not None else est.logp.detach()
+            ref = bucket["ref"][j] if bucket["ref"] is not None else None
+            out = clipped_policy_loss(est.logp, old, bucket["advantages"], scored, self.epsilon_low,
+                                      self.epsilon_high, self.beta, ref if self.beta > 0 else None,
+                                      self.normalisation, max_len=self.completion_length)
+            share = int(scored.sum()) / max(n_tok, 1) if self.normalisation == "tokens" else \
+                bucket["tokens"].shape[0] / n_seq
+            loss = loss + share * out.loss
+            stats["clipped"] += float(out.clipped.sum())
+            stats["entropy"] += float(est.entropy.sum())
+            if ref is not None:
+                stats["kl"] += float((k3_kl(est.logp.detach(), ref) * scored).sum())
+        buf["iteration"] = j + 1
+        if not torch.isfinite(loss):  # no backward: dlm.callbacks.nonfinite drops the step (as DiffusionLM does)
+            self.nonfinite_loss = float(loss.detach())
+            return loss if must_return_a_loss(self.trainer.strategy) else None
+        self._train_started, self._train_tokens = started, sum(b["tokens"].numel() for b in buf["buckets"])
+        if logs_this_step(self._trainer):
+            log = self._log
+            log("rl/loss", loss.detach())
+            log("rl/reward_mean", buf["stats"]["reward_mean"])
+            log("rl/reward_std", buf["stats"]["reward_std"])
+            for key, value in buf["stats"].items():
+                if key.startswith("reward/"):
+                    log(f"rl/{key}", value)
+            log("rl/completion_len", buf["stats"]["completion_len"])
+            log("rl/clip_frac", stats["clipped"] / max(n_tok, 1))
+            log("rl/entropy", stats["entropy"] / max(n_tok, 1))
+            if self.reference is not None:
+                log("rl/kl", stats["kl"] / max(n_tok, 1))
+            if j == 0 and "gen_tokens_per_s" in buf["stats"]:
+                log("rl/gen_tokens_per_s", buf["stats"]["gen_tokens_per_s"])
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # after the backward and the optimizer step: the training side of the tokens/s comparison
+        if self._train_started is not None and logs_this_step(self._trainer):
+            elapsed = time.perf_counter() - self._train_started
+            self._log("rl/train_tokens_per_s", self._train_tokens / max(elapsed, 1e-9))
+        self._train_started = None
+
+    def _log(self, name: str, value) -> None:
+        self.log(name, float(value), on_step=True, on_epoch=False, batch_size=1,
+                 sync_dist=self.trainer.world_size > 1, prog_bar=name == "rl/reward_mean")
+
+    # ---- rollouts -------------------------------------------------------------------------------------------
+    def _prompt_rows(self, skip: int) -> Iterator[dict]:
+        """This rank's prompt rows (every world_size-th), cycled, the first ``skip`` dropped (a resume)."""
+        rank, world = self.global_rank, max(1, self.trainer.world_size)
+        taken = 0
+        while True:
+            empty = True
+            for k, row in enumerate(self.prompts.rows("train")):
+                if k % world != rank:
+                    continue
+                empty = False
+                if taken < skip:
+                    taken += 1
+                    continue
+                yield row
+            if empty:
+                raise UserError(f"method.prompts: {self.prompts!r} yielded no rows for rank {rank}")
+
+    def _estimator_generator(self, generation: int, iteration: int, bucket: int) -> torch.Generator:
+        key = hash((self.rollout_seed, self.global_rank, generation, iteration, bucket, 2)) % (2**63)
+        return torch.Generator(device=self.compute_device).manual_seed(key)
+
+    @torch.no_grad()
+    def _rollouts(self) -> dict:
+        G, C, dev = self.num_generations, self.completion_length, self.compute_device
+        rows = [next(self._prompt_iter) for _ in range(self.prompts_per_step)]
+        self._rows_taken += len(rows)
+        generation = self._generations
+        self._generations += 1
+        prompt_ids = [self.tokenizer.encode(str(r.get("prompt", ""))) for r in rows]
+        by_len: dict[int, list[int]] = {}
+        for i, ids in enumerate(prompt_ids):
+            by_len.setdefault(len(ids), []).append(i)
+        started = time.perf_counter()
+        buckets, completions, order = [], [""] * (len(rows) * G), []
+        for P, members in by_len.items():  # prompts of one length share a generate call and a forward
+            prompt = torch.tensor([prompt_ids[i] for i in members for _ in range(G)], dtype=torch.long, device=dev)
+            prompt = prompt.view(len(members) * G, P)
+            gen = self.generate(prompt if P else None, C, num_samples=len(members) * G, generator=self._gen)
+            tokens = gen.tokens.to(dev)
+            samples = [i * G + g for i in members for g in range(G)]
+            upto_eos = _completion_mask(tokens, P, self.eos_id)
+            # the actions: every generated token, except those a family sets to EOS after the first (AR, BD3-LM)
+            scored = upto_eos if self.eos_fills_tail else _completion_mask(tokens, P, None)
+            buckets.append({"tokens": tokens, "prompt_len": P, "samples": samples, "scored": scored,
+                            "length": upto_eos.sum(1)})
+            for row, s in zip(tokens[:, P:].tolist(), samples):
+                completions[s] = self.tokenizer.decode(cut_at_eos(row, self.eos_id))
+            order += samples
+        gen_time = time.perf_counter() - started
+        prompts = [str(rows[s // G].get("prompt", "")) for s in range(len(completions))]
+        columns = {k: [rows[s // G].get(k) for s in range(len(completions))]
+                   for k in sorted({k for r in rows for k in r} - {"prompt"})}
+        components = self.reward.components(completions, prompts, **columns)
+        total = torch.tensor(self.reward.total(components), dtype=torch.float32)
+        advantages = group_advantages(total, G, scale=self.scale_rewards)
+        for bucket in buckets:
+            bucket["advantages"] = advantages[bucket["samples"]].to(dev)
+            bucket["old"] = bucket["ref"] = None
+        for index, bucket in enumerate(buckets):  # old (μ > 1) and reference log-probs, under each step's masks
+            for key, model in (("old", self.policy if self.num_iterations > 1 else None), ("ref", self.reference)):
+                if model is None:
+                    continue
+                bucket[key] = torch.stack([
+                    self.estimator(model, bucket["tokens"], bucket["scored"], bucket["prompt_len"],
+                                   generator=self._estimator_generator(generation, j, index)).logp
+                    for j in range(self.num_iterations)])
+        scored_len = torch.cat([b.pop("length") for b in buckets]).float()
+        stats = {"reward_mean": float(total.mean()), "reward_std": float(total.std()) if total.numel() > 1 else 0.0,
+                 "completion_len": float(scored_len.mean()),
+                 "gen_tokens_per_s": sum(b["tokens"][:, b["prompt_len"]:].numel() for b in buckets) / max(gen_time, 1e-9)}
+        for name, values in components.items():
+            v = torch.tensor(values, dtype=torch.float32)
+            stats[f"reward/{name}_mean"] = float(v.mean())
+            stats[f"reward/{name}_std"] = float(v.std()) if v.numel() > 1 else 0.0
+        if self.global_rank == 0 and self.samples_path is not None and generation % self.log_rollouts_every == 0:
+            self._write_rollouts(generation, prompts, completions, components, total, advantages)
+        for b in buckets:
+            del b["samples"]
+        return {"generation": generation, "iteration": 0, "buckets": buckets, "stats": stats}
+
+    def _write_rollouts(self, generation, prompts, completions, components, total, advantages) -> None:
+        self.samples_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.samples_path, "a") as f:
+            for s, (prompt, text) in enumerate(zip(prompts, completions)):
+                row = {"kind": ROLLOUT, "prompt": prompt, "text": prompt + text, "step": self.global_step,
+                       "generation": generation, "group": s // self.num_generations, "reward": float(total[s]),
+                       "rewards": {name: values[s] for name, values in components.items()},
+                       "advantage": float(advantages[s])}
+                f.write(json.dumps(row) + "\n")
+
+
+def _completion_mask(tokens: Tensor, prompt_len: int, eos_id: int | None) -> Tensor:
+    """The completion positions up to and including the first EOS (TRL's completion mask); all of them when
+    ``eos_id`` is None."""
+    mask = torch.zeros_like(tokens, dtype=torch.bool)
+    if eos_id is None:
+        mask[:, prompt_len:] = True
+        return mask
+    completion = tokens[:, prompt_len:]
+    eos_before = (completion == eos_id).long().cumsum(1) - (completion == eos_id).long()
+    mask[:, prompt_len:] = eos_before == 0
+    return mask
+
+
+def _to_device(node: Any, device) -> Any:
+    if isinstance(node, Tensor):
+        return node.to(device)
+    if isinstance(node, dict):
+        return {k: _to_device(v, device) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_to_device(v, device) for v in node]
+    return node
+
+
+def _drop_rollouts_from(path: Path | None, step: int) -> None:
+    """A resume at ``step`` drops the rollout rows generated at or after it (they are generated again)."""
+    if path is None or not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if not (line.strip() and json.loads(line).get("kind") == ROLLOUT
+                                           and int(json.loads(line).get("step", -1)) >= step)]
+    if len(kept) != len(lines):
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def _policy_from_run(init_from: str, ckpt: str, tokenizer) -> DiffusionLM:
+    """A trained run's family module (a GRPO run: its policy, so RL continues), weights loaded, in train mode."""
+    from dlm.run import load_run  # the run-folder layer: only where a run is the start
+
+    try:
+        module = load_run(init_from, ckpt=ckpt, setup_data=False).module
+    except UserError as err:  # a ValueError here: the config builder names method (dlm.config.build)
+        raise ValueError(f"method.init_from={init_from}: {err}") from err
+    if isinstance(module, GRPO):
+        module = module.policy
+    theirs = (module.tokenizer.vocab_size, module.mask_id, module.eos_id)
+    ours = (int(tokenizer.vocab_size), int(tokenizer.mask_token_id), int(tokenizer.eos_token_id))
+    if theirs != ours:
+        raise ValueError(f"method.init_from={init_from}: the run's tokenizer (vocab {theirs[0]}, mask {theirs[1]}, "
+                         f"eos {theirs[2]}) differs from data.tokenizer's (vocab {ours[0]}, mask {ours[1]}, eos "
+                         f"{ours[2]}): use the run's data config (data=...) so that validation and samples agree")
+    return module.train()
+
+
+def _policy_from_config(policy, backbone, tokenizer, schedule, sampler) -> DiffusionLM:
+    if policy is None:
+        raise ValueError("method=grpo needs a policy: method.init_from=<run folder> (a trained run) or "
+                         "method.policy={_target_: dlm.methods.mdlm.MDLM, _partial_: true, sampler: ...} (a family "
+                         "around model=)")
+    family = getattr(policy, "func", None)
+    if not isinstance(family, type) or not issubclass(family, DiffusionLM):
+        raise ValueError(f"method.policy must be a family's node with _partial_: true (a DiffusionLM subclass), "
+                         f"got {policy!r}")
+    kwargs = {"schedule": schedule} if family.uses_schedule else {}
+    if sampler is not None:  # sampler=<option> over the node's own
+        kwargs["sampler"] = sampler
+    return policy(backbone=backbone, tokenizer=tokenizer, **kwargs)
+
+
+def _check_settings(G, prompts, C, mu, eps_low, eps_high, beta, normalisation, every) -> None:
+    problems = []
+    for key, value, low in (("num_generations", G, 2), ("prompts_per_step", prompts, 1), ("completion_length", C, 1),
+                            ("num_iterations", mu, 1), ("log_rollouts_every", every, 1)):
+        if isinstance(value, bool) or int(value) != value or value < low:
+            problems.append(f"method.{key} must be an integer >= {low}, got {value!r}")
+    for key, value in (("epsilon_low", eps_low), ("epsilon_high", eps_high), ("beta", beta)):
+        if not value >= 0:
+            problems.append(f"method.{key} must be >= 0, got {value!r}")
+    if not eps_low < 1:
+        problems.append(f"method.epsilon_low must be < 1 (the ratio's lower clip is 1 - epsilon_low), got {eps_low!r}")
+    if normalisation not in NORMALISATIONS:
+        problems.append(f"method.normalisation must be one of {', '.join(NORMALISATIONS)}, got {normalisation!r}")
+    if problems:
+        raise ValueError("; ".join(problems))

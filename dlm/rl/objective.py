@@ -1,0 +1,86 @@
+"""The GRPO objective, as pure functions of per-token log-probabilities (the estimator's, dlm/rl/estimators.py).
+
+GRPO (Shao et al. 2024, DeepSeekMath) as TRL's ``GRPOTrainer`` (huggingface/trl, trl/trainer/grpo_trainer.py) and
+d1's diffu-GRPO (Zhao et al. 2025, github.com/dllm-reasoning/d1, diffu-grpo/diffu_grpo_trainer.py) compute it:
+
+* group-normalised advantages ``A = (r - mean_group(r)) / (std_group(r) + eps)``, ``std`` the unbiased (N-1)
+  standard deviation as ``torch.std`` (TRL, d1); ``scale=False`` drops the division (Dr. GRPO, Liu et al. 2025);
+* the clipped policy ratio of PPO with separate low/high ranges (DAPO's "clip-higher"), per token:
+  ``min(ρ A, clip(ρ, 1 - ε_low, 1 + ε_high) A)``, ``ρ = exp(log π - log π_old)``;
+* the KL to a frozen reference by the k3 estimator (Schulman, "Approximating KL divergence"):
+  ``exp(log π_ref - log π) - (log π_ref - log π) - 1`` per token (>= 0, unbiased for KL(π || π_ref) under π);
+* the per-token loss ``-(min(...) - β kl)`` averaged per sequence then over sequences (``"sequence"``: TRL's
+  default "grpo"), over all tokens (``"tokens"``: DAPO / TRL's "bnpo") or divided by a constant
+  ``sequences × max completion length`` (``"constant"``: Dr. GRPO, no length bias).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+NORMALISATIONS = ("sequence", "tokens", "constant")
+
+
+def group_advantages(rewards: Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> Tensor:
+    """Advantages [N] of rewards [N] laid out as consecutive groups of ``group_size`` completions of one prompt."""
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    r = rewards.view(-1, group_size).to(torch.float64)
+    centred = r - r.mean(1, keepdim=True)
+    if scale:
+        std = r.std(1, keepdim=True) if group_size > 1 else torch.zeros_like(r[:, :1])
+        centred = centred / (std + eps)
+    return centred.reshape(-1).to(rewards.dtype if rewards.is_floating_point() else torch.float32)
+
+
+def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """Per-token k3 estimate of KL(π || π_ref) from log π and log π_ref of the sampled tokens."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+@dataclass
+class PolicyLoss:
+    loss: Tensor  # scalar to minimise
+    clipped: Tensor  # bool [B, T]: the clipped branch is the active one (no gradient through the ratio there)
+    kl: Tensor | None  # [B, T] per-token k3 (None without a reference)
+    ratio: Tensor  # [B, T] detached
+
+
+def clipped_policy_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    scored: Tensor,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    beta: float = 0.0,
+    ref_logp: Tensor | None = None,
+    normalisation: str = "sequence",
+    max_len: int | None = None,
+) -> PolicyLoss:
+    """The GRPO loss of per-token log-probs ``logp`` [B, T] (with gradient), ``old_logp`` (detached: the policy
+    that generated), ``advantages`` [B], ``scored`` [B, T] (bool: the completion tokens that count). ``max_len``:
+    the constant of ``normalisation="constant"`` (default T)."""
+    if normalisation not in NORMALISATIONS:
+        raise ValueError(f"normalisation must be one of {', '.join(NORMALISATIONS)}, got {normalisation!r}")
+    scored = scored.bool()
+    ratio = torch.exp(logp - old_logp.detach())
+    adv = advantages.to(logp.dtype)[:, None]
+    unclipped = ratio * adv
+    clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    objective = torch.minimum(unclipped, clipped_ratio * adv)
+    kl = k3_kl(logp, ref_logp.detach()) if ref_logp is not None else None
+    per_token = -objective if kl is None or beta == 0 else -(objective - beta * kl)
+    per_token = per_token * scored
+    if normalisation == "sequence":
+        loss = (per_token.sum(1) / scored.sum(1).clamp(min=1)).mean()
+    elif normalisation == "tokens":
+        loss = per_token.sum() / scored.sum().clamp(min=1)
+    else:
+        loss = per_token.sum() / (per_token.shape[0] * (max_len or per_token.shape[1]))
+    clipped = ((clipped_ratio * adv) < unclipped) & scored
+    return PolicyLoss(loss, clipped, None if kl is None else kl.detach(), ratio.detach())

@@ -1,0 +1,371 @@
+"""method=grpo (dlm/methods/grpo.py) and its parts: the objective's maths against a hand-computed example
+(dlm/rl/objective.py), each log-probability estimator against exact enumeration on a tiny vocabulary and length
+(dlm/rl/estimators.py), the reward rising on a fixed seed, exact resume mid-batch of generations (rollout RNG
+included), the frozen reference bit for bit, and a 2-rank ZeRO-2 CPU run (slow)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dlm.rewards.base import Reward, RewardSet
+from dlm.rl.estimators import ELBOLogProb, ExactLogProb, MeanFieldLogProb
+from dlm.rl.objective import clipped_policy_loss, group_advantages, k3_kl
+
+TESTS = Path(__file__).resolve().parent
+
+
+class OpenFraction(Reward):
+    """Test reward: the fraction of '(' among the completion's characters (dense: a random model has variance)."""
+
+    name = "open"
+
+    def score(self, completions, prompts, **columns):
+        return [c.count("(") / max(len(c), 1) for c in completions]
+
+
+def open_fraction(prompts, completions, **columns):
+    """The same as a TRL-style reward function (reward=function reward.path=test_grpo:open_fraction)."""
+    return OpenFraction().score(completions, prompts)
+
+
+# ---- the objective's maths ------------------------------------------------------------------------------------
+def test_group_advantages_by_hand():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    std = math.sqrt(4 * 0.25 / 3)  # unbiased std of [1, 0, 0, 1]
+    expected = torch.tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]) / torch.tensor([std + 1e-4] * 4 + [1e-4] * 4)
+    torch.testing.assert_close(group_advantages(rewards, 4), expected)
+    # Dr. GRPO: no std scaling
+    torch.testing.assert_close(group_advantages(rewards, 4, scale=False), torch.tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]))
+    with pytest.raises(ValueError, match="groups of 3"):
+        group_advantages(rewards, 3)
+
+
+def test_clipped_ratio_and_kl_by_hand():
+    old = torch.log(torch.tensor([[0.4, 0.5], [0.4, 0.5]]))
+    # ratios: [1.5, 0.7] for both sequences
+    logp = (old + torch.log(torch.tensor([[1.5, 0.7], [1.5, 0.7]])))
+    logp.requires_grad_(True)
+    adv = torch.tensor([1.0, -1.0])
+    scored = torch.ones(2, 2, dtype=torch.bool)
+    out = clipped_policy_loss(logp, old, adv, scored, epsilon_low=0.2, epsilon_high=0.2)
+    # A = +1: min(1.5, 1.2) = 1.2 (clipped), min(0.7, 0.8) = 0.7; A = -1: min(-1.5, -1.2) = -1.5, min(-0.7, -0.8) = -0.8 (clipped)
+    assert out.loss.item() == pytest.approx(-((1.2 + 0.7) / 2 + (-1.5 - 0.8) / 2) / 2)
+    assert out.clipped.tolist() == [[True, False], [False, True]]
+    out.loss.backward()
+    # d(-ρA)/dlogp = -ρA, / 2 tokens / 2 sequences; the clipped tokens get no gradient
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, -0.7 / 4], [1.5 / 4, 0.0]]))
+    # clip-higher (DAPO): epsilon_high 0.6 leaves 1.5 unclipped
+    wide = clipped_policy_loss(logp.detach(), old, adv, scored, epsilon_low=0.2, epsilon_high=0.6)
+    assert wide.clipped.tolist() == [[False, False], [False, True]]
+    # k3: exp(ref - logp) - (ref - logp) - 1 at logp = log 0.5, ref = log 0.25: 0.5 - log 0.5 - 1
+    kl = k3_kl(torch.log(torch.tensor([0.5])), torch.log(torch.tensor([0.25])))
+    assert kl.item() == pytest.approx(0.5 + math.log(2) - 1)
+    assert k3_kl(torch.tensor([-1.3]), torch.tensor([-1.3])).item() == 0.0
+    # with beta the loss adds beta * the mean per-token KL; token normalisation and Dr. GRPO's constant
+    ref = old.clone()
+    with_kl = clipped_policy_loss(logp.detach(), old, adv, scored, beta=0.1, ref_logp=ref)
+    kl_tokens = k3_kl(logp.detach(), ref)
+    assert with_kl.loss.item() == pytest.approx(out.loss.item() + 0.1 * kl_tokens.mean().item(), rel=1e-6)
+    partial = torch.tensor([[True, True], [True, False]])
+    tok = clipped_policy_loss(logp.detach(), old, adv, partial, normalisation="tokens")
+    assert tok.loss.item() == pytest.approx(-(1.2 + 0.7 - 1.5) / 3)
+    const = clipped_policy_loss(logp.detach(), old, adv, partial, normalisation="constant", max_len=4)
+    assert const.loss.item() == pytest.approx(-(1.2 + 0.7 - 1.5) / (2 * 4))
+
+
+# ---- the estimators against exact enumeration ------------------------------------------------------------------
+def _tiny(family: str, block_size: int = 2):
+    """A tiny random network with peaked predictions over 2 letters + pad + eos (+ mask), as an MDLM/BD3LM/AR."""
+    from dlm.data.tokenizers import CharTokenizer
+    from dlm.methods.ar import AR
+    from dlm.methods.bd3lm import BD3LM
+    from dlm.methods.mdlm import MDLM
+    from dlm.models.transformer import Transformer
+    from dlm.schedules import LinearSchedule
+
+    torch.manual_seed(0)
+    tok = CharTokenizer("ab")
+    net = Transformer(vocab_size=tok.vocab_size, n_layers=1, d_model=32, n_heads=2, max_seq_len=16, init_std=0.5,
+                      attention="bidirectional")
+    if family == "mdlm":
+        return MDLM(net, tok, schedule=LinearSchedule()).eval()
+    if family == "bd3lm":
+        return BD3LM(net, tok, schedule=LinearSchedule(), block_size=block_size).eval()
+    return AR(net, tok).eval()
+
+
+@torch.no_grad()
+def _exact_elbo_terms(model, x: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """e_i (dlm/rl/estimators.py) by enumeration: each completion token over every subset of its group revealed
+    (all the states in one batch)."""
+    N = x.shape[0]
+    groups = model.mask_groups(N)
+    states, terms = [], []  # terms: (token, weight) per state
+    for i in range(prompt_len, N):
+        others = [j for j in range(prompt_len, N) if groups[j] == groups[i] and j != i]
+        n = len(others) + 1
+        for k in range(n):
+            subsets = list(itertools.combinations(others, k))
+            for S in subsets:
+                xt = x.clone()
+                for j in [i, *others]:
+                    if j not in S:
+                        xt[j] = model.mask_id
+                states.append(xt)
+                terms.append((i, 1.0 / len(subsets) / n))
+    logp, _ = model.masked_log_probs(torch.stack(states), x[None].expand(len(states), N))
+    out = torch.zeros(N, dtype=torch.float64)
+    for row, (i, weight) in enumerate(terms):
+        out[i] += weight * float(logp[row, i])
+    return out
+
+
+def _estimate(estimator, model, x, prompt_len, draws: int, seed: int = 0):
+    tokens = x[None].repeat(draws, 1)
+    scored = torch.zeros_like(tokens, dtype=torch.bool)
+    scored[:, prompt_len:] = True
+    with torch.no_grad():
+        est = estimator(model, tokens, scored, prompt_len, generator=torch.Generator().manual_seed(seed))
+    return est.logp.double()
+
+
+@pytest.mark.parametrize("coupled", [True, False])
+@pytest.mark.parametrize("family", ["mdlm", "bd3lm"])
+def test_elbo_estimator_is_unbiased_for_the_enumerated_per_token_elbo(family, coupled):
+    model = _tiny(family)
+    x = torch.tensor([0, 1, 0, 0, 1])  # prompt "a", completion "baab"
+    P = 1
+    exact = _exact_elbo_terms(model, x, P)
+    K = 2 if coupled else 1
+    draws = _estimate(ELBOLogProb(num_samples=K, coupled=coupled), model, x, P, draws=4000)
+    mean, stderr = draws.mean(0), draws.std(0) / math.sqrt(draws.shape[0])
+    assert exact[:P].abs().sum() == 0 and draws[:, :P].abs().sum() == 0  # the prompt is never scored
+    gap = (mean - exact).abs()[P:]
+    assert bool((gap <= 5 * stderr[P:] + 1e-6).all()), (mean, exact, stderr)
+    assert exact[P:].sum() < 0
+
+
+def test_coupled_pairs_have_lower_variance_than_independent_draws_at_the_same_cost():
+    model = _tiny("mdlm")
+    x = torch.tensor([0, 1, 0, 0, 1])
+    coupled = _estimate(ELBOLogProb(num_samples=2, coupled=True), model, x, 1, draws=3000).sum(1)
+    independent = _estimate(ELBOLogProb(num_samples=2, coupled=False), model, x, 1, draws=3000).sum(1)
+    assert coupled.var() < independent.var(), (coupled.var(), independent.var())
+
+
+@torch.no_grad()
+def test_the_elbo_lower_bounds_the_enumerated_any_order_log_likelihood():
+    """Σ_i e_i <= log π(o | q) = log E_σ Π_k p(o_σk | q, o_σ<k), by enumeration over every order; the any-order
+    likelihoods of all completions sum to 1."""
+    model = _tiny("mdlm")
+    P, C = 1, 3
+    letters = [t for t in range(model.vocab_size) if t != model.mask_id]
+    orders = list(itertools.permutations(range(P, P + C)))
+    completions = list(itertools.product(letters, repeat=C))
+    x = torch.tensor([[0, *c] for c in completions])  # [M, N]
+    xs = x.repeat_interleave(len(orders), 0)  # every (completion, order) pair
+    xt = xs.clone()
+    xt[:, P:] = model.mask_id
+    log_order = torch.zeros(xs.shape[0], dtype=torch.float64)
+    pos = torch.tensor([o for _ in completions for o in orders])  # [M * orders, C]
+    rows = torch.arange(xs.shape[0])
+    for k in range(C):  # reveal in each order, one position per forward of the whole batch
+        logp, _ = model.masked_log_probs(xt, xs)
+        log_order += logp[rows, pos[:, k]].double()
+        xt[rows, pos[:, k]] = xs[rows, pos[:, k]]
+    log_lik = torch.logsumexp(log_order.view(len(completions), len(orders)), 1) - math.log(len(orders))
+    total = float(log_lik.exp().sum())
+    for m in range(0, len(completions), 7):  # the bound, on a spread of completions
+        assert float(_exact_elbo_terms(model, x[m], P).sum()) <= float(log_lik[m]) + 1e-6
+    assert total == pytest.approx(1.0, abs=1e-5)
+
+
+def test_mean_field_estimator_matches_the_enumerated_prompt_mask_average():
+    model = _tiny("mdlm")
+    x = torch.tensor([0, 1, 1, 0, 1])  # prompt "ab", completion "bab"
+    P, p = 2, 0.5
+    exact = torch.zeros(x.shape[0], dtype=torch.float64)
+    with torch.no_grad():
+        for hidden in itertools.product([False, True], repeat=P):  # every prompt mask, weighted by its probability
+            xt = x.clone()
+            xt[P:] = model.mask_id
+            for j, h in enumerate(hidden):
+                if h:
+                    xt[j] = model.mask_id
+            weight = p ** sum(hidden) * (1 - p) ** (P - sum(hidden))
+            exact[P:] += weight * model.masked_log_probs(xt[None], x[None])[0][0, P:].double()
+    draws = _estimate(MeanFieldLogProb(p_mask_prompt=p), model, x, P, draws=4000)
+    mean, stderr = draws.mean(0), draws.std(0) / math.sqrt(draws.shape[0])
+    assert bool(((mean - exact).abs()[P:] <= 5 * stderr[P:] + 1e-6).all()), (mean, exact)
+    # without a prompt mask it is deterministic: the marginals of the fully masked completion
+    draws = _estimate(MeanFieldLogProb(p_mask_prompt=0.0), model, x, P, draws=3)
+    xt = x.clone()
+    xt[P:] = model.mask_id
+    with torch.no_grad():
+        one = model.masked_log_probs(xt[None], x[None])[0][0].double()
+    torch.testing.assert_close(draws[0, P:], one[P:], rtol=1e-5, atol=1e-5)
+    assert draws.std(0).max() == 0
+
+
+@torch.no_grad()
+def test_exact_estimator_is_the_ar_likelihood_and_sums_to_one():
+    model = _tiny("ar")
+    letters = [t for t in range(model.vocab_size) if t != model.mask_id]
+    total = 0.0
+    for seq in itertools.product(letters, repeat=3):
+        x = torch.tensor(seq)
+        logp = _estimate(ExactLogProb(), model, x, 0, draws=1)[0]
+        torch.testing.assert_close(logp, -model.nll_bound({"input_ids": x[None], "loss_mask": torch.ones(1, 3,
+                                                           dtype=torch.bool)})[0].double(), rtol=1e-5, atol=1e-5)
+        total += math.exp(float(logp.sum()))
+    assert total == pytest.approx(1.0, abs=1e-5)
+
+
+def test_estimators_refuse_a_family_they_cannot_estimate():
+    with pytest.raises(ValueError, match="ExactLogProb"):
+        MeanFieldLogProb().check(_tiny("ar"))
+    with pytest.raises(ValueError, match="MeanFieldLogProb"):
+        ExactLogProb().check(_tiny("mdlm"))
+    with pytest.raises(ValueError, match="even"):
+        ELBOLogProb(num_samples=3, coupled=True)
+
+
+# ---- runs ------------------------------------------------------------------------------------------------------
+RL = [
+    "method=grpo",
+    "reward=function",  # a user's own reward function by import path (dlm.rewards.FunctionReward)
+    "reward.path=test_grpo:open_fraction",
+    "reward.name=open",
+    "method.num_generations=4",
+    "method.prompts_per_step=4",
+    "method.completion_length=8",
+    "sampler=ancestral",  # the rollouts' sampler (run_cfg sets sampler.steps=4)
+    "lr_scheduler=constant",
+    "lr_scheduler.warmup_steps=0",
+    "optimizer.lr=3e-3",
+    "samples.num_unconditional=4",
+    "samples.num_prompted=0",
+    "samples.num_infill=0",
+    "trainer.val_check_interval=100",
+]
+
+
+def _metrics(run_dir: Path, key: str) -> dict[int, float]:
+    import csv
+
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    return {int(r["step"]): float(r[key]) for r in rows if r.get(key)}
+
+
+def test_reward_rises_on_a_fixed_seed(run_cfg, tmp_path):
+    from dlm.train import train
+
+    run = train(run_cfg(*RL, "trainer.max_steps=12", "method.prompts_per_step=8"))
+    reward = _metrics(run, "rl/reward_mean")
+    assert len(reward) == 12
+    first, last = sum(list(reward.values())[:3]) / 3, sum(list(reward.values())[-3:]) / 3
+    assert last > first + 0.15, reward
+    rows = [json.loads(line) for line in open(run / "samples.jsonl")]
+    rollouts = [r for r in rows if r["kind"] == "rollout"]
+    assert len(rollouts) == 12 * 8 * 4 and {"reward", "rewards", "advantage", "step"} <= set(rollouts[0])
+    assert rollouts[0]["rewards"]["open"] == rollouts[0]["reward"]
+    assert any(r["kind"] == "unconditional" for r in rows)  # the end-of-fit samples kept the rollouts
+    for key in ("rl/reward_std", "rl/reward/open_mean", "rl/reward/open_std", "rl/kl", "rl/clip_frac",
+                "rl/completion_len", "rl/entropy", "rl/gen_tokens_per_s", "rl/train_tokens_per_s"):
+        assert len(_metrics(run, key)) == 12, key
+
+
+def test_resume_mid_batch_of_generations_continues_exactly(run_cfg, tmp_path):
+    """μ = 3: the checkpoint at step 4 falls inside the second batch of generations (steps 3-5)."""
+    from dlm.safe_load import load_checkpoint
+    from dlm.train import train
+
+    common = [*RL, "method.num_iterations=3", "method.beta=0.05", "callbacks.last_checkpoint.every_n_train_steps=1",
+              "method.estimator={_target_:dlm.rl.estimators.ELBOLogProb,num_samples:2}"]
+    straight = train(run_cfg(*common, "trainer.max_steps=7", run_dir=tmp_path / "a"))
+    split = tmp_path / "b"
+    train(run_cfg(*common, "trainer.max_steps=4", run_dir=split))
+    train(run_cfg(*common, "trainer.max_steps=7", "ckpt_path=last", run_dir=split))
+    a = load_checkpoint(straight / "checkpoints" / "last.ckpt")
+    b = load_checkpoint(split / "checkpoints" / "last.ckpt")
+    for name, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][name]), name
+    assert torch.equal(a["grpo"]["rollout_rng"], b["grpo"]["rollout_rng"])
+    rollouts = [[line for line in open(run / "samples.jsonl") if '"rollout"' in line] for run in (straight, split)]
+    assert rollouts[0] == rollouts[1] and len(rollouts[0]) == 3 * 16  # generations at steps 0, 3, 6; none twice
+    assert _metrics(straight, "rl/loss") == _metrics(split, "rl/loss")
+
+
+def test_the_reference_stays_frozen_bit_for_bit_and_init_from_loads_the_run(run_cfg, tmp_path, workdir, train_cli):
+    from conftest import TINY_CLI, run_dir_of
+
+    from dlm.safe_load import load_checkpoint
+    from dlm.train import train
+
+    code, out, err = train_cli(*TINY_CLI)  # a run folder (.hydra/ included) to start from
+    assert code == 0, err
+    base = run_dir_of(out)
+    start = load_checkpoint(base / "checkpoints" / "last.ckpt")["state_dict"]
+    run = train(run_cfg(*RL, "trainer.max_steps=3", f"method.init_from={base}", "method.beta=0.1",
+                        run_dir=tmp_path / "rl"))
+    state = load_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]
+    ref = {k.removeprefix("reference."): v for k, v in state.items() if k.startswith("reference.")}
+    assert ref and set(ref) == set(start)
+    for name, value in start.items():
+        assert torch.equal(ref[name], value), name  # the reference is the run it started from, bit for bit
+    moved = [n for n, v in start.items() if not torch.equal(state[f"policy.{n}"], v)]
+    assert moved, "the policy did not train"
+    assert all(torch.equal(state[f"policy.{n}"], state[n]) for n in start)  # backbone is the policy's, one tensor
+
+
+def test_refusals_name_the_field(run_cfg):
+    from dlm.build import build_module
+    from dlm.config import ConfigError
+    from hydra.utils import instantiate
+
+    cfg = run_cfg(*RL, "method.policy._target_=dlm.methods.ar.AR", "~method.policy.sampler",
+                  "method.estimator={_target_:dlm.rl.estimators.MeanFieldLogProb}")
+    with pytest.raises(ConfigError, match="method: MeanFieldLogProb .*ExactLogProb"):
+        build_module(cfg, instantiate(cfg.data))
+    cfg = run_cfg(*RL, "method.num_generations=1")
+    with pytest.raises(ConfigError, match="num_generations must be an integer >= 2"):
+        build_module(cfg, instantiate(cfg.data))
+    cfg = run_cfg(*RL, "method.init_from=/nonexistent/run")
+    with pytest.raises(ConfigError, match="init_from=/nonexistent/run"):
+        build_module(cfg, instantiate(cfg.data))
+
+
+def test_ar_policy_trains_with_exact_log_probs(run_cfg):
+    from dlm.train import train
+
+    run = train(run_cfg(*RL, "method.policy._target_=dlm.methods.ar.AR", "~method.policy.sampler",
+                        "trainer.max_steps=2", "sampler=ar", "sampler.steps=null"))
+    assert len(_metrics(run, "rl/reward_mean")) == 2
+
+
+@pytest.mark.slow
+def test_two_rank_zero2_cpu_run_of_a_few_rl_steps(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+           "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    args = [*RL, "trainer=deepspeed_zero2", "trainer.strategy._target_=zero_cpu_strategy.CPUDeepSpeedStrategy",
+            "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true", "trainer.max_steps=3",
+            "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
+            "data.batch_size=8", "data.source.num_train=256", "data.source.num_val=32", "logger=none",
+            f"paths.output_root={tmp_path / 'runs'}", f"paths.cache_dir={tmp_path / 'cache'}", "method.beta=0.05"]
+    proc = subprocess.run([sys.executable, "-m", "dlm.train", *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = Path(proc.stdout.strip().splitlines()[-1].removeprefix("run_dir: "))
+    results = json.loads((run / "results.json").read_text())
+    assert results["status"] == "completed" and results["global_step"] == 3
+    assert len(_metrics(run, "rl/reward_mean")) == 3
+    assert (run / "checkpoints" / "last.ckpt").is_dir()  # a ZeRO folder
