@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dlm.rewards.base import Reward, RewardSet
+from dlm.rewards.base import Reward
 from dlm.rl.estimators import ELBOLogProb, ExactLogProb, MeanFieldLogProb
 from dlm.rl.objective import clipped_policy_loss, group_advantages, k3_kl
 
@@ -328,9 +328,10 @@ def test_the_reference_stays_frozen_bit_for_bit_and_init_from_loads_the_run(run_
 
 
 def test_refusals_name_the_field(run_cfg):
+    from hydra.utils import instantiate
+
     from dlm.build import build_module
     from dlm.config import ConfigError
-    from hydra.utils import instantiate
 
     cfg = run_cfg(*RL, "method.policy._target_=dlm.methods.ar.AR", "~method.policy.sampler",
                   "method.estimator={_target_:dlm.rl.estimators.MeanFieldLogProb}")

@@ -94,6 +94,7 @@ def test_diffusionbert_initialised_from_the_masked_lm_trains_and_samples(checkpo
 
 def test_config_files_build_the_wrapper():
     from conftest import compose
+
     from dlm.models.lora import instantiate_backbone  # the model config without train.yaml's model.lora
 
     cfg = compose(["model=bert_tiny", "paths.run_dir=/tmp/x", "paths.cache_dir=/tmp/x"])

@@ -8,7 +8,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import compose
-from hydra.utils import instantiate
 
 from dlm.methods.mdlm import MDLM
 from dlm.models.hf import HFCausalLM, annealed_mask
@@ -74,7 +73,9 @@ def test_reference_model_config_carries_the_scp_multipliers():
     # the same multipliers reach the optimizer of a tiny model built from the same config node
     node = cfg.model.copy()
     node.pretrained, node.config, node.torch_dtype, node.gradient_checkpointing = None, MOE, None, False
-    module = MDLM(instantiate(node), TOKENIZER, LinearSchedule())
+    from dlm.models.lora import instantiate_backbone
+
+    module = MDLM(instantiate_backbone(node), TOKENIZER, LinearSchedule())
     groups = groups_of(module, lr=1e-3)
     assert groups["attention"]["lr"] == pytest.approx(1e-3 * mults.attention)
     assert groups["experts"]["lr"] == pytest.approx(1e-3 * mults.experts)
