@@ -30,7 +30,7 @@ import torch
 from omegaconf import DictConfig
 
 from dlm import checks
-from dlm.config import CONF_DIR, ConfigError, preflight, register_resolvers
+from dlm.config import CONF_DIR, ConfigError, exit_on_bad_overrides, register_resolvers
 from dlm.errors import EXIT_USER_ERROR, UserError, user_errors
 
 register_resolvers()
@@ -280,10 +280,7 @@ def main() -> None:
     from dlm.generate import quote_text_overrides
 
     sys.argv[1:] = quote_text_overrides(sys.argv[1:], TEXT_KEYS)
-    problems = preflight([a for a in sys.argv[1:] if "=" in a], "chat")
-    if problems:
-        print("error: invalid arguments:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+    exit_on_bad_overrides(sys.argv[1:], "chat")  # e.g. sampler=nosuch: one message
     hydra_main()
 
 

@@ -393,6 +393,19 @@ def preflight(overrides: list[str], config_name: str = "train") -> list[str]:
     return problems or ["the overrides do not compose together (each composes alone); run with --cfg job to see"]
 
 
+def exit_on_bad_overrides(args: list[str], config_name: str) -> None:
+    """A request CLI's start (generate, evaluate, chat): the command line's overrides that Hydra would refuse, all
+    in one message on stderr, exit 2 (e.g. sampler=nosuch names the valid options)."""
+    import sys
+
+    from dlm.errors import EXIT_USER_ERROR
+
+    problems = preflight([a for a in args if "=" in a], config_name)
+    if problems:
+        print("error: invalid arguments:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
 def build(node: Any, key: str, *also: type[BaseException], **kwargs: Any) -> Any:
     """``instantiate(node, **kwargs)``, where a constructor that refuses its arguments (a ValueError, a bad
     keyword, a class that does not exist, or one of ``also``) becomes a ConfigError naming the config key;

@@ -33,8 +33,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from dlm import checks
 from dlm.build import build_sampler
-from dlm.config import CONF_DIR, ConfigError, preflight, register_resolvers
-from dlm.errors import EXIT_USER_ERROR, UserError, user_errors
+from dlm.config import CONF_DIR, ConfigError, exit_on_bad_overrides, register_resolvers
+from dlm.errors import UserError, user_errors
 from dlm.progress import Bar
 from dlm.run import LoadedRun, load_run, plain
 from dlm.run_folder import RunFolder
@@ -459,10 +459,7 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    problems = preflight([a for a in sys.argv[1:] if "=" in a], "evaluate")  # e.g. sampler=nosuch: one message
-    if problems:
-        print("error: invalid arguments:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+    exit_on_bad_overrides(sys.argv[1:], "evaluate")  # e.g. sampler=nosuch: one message
     hydra_main()
 
 

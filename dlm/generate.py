@@ -59,7 +59,7 @@ from torch import Tensor
 from dlm import checks
 from dlm.build import build_sampler
 from dlm.compile import check_mode, compile_backbone
-from dlm.config import CONF_DIR, ConfigError, preflight, register_resolvers
+from dlm.config import CONF_DIR, ConfigError, exit_on_bad_overrides, register_resolvers
 from dlm.errors import EXIT_USER_ERROR, UserError, user_errors
 from dlm.run import NotARunError
 from dlm.run_folder import RunFolder
@@ -429,10 +429,7 @@ def quote_text_overrides(argv: list[str], keys: tuple[str, ...] = TEXT_KEYS) -> 
 
 def main() -> None:
     sys.argv[1:] = quote_text_overrides(sys.argv[1:])
-    problems = preflight([a for a in sys.argv[1:] if "=" in a], "generate")  # e.g. sampler=nosuch: one message
-    if problems:
-        print("error: invalid arguments:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+    exit_on_bad_overrides(sys.argv[1:], "generate")  # e.g. sampler=nosuch: one message
     hydra_main()
 
 

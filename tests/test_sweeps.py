@@ -25,7 +25,8 @@ SLOW = ("method=", "hparams_search=")  # five families; an Optuna study: marked 
 def readme_sweeps() -> list[str]:
     """The README's `python -m dlm.train` commands that start a sweep (-m, or a sweeper such as hparams_search)."""
     commands = []
-    for line in (REPO / "README.md").read_text().splitlines():
+    text = (REPO / "README.md").read_text().replace("\\\n", " ")  # a command continued over lines is one
+    for line in text.splitlines():
         command = line.strip().split("#")[0].strip()
         if not command.startswith("python -m dlm.train "):
             continue
