@@ -60,7 +60,11 @@ def _differences(a: Any, b: Any, prefix: str) -> list[str]:
 
 def fit_problems(composed: DictConfig, trained: DictConfig) -> list[str]:
     """How the model and data that ``composed`` builds differ from those the run was ``trained`` with."""
-    problems = _differences(to_plain(composed.model), to_plain(trained.model), "model")
+    model_now, model_then = to_plain(composed.model), to_plain(trained.model)
+    if isinstance(model_then, dict) and "lora" not in model_then and isinstance(model_now, dict) \
+            and not (model_now.get("lora") or {}).get("r"):
+        model_now.pop("lora", None)  # a run recorded before model.lora existed: no adapters, as now
+    problems = _differences(model_now, model_then, "model")
     data_now, data_then = to_plain(composed.data), to_plain(trained.data)
     for data in (data_now, data_then):
         for key in _DATA_RUNTIME_KEYS:

@@ -333,3 +333,17 @@ def test_lora_with_compile_trains_like_eager(run_cfg, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-4), key
+
+
+def test_a_run_recorded_before_model_lora_existed_still_fits_a_resume():
+    """ckpt_path=last compares the composed model with the run's: a saved config without the lora key is a run
+    without adapters, so it fits a command without them and not one with them."""
+    from omegaconf import OmegaConf
+
+    from dlm.resume import fit_problems
+
+    now = OmegaConf.create({"model": {"n_layers": 2, "lora": {"r": None, "alpha": None}}, "data": {}})
+    then = OmegaConf.create({"model": {"n_layers": 2}, "data": {}})
+    assert fit_problems(now, then) == []
+    now.model.lora.r = 8
+    assert any(p.startswith("model.lora") for p in fit_problems(now, then))
