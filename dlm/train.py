@@ -8,6 +8,7 @@ and wandb/.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -295,8 +296,15 @@ def hydra_main(cfg: DictConfig) -> float | None:
                 print(f"run_dir: {run_dir}")
             sys.exit(EXIT_USER_ERROR if isinstance(err, UserError) else getattr(err, "exit_code", 1))
         raise
-    print(f"run_dir: {run_dir}")
+    if launched_rank() == 0:  # a multi-process run's other ranks run this too: one last line, not interleaved ones
+        print(f"run_dir: {run_dir}", flush=True)
     return optimized_value(cfg, run_dir)
+
+
+def launched_rank() -> int:
+    """This process's rank as its launcher set it (torchrun/SLURM: RANK; Lightning's own subprocess launcher:
+    LOCAL_RANK in the processes it started; the process that started them has neither: 0)."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
 
 
 def optimized_value(cfg: DictConfig, run_dir: Path) -> float | None:
