@@ -247,10 +247,12 @@ def run_chat(cfg: DictConfig, stdin: IO[str] | None = None, out: IO[str] | None 
     from dlm.conversation import chat_model_of, load_chat_model
 
     if cfg.get("model") is not None:  # a checkpoint from its model config (its conventions: tokenizer, sampler)
-        from dlm.run import load_requested_model
+        from dlm.run import load_requested_model, plain
 
         loaded = load_requested_model(device=cfg.get("device", "cpu"))
-        model = chat_model_of(loaded.module, loaded.datamodule.tokenizer, f"model={loaded.choices.get('model')}")
+        # its sampler config as load_model composed it: the model's convention already applied, sampler= honoured
+        model = chat_model_of(loaded.module, loaded.datamodule.tokenizer, f"model={loaded.choices.get('model')}",
+                              plain(loaded.cfg.get("sampler")))
     else:
         model = load_chat_model(cfg.run, ckpt=cfg.get("ckpt", "last"), device=cfg.get("device", "cpu"),
                                 use_ema=bool(cfg.get("use_ema", True)))

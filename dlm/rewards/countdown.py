@@ -25,7 +25,7 @@ from dlm.rewards.answers import answer_tag
 from dlm.rewards.base import Reward
 from dlm.rewards.columns import column
 from dlm.rewards.expression import ExpressionError, evaluate
-from dlm.rewards.splits import split_name
+from dlm.rewards.splits import disjoint_splits, split_name
 
 __all__ = ["CountdownPrompts", "CountdownReward", "solve_countdown"]
 
@@ -146,26 +146,10 @@ class CountdownPrompts:
 
     def _generate(self) -> None:
         rng = np.random.default_rng([self.seed, 2677])
-        seen: set[tuple] = set()
-        val: list[tuple[list[int], int]] = []
-        for _ in range(100 * self.num_val):
-            if len(val) >= self.num_val:
-                break
-            numbers, target = self._instance(rng)
-            key = (tuple(sorted(numbers)), target)
-            if key not in seen:
-                seen.add(key)
-                val.append((numbers, target))
-        train: list[tuple[list[int], int]] = []
-        for _ in range(100 * self.num_train):
-            if len(train) >= self.num_train:
-                break
-            numbers, target = self._instance(rng)
-            if (tuple(sorted(numbers)), target) not in seen:
-                train.append((numbers, target))
-        if len(val) < self.num_val or len(train) < self.num_train:
-            raise ValueError("too few distinct countdown instances: raise max_number or lower num_val/num_train")
-        self._rows = {"train": train, "val": val}
+        self._rows = disjoint_splits(
+            lambda: tuple(self._instance(rng)), lambda item: (tuple(sorted(item[0])), item[1]),
+            self.num_train, self.num_val, 100 * self.num_val, 100 * self.num_train,
+            "too few distinct countdown instances: raise max_number or lower num_val/num_train")
 
     def rows(self, split: str) -> Iterator[dict[str, Any]]:
         if not self._rows:

@@ -23,7 +23,7 @@ import numpy as np
 from dlm.rewards.answers import answer_tag
 from dlm.rewards.base import Reward
 from dlm.rewards.columns import column
-from dlm.rewards.splits import split_name
+from dlm.rewards.splits import disjoint_splits, split_name
 
 __all__ = ["SudokuPrompts", "SudokuReward", "count_solutions", "generate_puzzle", "is_solution"]
 
@@ -189,25 +189,10 @@ class SudokuPrompts:
 
     def _generate(self) -> None:
         rng = np.random.default_rng([self.seed, 5113])
-        val: list[tuple[str, str]] = []
-        seen: set[str] = set()
-        for _ in range(50 * (self.num_val + self.num_train)):
-            if len(val) >= self.num_val:
-                break
-            item = generate_puzzle(rng, self.size, int(rng.integers(self.min_empty, self.max_empty + 1)))
-            if item[0] not in seen:
-                seen.add(item[0])
-                val.append(item)
-        train: list[tuple[str, str]] = []
-        for _ in range(50 * (self.num_train + 1)):
-            if len(train) >= self.num_train:
-                break
-            item = generate_puzzle(rng, self.size, int(rng.integers(self.min_empty, self.max_empty + 1)))
-            if item[0] not in seen:  # train may repeat a puzzle, never a validation one
-                train.append(item)
-        if len(val) < self.num_val or len(train) < self.num_train:
-            raise ValueError("too few distinct sudoku puzzles: raise max_empty or lower num_val/num_train")
-        self._rows = {"train": train, "val": val}
+        self._rows = disjoint_splits(  # train may repeat a puzzle, never a validation one
+            lambda: generate_puzzle(rng, self.size, int(rng.integers(self.min_empty, self.max_empty + 1))),
+            lambda item: item[0], self.num_train, self.num_val, 50 * (self.num_val + self.num_train),
+            50 * (self.num_train + 1), "too few distinct sudoku puzzles: raise max_empty or lower num_val/num_train")
 
     def rows(self, split: str) -> Iterator[dict[str, Any]]:
         if not self._rows:

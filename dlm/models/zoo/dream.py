@@ -31,10 +31,7 @@ class DreamLayout(PublishedLayout):
     transformers_type = "qwen2"
 
     def check(self, published: dict) -> None:
-        if published.get("use_sliding_window"):
-            self.refuse("use_sliding_window", True, "Dream's attention is full (bidirectional)")
-        if published.get("rope_scaling"):
-            self.refuse("rope_scaling", published["rope_scaling"], "Dream-v0 uses unscaled RoPE")
+        self.require_full_unscaled_attention(published)
 
     def hf_config(self, published: dict) -> dict[str, Any]:
         fields = architecture_fields(published)

@@ -103,6 +103,14 @@ class PublishedLayout:
     def refuse(self, field: str, value: Any, why: str) -> None:
         raise LayoutError(f"{self.name} config.json field {field}={value!r} is not supported: {why}")
 
+    def require_full_unscaled_attention(self, published: dict) -> None:
+        """The Qwen-derived layouts (Dream, RND1): no sliding window, no RoPE scaling (what they were released with;
+        the transformers class would otherwise run another attention)."""
+        if published.get("use_sliding_window"):
+            self.refuse("use_sliding_window", True, f"{self.name}'s attention is full (bidirectional)")
+        if published.get("rope_scaling"):
+            self.refuse("rope_scaling", published["rope_scaling"], f"{self.name} uses unscaled RoPE")
+
 
 def hf_fields(config) -> dict[str, Any]:
     """A transformers config as a dict, with its aliases too (Qwen3-MoE's ``num_experts`` is an alias of

@@ -36,10 +36,7 @@ class RND1Layout(PublishedLayout):
     transformers_type = "qwen3_moe"
 
     def check(self, published: dict) -> None:
-        if published.get("use_sliding_window"):
-            self.refuse("use_sliding_window", True, "RND1's attention is full (bidirectional)")
-        if published.get("rope_scaling"):
-            self.refuse("rope_scaling", published["rope_scaling"], "RND1 uses unscaled RoPE")
+        self.require_full_unscaled_attention(published)
 
     def hf_config(self, published: dict) -> dict[str, Any]:
         fields = {k: v for k, v in architecture_fields(published).items() if k not in RND1_FIELDS}
