@@ -167,10 +167,32 @@ def _shift(cfg: DictConfig, conv: ModelConventions, notes: list[str], problems: 
             f"the convention")
 
 
+# Whether each shipped sampler class reverses the MaskPrior, by import path, so that the conventions are applied
+# without importing dlm.sampling (torch: seconds of a dry run's start-up, issue #17). Exact paths; any other class
+# is imported and asked. tests/test_conventions.py checks every entry against its class's `priors`.
+MASK_PRIOR_SAMPLERS = {
+    "dlm.sampling.ARSampler": False,
+    "dlm.sampling.AncestralSampler": True,
+    "dlm.sampling.ArgmaxUnrolledSampler": False,
+    "dlm.sampling.D3PMSampler": False,
+    "dlm.sampling.EntropyBoundedSampler": True,
+    "dlm.sampling.EntropySampler": True,
+    "dlm.sampling.LowConfidenceSampler": True,
+    "dlm.sampling.MarginSampler": True,
+    "dlm.sampling.RandomOrderSampler": True,
+    "dlm.sampling.ReMDMSampler": True,
+    "dlm.sampling.SundaeSampler": False,
+    "dlm.sampling.ThresholdSampler": True,
+}
+
+
 def _mask_sampling(cfg: DictConfig) -> bool:
     """Whether the family samples by unmasking an absorbing mask: its own default sampler (the composed sampler
     node) takes the MaskPrior, so a checkpoint's recommended mask sampler can stand in for it. Read from the sampler
-    class (dlm.sampling: no LightningModule is imported, so a dry run stays light)."""
+    class (MASK_PRIOR_SAMPLERS, else dlm.sampling: no LightningModule is imported, so a dry run stays light)."""
+    known = MASK_PRIOR_SAMPLERS.get(str(OmegaConf.select(cfg, "sampler._target_", default="")))
+    if known is not None:
+        return known
     from hydra.utils import get_class
 
     from dlm.sampling.prior import MaskPrior

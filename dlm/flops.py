@@ -17,12 +17,11 @@ recognised CUDA device its dense bf16 peak, :data:`PEAK_BF16_TFLOPS`; nothing on
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
-from dlm.models.moe import count_active_parameters
-from dlm.parallel.params import numel
+if TYPE_CHECKING:  # torch is imported by the functions that take modules: a plan (dry_run) counts without it
+    import torch
+    from torch import nn
 
 # Dense bf16 tensor-core peaks (TFLOP/s per device) from the vendors' datasheets; matched against the device name.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
@@ -30,6 +29,8 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 31
 
 def device_peak_tflops(device: torch.device) -> float | None:
     """The dense bf16 peak of a recognised CUDA device, else None."""
+    import torch
+
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name(device)
@@ -48,6 +49,9 @@ def _embeddings(backbone: nn.Module) -> tuple[nn.Parameter | None, nn.Parameter 
 
 def backbone_geometry(backbone: nn.Module) -> tuple[int, int, int]:
     """(N matmul parameters per position, layers, width) of a native Transformer or an HF wrapper."""
+    from dlm.models.moe import count_active_parameters
+    from dlm.parallel.params import numel
+
     emb, head = _embeddings(backbone)
     n = count_active_parameters(backbone)
     if emb is not None:
@@ -91,8 +95,14 @@ class TrainingLayout:
 
 def flops_per_token(backbone: nn.Module, seq_len: int, layout: TrainingLayout = TrainingLayout()) -> float:
     """Training model FLOPs per data token of a family whose step has ``layout``."""
+    return geometry_flops_per_token(*backbone_geometry(backbone), seq_len, layout)
+
+
+def geometry_flops_per_token(n: int, layers: int, width: int, seq_len: int,
+                             layout: TrainingLayout = TrainingLayout()) -> float:
+    """:func:`flops_per_token` from the geometry (:func:`backbone_geometry`, or dlm.param_count's without a model)."""
     stretch = int(layout.seq_multiple)
-    return int(layout.forwards) * stretch * per_position(*backbone_geometry(backbone), seq_len * stretch)
+    return int(layout.forwards) * stretch * per_position(n, layers, width, seq_len * stretch)
 
 
 class FlopCounter:
@@ -101,17 +111,20 @@ class FlopCounter:
     def __init__(self, backbone: nn.Module):
         self.n, self.layers, self.width = backbone_geometry(backbone)
         self.flops = 0.0
-        self._handle = backbone.register_forward_pre_hook(self._count)
+        import torch
+
+        self._grad_enabled = torch.is_grad_enabled
+        # runs before a compiled backbone's graph, not traced into it
+        self._handle = backbone.register_forward_pre_hook(torch.compiler.disable(self._count))
 
     def per_position(self, seq_len: int, backward: bool) -> float:
         return per_position(self.n, self.layers, self.width, seq_len, backward)
 
-    @torch.compiler.disable  # runs before a compiled backbone's graph, not traced into it
     def _count(self, module: nn.Module, args: tuple) -> None:
         if not module.training or not args:
             return
         ids = args[0]
-        self.flops += ids.numel() * self.per_position(ids.shape[-1], torch.is_grad_enabled())
+        self.flops += ids.numel() * self.per_position(ids.shape[-1], self._grad_enabled())
 
     def remove(self) -> None:
         self._handle.remove()

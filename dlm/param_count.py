@@ -186,7 +186,10 @@ def _bert(c: Mapping[str, Any], V: int) -> _Tally | None:
     t = _Tally(token_embedding=V * d, other_embeddings=(int(c["max_position_embeddings"]) + int(c["type_vocab_size"])) * d,
                tied=bool(c["tie_word_embeddings"]), head_is_lm_head=False)
     t.head = 0 if t.tied else d * V
-    t.body = 2 * d + L * layer + (d * d + d + 2 * d) + V
+    # the head's bias (V): the decoder's is BertLMPredictionHead.bias when tied, and after a resize (its tie_weights
+    # ties the biases whatever tie_word_embeddings says); untied and not resized, transformers 5 keeps both
+    biases = 1 if t.tied or V > int(c["vocab_size"]) else 2
+    t.body = 2 * d + L * layer + (d * d + d + 2 * d) + biases * V
     return t
 
 

@@ -1,21 +1,22 @@
 """The resolved plan of a run, printed by `dry_run=true`: parameters (total and active), tokens per optimizer
-step, steps, model FLOPs and GPU-hours, memory per GPU under each ZeRO stage, and where outputs go. Built without allocating weights:
-the backbone is instantiated on the meta device, so a 30B model is planned on a laptop."""
+step, steps, model FLOPs and GPU-hours, memory per GPU under each ZeRO stage, and where outputs go. Built without
+allocating weights: the counts come from the config (dlm.param_count: no torch, no transformers modeling code), and
+where that cannot count a model (another class or model type, LoRA adapters) the backbone is instantiated on the meta
+device, so a 30B model is planned on a laptop either way."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
-import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from dlm.flops import PEAK_BF16_TFLOPS, TrainingLayout, flops_per_token
-from dlm.models import count_active_parameters, count_parameters
-from dlm.models.lora import adapter_spec, instantiate_backbone, plan_line
+from dlm.flops import PEAK_BF16_TFLOPS, TrainingLayout, geometry_flops_per_token
+from dlm.param_count import HF_DEFAULTS, ParamCount, count_model
 
-# Imports inside functions: transformers (a checkpoint's geometry) and Lightning's strategy registry load only
-# for the plans that need them (`dry_run` start-up, issue #17).
+# Imports inside functions: torch (devices=auto, a meta build), transformers (a checkpoint's geometry it alone can
+# read) and Lightning's strategy registry load only for the plans that need them (`dry_run` start-up, issue #17).
 
 PLAN_MFU = 0.4  # the utilisation the GPU-hours estimate assumes (a well-tuned dense run reaches 40-50%)
 
@@ -37,11 +38,17 @@ def zero_memory_per_gpu(n_params: int, n_gpus: int, trainable: int | None = None
     }
 
 
+def _cuda_count() -> int:
+    import torch  # only where devices=auto asks what this machine has
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def resolved_devices(trainer_cfg: DictConfig) -> int:
     devices = trainer_cfg.get("devices", 1)
     if devices in ("auto", -1, "-1"):
-        if trainer_cfg.get("accelerator") in ("gpu", "cuda", "auto") and torch.cuda.is_available():
-            return torch.cuda.device_count()
+        if trainer_cfg.get("accelerator") in ("gpu", "cuda", "auto") and _cuda_count():
+            return _cuda_count()
         return 1
     if isinstance(devices, (list, tuple)) or hasattr(devices, "__len__") and not isinstance(devices, str):
         return len(devices)
@@ -122,30 +129,72 @@ AUTO_GPUS_PER_NODE = 8  # a typical GPU node (8 x H100/A100), for plans made on 
 
 def _auto_without_gpus(trainer_cfg: DictConfig) -> bool:
     return (trainer_cfg.get("devices", 1) in ("auto", -1, "-1") and trainer_cfg.get("accelerator") in ("gpu", "cuda")
-            and not torch.cuda.is_available())
+            and not _cuda_count())
 
 
-def build_plan(cfg: DictConfig, vocab_size: int | None) -> Plan:
+def checkpoint_geometry(pretrained: str) -> dict:
+    """A checkpoint's config as a plain dict, without transformers where dlm.param_count can count it: a published
+    layout's mapping (dlm.models.zoo), the config.json of a local folder or the hub cache, a known geometry offline
+    (dlm.models.hf_geometry.KNOWN_GEOMETRIES); else transformers' own reading (pretrained_geometry)."""
+    from dlm.models.hf_geometry import KNOWN_GEOMETRIES, pretrained_geometry
+    from dlm.models.zoo.layout import cached_config
+    from dlm.models.zoo.registry import published_geometry
+
+    zoo = published_geometry(pretrained)
+    if zoo is not None:
+        return zoo
+    found = cached_config(pretrained)
+    if found is not None and found.get("model_type") in HF_DEFAULTS:
+        return found
+    if found is None and pretrained in KNOWN_GEOMETRIES and not Path(pretrained).is_dir():
+        return dict(KNOWN_GEOMETRIES[pretrained])
+    return pretrained_geometry(pretrained)
+
+
+def _model_fields(cfg: DictConfig) -> dict:
+    """cfg.model as a plain dict, a checkpoint's geometry (under its ``config`` overrides) in ``config``."""
+    fields = OmegaConf.to_container(cfg.model, resolve=True, throw_on_missing=False)
+    if fields.get("pretrained"):
+        fields["config"] = {**checkpoint_geometry(fields["pretrained"]), **(fields.get("config") or {})}
+        fields["pretrained"] = None
+    return fields
+
+
+def _meta_counts(cfg: DictConfig, fields: dict, vocab_size: int | None) -> tuple[ParamCount, int | None, str]:
+    """(counts, trainable parameters or None, the LoRA line) of the backbone built on the meta device."""
+    import torch
+
+    from dlm.flops import backbone_geometry
+    from dlm.models import count_active_parameters, count_parameters
+    from dlm.models.lora import adapter_spec, instantiate_backbone, plan_line
+
     model_cfg = cfg.model
-    if model_cfg.get("pretrained"):
-        # A plan needs the architecture only: build it from the checkpoint's config, never its weights.
-        from dlm.models.hf import pretrained_geometry
-
-        geometry = {**pretrained_geometry(model_cfg.pretrained), **(model_cfg.get("config") or {})}
+    if model_cfg.get("pretrained"):  # the architecture only: from the checkpoint's config, never its weights
         model_cfg = OmegaConf.merge(model_cfg, {"pretrained": None})
-        model_cfg.config = geometry
+        model_cfg.config = fields["config"]
     with torch.device("meta"):
         backbone = instantiate_backbone(model_cfg, vocab_size=vocab_size)
     total = count_parameters(backbone)
-    trainable = None
+    trainable, lora_line = None, ""
     if adapter_spec(backbone) is not None:
         trainable = sum(p.numel() for p in {id(p): p for p in backbone.parameters() if p.requires_grad}.values())
+        lora_line = plan_line(backbone, total, trainable, _GRAD + _OPTIM)
+    counts = ParamCount(total, count_parameters(backbone, exclude_embeddings=True), count_active_parameters(backbone),
+                        *backbone_geometry(backbone))
+    return counts, trainable, lora_line
+
+
+def build_plan(cfg: DictConfig, vocab_size: int | None) -> Plan:
+    fields = _model_fields(cfg)
+    counts, trainable, lora_line = count_model(fields, vocab_size), None, ""
+    if counts is None:
+        counts, trainable, lora_line = _meta_counts(cfg, fields, vocab_size)
     return Plan(
         trainable_params=trainable,
-        lora_line=plan_line(backbone, total, trainable, _GRAD + _OPTIM) if trainable is not None else "",
-        total_params=total,
-        non_embedding_params=count_parameters(backbone, exclude_embeddings=True),
-        active_params=count_active_parameters(backbone),
+        lora_line=lora_line,
+        total_params=counts.total,
+        non_embedding_params=counts.non_embedding,
+        active_params=counts.active,
         devices_per_node=resolved_devices(cfg.trainer),
         auto_gpus_per_node=AUTO_GPUS_PER_NODE if _auto_without_gpus(cfg.trainer) else None,
         num_nodes=int(cfg.trainer.get("num_nodes", 1)),
@@ -154,7 +203,8 @@ def build_plan(cfg: DictConfig, vocab_size: int | None) -> Plan:
         accumulate=int(cfg.trainer.get("accumulate_grad_batches", 1)),
         max_steps=int(cfg.trainer.max_steps),
         # the method config's declaration, not the family class: importing that imports Lightning (issue #17)
-        flops_per_token=flops_per_token(backbone, int(cfg.data.seq_len), TrainingLayout.of(cfg.method)),
+        flops_per_token=geometry_flops_per_token(counts.matmul, counts.layers, counts.width, int(cfg.data.seq_len),
+                                                 TrainingLayout.of(cfg.method)),
     )
 
 
@@ -214,9 +264,11 @@ def gpu_memory_check(cfg: DictConfig, vocab_size: int | None = None) -> str | No
     """None when the run's weights + grads + Adam state fit the GPUs it asks for, else a message with the
     numbers: GiB needed per GPU under the configured strategy vs. GiB and GPUs this machine has, and how many
     GPUs of this size ZeRO-3 would need. Activations are not counted (the figure is a lower bound)."""
+    import torch
+
     plan = build_plan(cfg, vocab_size)
     column, offloaded = _strategy_stage(cfg.trainer)
-    n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    n_cuda = _cuda_count()
     devices = cfg.trainer.get("devices", 1)
     world = plan.num_nodes * (max(1, n_cuda) if devices in ("auto", -1, "-1") else resolved_devices(cfg.trainer))
     need = zero_memory_per_gpu(plan.total_params, world, plan.trainable_params)[column]
@@ -254,9 +306,7 @@ def plan_vocab(cfg: DictConfig, tokenizer) -> tuple[int | None, str]:
         pretrained = OmegaConf.select(cfg, "model.pretrained", default=None)
         if not pretrained:
             raise
-        from dlm.models.hf import pretrained_geometry
-
-        vocab = pretrained_geometry(pretrained).get("vocab_size")
+        vocab = checkpoint_geometry(pretrained).get("vocab_size")
         mask = (f"mask {conv.mask_token!r} id {conv.mask_token_id}" if conv.mask_token_id is not None
                 else "its mask token")
         why = "offline" if "offline" in str(err) else type(err).__name__

@@ -43,8 +43,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from dlm.errors import UserError
 
 __all__ = ["PLAIN_GLOBALS", "TRUSTED_ENV", "CheckpointError", "Checked", "CorruptCheckpointError",
@@ -405,6 +403,7 @@ def check(path: str | Path | None) -> Checked:
 
 def load_arrays(path: str | Path) -> dict[str, Any]:
     """The arrays of an ``.npz`` file (the data cache), without pickle: numpy refuses object arrays (ValueError)."""
+    import numpy as np  # here: the CLIs import this module at start-up, where only checkpoints are vetted
 
     with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}

@@ -1,20 +1,27 @@
 """Data for diffusion LMs: tokenizers, sources (embedded arithmetic task, local text, HF datasets),
 packing, a tokenised-data cache and the Lightning DataModule."""
 
-from dlm.data.arithmetic import ArithmeticTask
-from dlm.data.cache import cache_key, load_or_build
-from dlm.data.packing import pack, pad_each
-from dlm.data.sources import ArithmeticSource, HFDatasetSource, TextFilesSource
-from dlm.data.tokenizers import ByteTokenizer, CharTokenizer, HFTokenizer, check_special_ids
+from importlib import import_module
+
+# Every name loads on first use (PEP 562): a tokenizer import (a plan, dry_run) pays for no numpy, datasets or
+# Lightning (the DataModule), issue #17.
+_WHERE = {
+    "ArithmeticTask": "arithmetic",
+    "cache_key": "cache", "load_or_build": "cache",
+    "pack": "packing", "pad_each": "packing",
+    "ArithmeticSource": "sources", "HFDatasetSource": "sources", "TextFilesSource": "sources",
+    "ByteTokenizer": "tokenizers", "CharTokenizer": "tokenizers", "HFTokenizer": "tokenizers",
+    "check_special_ids": "tokenizers",
+    "DLMDataModule": "datamodule", "ResumableRandomSampler": "datamodule",
+}
 
 
 def __getattr__(name: str):
-    # lazily: the DataModule is a Lightning class, and a plan (dry_run) or a tokenizer import needs no Lightning
-    if name in ("DLMDataModule", "ResumableRandomSampler"):
-        from dlm.data import datamodule
-
-        return getattr(datamodule, name)
-    raise AttributeError(f"module 'dlm.data' has no attribute {name!r}")
+    if name not in _WHERE:
+        raise AttributeError(f"module 'dlm.data' has no attribute {name!r}")
+    value = getattr(import_module(f"dlm.data.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
 
 
 __all__ = [

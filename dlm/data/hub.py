@@ -34,7 +34,8 @@ def _squash(name: str) -> str:
 
 
 def _cache_dirs(kind: str) -> list[Path]:
-    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"  # huggingface_hub.constants' default
+    home = Path(os.environ.get("HF_HOME", Path(cache) / "huggingface")).expanduser()
     hub = Path(os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or home / "hub").expanduser()
     dirs = [hub]
     if kind == "dataset":

@@ -265,10 +265,6 @@ class HFTokenizer(BaseTokenizer):
         return tokenizer_problem(self.name_or_path)
 
     def _load(self) -> None:
-        from transformers import (
-            AutoTokenizer,  # lazily: start-up: transformers is a slow import, needed by HF tokenizers only
-        )
-
         path = os.path.expanduser(self.name_or_path)
         if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
             raise TokenizerError(
@@ -284,6 +280,10 @@ class HFTokenizer(BaseTokenizer):
         problem = self.hub_problem()
         if problem:
             raise HubUnavailableError(problem)
+        # lazily, after the checks: transformers is a slow import (torch with it), and a tokenizer that cannot load
+        # here (a plan offline) needs none of it
+        from transformers import AutoTokenizer
+
         try:
             # trust_remote_code=False said out loud: a folder whose config.json has an auto_map (a published DLM's)
             # would otherwise make transformers ask on stdin whether to run the folder's code

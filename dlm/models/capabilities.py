@@ -9,8 +9,10 @@ module written for a test or an experiment) declares nothing beyond the plain ca
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:  # annotations only: the conventions are read at start-up, before torch is needed
+    from torch import nn
 
 __all__ = ["BackboneCapabilities", "ModelConventions", "capabilities_of", "conventions_of"]
 

@@ -39,10 +39,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from typing import TYPE_CHECKING
 
 from dlm.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where adapters are built: checking model.lora (start-up, plans) needs none
+    from torch import Tensor, nn
 
 ADAPTER = "default"  # peft's adapter name: parameter names carry it (lora_A.default.weight)
 LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "quantize", "export")
@@ -148,6 +150,8 @@ def quantization_kwargs(spec: LoraSpec | None) -> dict[str, Any]:
     machine without a CUDA GPU or without bitsandbytes (before anything is loaded)."""
     if spec is None or spec.quantize is None:
         return {}
+    import torch
+
     if not torch.cuda.is_available():
         raise LoraError(f"model.lora.quantize={spec.quantize}: this machine has no CUDA GPU; {QLORA_HINT}. Drop "
                         f"model.lora.quantize (plain LoRA runs on the CPU)")
@@ -173,6 +177,8 @@ def instantiate_backbone(model_cfg: Any, *, instantiate: Callable | None = None,
 
 
 def _on_meta() -> bool:
+    import torch
+
     return torch.empty(0).device.type == "meta"  # a plan's or placeholder's build: nothing loads, nothing to quantize
 
 
@@ -180,11 +186,14 @@ def _on_meta() -> bool:
 def adapter_root(backbone: nn.Module) -> nn.Module:
     """The module peft wraps: an HF wrapper's transformers model (so that adapter folders fit it), else the
     backbone."""
+    from torch import nn
+
     root = getattr(backbone, "hf_model", None)
     return root if isinstance(root, nn.Module) else backbone
 
 
 def _linear_types() -> tuple[type, ...]:
+    from torch import nn
     from transformers.pytorch_utils import Conv1D  # GPT-2's transposed Linear
 
     return (nn.Linear, Conv1D)

@@ -1,16 +1,36 @@
 """The field's published diffusion LMs in their own checkpoint layouts, on transformers classes (no remote code):
 LLaDA-8B (Llama), LLaDA-MoE-7B-A1B (Qwen3-MoE), Dream-v0-7B (Qwen2), RND1-Base (Qwen3-MoE). A file per
-architecture; ``layout.py`` is the shared mapping and streaming, ``backbone.py`` the backbone."""
+architecture; ``layout.py`` is the shared mapping and streaming, ``backbone.py`` the backbone. The names load on
+first use, so that reading a folder's layout (``registry``: plans) imports no torch."""
 
 from __future__ import annotations
 
-from dlm.models.zoo.backbone import PublishedDLM
-from dlm.models.zoo.dream import DreamLayout
-from dlm.models.zoo.layout import LayoutError, PublishedLayout, Target
-from dlm.models.zoo.llada import LLaDALayout
-from dlm.models.zoo.llada_moe import LLaDAMoELayout
-from dlm.models.zoo.registry import LAYOUTS, layout_of, published_geometry
-from dlm.models.zoo.rnd1 import RND1Layout
+from importlib import import_module
 
-__all__ = ["DreamLayout", "LAYOUTS", "LLaDALayout", "LLaDAMoELayout", "LayoutError", "PublishedDLM",
-           "PublishedLayout", "RND1Layout", "Target", "layout_of", "published_geometry"]
+_WHERE = {
+    "PublishedDLM": "dlm.models.zoo.backbone",
+    "DreamLayout": "dlm.models.zoo.dream",
+    "LayoutError": "dlm.models.zoo.layout",
+    "PublishedLayout": "dlm.models.zoo.layout",
+    "Target": "dlm.models.zoo.layout",
+    "LLaDALayout": "dlm.models.zoo.llada",
+    "LLaDAMoELayout": "dlm.models.zoo.llada_moe",
+    "LAYOUTS": "dlm.models.zoo.registry",
+    "layout_of": "dlm.models.zoo.registry",
+    "published_geometry": "dlm.models.zoo.registry",
+    "RND1Layout": "dlm.models.zoo.rnd1",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(_WHERE[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

@@ -25,10 +25,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from typing import TYPE_CHECKING
 
 from dlm.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where tensors are read or written: recognising a layout (a plan) needs none
+    import torch
+    from torch import Tensor, nn
+
+
+def _no_grad(fn):
+    """torch.no_grad() around ``fn``, with torch imported at the call."""
+    import functools
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return run
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
 SINGLE_WEIGHTS = "model.safetensors"
@@ -157,6 +174,10 @@ def cached_config(pretrained: str) -> dict | None:
     path = Path(str(pretrained)).expanduser()
     if path.is_dir():
         return read_config(path) if (path / "config.json").is_file() else None
+    from dlm.data.hub import in_hub_cache
+
+    if not in_hub_cache(str(pretrained), "model"):  # nothing cached: no lookup (huggingface_hub's is a slow import)
+        return None
     try:
         from huggingface_hub import try_to_load_from_cache
 
@@ -202,12 +223,13 @@ def _checked_shards(layout: PublishedLayout, folder: Path, table: dict[str, Targ
     return shards
 
 
-@torch.no_grad()
+@_no_grad
 def load_published_state(model: nn.Module, layout: PublishedLayout, folder: Path, hf: dict,
                          dtype: torch.dtype | None = None) -> None:
     """Stream ``folder``'s shards into ``model`` (built on the meta device): every published name through
     ``layout.names(hf)``; ``dtype`` None keeps each tensor's published dtype. Missing or unexpected weights and
     shape mismatches raise LayoutError naming them."""
+    import torch
     from safetensors import safe_open
 
     table = layout.names(hf)
@@ -241,7 +263,7 @@ def load_published_state(model: nn.Module, layout: PublishedLayout, folder: Path
     materialize_buffers(model)
 
 
-@torch.no_grad()
+@_no_grad
 def load_published_into(model: nn.Module, layout: PublishedLayout, folder: Path, hf: dict) -> None:
     """Copy ``folder``'s weights into an already built ``model`` (real, or ZeRO-3 partitioned parameters), one
     transformers parameter at a time: it is gathered whole (dlm.parallel.params.gathered: a no-op when not
@@ -280,6 +302,9 @@ def load_published_into(model: nn.Module, layout: PublishedLayout, folder: Path,
 def materialize_buffers(model: nn.Module) -> None:
     """Buffers left on the meta device (RoPE ``inv_freq``: computed, not stored) rebuilt on the CPU from a fresh
     module of the same class and config."""
+    import torch
+    from torch import Tensor, nn
+
     for module in model.modules():
         meta = [n for n, b in module.named_buffers(recurse=False) if b is not None and b.is_meta]
         if not meta:
