@@ -42,6 +42,12 @@ class SamplesSchema:
 
 
 @dataclass
+class EndOfRunSchema:  # dlm/end_of_run.py
+    validate: bool = True
+    export: bool = True
+
+
+@dataclass
 class TrainSchema:
     name: str = "run"
     seed: int = 0
@@ -52,6 +58,7 @@ class TrainSchema:
     threads: int | None = None  # torch intra-op threads: None = OMP_NUM_THREADS, else dlm.threads' rule
     optimized_metric: str | None = None
     samples: SamplesSchema = field(default_factory=SamplesSchema)
+    end_of_run: EndOfRunSchema = field(default_factory=EndOfRunSchema)
     method: Any = None
     model: Any = None
     schedule: Any = None

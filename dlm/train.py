@@ -80,13 +80,14 @@ def final_results(trainer, callbacks: list, started: float, status: str) -> dict
     return results
 
 
-def export_model(module, run_dir: Path) -> None:
+def export_model(module, run_dir: Path) -> str:
     """A reusable export in <run_dir>/hf where the model allows one: the family's own (AR: a causal LM), else
-    for an HF backbone the consolidated checkpoint as an HF folder (A2D runs; DeepSpeed ZeRO folders too)."""
+    for an HF backbone the consolidated checkpoint as an HF folder (A2D runs; DeepSpeed ZeRO folders too). Returns
+    what was written, for the end-of-run line."""
     from dlm.models.hf import HFCausalLM
 
     if module.global_rank != 0:
-        return
+        return ""
     try:
         if hasattr(module, "export_hf"):
             if RunFolder(run_dir).last_ckpt.is_dir():  # DeepSpeed: ZeRO-3 partitions the live weights,
@@ -101,8 +102,12 @@ def export_model(module, run_dir: Path) -> None:
             from dlm.parallel.export import consolidate_run
 
             consolidate_run(run_dir)
+        else:
+            return "(none: this family writes no export)"
     except (ValueError, TypeError, NotImplementedError) as err:  # no export format for this model: say so
         print(f"export: skipped ({err})")
+        return "(none)"
+    return f"-> {run_dir / 'hf'}"
 
 
 def finish_loggers(loggers: list, results: dict) -> None:
@@ -185,8 +190,11 @@ def fit(trainer, module, datamodule, ckpt_path: str | None, vetted) -> bool:
     return trainer.received_sigterm
 
 
-def run_status(trainer, module, datamodule, terminated: bool) -> str:
-    """results.json's status; a completed run is validated at its last step first (when it was not already)."""
+def run_status(trainer, module, datamodule, terminated: bool, validate: bool = True) -> str:
+    """results.json's status; a completed run is validated at its last step first (when it was not already and
+    ``validate``: end_of_run.validate), in one timed line (dlm/end_of_run.py)."""
+    from dlm.end_of_run import stage
+
     if module.nonfinite_stop:
         return f"stopped: non-finite ({module.nonfinite_stop['reason']})"
     if terminated:
@@ -194,7 +202,13 @@ def run_status(trainer, module, datamodule, terminated: bool) -> str:
     if trainer.interrupted:
         return "interrupted"
     if trainer.callback_metrics.get("val/loss") is None or module.last_val_step != trainer.global_step:
-        trainer.validate(module, datamodule=datamodule, verbose=False)
+        with stage("validation", show=trainer.is_global_zero) as s:
+            if not validate:
+                s.skipped = f"end_of_run.validate=false; the last validation was at step {module.last_val_step}"
+            else:
+                trainer.validate(module, datamodule=datamodule, verbose=False)
+                loss = trainer.callback_metrics.get("val/loss")
+                s.detail = f"at step {trainer.global_step}" + (f", val/loss {float(loss):.4g}" if loss is not None else "")
     return "completed"
 
 
@@ -213,6 +227,7 @@ def train(cfg: DictConfig) -> Path:
     import lightning as L
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+    from dlm import end_of_run
     from dlm.callbacks.continuity import RunContinuity
     from dlm.console import quiet_lightning_logging
     from dlm.methods.base import NonFiniteLossError
@@ -237,11 +252,17 @@ def train(cfg: DictConfig) -> Path:
     log_config(loggers, cfg)
     trainer = build(cfg.trainer, "trainer", MisconfigurationException, TypeError, logger=loggers or False, callbacks=callbacks)
     terminated = fit(trainer, module, datamodule, ckpt_path, vetted)
-    status = run_status(trainer, module, datamodule, terminated)
+    status = run_status(trainer, module, datamodule, terminated, validate=end_of_run.setting(cfg, "validate"))
     if not module.nonfinite_stop:
-        trainer.save_checkpoint(RunFolder(run_dir).last_ckpt, weights_only=False)  # resumable: optimizer and loops too
+        with end_of_run.stage("checkpoint", show=trainer.is_global_zero) as s:
+            trainer.save_checkpoint(RunFolder(run_dir).last_ckpt, weights_only=False)  # resumable: optimizer, loops
+            s.detail = f"-> {RunFolder(run_dir).last_ckpt}"
         if not terminated:
-            export_model(module, run_dir)
+            with end_of_run.stage("export", show=trainer.is_global_zero) as s:
+                if not end_of_run.setting(cfg, "export"):
+                    s.skipped = "end_of_run.export=false"
+                else:
+                    s.detail = export_model(module, run_dir)
     results = final_results(trainer, callbacks, started, status)
     RunFolder(run_dir).results.write_text(json.dumps(results, indent=2) + "\n")
     finish_loggers(loggers, results)

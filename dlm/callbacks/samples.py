@@ -12,6 +12,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from dlm.end_of_run import line as stage_line
 from dlm.progress import Bar
 from dlm.sampling.base import cut_at_eos
 
@@ -46,6 +47,11 @@ class WriteSamples(L.Callback):
         # from all ranks, so a rank-zero-only generation would hang. Rank zero writes and logs.
         if trainer.interrupted or getattr(pl_module, "nonfinite_stop", None):
             return
+        if max(self.num_unconditional, self.num_prompted, self.num_infill) <= 0:
+            if trainer.is_global_zero:
+                print(stage_line("samples", None, "skipped (samples.num_unconditional, num_prompted and num_infill are 0)"))
+            return
+        start = time.perf_counter()
         datamodule = trainer.datamodule
         rows, metrics = write_samples(
             pl_module,
@@ -69,7 +75,8 @@ class WriteSamples(L.Callback):
                 f.write(json.dumps(row) + "\n")
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-        print("samples: " + ", ".join(f"{k}={v:.3g}" for k, v in metrics.items()) + f" -> {self.path}")
+        scores = ", ".join(f"{k}={v:.3g}" for k, v in metrics.items())
+        print(stage_line("samples", time.perf_counter() - start, f"{scores} -> {self.path}"), flush=True)
 
 
 SAMPLE_KINDS = ("unconditional", "prompted", "infill")  # the rows this callback writes (and rewrites)
