@@ -161,3 +161,18 @@ def test_a_plan_imports_no_torch_and_no_transformers(tmp_path):
         out = subprocess.run([sys.executable, "-c", probe, f"model={model}", "dry_run=true"], env=env,
                              capture_output=True, text=True, timeout=120)
         assert "parameters:" in out.stdout and "heavy: []" in out.stdout, (model, out.stdout[-800:], out.stderr[-2000:])
+
+
+def test_a_checkpoint_folder_is_counted_from_its_config_json(tmp_path):
+    """model.pretrained=<folder>: the plan reads config.json (no transformers) and counts what the meta build of
+    that checkpoint's architecture holds."""
+    import json
+
+    from dlm.plan import checkpoint_geometry
+
+    geometry = {**VARIANTS["qwen3-biased-untied"], "architectures": ["Qwen3ForCausalLM"], "torch_dtype": "float32"}
+    (tmp_path / "config.json").write_text(json.dumps(geometry))
+    assert checkpoint_geometry(str(tmp_path)) == geometry
+    cfg = compose(["model=qwen3_0p6b", f"model.pretrained={tmp_path}"])
+    analytic, meta = _both(cfg, 640)
+    assert analytic == meta and analytic.total > 0

@@ -169,14 +169,22 @@ def resolve_folder(pretrained: str | Path, weights: bool = True) -> Path:
         ) from err
 
 
+def _hub_cache_folder(repo_id: str) -> Path:
+    """Where the hub cache keeps a model repo: huggingface_hub's layout (HF_HUB_CACHE, else HF_HOME/hub, HF_HOME
+    defaulting to $XDG_CACHE_HOME/huggingface), read without importing it."""
+    import os
+
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    hub = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or Path(home) / "hub"
+    return Path(hub).expanduser() / ("models--" + repo_id.replace("/", "--"))
+
+
 def cached_config(pretrained: str) -> dict | None:
     """A checkpoint's config.json from a local folder or the hub cache (never the network), else None."""
     path = Path(str(pretrained)).expanduser()
     if path.is_dir():
         return read_config(path) if (path / "config.json").is_file() else None
-    from dlm.data.hub import in_hub_cache
-
-    if not in_hub_cache(str(pretrained), "model"):  # nothing cached: no lookup (huggingface_hub's is a slow import)
+    if not _hub_cache_folder(str(pretrained)).is_dir():  # nothing cached: no lookup (huggingface_hub: a slow import)
         return None
     try:
         from huggingface_hub import try_to_load_from_cache
