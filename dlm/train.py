@@ -342,7 +342,7 @@ def optimized_value(cfg: DictConfig, run_dir: Path) -> float | None:
 def main() -> None:
     """Check the overrides first, so that every bad one is reported at once with the valid choices; a resume
     (``ckpt_path=``) is resolved to its run and that run's own overrides before Hydra starts (dlm.resume)."""
-    from dlm import sweep
+    from dlm import cli_help, sweep
     from dlm.resume import override_key, resolve_resume
 
     multirun = any(a in ("-m", "--multirun") for a in sys.argv[1:])
@@ -361,6 +361,11 @@ def main() -> None:
                 flags = [a for a in sys.argv[1:] if a not in overrides]
                 sys.argv[1:] = flags + resume.overrides
                 print(f"resume: {resume.checkpoint} with overrides {' '.join(resume.overrides)}")
+    if cli_help.wants_help(sys.argv[1:]):  # Hydra's text without Hydra's slow group listing (dlm/cli_help.py)
+        text = cli_help.help_text(sys.argv[1:])
+        if text is not None:
+            print(text)
+            return
     try:
         hydra_main()
     finally:
