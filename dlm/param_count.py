@@ -5,7 +5,9 @@ shapes, written here for the layouts dlm ships configs for. Each function mirror
 read from the code of the installed transformers release (5.x ``modeling_{llama,qwen2,qwen3,qwen3_moe,gpt2,bert}.py``;
 ``dlm/models/transformer.py`` for the native backbone) and checked exactly against the meta-device build of every
 shipped model config in tests/test_param_count.py. Anything else (another class or model type, flags that add
-layers, LoRA adapters) returns None and the plan builds the model on the meta device instead (dlm.plan).
+layers, a LoRA target outside the counted layers) returns None and the plan builds the model on the meta device
+instead (dlm.plan). With ``model.lora`` the adapters are counted too (r x (in + out) per adapted Linear: peft's A and
+B), on the layers dlm.models.lora adapts (its default targets, or ``target_modules`` by peft's name rule).
 
 The counts follow the meta build's conventions exactly (dlm.models.transformer.count_parameters,
 dlm.models.moe.count_active_parameters, dlm.flops.backbone_geometry):
@@ -23,7 +25,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["HF_DEFAULTS", "ParamCount", "count_model", "hf_causal_count", "hf_masked_count", "native_count"]
+__all__ = ["COUNTED_BACKBONES", "HF_DEFAULTS", "ParamCount", "count_model", "hf_causal_count", "hf_masked_count",
+           "native_count"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class ParamCount:
     matmul: int  # parameters a token passes through as matrix products (dlm.flops.backbone_geometry's N)
     layers: int
     width: int
+    trainable: int | None = None  # with LoRA adapters: theirs (everything else is frozen); None: all
 
 
 @dataclass
@@ -47,17 +51,47 @@ class _Tally:
     tied: bool = False
     body: int = 0
     experts: list[tuple[int, int, int]] | None = None  # per sparse layer: (size, num_experts, top_k)
+    # the Linear (GPT-2: Conv1D) layers under the module LoRA wraps: (path, fan in, fan out); the output projection's
+    # path; the names model.lora adapts by default (dlm.models.lora.default_targets: the attention and MLP layers)
+    linears: list[tuple[str, int, int]] | None = None
+    output: str = "lm_head"
+    lora_defaults: tuple[str, ...] = ()
+    # names peft also maps onto fused expert tensors (its transformers-5 MoE support: adapters of its own shapes on
+    # the experts' gate_up_proj / down_proj), counted by a meta build only
+    expert_names: tuple[str, ...] = ()
 
-    def count(self, layers: int, width: int) -> ParamCount:
+    def adapters(self, lora: Mapping[str, Any]) -> int | None:
+        """Parameters of ``model.lora``'s adapters (peft: A [r, in] and B [out, r] per adapted layer), None where only
+        the meta build can tell (a target that names no Linear here, or the output projection: dlm.models.lora then
+        refuses or decides)."""
+        r = lora.get("r")
+        if not isinstance(r, int) or isinstance(r, bool) or r <= 0 or self.linears is None:
+            return None
+        targets = lora.get("target_modules") or self.lora_defaults
+        adapted: dict[str, int] = {}
+        for target in [targets] if isinstance(targets, str) else targets:
+            if target.rpartition(".")[2] in self.expert_names:
+                return None
+            hits = [(path, i, o) for path, i, o in self.linears if path == target or path.endswith("." + target)]
+            if not hits or any(path == self.output for path, _, _ in hits):
+                return None
+            adapted.update({path: r * (i + o) for path, i, o in hits})  # dlm.models.lora._matches: peft's rule
+        return sum(adapted.values())
+
+    def count(self, layers: int, width: int, lora: Mapping[str, Any] | None = None) -> ParamCount | None:
+        adapters = 0 if lora is None else self.adapters(lora)
+        if adapters is None:
+            return None
         experts = self.experts or []
-        total = self.token_embedding + self.other_embeddings + self.head + self.body + sum(s for s, _, _ in experts)
+        total = (self.token_embedding + self.other_embeddings + self.head + self.body + sum(s for s, _, _ in experts)
+                 + adapters)
         non_embedding = total - self.token_embedding - self.other_embeddings - (self.head if self.head_is_lm_head else 0)
         active = float(total)
         for size, n, k in experts:  # the same float arithmetic as dlm.models.moe.count_active_parameters
             active -= size * (1 - min(k, n) / n)
         active = round(active)
         matmul = active - self.token_embedding + (self.token_embedding if self.tied else 0)
-        return ParamCount(total, non_embedding, active, matmul, layers, width)
+        return ParamCount(total, non_embedding, active, matmul, layers, width, None if lora is None else adapters)
 
 
 # The transformers config classes' defaults of the fields the counts read (transformers 5.x configuration_*.py);
@@ -107,22 +141,38 @@ def _rows(c: Mapping[str, Any], vocab_size: int | None) -> int:
 
 
 def _decoder(c: Mapping[str, Any], V: int, *, head_dim: int, qkv_bias: bool, o_bias: bool, mlp_bias: bool,
-             qk_norm: bool, mlp: Callable[[int], tuple[int, tuple[int, int, int] | None]]) -> _Tally:
+             qk_norm: bool, mlp: Callable[[int], tuple[int, tuple[int, int, int] | None]],
+             dense_width: Callable[[int], int] | None = None) -> _Tally:
     """The Llama-family decoder (Llama, Qwen2, Qwen3, Qwen3-MoE): embedding, L x (RMSNorm, attention, RMSNorm, MLP),
-    final RMSNorm, lm_head. ``mlp(layer)``: (the dense parameters of that layer's MLP or router, its experts)."""
+    final RMSNorm, lm_head. ``mlp(layer)``: (the dense parameters of that layer's MLP or router, its experts);
+    ``dense_width(layer)``: a dense layer's MLP width (default intermediate_size)."""
+    dense_width = dense_width or (lambda _: c["intermediate_size"])
     d, L, H = int(c["hidden_size"]), int(c["num_hidden_layers"]), int(c["num_attention_heads"])
     kv = int(c.get("num_key_value_heads") or H)
     q, k = H * head_dim, kv * head_dim
     attention = d * q + 2 * d * k + q * d + (q + 2 * k if qkv_bias else 0) + (d if o_bias else 0)
     attention += 2 * head_dim if qk_norm else 0
-    t = _Tally(token_embedding=V * d, tied=bool(c["tie_word_embeddings"]), experts=[])
+    t = _Tally(token_embedding=V * d, tied=bool(c["tie_word_embeddings"]), experts=[], linears=[],
+               lora_defaults=("q_proj", "k_proj", "v_proj", "o_proj"))
     t.head = 0 if t.tied else d * V
     t.body = d  # the final norm
+    inner = set()
     for layer in range(L):
         dense, experts = mlp(layer)
         t.body += 2 * d + attention + dense
+        at = f"model.layers.{layer}."
+        t.linears += [(at + "self_attn.q_proj", d, q), (at + "self_attn.k_proj", d, k), (at + "self_attn.v_proj", d, k),
+                      (at + "self_attn.o_proj", q, d)]
         if experts is not None:
-            t.experts.append(experts)
+            t.experts.append(experts)  # a router (not a Linear) and fused experts
+            t.expert_names = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
+        else:
+            width = int(dense_width(layer))
+            inner.add(width)
+            t.linears += [(at + "mlp.gate_proj", d, width), (at + "mlp.up_proj", d, width), (at + "mlp.down_proj", width, d)]
+    if inner:
+        t.lora_defaults += ("gate_proj", "up_proj", "down_proj")
+    t.linears.append(("lm_head", d, V))
     return t
 
 
@@ -170,9 +220,15 @@ def _gpt2(c: Mapping[str, Any], V: int) -> _Tally | None:
     d, L = int(c["n_embd"]), int(c["n_layer"])
     inner = int(c.get("n_inner") or 4 * d)
     layer = 2 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + (d * inner + inner) + (inner * d + d)  # Conv1D: biased
-    t = _Tally(token_embedding=V * d, other_embeddings=int(c["n_positions"]) * d, tied=bool(c["tie_word_embeddings"]))
+    t = _Tally(token_embedding=V * d, other_embeddings=int(c["n_positions"]) * d, tied=bool(c["tie_word_embeddings"]),
+               lora_defaults=("c_attn", "c_fc", "c_proj"), linears=[])
     t.head = 0 if t.tied else d * V
     t.body = L * layer + 2 * d  # ln_f
+    for i in range(L):
+        at = f"transformer.h.{i}."
+        t.linears += [(at + "attn.c_attn", d, 3 * d), (at + "attn.c_proj", d, d), (at + "mlp.c_fc", d, inner),
+                      (at + "mlp.c_proj", inner, d)]
+    t.linears.append(("lm_head", d, V))
     return t
 
 
@@ -184,7 +240,14 @@ def _bert(c: Mapping[str, Any], V: int) -> _Tally | None:
     d, L, inner = int(c["hidden_size"]), int(c["num_hidden_layers"]), int(c["intermediate_size"])
     layer = 4 * (d * d + d) + 2 * d + (d * inner + inner) + (inner * d + d) + 2 * d
     t = _Tally(token_embedding=V * d, other_embeddings=(int(c["max_position_embeddings"]) + int(c["type_vocab_size"])) * d,
-               tied=bool(c["tie_word_embeddings"]), head_is_lm_head=False)
+               tied=bool(c["tie_word_embeddings"]), head_is_lm_head=False, linears=[],
+               output="cls.predictions.decoder", lora_defaults=("dense", "key", "query", "value"))
+    for i in range(L):
+        at = f"bert.encoder.layer.{i}."
+        t.linears += [(at + "attention.self.query", d, d), (at + "attention.self.key", d, d),
+                      (at + "attention.self.value", d, d), (at + "attention.output.dense", d, d),
+                      (at + "intermediate.dense", d, inner), (at + "output.dense", inner, d)]
+    t.linears += [("cls.predictions.transform.dense", d, d), ("cls.predictions.decoder", d, V)]
     t.head = 0 if t.tied else d * V
     # the head's bias (V): the decoder's is BertLMPredictionHead.bias when tied, and after a resize (its tie_weights
     # ties the biases whatever tie_word_embeddings says); untied and not resized, transformers 5 keeps both
@@ -197,7 +260,8 @@ _CAUSAL = {"llama": _llama, "qwen2": _qwen2, "qwen3": _qwen3, "qwen3_moe": _qwen
 _MASKED = {"bert": _bert}
 
 
-def _hf_count(table: Mapping[str, Callable], config: Mapping[str, Any], vocab_size: int | None) -> ParamCount | None:
+def _hf_count(table: Mapping[str, Callable], config: Mapping[str, Any], vocab_size: int | None,
+              lora: Mapping[str, Any] | None = None) -> ParamCount | None:
     c = _fields(config)
     counter = None if c is None else table.get(c["model_type"])
     tally = None if counter is None else counter(c, _rows(c, vocab_size))
@@ -205,53 +269,72 @@ def _hf_count(table: Mapping[str, Callable], config: Mapping[str, Any], vocab_si
         return None
     layers = c.get("num_hidden_layers", c.get("n_layer"))
     width = c.get("hidden_size", c.get("n_embd"))
-    return tally.count(int(layers), int(width))
+    return tally.count(int(layers), int(width), lora)
 
 
-def hf_causal_count(config: Mapping[str, Any], vocab_size: int | None = None) -> ParamCount | None:
-    """An ``AutoModelForCausalLM`` of this config (``model_type`` + fields) as dlm.models.hf.HFCausalLM builds it."""
-    return _hf_count(_CAUSAL, config, vocab_size)
+def hf_causal_count(config: Mapping[str, Any], vocab_size: int | None = None,
+                    lora: Mapping[str, Any] | None = None) -> ParamCount | None:
+    """An ``AutoModelForCausalLM`` of this config (``model_type`` + fields) as dlm.models.hf.HFCausalLM builds it,
+    with ``lora`` (``model.lora``: r, target_modules) adapters."""
+    return _hf_count(_CAUSAL, config, vocab_size, lora)
 
 
-def hf_masked_count(config: Mapping[str, Any], vocab_size: int | None = None) -> ParamCount | None:
+def hf_masked_count(config: Mapping[str, Any], vocab_size: int | None = None,
+                    lora: Mapping[str, Any] | None = None) -> ParamCount | None:
     """An ``AutoModelForMaskedLM`` of this config as dlm.models.hf_masked_lm.HFMaskedLM builds it."""
-    return _hf_count(_MASKED, config, vocab_size)
+    return _hf_count(_MASKED, config, vocab_size, lora)
 
 
-def native_count(vocab_size: int, n_layers: int = 2, d_model: int = 128, n_heads: int = 4,
+def native_tally(vocab_size: int, n_layers: int = 2, d_model: int = 128, n_heads: int = 4,
                  n_kv_heads: int | None = None, d_ff: int | None = None, time_conditioning: bool = False,
-                 tie_embeddings: bool = True, **_: Any) -> ParamCount:
-    """dlm.models.transformer.Transformer with these arguments (its defaults)."""
-    d, kv = int(d_model), int(n_kv_heads or n_heads)
-    head_dim = d // int(n_heads)
+                 tie_embeddings: bool = True, **_: Any) -> _Tally:
+    """dlm.models.transformer.Transformer's parameters with these arguments (its defaults)."""
+    d, kv, n_heads, n_layers = int(d_model), int(n_kv_heads or n_heads), int(n_heads), int(n_layers)
+    head_dim = d // n_heads
     d_ff = int(d_ff) if d_ff is not None else 64 * math.ceil(8 * d / 3 / 64)
+    q, k = n_heads * head_dim, kv * head_dim
     tc = d * d if time_conditioning else 0
-    layer = 2 * d + 2 * d * n_heads * head_dim + 2 * d * kv * head_dim + 3 * d * d_ff + tc
-    t = _Tally(token_embedding=int(vocab_size) * d, tied=bool(tie_embeddings))
+    layer = 2 * d + 2 * d * q + 2 * d * k + 3 * d * d_ff + tc
+    t = _Tally(token_embedding=int(vocab_size) * d, tied=bool(tie_embeddings), linears=[],
+               lora_defaults=("wq", "wk", "wv", "wo", "w1", "w2", "w3"))  # Transformer.lora_targets
     t.head = 0 if t.tied else d * int(vocab_size)
     t.body = n_layers * layer + d + 2 * tc
-    return t.count(int(n_layers), d)
+    if time_conditioning:
+        t.linears += [("time_mlp.0", d, d), ("time_mlp.2", d, d)]
+    for i in range(n_layers):
+        at = f"blocks.{i}."
+        t.linears += [(at + "attn.wq", d, q), (at + "attn.wk", d, k), (at + "attn.wv", d, k), (at + "attn.wo", q, d),
+                      (at + "mlp.w1", d, d_ff), (at + "mlp.w3", d, d_ff), (at + "mlp.w2", d_ff, d)]
+        if time_conditioning:
+            t.linears.append((at + "time_proj", d, d))
+    t.linears.append(("lm_head", d, int(vocab_size)))
+    return t
 
 
-def _native(fields: dict, vocab_size: int | None) -> ParamCount | None:
+def native_count(vocab_size: int, lora: Mapping[str, Any] | None = None, **fields: Any) -> ParamCount | None:
+    """dlm.models.transformer.Transformer with these arguments (its defaults for the rest)."""
+    return native_tally(vocab_size, **fields).count(int(fields.get("n_layers", 2)), int(fields.get("d_model", 128)), lora)
+
+
+def _native(fields: dict, vocab_size: int | None, lora) -> ParamCount | None:
     if vocab_size is not None:
         fields["vocab_size"] = vocab_size
     if not isinstance(fields.get("vocab_size"), int):
         return None
-    return native_count(**fields)
+    return native_count(lora=lora, **fields)
 
 
-def _hf(counter: Callable) -> Callable[[dict, int | None], ParamCount | None]:
-    def count(fields: dict, vocab_size: int | None) -> ParamCount | None:
+def _hf(counter: Callable) -> Callable[[dict, int | None, Any], ParamCount | None]:
+    def count(fields: dict, vocab_size: int | None, lora) -> ParamCount | None:
         if fields.get("pretrained") or fields.get("trust_remote_code") or not fields.get("config"):
             return None  # a checkpoint's geometry is merged into config by the caller (dlm.plan)
-        return counter(fields["config"], vocab_size if vocab_size is not None else fields.get("vocab_size"))
+        return counter(fields["config"], vocab_size if vocab_size is not None else fields.get("vocab_size"), lora)
     return count
 
 
 # The backbone classes counted here, by import path (reading `_target_` without importing the class, which imports
 # torch): exact paths, so a subclass is built on the meta device. tests/test_param_count.py resolves each one.
-COUNTED_BACKBONES: dict[str, Callable[[dict, int | None], ParamCount | None]] = {
+COUNTED_BACKBONES: dict[str, Callable[[dict, int | None, Any], ParamCount | None]] = {
     "dlm.models.transformer.Transformer": _native,
     "dlm.models.Transformer": _native,
     "dlm.models.hf.HFCausalLM": _hf(hf_causal_count),
@@ -265,14 +348,14 @@ COUNTED_BACKBONES: dict[str, Callable[[dict, int | None], ParamCount | None]] = 
 
 def count_model(model_cfg: Mapping[str, Any], vocab_size: int | None = None) -> ParamCount | None:
     """The counts of a model config (``cfg.model`` as a plain dict, a checkpoint's geometry already merged into
-    ``config`` and ``pretrained`` cleared) built with ``vocab_size``; None where only a meta build can tell (another
-    class, another model type, LoRA adapters)."""
+    ``config`` and ``pretrained`` cleared) built with ``vocab_size`` and its ``lora`` adapters; None where only a
+    meta build can tell (another class, another model type, a LoRA target not among the counted layers)."""
     fields = dict(model_cfg)
-    lora = fields.pop("lora", None) or {}
-    if lora.get("r") is not None:
-        return None
+    lora = fields.pop("lora", None) or None
+    if lora is not None and lora.get("r") is None:
+        lora = None  # LoRA off
     counter = COUNTED_BACKBONES.get(str(fields.pop("_target_", "")))
     if counter is None:
         return None
     fields.pop("layout", None)
-    return counter(fields, vocab_size)
+    return counter(fields, vocab_size, lora)

@@ -1,8 +1,8 @@
 """The resolved plan of a run, printed by `dry_run=true`: parameters (total and active), tokens per optimizer
 step, steps, model FLOPs and GPU-hours, memory per GPU under each ZeRO stage, and where outputs go. Built without
-allocating weights: the counts come from the config (dlm.param_count: no torch, no transformers modeling code), and
-where that cannot count a model (another class or model type, LoRA adapters) the backbone is instantiated on the meta
-device, so a 30B model is planned on a laptop either way."""
+allocating weights: the counts come from the config (dlm.param_count: no torch, no transformers modeling code, LoRA
+adapters included), and where that cannot count a model (another class or model type) the backbone is instantiated on
+the meta device, so a 30B model is planned on a laptop either way."""
 
 from __future__ import annotations
 
@@ -160,8 +160,8 @@ def _model_fields(cfg: DictConfig) -> dict:
     return fields
 
 
-def _meta_counts(cfg: DictConfig, fields: dict, vocab_size: int | None) -> tuple[ParamCount, int | None, str]:
-    """(counts, trainable parameters or None, the LoRA line) of the backbone built on the meta device."""
+def _meta_counts(cfg: DictConfig, fields: dict, vocab_size: int | None) -> tuple[ParamCount, str]:
+    """(counts, the LoRA line) of the backbone built on the meta device."""
     import torch
 
     from dlm.flops import backbone_geometry
@@ -180,17 +180,27 @@ def _meta_counts(cfg: DictConfig, fields: dict, vocab_size: int | None) -> tuple
         trainable = sum(p.numel() for p in {id(p): p for p in backbone.parameters() if p.requires_grad}.values())
         lora_line = plan_line(backbone, total, trainable, _GRAD + _OPTIM)
     counts = ParamCount(total, count_parameters(backbone, exclude_embeddings=True), count_active_parameters(backbone),
-                        *backbone_geometry(backbone))
-    return counts, trainable, lora_line
+                        *backbone_geometry(backbone), trainable=trainable)
+    return counts, lora_line
+
+
+def _counts(cfg: DictConfig, vocab_size: int | None) -> tuple[ParamCount, str]:
+    """(counts, the LoRA line): from the config (dlm.param_count), else from a meta build."""
+    fields = _model_fields(cfg)
+    counts = count_model(fields, vocab_size)
+    if counts is None:
+        return _meta_counts(cfg, fields, vocab_size)
+    if counts.trainable is None:
+        return counts, ""
+    from dlm.models.lora import lora_spec, plan_line
+
+    return counts, plan_line(None, counts.total, counts.trainable, _GRAD + _OPTIM, spec=lora_spec(cfg.model.lora))
 
 
 def build_plan(cfg: DictConfig, vocab_size: int | None) -> Plan:
-    fields = _model_fields(cfg)
-    counts, trainable, lora_line = count_model(fields, vocab_size), None, ""
-    if counts is None:
-        counts, trainable, lora_line = _meta_counts(cfg, fields, vocab_size)
+    counts, lora_line = _counts(cfg, vocab_size)
     return Plan(
-        trainable_params=trainable,
+        trainable_params=counts.trainable,
         lora_line=lora_line,
         total_params=counts.total,
         non_embedding_params=counts.non_embedding,

@@ -24,8 +24,7 @@ SHIPPED = group_options("model")
 def _both(cfg, vocab_size):
     """(analytic counts, meta-build counts) of cfg.model, as dlm.plan computes them."""
     fields = _model_fields(cfg)
-    meta, trainable, _ = _meta_counts(cfg, fields, vocab_size)
-    assert trainable is None
+    meta, _ = _meta_counts(cfg, fields, vocab_size)
     return count_model(fields, vocab_size), meta
 
 
@@ -106,7 +105,11 @@ def test_what_it_cannot_count_goes_to_the_meta_build():
     assert isinstance(count_model(fields), ParamCount)
     assert count_model({**fields, "config": {**fields["config"], "model_type": "mistral"}}) is None
     assert count_model({**fields, "_target_": "my.own.Backbone"}) is None
-    assert count_model({**fields, "lora": {"r": 4}}) is None
+    assert count_model({**fields, "lora": {"r": 4, "target_modules": ["mlp"]}}) is None  # not a Linear: refused there
+    assert count_model({**fields, "lora": {"r": 4, "target_modules": ["lm_head"]}}) is None
+    # peft maps MLP names onto an MoE's fused experts with shapes of its own: a meta build counts those
+    moe = _model_fields(compose(["model=moe_tiny", "+model.config.mlp_only_layers=[1]"]))
+    assert count_model({**moe, "lora": {"r": 4}}) is None and count_model(moe) is not None
     assert count_model({**fields, "config": {**fields["config"], "text_config": {}}}) is None
     gpt2 = {**fields, "config": {"model_type": "gpt2", "add_cross_attention": True}}
     assert count_model(gpt2) is None
@@ -176,3 +179,36 @@ def test_a_checkpoint_folder_is_counted_from_its_config_json(tmp_path):
     cfg = compose(["model=qwen3_0p6b", f"model.pretrained={tmp_path}"])
     analytic, meta = _both(cfg, 640)
     assert analytic == meta and analytic.total > 0
+
+
+# LoRA (model.lora): the adapters on the default targets (the attention and MLP layers) or the named ones, counted as
+# peft adds them; the plan's trainable count and its LoRA line come from the config too.
+LORA_CASES = [
+    ("tiny", ["model.lora.r=4"]),
+    ("tiny", ["model.lora.r=3", "model.lora.target_modules=[wq,w2]", "model.time_conditioning=true"]),
+    ("qwen3_tiny", ["model.lora.r=8"]),
+    ("qwen3_tiny", ["model.lora.r=2", "model.lora.target_modules=[self_attn.q_proj,down_proj]"]),
+    ("moe_tiny", ["model.lora.r=4"]),
+    ("llama_tiny", ["model.lora.r=8", "model.lora.alpha=16"]),
+    ("bert_tiny", ["model.lora.r=4"]),
+    ("gpt2", ["model.lora.r=4"]),
+    ("moe30b", ["model.lora.r=16"]),
+    ("llada_8b", ["model.lora.r=16", "model.lora.target_modules=[q_proj,v_proj]"]),
+]
+
+
+@pytest.mark.parametrize("model, overrides", LORA_CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(LORA_CASES)])
+def test_lora_adapters_count_as_their_meta_build(model, overrides):
+    cfg = compose([f"model={model}", *overrides])
+    vocab = 300 if "Transformer" in cfg.model._target_ else None
+    analytic, meta = _both(cfg, vocab)
+    assert analytic == meta and analytic.trainable > 0
+
+
+def test_the_lora_plan_line_comes_from_the_config():
+    from dlm.plan import _counts, _meta_counts
+
+    cfg = compose(["model=qwen3_tiny", "model.lora.r=8", "model.lora.alpha=16"])
+    counts, line = _counts(cfg, 64)
+    assert line == _meta_counts(cfg, _model_fields(cfg), 64)[1]
+    assert line.startswith("LoRA r=8 alpha=16: ") and f"{counts.trainable:,} trainable of {counts.total:,}" in line

@@ -386,9 +386,11 @@ def export_adapted(backbone: nn.Module, out: str | Path) -> bool:
     return False
 
 
-def plan_line(backbone: nn.Module, total: int, trainable: int, grad_optim_bytes: int) -> str:
-    """The dry run's LoRA line: trainable vs total, and the gradients + optimizer state the frozen base is spared."""
-    spec = adapter_spec(backbone)
+def plan_line(backbone: nn.Module | None, total: int, trainable: int, grad_optim_bytes: int,
+              spec: LoraSpec | None = None) -> str:
+    """The dry run's LoRA line: trainable vs total, and the gradients + optimizer state the frozen base is spared.
+    ``spec``: the adapters' (default: the backbone's; a plan counted from the config has no backbone)."""
+    spec = spec or adapter_spec(backbone)
     saved = (total - trainable) * grad_optim_bytes / 1024**3
     quant = f", base in {spec.quantize} (NF4)" if spec.quantize else ""
     return (f"LoRA r={spec.r} alpha={spec.r if spec.alpha is None else spec.alpha:g}{quant}: {trainable:,} trainable of "
