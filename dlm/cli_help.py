@@ -5,7 +5,8 @@ of its config store each time: 136 of them for dlm's conf/), and lists Hydra's o
 help template does not show. That made ``--help`` 2.5x ``--cfg job``. Here the groups are read from conf/ (what
 Hydra finds there: a folder holding .yaml files is a group, its files the options), the config is composed once,
 and Hydra's template (``hydra.help``) is filled in as Hydra fills it. What only Hydra can list goes to Hydra's own
-help: a config search path of the user's (``hydra.searchpath``), a template that shows ``$HYDRA_CONFIG_GROUPS``.
+help: a config search path of the user's (``hydra.searchpath``), a template that shows ``$HYDRA_CONFIG_GROUPS``, a
+multirun command line.
 tests/test_cli_help.py checks the text equals Hydra's.
 """
 
@@ -19,7 +20,7 @@ from dlm.config import CONF_DIR
 
 def wants_help(argv: list[str]) -> bool:
     """Whether this command line asks for the application's help that :func:`help_text` can print."""
-    return bool({"--help", "-h"} & set(argv)) and "--hydra-help" not in argv and not any(
+    return bool({"--help", "-h"} & set(argv)) and not {"--hydra-help", "-m", "--multirun"} & set(argv) and not any(
         a.lstrip("+~").startswith(("hydra.searchpath", "hydra/")) for a in argv)
 
 

@@ -39,5 +39,5 @@ def test_the_help_is_hydras(argv):
 
 def test_what_only_hydra_lists_goes_to_hydra():
     assert not wants_help(["--hydra-help"]) and not wants_help(["--help", "hydra.searchpath=[file:///x]"])
-    assert not wants_help(["model=tiny"])
+    assert not wants_help(["model=tiny"]) and not wants_help(["-m", "--help", "method=mdlm,ar"])
     assert set(GROUPS) <= set(app_groups())
