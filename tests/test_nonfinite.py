@@ -13,7 +13,12 @@ import pytest
 import torch
 
 import dlm.train
-from dlm.callbacks.nonfinite import NonFiniteCheckpointError, NonFiniteGuard, nonfinite_mask, nonfinite_tensors
+from dlm.callbacks.nonfinite import (
+    NonFiniteCheckpointError,
+    NonFiniteGuard,
+    nonfinite_mask,
+    nonfinite_tensors,
+)
 from dlm.config import ConfigError
 from dlm.methods.base import NonFiniteLossError
 from dlm.train import train
