@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # Tests never reach a hub; wandb stays local.
 TEST_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline WANDB_SILENT=true
 
-.PHONY: help install train test test-gpu test-slow lint dry-run sweep bench clean
+.PHONY: help install train test test-gpu test-slow lint dry-run sweep bench bench-all clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -52,6 +52,9 @@ sweep: install ## a small CPU ablation (methods x schedules) that notebooks/comp
 
 bench: install ## sampler speed vs the naive sampler on a tiny trained model (ARGS='--quick' or '--run runs/...')
 	$(TEST_ENV) $(PY) benchmarks/samplers.py $(ARGS)
+
+bench-all: install ## every ratio of the README's benchmark table, measured in one run, printed as that table (ARGS='--quick')
+	$(TEST_ENV) $(PY) benchmarks/all.py $(ARGS)
 
 clean: ## remove caches (keeps .venv and runs/)
 	rm -rf .cache .pytest_cache .ruff_cache

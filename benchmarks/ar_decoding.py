@@ -19,7 +19,7 @@ Timing: each row runs once untimed (compilation, CUDA-graph capture), then ``--r
 counts. Compiled rows compile in their own warm-up; ``torch._dynamo`` is reset between the HF and dlm compiled rows.
 
 Usage: python benchmarks/ar_decoding.py [--batches 1,8] [--prompt 32] [--gen 64] [--mode default] [--threads 2]
-       [--repeats 3] [--tiny] [--out results.json]
+       [--repeats 3] [--tiny] [--eager] [--out results.json]
        GPU: python benchmarks/ar_decoding.py --device cuda --qwen06b --batches 1,16 --prompt 64 --gen 256
        --mode reduce-overhead --dtype bfloat16   (the stock baseline's geometry; ../shared/device/README.md)
 """
@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--eager", action="store_true", help="skip the compiled rows (no torch.compile warm-up)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     device, dtype = torch.device(a.device), getattr(torch, a.dtype)
@@ -141,6 +142,8 @@ def main(argv: list[str] | None = None) -> dict:
             ("dlm ar", dlm_row, False),
             ("dlm ar static", dlm_row, True),
             (f"dlm ar compile={a.mode}", dlm_row, None)]
+    if a.eager:
+        rows = [row for row in rows if "compile" not in row[0]]
     for name, make, static in rows:
         if name.startswith("dlm ar compile"):
             torch._dynamo.reset()

@@ -118,6 +118,31 @@ def test_cached_sampling_equals_uncached(kind, shift, sampler):
     assert not (tokens == MASK).any()
 
 
+@pytest.mark.parametrize("kind", ["native", "hf"])
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("static", [False, True], ids=["growing", "static"])
+def test_the_cache_refresh_rides_on_the_next_blocks_first_call(kind, shift, static):
+    """A finished block enters the KV cache in the next block's first denoising call: the cached run makes the
+    calls of its samplers and no more (the uncached reference's count: no refresh or start-token call of its own),
+    with the same tokens; every call is one backbone forward."""
+    sampler = AncestralSampler(steps=3)
+    model = make(2, kind, sampler=sampler, shift_logits=shift)
+    model.static_kv_cache = static
+    prompt = torch.tensor([[1, 2, 3], [0, 1, 2]])  # ends mid-block
+    out, forwards = {}, []
+    handle = model.backbone.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        for cache in (True, False):
+            sampler.kv_cache = "prefix" if cache else "none"
+            forwards.clear()
+            out[cache] = model.generate(prompt, 9, generator=torch.Generator().manual_seed(3))
+            assert out[cache].num_network_calls == len(forwards)
+    finally:
+        handle.remove()
+    assert torch.equal(out[True].tokens, out[False].tokens)
+    assert out[True].num_network_calls == out[False].num_network_calls  # before: + a call per refresh (+ the start token)
+
+
 def test_unconditional_generation_stops_after_every_row_has_eos():
     model = make(2)
     with torch.no_grad():

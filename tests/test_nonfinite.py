@@ -13,7 +13,12 @@ import pytest
 import torch
 
 import dlm.train
-from dlm.callbacks.nonfinite import NonFiniteCheckpointError, NonFiniteGuard, nonfinite_tensors
+from dlm.callbacks.nonfinite import (
+    NonFiniteCheckpointError,
+    NonFiniteGuard,
+    nonfinite_mask,
+    nonfinite_tensors,
+)
 from dlm.config import ConfigError
 from dlm.methods.base import NonFiniteLossError
 from dlm.train import train
@@ -94,6 +99,20 @@ def _assert_every_checkpoint_finite(run_dir: Path) -> list[Path]:
             tensors += [t for t in state.values() if torch.is_tensor(t) and t.is_floating_point()]
         assert tensors and all(torch.isfinite(t).all() for t in tensors), f"{f.name} holds a non-finite tensor"
     return files
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_the_screen_flags_exactly_the_tensors_holding_a_nan_or_inf(dtype):
+    """The cheap 2-norm screen overflows on large finite values (squares past the dtype's max): those tensors are
+    decided by the exact max-abs norm, so only a real NaN/inf is flagged."""
+    big = 1e30 if dtype == torch.float32 else 3e4  # finite, but the 2-norm of a few of them overflows the dtype
+    ts = [torch.randn(64, 64, dtype=dtype, requires_grad=True) for _ in range(4)] + [torch.full((16,), big, dtype=dtype)]
+    x = [t.detach().clone() for t in ts]
+    x[1][3, 5] = float("nan")
+    x[2][0, 0] = float("-inf")
+    x[3][7, 7] = big
+    assert nonfinite_mask(ts) == [False] * 5  # requires_grad tensors need no detach
+    assert nonfinite_mask(x) == [False, True, True, False, False]
 
 
 def test_nan_gradients_stop_before_the_step_and_leave_a_finite_last_checkpoint(run_cfg, with_callback):

@@ -170,9 +170,7 @@ def test_default_sampler_calls_at_most_the_positions_to_fill(family_modules, met
     finally:
         handle.remove()
     assert gen.num_network_calls == len(forwards)  # the count reported is the backbone forwards made
-    allowed = length
-    if method == "bd3lm":  # + the KV-cache refresh of the finished blocks (one per block but the last)
-        allowed += -(-length // module.block_size) - 1 + int(module.shift_logits)
-    assert 0 < gen.num_network_calls <= allowed
+    # bd3lm too: its KV-cache refresh of a finished block rides on the next block's first call (no call of its own)
+    assert 0 < gen.num_network_calls <= length
     assert torch.equal(gen.tokens[:, :P].cpu(), prompt)
     assert gen.tokens.shape == (B, P + length) and not (gen.tokens == module.mask_id).any()

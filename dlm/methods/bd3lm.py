@@ -26,8 +26,11 @@ w = 1; for any t the bound's expectation over t is that NLL, since E_t[w(t)(1 - 
 
 Sampling is semi-autoregressive: block by block, each block denoised by the configured mask sampler
 (``self.sampler``, e.g. AncestralSampler / LowConfidenceSampler) with a denoiser that reads an exact KV
-cache of the finished clean blocks (``sampler.kv_cache="prefix"``, conf/sampler/bd3lm.yaml's default); a
-finished block is then appended to the cache. ``kv_cache="none"`` recomputes the whole clean prefix for every
+cache of the finished clean blocks (``sampler.kv_cache="prefix"``, conf/sampler/bd3lm.yaml's default). A
+finished block is appended to the cache by the next block's first denoising call: one forward over [the clean
+tokens not yet cached ; the noisy block] under the block-causal mask writes the former's keys and values and
+scores the latter (its own keys and values are then cropped off), so a refresh costs no call of its own: a
+generation of n blocks makes no more calls than its samplers do. ``kv_cache="none"`` recomputes the whole clean prefix for every
 denoiser call (the reference: identical tokens for a fixed generator). Generation stops after the block in
 which every row has produced an EOS.
 
@@ -191,37 +194,60 @@ class BD3LM(MaskedTermsObjective, DiffusionLM):
         L, dev = self.block_size, x.device
         offset = 1 if self.shift_logits else 0
         start = torch.full((B, 1), self.start_id, dtype=torch.long, device=dev)
-        # first: logits predicting the next block's first token (shift); a copy, as a compiled backbone under CUDA
-        # graphs overwrites its output on the next call
-        calls, first = 0, None
+        calls = 0
         cached = self.kv_cache_of(sampler) == "prefix"
         # a static cache when the backbone is compiled (fixed shapes; DiffusionLM.new_kv_cache), else None: it grows
         cache = self.new_kv_cache(B, N + offset) if cached else None
-        done_upto = 0  # x[:, :done_upto] is in the cache
-        if self.shift_logits and cached:
-            logits, cache = self.backbone(start, attn_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=dev),
-                                          position_ids=torch.zeros(1, 1, dtype=torch.long, device=dev),
-                                          past_key_values=cache, use_cache=True)
-            first, calls = logits[:, -1:].clone(), 1
+        # The cache is written lazily: a finished block (and, with shift, the start token) enters it in the first
+        # denoising call of the next block that has masks, one forward over [not yet cached clean tokens ; noisy
+        # block] under a block-causal mask (the clean rows never see the noisy block), whose noisy KV is then
+        # cropped away. That call both refreshes the cache and scores the block: no call of its own per refresh.
+        # done_upto: x[:, :done_upto] is in the cache; start: the start token is not yet; first (shift): the logits
+        # predicting the current block's first token
+        state = {"cache": cache, "done_upto": 0, "start": self.shift_logits, "first": None}
 
-        def clean_prefix_forward(ids: Tensor, past: int, keep: bool):
-            """Forward of ids [B, n] at positions past.. (+offset): all of the cache, block-causal among ids."""
-            blk = torch.arange(past, past + ids.shape[1], device=dev) // L
+        def prefix_and_block(z: Tensor, b0: int) -> Tensor:
+            """Logits [B, len(z), V] for the noisy block z at b0 (shifted: predicting z's tokens), writing the clean
+            tokens not yet in the cache (x[:, done_upto:b0], the start token) into it in the same forward."""
+            done = state["done_upto"]
+            pending = [start] if state["start"] else []
+            pending.append(x[:, done:b0])
+            n_new = sum(p.shape[1] for p in pending)
+            ids = torch.cat([*pending, z], dim=1)
+            n = ids.shape[1]
+            # block of each new row (-1: the start token); positions after the start token are shifted by offset
+            blk = torch.arange(done, b0 + z.shape[1], device=dev) // L
+            pos = torch.arange(done, b0 + z.shape[1], device=dev) + offset
+            if state["start"]:
+                blk = torch.cat([blk.new_full((1,), -1), blk])
+                pos = torch.cat([pos.new_zeros(1), pos])
+            past = 0 if state["start"] else done + offset  # cached columns: all visible
             own = blk[None, :] <= blk[:, None]
-            mask = torch.cat([own.new_ones(ids.shape[1], past + offset), own], dim=1)[None, None]
-            pos = torch.arange(past, past + ids.shape[1], device=dev)[None] + offset
-            return self.backbone(ids, attn_mask=mask, position_ids=pos, past_key_values=cache, use_cache=keep)
+            mask = torch.cat([own.new_ones(n, past), own], dim=1)[None, None]
+            keep = n_new > 0
+            out = self.backbone(ids, attn_mask=mask, position_ids=pos[None], past_key_values=state["cache"],
+                                use_cache=keep)
+            if keep:
+                logits, state["cache"] = out
+                state["cache"].crop(-z.shape[1])  # keep the clean tokens only
+                state.update(done_upto=b0, start=False)
+                if self.shift_logits:  # the last clean token's output predicts the block's first token; a copy, as a
+                    # compiled backbone under CUDA graphs overwrites its output on the next call
+                    state["first"] = logits[:, n_new - 1 : n_new].clone()
+            else:
+                logits = out
+            logits = logits[:, n_new:]
+            if self.shift_logits:
+                logits = torch.cat([state["first"], logits[:, :-1]], dim=1)
+            return logits
 
         for b0 in range(0, N, L):
             b1 = min(b0 + L, N)
             xb = x[:, b0:b1]
             if (xb == self.mask_id).any():
                 if cached:
-                    def denoiser(z: Tensor, b0=b0, first=first) -> Tensor:
-                        logits = clean_prefix_forward(z, b0, keep=False)
-                        if self.shift_logits:
-                            logits = torch.cat([first, logits[:, :-1]], dim=1)
-                        return self._subs(logits, z)
+                    def denoiser(z: Tensor, b0=b0) -> Tensor:
+                        return self._subs(prefix_and_block(z, b0), z)
                 else:
                     def denoiser(z: Tensor, b0=b0) -> Tensor:
                         ctx = torch.cat([start, x[:, :b0]], dim=1) if self.shift_logits else x[:, :b0]
@@ -248,9 +274,6 @@ class BD3LM(MaskedTermsObjective, DiffusionLM):
                 if bool(hit.all()) and b1 < N:
                     x[:, b1:] = self.eos_id
                     break
-            if cached and b1 < N and bool((x[:, b1:] == self.mask_id).any()):
-                logits, cache = clean_prefix_forward(x[:, done_upto:b1], done_upto, keep=True)
-                first, done_upto, calls = logits[:, -1:].clone(), b1, calls + 1
         return Generation(x, calls)
 
     def _run(self, x: Tensor, sampler, generator, eos_from: int | None) -> Generation:
