@@ -127,8 +127,11 @@ def lora_run(pretrained, tmp_path_factory):
 
 
 def test_only_adapters_train_and_the_frozen_base_is_bit_identical(lora_run, pretrained):
+    from dlm.run import load_run
+
     ckpt = load_checkpoint(lora_run / "checkpoints" / "last.ckpt")
-    state = ckpt["state_dict"]
+    assert all(".lora_" in k for k in ckpt["state_dict"])  # adapter-only: the base is rebuilt from pretrained
+    state = load_run(lora_run, setup_data=False).module.state_dict()
     base = _hf_state(pretrained)
     for name, value in base.items():  # every base weight, adapted layers' included, exactly as loaded
         key = PREFIX + name
@@ -136,7 +139,7 @@ def test_only_adapters_train_and_the_frozen_base_is_bit_identical(lora_run, pret
             module, _, leaf = name.rpartition(".")
             key = f"{PREFIX}{module}.base_layer.{leaf}"
         assert torch.equal(state[key], value), name
-    lora_b = {k: v for k, v in state.items() if ".lora_B." in k}
+    lora_b = {k: v for k, v in ckpt["state_dict"].items() if ".lora_B." in k}
     assert lora_b and all(v.abs().max() > 0 for v in lora_b.values())  # the adapters trained (B starts at 0)
 
 
@@ -251,11 +254,12 @@ def test_qlora_is_refused_on_a_cpu_with_what_it_needs(train_cli, workdir):
 @pytest.mark.parametrize("override, message", [
     ("model.lora.r=0", "model.lora.r=0 must be a positive integer"),
     ("model.lora.r=-2", "model.lora.r=-2 must be a positive integer"),
-    ("model.lora.rank=4", "unknown key 'rank' in model.lora; valid keys: alpha, dropout, export, quantize, r"),
+    ("model.lora.rank=4", "unknown key 'rank' in model.lora; valid keys: alpha, checkpoint, dropout, export, quantize, r"),
     ("+model.lora.rank=4", "model.lora.rank: unknown key; valid keys: r, alpha"),
     ("model.lora.target_modules=[nope]", "'nope' matches no module of Transformer; its Linear modules: lm_head, w1"),
     ("model.lora.target_modules=[mlp]", "'mlp' names a SwiGLU, not a Linear layer"),
     ("model.lora.export=zip", "model.lora.export=zip: valid: merged"),
+    ("model.lora.checkpoint=some", "model.lora.checkpoint=some: valid: adapters"),
 ])
 def test_bad_lora_input_is_one_clear_line(train_cli, workdir, override, message):
     r = [] if override.startswith("model.lora.r") else ["model.lora.r=4"]

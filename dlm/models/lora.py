@@ -23,16 +23,18 @@ DeepSpeed too). The A2D learning-rate roles (``lr_multipliers``) apply to an ada
 adapts: its name keeps the module's path (``...self_attn.q_proj.lora_A...`` is attention, ``...mlp.w1.lora_B...`` mlp).
 EMA (callbacks=ema) averages trainable parameters, i.e. the adapters.
 
-Checkpoints hold the whole module (frozen base + adapters) and the adapters' optimizer state: resume and
-``dlm.run.load_run`` are unchanged, and a checkpoint stands alone (a base built from a config with random weights
-exists nowhere else). Measured on model=small (10.1M parameters, r=16: 0.65M trainable): last.ckpt 45.7 MB with
-LoRA vs 113.4 MB fully fine-tuned (the Adam moments are the adapters' only). The end-of-run export
-merges the adapters into the weights (``model.lora.export=merged``) or writes peft's adapter folder
+Checkpoints hold the trainable parameters (the adapters), their optimizer state and a fingerprint of the frozen base
+(``model.lora.checkpoint=adapters``, the default; dlm/models/lora_checkpoint.py): a resume and ``dlm.run.load_run``
+rebuild the base from ``model.pretrained`` or the run's seed and refuse one that differs. ``model.lora.checkpoint=full``
+saves the whole module (a checkpoint that stands alone); under DeepSpeed checkpoints are always full. Measured on
+model=small (10.1M parameters, r=16: 0.65M trainable): last.ckpt 7.95 MB adapter-only, 45.7 MB full, 113.4 MB
+fully fine-tuned. The end-of-run export merges the adapters into the weights (``model.lora.export=merged``) or writes peft's adapter folder
 (``adapter_config.json`` + ``adapter_model.safetensors``; ``model.lora.export=adapter``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -45,9 +47,10 @@ from torch import Tensor, nn
 from dlm.errors import UserError
 
 ADAPTER = "default"  # peft's adapter name: parameter names carry it (lora_A.default.weight)
-LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "quantize", "export")
+LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "quantize", "export", "checkpoint")
 QUANTIZE = ("4bit",)
 EXPORTS = ("merged", "adapter")
+CHECKPOINTS = ("adapters", "full")  # what a checkpoint holds: dlm/models/lora_checkpoint.py
 QLORA_HINT = "QLoRA needs a CUDA GPU and bitsandbytes (pip install dlm[qlora])"
 
 
@@ -66,6 +69,7 @@ class LoraSpec:
     target_modules: tuple[str, ...] | None = None
     quantize: str | None = None
     export: str = "merged"
+    checkpoint: str = "adapters"
 
     @property
     def scaling(self) -> float:
@@ -80,7 +84,8 @@ def lora_problems(config: Any) -> list[str]:
 
     fields = to_plain(config)
     if not isinstance(fields, Mapping):
-        return [f"model.lora={fields!r} must be a mapping {{r, alpha, dropout, target_modules, quantize, export}} "
+        return [f"model.lora={fields!r} must be a mapping {{r, alpha, dropout, target_modules, quantize, export, "
+                f"checkpoint}} "
                 f"or null (off)"]
     problems = [f"model.lora.{k}: unknown key; valid keys: {', '.join(LORA_KEYS)}" for k in fields if k not in LORA_KEYS]
     r = fields.get("r")
@@ -104,6 +109,9 @@ def lora_problems(config: Any) -> list[str]:
     if fields.get("export", "merged") not in EXPORTS:
         problems.append(f"model.lora.export={fields.get('export')}: valid: merged (the adapters merged into an HF "
                         f"folder), adapter (peft's adapter folder)")
+    if fields.get("checkpoint", "adapters") not in CHECKPOINTS:
+        problems.append(f"model.lora.checkpoint={fields.get('checkpoint')}: valid: adapters (the trainable parameters "
+                        f"and a fingerprint of the frozen base), full (the whole module)")
     return problems
 
 
@@ -124,6 +132,7 @@ def lora_spec(config: Any) -> LoraSpec | None:
         dropout=float(fields.get("dropout") or 0.0),
         target_modules=None if targets is None else tuple([targets] if isinstance(targets, str) else targets),
         quantize=fields.get("quantize"), export=fields.get("export") or "merged",
+        checkpoint=fields.get("checkpoint") or "adapters",
     )
 
 
@@ -162,14 +171,25 @@ def quantization_kwargs(spec: LoraSpec | None) -> dict[str, Any]:
         bnb_4bit_use_double_quant=True)}
 
 
-def instantiate_backbone(model_cfg: Any, *, instantiate: Callable | None = None, **kwargs) -> nn.Module:
+def instantiate_backbone(model_cfg: Any, *, instantiate: Callable | None = None, seed: int | None = None,
+                         **kwargs) -> nn.Module:
     """The backbone of a model config with ``model.lora``'s adapters (if any) added: ``instantiate(node, **kwargs)``
-    on the config without its ``lora`` key (default: Hydra's), then :func:`add_adapters`."""
+    on the config without its ``lora`` key (default: Hydra's), then :func:`add_adapters`.
+
+    ``seed`` (the run's): with adapter-only checkpoints the frozen base is built from its own seeded RNG (the global
+    one untouched), so that a resume or ``load_run`` rebuilds the same weights where any are random (a base from
+    init, an embedding grown past the checkpoint's vocabulary)."""
     if instantiate is None:
         from hydra.utils import instantiate
     node, spec = split_lora(model_cfg)
-    backbone = instantiate(node, **kwargs, **quantization_kwargs(spec if not _on_meta() else None))
-    return backbone if spec is None else add_adapters(backbone, spec)
+    if spec is None:
+        return instantiate(node, **kwargs)
+    with contextlib.ExitStack() as stack:
+        if seed is not None and spec.checkpoint == "adapters":
+            stack.enter_context(torch.random.fork_rng(devices=[]))
+            torch.manual_seed(int(seed))
+        backbone = instantiate(node, **kwargs, **quantization_kwargs(spec if not _on_meta() else None))
+        return add_adapters(backbone, spec)
 
 
 def _on_meta() -> bool:

@@ -129,9 +129,17 @@ def consolidate_run(run_dir: str | Path, ckpt: str = "last", out: str | Path | N
             f"<run>/hf at the end of training)"
         )
     path = find_checkpoint(run_dir, ckpt)
-    state = load_state_dict(path)
-    shadow = ema_weights(path) if use_ema else None
-    state.update(shadow or {})  # the EMA weights over the raw ones (the same parameter names)
+    from dlm.models.lora_checkpoint import is_adapter_only
+
+    if is_adapter_only(path):  # LoRA adapters only: the run's model rebuilt around them (its base checked)
+        from dlm.run import load_run
+
+        shadow = ema_weights(path) if use_ema else None
+        state = load_run(run_dir, ckpt=path, setup_data=False, use_ema=use_ema).module.state_dict()
+    else:
+        state = load_state_dict(path)
+        shadow = ema_weights(path) if use_ema else None
+        state.update(shadow or {})  # the EMA weights over the raw ones (the same parameter names)
     method = cfg.method
     extra = {
         "method": str(method._target_).rsplit(".", 1)[-1].lower(),
