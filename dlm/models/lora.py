@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from dlm.errors import UserError
 
 ADAPTER = "default"  # peft's adapter name: parameter names carry it (lora_A.default.weight)
-LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "quantize", "export", "checkpoint")
+LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "target_parameters", "quantize", "export", "checkpoint")
 QUANTIZE = ("4bit",)
 EXPORTS = ("merged", "adapter")
 CHECKPOINTS = ("adapters", "full")  # what a checkpoint holds: dlm/models/lora_checkpoint.py
@@ -67,6 +67,7 @@ class LoraSpec:
     alpha: float | None = None
     dropout: float = 0.0
     target_modules: tuple[str, ...] | None = None
+    target_parameters: tuple[str, ...] | None = None  # nn.Parameters adapted in place (fused MoE experts, 3-D)
     quantize: str | None = None
     export: str = "merged"
     checkpoint: str = "adapters"
@@ -84,8 +85,8 @@ def lora_problems(config: Any) -> list[str]:
 
     fields = to_plain(config)
     if not isinstance(fields, Mapping):
-        return [f"model.lora={fields!r} must be a mapping {{r, alpha, dropout, target_modules, quantize, export, "
-                f"checkpoint}} "
+        return [f"model.lora={fields!r} must be a mapping {{r, alpha, dropout, target_modules, target_parameters, "
+                f"quantize, export, checkpoint}} "
                 f"or null (off)"]
     problems = [f"model.lora.{k}: unknown key; valid keys: {', '.join(LORA_KEYS)}" for k in fields if k not in LORA_KEYS]
     r = fields.get("r")
@@ -104,6 +105,14 @@ def lora_problems(config: Any) -> list[str]:
             not isinstance(targets, (list, tuple)) or not targets or not all(isinstance(t, str) and t for t in targets))):
         problems.append(f"model.lora.target_modules={targets} must be a non-empty list of module names (e.g. "
                         f"[q_proj,v_proj]), or null (the attention and MLP linear layers)")
+    params = fields.get("target_parameters")
+    if params is not None and (isinstance(params, str) or not isinstance(params, (list, tuple)) or not params
+                               or not all(isinstance(t, str) and t for t in params)):
+        problems.append(f"model.lora.target_parameters={params} must be a non-empty list of parameter names (e.g. "
+                        f"[mlp.experts.gate_up_proj,mlp.experts.down_proj]: fused MoE experts), or null")
+    elif params is not None and dropout:
+        problems.append(f"model.lora.target_parameters: peft's LoRA on a parameter cannot apply dropout (its input is "
+                        f"not separable from the weight); set model.lora.dropout=0")
     if fields.get("quantize") not in (None, *QUANTIZE):
         problems.append(f"model.lora.quantize={fields.get('quantize')}: valid: null (no quantization), 4bit (QLoRA)")
     if fields.get("export", "merged") not in EXPORTS:
@@ -131,6 +140,7 @@ def lora_spec(config: Any) -> LoraSpec | None:
         r=int(fields["r"]), alpha=None if fields.get("alpha") is None else float(fields["alpha"]),
         dropout=float(fields.get("dropout") or 0.0),
         target_modules=None if targets is None else tuple([targets] if isinstance(targets, str) else targets),
+        target_parameters=None if fields.get("target_parameters") is None else tuple(fields["target_parameters"]),
         quantize=fields.get("quantize"), export=fields.get("export") or "merged",
         checkpoint=fields.get("checkpoint") or "adapters",
     )
@@ -261,9 +271,21 @@ def add_adapters(backbone: nn.Module, spec: LoraSpec) -> nn.Module:
     if any(transposed) and not all(transposed):
         raise LoraError(f"model.lora.target_modules={targets} mixes Linear and Conv1D layers of {kind}; "
                         f"adapt one kind per run")
+    params = list(spec.target_parameters or ())
+    if params:
+        names = [n for n, _ in root.named_parameters()]
+        import re
+
+        # one entry per kind of layer: "mlp.experts.gate_up_proj", not one per layer index
+        fused = ", ".join(sorted({re.sub(r"^.*?\.\d+\.", "", n) for n, p in root.named_parameters() if p.dim() == 3}))
+        fused = fused or "none"
+        for target in params:
+            if not any(_matches(n, target) for n in names):
+                raise LoraError(f"model.lora.target_parameters: {target!r} matches no parameter of {kind}; its 3-D "
+                                f"(fused expert) parameters: {fused}")
     config = LoraConfig(r=spec.r, lora_alpha=spec.r if spec.alpha is None else spec.alpha,
                         lora_dropout=spec.dropout, target_modules=targets, fan_in_fan_out=any(transposed),
-                        bias="none")
+                        bias="none", **({"target_parameters": params} if params else {}))
     if spec.quantize:
         from peft import prepare_model_for_kbit_training
 
@@ -316,23 +338,63 @@ def merge_adapters(backbone: nn.Module) -> nn.Module:
     from peft.tuners.lora import LoraLayer
 
     root = adapter_root(backbone)
-    for name, module in list(root.named_modules()):
-        if isinstance(module, LoraLayer):
-            module.merge(adapter_names=[ADAPTER])
-            parent, _, child = name.rpartition(".")
-            setattr(root.get_submodule(parent) if parent else root, child, module.get_base_layer())
+    layers = [(name, m) for name, m in root.named_modules() if isinstance(m, LoraLayer)]
+    for _, module in layers:  # every adapter first: a parameter adapter (experts) nests one per parameter
+        module.merge(adapter_names=[ADAPTER])
+    for name, module in layers:
+        if ".base_layer" in f".{name}":  # inside another adapter layer: goes with the outermost one
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(root.get_submodule(parent) if parent else root, child, module.get_base_layer())
     if hasattr(root, "peft_config"):
         del root.peft_config
     backbone.lora_spec = None
     return backbone
 
 
-def merged_state(state: dict[str, Tensor], scaling: float, fan_in_fan_out: bool) -> dict[str, Tensor]:
+def parameter_adapters(backbone: nn.Module, prefix: str = "") -> dict[str, tuple[str, int, bool]]:
+    """The parameters adapted through ``target_parameters`` (peft's ParamWrapper, nested one per parameter of a
+    module): {the parameter's state-dict key: (its adapter layer's key, number of experts, whether peft swapped
+    in/out)}; keys relative to ``backbone`` with ``prefix`` in front."""
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import ParamWrapper
+
+    out = {}
+    for name, module in backbone.named_modules():
+        if isinstance(module, ParamWrapper):
+            path, inner = name, module
+            while isinstance(inner.base_layer, LoraLayer):
+                path, inner = f"{path}.base_layer", inner.base_layer
+            out[f"{prefix}{path}.base_layer.{module.parameter_name}"] = (
+                f"{prefix}{name}", int(module.num_experts), bool(module._did_swap_in_out_features))
+    return out
+
+
+def _parameter_delta(a: Tensor, b: Tensor, experts: int, swapped: bool, ndim: int) -> Tensor:
+    """B A of a parameter adapter in the parameter's layout (peft's ParamWrapper.get_delta_weight, float32): A is
+    [experts * r, in] and B [out, experts * r], expert e's rank block is rows e*r.. of A and columns e, e+E.. of B."""
+    a, b = a.float(), b.float()
+    if ndim == 2:
+        return b @ a
+    a = a.reshape(experts, -1, a.shape[-1])  # [E, r, in]
+    b = b.reshape(b.shape[0], -1, experts)  # [out, r, E]
+    return torch.einsum("ore,eri->eoi" if swapped else "ore,eri->eio", b, a)
+
+
+def merged_state(state: dict[str, Tensor], scaling: float, fan_in_fan_out: bool,
+                 parameters: dict[str, tuple[str, int, bool]] | None = None) -> dict[str, Tensor]:
     """A state dict with adapters (``<m>.base_layer.*``, ``<m>.lora_A.default.weight``, ``<m>.lora_B.default.weight``)
-    as the plain model's (``<m>.weight`` = W + scaling B A, transposed for Conv1D), computed in float32."""
+    as the plain model's (``<m>.weight`` = W + scaling B A, transposed for Conv1D), computed in float32.
+    ``parameters``: the parameter adapters (:func:`parameter_adapters`), merged into their 3-D expert weights."""
     out: dict[str, Tensor] = {}
     for key, value in state.items():
         if is_adapter_parameter(key):
+            continue
+        if parameters and key in parameters:
+            layer, experts, swapped = parameters[key]
+            delta = _parameter_delta(state[f"{layer}.lora_A.{ADAPTER}.weight"], state[f"{layer}.lora_B.{ADAPTER}.weight"],
+                                     experts, swapped, value.dim())
+            out[key.replace(".base_layer", "")] = (value.float() + scaling * delta).to(value.dtype)
             continue
         if ".base_layer." not in key:
             out[key] = value
