@@ -16,6 +16,10 @@ the export), so every backbone class takes adapters without a constructor argume
 backbone itself (the native Transformer). Default targets: the attention and MLP linear layers (the native
 Transformer declares them, ``lora_targets``; for HF models, the Linear/Conv1D layers whose parameters dlm.optim
 classes as attention or mlp: routers, fused experts and the output embedding are left alone).
+``target_parameters`` adapts nn.Parameters in place (peft >= 0.17's ``ParamWrapper``, one nested per parameter):
+transformers 5 fuses a layer's MoE experts into 3-D parameters (``mlp.experts.gate_up_proj`` [E, 2 I, H],
+``mlp.experts.down_proj`` [E, H, I]) that no ``target_modules`` entry can name; each expert gets its own rank-r pair
+(r * E * (in + out) parameters), without dropout (peft cannot separate it from the weight).
 
 What trains: the adapters only. Every other parameter of the backbone is frozen (requires_grad False), so it gets no
 optimizer group, no gradient and no optimizer state (dlm.optim.param_groups takes trainable parameters only; under
