@@ -219,6 +219,7 @@ def request_sampler(cfg: DictConfig, source: GenerationSource):
         sampler.record_trajectory = True
     if cfg.get("eos_fill") and hasattr(sampler, "eos_id"):
         sampler.eos_id = int(source.tokenizer.eos_token_id)
+        sampler.stop_ids = tuple(getattr(source.module, "stop_ids", ()))  # end-of-turn tokens fill the same way
     return sampler
 
 
