@@ -53,7 +53,7 @@ def build_module(cfg: DictConfig, datamodule, backbone=None, defer_to_zero3: boo
             from dlm.models.lora import instantiate_backbone  # model.lora's adapters, where configured
 
             backbone = instantiate_backbone(cfg.model, instantiate=lambda node, **kw: build(node, "model", **kw),
-                                            vocab_size=tokenizer.vocab_size)
+                                            vocab_size=tokenizer.vocab_size, seed=cfg.get("seed"))
     max_len = getattr(backbone, "max_seq_len", None)
     if max_len is not None and datamodule.seq_len > max_len:
         raise ConfigError(

@@ -82,9 +82,10 @@ class LiveView:
     over the previous drawing; ``finish(text)`` draws the final text. Only on a terminal: elsewhere both print
     nothing until ``finish``."""
 
-    def __init__(self, out: IO[str], tokenizer, mask_id: int, placeholder: str = "·", tty: bool | None = None):
+    def __init__(self, out: IO[str], tokenizer, mask_id: int, placeholder: str = "·", tty: bool | None = None,
+                 stop_ids: tuple[int, ...] | None = None):
         self.out, self.tok, self.mask_id, self.placeholder = out, tokenizer, int(mask_id), placeholder
-        self.eos_id = int(tokenizer.eos_token_id)
+        self.stop_ids = stop_ids or (int(tokenizer.eos_token_id),)  # EOS and the model's end-of-turn tokens
         self.tty = out.isatty() if tty is None else tty
         self.rows = 0  # terminal rows of the last drawing
 
@@ -104,7 +105,7 @@ class LiveView:
         if self.tty:
             from dlm.conversation import render_partial
 
-            self._draw(render_partial(self.tok, ids.tolist(), self.mask_id, self.eos_id, self.placeholder))
+            self._draw(render_partial(self.tok, ids.tolist(), self.mask_id, self.stop_ids, self.placeholder))
 
     def finish(self, text: str) -> None:
         if self.tty and self.rows:
@@ -118,7 +119,7 @@ class LiveView:
 
 def stats_line(reply, tty: bool) -> str:
     rate = reply.tokens / max(reply.seconds, 1e-9)
-    line = (f"{reply.tokens} tokens{'' if reply.stopped else ' (no EOS: max_new_tokens reached)'} | "
+    line = (f"{reply.tokens} tokens{'' if reply.stopped else ' (no EOS / end of turn: max_new_tokens reached)'} | "
             f"{rate:.1f} tokens/s | {reply.network_calls} network calls | {reply.seconds:.2f} s")
     return f"{DIM}{line}{RESET}" if tty else line
 
@@ -209,6 +210,8 @@ def read_line(stdin: IO[str], out: IO[str]) -> str | None:
 
 def chat_loop(session: ChatSession, stdin: IO[str], out: IO[str], live: bool = True, placeholder: str = "·") -> int:
     """Read lines until /exit or EOF; each line is a command or a message the model replies to. Returns 0."""
+    from dlm.conversation import reply_stops
+
     tty = out.isatty()
     out.write(f"chatting with {session.model.source} | sampler: {session.sampler!r} | {HELP}\n")
     while True:
@@ -229,7 +232,7 @@ def chat_loop(session: ChatSession, stdin: IO[str], out: IO[str], live: bool = T
                     return 0
                 continue
             view = LiveView(out, session.model.tokenizer, session.model.module.mask_id, placeholder,
-                            tty=tty and live)
+                            tty=tty and live, stop_ids=reply_stops(session.model))
             if view.tty:
                 view.start(session.settings.max_new_tokens)
             reply = session.reply(line, on_step=view.update if view.tty else None)

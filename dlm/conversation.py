@@ -3,8 +3,10 @@ messages=[...]`` runs once.
 
 The conversation is rendered by :func:`dlm.data.chat.chat_ids` (the tokenizer's chat template, else the plain one)
 ending in the generation prompt; the family's ``generate(prompt, length, sampler)`` fills ``max_new_tokens``
-positions after it, and the reply is what comes before the first EOS (LLaDA / Dream chat: a fixed-length canvas
-whose tail the model fills with EOS). An observer (``on_step``) sees the reply's positions after every sampler step
+positions after it, and the reply is what comes before the first stop token: EOS or the model's end-of-turn token
+(``module.stop_ids``, from ``model.conventions.stop_tokens``: LLaDA-Instruct's ``<|eot_id|>``, Dream's ``<|im_end|>``;
+dlm/stop_tokens.py), which the reply never includes (LLaDA / Dream chat: a fixed-length canvas whose tail the model
+fills with EOS). An observer (``on_step``) sees the reply's positions after every sampler step
 (:attr:`dlm.sampling.Sampler.on_step`) for a live view.
 
 :func:`load_chat_model` is the one call that gives (module, tokenizer, sampler config) from a run folder
@@ -18,7 +20,7 @@ import copy
 import inspect
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,10 +30,10 @@ from torch import Tensor
 
 from dlm.data.chat import ChatError, chat_ids, check_messages
 from dlm.errors import UserError
-from dlm.sampling.base import cut_at_eos
+from dlm.stop_tokens import cut_at_stop
 
 __all__ = ["ChatModel", "ConversationTooLong", "Reply", "chat_model_of", "chat_sampler", "fit_history", "generate_reply",
-           "load_chat_model", "parse_messages", "render_partial"]
+           "load_chat_model", "parse_messages", "render_partial", "reply_stops"]
 
 MESSAGES_FORM = """messages='[{"role": "user", "content": "..."}]'"""
 
@@ -134,10 +136,17 @@ def fit_history(tokenizer, messages: list[dict[str, str]], budget: int | None) -
                               f"within {budget} prompt tokens; write a shorter one or lower max_new_tokens")
 
 
-def render_partial(tokenizer, ids: list[int], mask_id: int, eos_id: int, placeholder: str = "·") -> str:
+def reply_stops(model: ChatModel) -> tuple[int, ...]:
+    """The tokens that end a reply: the module's ``stop_ids`` (EOS first, then the model's end-of-turn tokens)."""
+    return tuple(getattr(model.module, "stop_ids", None) or (int(model.tokenizer.eos_token_id),))
+
+
+def render_partial(tokenizer, ids: list[int], mask_id: int, eos_id: int | Sequence[int],
+                   placeholder: str = "·") -> str:
     """Text of a partly denoised reply: masked positions as ``placeholder``, runs of known tokens decoded together
-    (subword tokenizers join pieces within a run), everything from the first EOS on cut."""
-    ids = cut_at_eos(list(ids), eos_id)
+    (subword tokenizers join pieces within a run), everything from the first stop token on cut (``eos_id``: the
+    EOS id, or every stop id)."""
+    ids = cut_at_stop(list(ids), [eos_id] if isinstance(eos_id, int) else eos_id)
     out, run = [], []
     for i in ids:
         if i == mask_id:
@@ -155,15 +164,15 @@ def render_partial(tokenizer, ids: list[int], mask_id: int, eos_id: int, placeho
 @dataclass
 class Reply:
     text: str
-    ids: list[int]  # the reply's tokens, before its EOS
+    ids: list[int]  # the reply's tokens, before its stop token
     network_calls: int
     seconds: float  # generation time, the observer's own time left out
     positions: int  # positions generated (max_new_tokens)
-    stopped: bool  # an EOS ended the reply (False: it ran to max_new_tokens)
+    stopped: bool  # a stop token (EOS or end of turn) ended the reply (False: it ran to max_new_tokens)
 
     @property
     def tokens(self) -> int:
-        """The reply's tokens, its EOS counted: what tokens/s is reported over."""
+        """The reply's tokens, its stop token counted: what tokens/s is reported over."""
         return len(self.ids) + int(self.stopped)
 
 
@@ -171,11 +180,11 @@ def generate_reply(model: ChatModel, messages: list[dict[str, str]], sampler, ma
                    generator: torch.Generator | None = None,
                    on_step: Callable[[Tensor], None] | None = None) -> Reply:
     """The assistant's next reply to ``messages`` (rendered with the generation prompt): ``max_new_tokens``
-    positions generated, cut at the first EOS. ``on_step`` sees the reply's positions (``[T]`` ids, masked ones
+    positions generated, cut before the first stop token (:func:`reply_stops`). ``on_step`` sees the reply's positions (``[T]`` ids, masked ones
     as the mask id) after every sampler step."""
     module, tok = model.module, model.tokenizer
     ids = chat_ids(tok, messages, add_generation_prompt=True)
-    P, eos = len(ids), int(tok.eos_token_id)
+    P, stops = len(ids), reply_stops(model)
     prompt = torch.tensor([ids], dtype=torch.long)
     sampler = sampler if sampler is not None else module.sampler
     observed = [0.0]
@@ -197,6 +206,6 @@ def generate_reply(model: ChatModel, messages: list[dict[str, str]], sampler, ma
             sampler.on_step = None
     seconds = time.perf_counter() - started - observed[0]
     tail = gen.tokens[0, P:].tolist()
-    reply_ids = cut_at_eos(tail, eos)
+    reply_ids = cut_at_stop(tail, stops)
     return Reply(tok.decode(reply_ids), reply_ids, int(gen.num_network_calls), seconds, int(max_new_tokens),
-                 eos in tail)
+                 len(reply_ids) < len(tail))

@@ -25,8 +25,9 @@ static cache; ``static_kv_cache=false`` keeps a growing cache, run eagerly) and 
 so the printed speed leaves compilation out.
 
 ``messages=`` (JSON text of ``[{role, content}, ...]``) renders the conversation with ``dlm.data.chat.chat_ids``
-(the tokenizer's chat template, else the plain one) and prints the assistant's reply alone, cut at its first EOS:
-``python -m dlm.chat`` non-interactively (dlm/conversation.py).
+(the tokenizer's chat template, else the plain one) and prints the assistant's reply alone, cut before its first
+EOS or end-of-turn token (``model.conventions.stop_tokens``): ``python -m dlm.chat`` non-interactively
+(dlm/conversation.py).
 
 Infill templates: literal text with holes ``[MASK]`` (one token) or ``[MASK:n]`` (n tokens), e.g.
 ``"The [MASK:5] sat on the [MASK:3]."`` (text that tokenizes as the run's tokenizer does: the arithmetic
@@ -64,6 +65,7 @@ from dlm.errors import EXIT_USER_ERROR, UserError, user_errors
 from dlm.run import NotARunError
 from dlm.run_folder import RunFolder
 from dlm.sampling.base import cut_at_eos
+from dlm.stop_tokens import cut_at_stop
 
 # Imports inside functions: the run or HF folder decides what is needed (the AR family, transformers), so
 # `--help` and a bad override answer before torch models and transformers load.
@@ -217,6 +219,7 @@ def request_sampler(cfg: DictConfig, source: GenerationSource):
         sampler.record_trajectory = True
     if cfg.get("eos_fill") and hasattr(sampler, "eos_id"):
         sampler.eos_id = int(source.tokenizer.eos_token_id)
+        sampler.stop_ids = tuple(getattr(source.module, "stop_ids", ()))  # end-of-turn tokens fill the same way
     return sampler
 
 
@@ -293,19 +296,20 @@ def infill_request(cfg: DictConfig, source: GenerationSource, sampler, n: int) -
 
 def messages_request(cfg: DictConfig, source: GenerationSource, sampler, n: int) -> Request:
     """n assistant replies to the conversation cfg.messages (JSON text or a list of {role, content}), rendered by
-    dlm.data.chat.chat_ids with the generation prompt; each text is the reply alone, cut at its first EOS."""
+    dlm.data.chat.chat_ids with the generation prompt; each text is the reply alone, cut before its first stop token
+    (EOS or the model's end-of-turn token: ``module.stop_ids``, dlm/stop_tokens.py)."""
     from dlm.conversation import parse_messages
     from dlm.data.chat import chat_ids
 
     ids = chat_ids(source.tokenizer, parse_messages(cfg.messages))
-    return prompt_request(cfg, source, sampler, n, ids=ids, echo="")
+    return prompt_request(cfg, source, sampler, n, ids=ids, echo="", stops=getattr(source.module, "stop_ids", None))
 
 
 def prompt_request(cfg: DictConfig, source: GenerationSource, sampler, n: int, ids: list[int] | None = None,
-                   echo: str | None = None) -> Request:
+                   echo: str | None = None, stops: tuple[int, ...] | None = None) -> Request:
     """n continuations of cfg.prompt (empty: unconditional) of ``length`` tokens (default: up to the data's seq_len).
     ``ids``: the prompt's tokens given (not cfg.prompt's), ``echo``: the text printed before each continuation
-    (default: the prompt)."""
+    (default: the prompt); ``stops``: the tokens a continuation is cut before (default: EOS)."""
     module, tok = source.module, source.tokenizer
     eos, mask_id, length = int(tok.eos_token_id), int(module.mask_id), cfg.get("length")
     prompt_text = (cfg.get("prompt") or "") if echo is None else echo
@@ -322,7 +326,7 @@ def prompt_request(cfg: DictConfig, source: GenerationSource, sampler, n: int, i
                        torch.full((n, length), mask_id, dtype=torch.long)], dim=1)
 
     def decode(gen) -> list[str]:
-        return [prompt_text + tok.decode(cut_at_eos(row[P:].tolist(), eos)) for row in gen.tokens.cpu()]
+        return [prompt_text + tok.decode(cut_at_stop(row[P:].tolist(), stops or (eos,))) for row in gen.tokens.cpu()]
 
     return Request(lambda generator: module.generate(prompt, length, sampler=sampler, num_samples=n,
                                                      generator=generator), decode, start, n * length)

@@ -64,6 +64,9 @@ def fit_problems(composed: DictConfig, trained: DictConfig) -> list[str]:
     if isinstance(model_then, dict) and "lora" not in model_then and isinstance(model_now, dict) \
             and not (model_now.get("lora") or {}).get("r"):
         model_now.pop("lora", None)  # a run recorded before model.lora existed: no adapters, as now
+    for model in (model_now, model_then):  # what a checkpoint holds is no difference in the model
+        if isinstance(model, dict) and isinstance(model.get("lora"), dict):
+            model["lora"].pop("checkpoint", None)
     problems = _differences(model_now, model_then, "model")
     data_now, data_then = to_plain(composed.data), to_plain(trained.data)
     for data in (data_now, data_then):
@@ -134,6 +137,11 @@ def check_checkpoint_fits(module, checkpoint: Path, run_dir: Path | None) -> int
     state = saved.get("state_dict", {}) if isinstance(saved, dict) else {}
     live = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     have = {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
+    from dlm.models.lora_checkpoint import KEY, check_base
+
+    if isinstance(saved, dict) and KEY in saved:  # LoRA adapters only: the base is rebuilt, checked here first
+        check_base(module, saved[KEY], f"ckpt_path={checkpoint}")
+        have.update({k: live[k] for k in saved[KEY]["tensors"] if k in live})
     problems = [f"{k}: {list(have[k])} in the checkpoint, {list(live[k])} now" for k in live if k in have
                 and have[k] != live[k]]
     problems += [f"{k}: missing from the checkpoint" for k in live if k not in have]

@@ -179,6 +179,9 @@ def load_run(path: str | Path, ckpt: str | Path | None = "last", device: str | t
         datamodule.setup("validate")
     module = build_module(cfg, datamodule)
     state = load_state_dict(ckpt_file)  # a Lightning file, or a DeepSpeed ZeRO folder (consolidated first)
+    from dlm.models.lora_checkpoint import complete_state
+
+    state = complete_state(module, state, ckpt_file)  # LoRA adapters only: the rebuilt base, checked, filled in
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise RuntimeError(

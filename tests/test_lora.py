@@ -57,6 +57,63 @@ def test_moe_defaults_adapt_attention_and_leave_the_router_and_experts_alone():
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj"}
 
 
+EXPERTS = ["model=moe_tiny", "model.lora.r=2", "model.lora.target_parameters=[mlp.experts.gate_up_proj,mlp.experts.down_proj]"]
+
+
+def test_target_parameters_adapt_the_fused_moe_experts_with_an_exact_count():
+    """transformers 5 fuses a layer's experts into 3-D parameters (gate_up_proj [E, 2 * moe_inter, hidden], down_proj
+    [E, hidden, moe_inter]); peft's ParamWrapper gives each expert its own rank-r pair: r * E * (in + out)."""
+    moe = instantiate_backbone(_compose(*EXPERTS).model, vocab_size=64)
+    trainable = _trainable(moe)
+    experts = sum(v for n, v in trainable.items() if ".experts." in n)
+    # moe_tiny: hidden 64, moe_intermediate 32, 8 experts, 2 layers
+    assert experts == 2 * 2 * 8 * ((64 + 64) + (32 + 64)) == 7168
+    assert sum(trainable.values()) - experts == 2 * 2 * ((64 + 64) + 2 * (64 + 32) + (64 + 64))  # q k v o as before
+    assert all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    with pytest.raises(LoraError, match=r"'experts.nope' matches no parameter of HFCausalLM; its 3-D \(fused expert\) "
+                                        r"parameters: mlp.experts.down_proj, mlp.experts.gate_up_proj"):
+        instantiate_backbone(_compose("model=moe_tiny", "model.lora.r=2", "model.lora.target_parameters=[experts.nope]")
+                             .model, vocab_size=64)
+    with pytest.raises(LoraError, match="cannot apply dropout"):
+        instantiate_backbone(_compose(*EXPERTS, "model.lora.dropout=0.1").model, vocab_size=64)
+
+
+def test_merging_expert_adapters_keeps_the_logits():
+    from dlm.models.lora import parameter_adapters
+
+    torch.manual_seed(0)
+    moe = instantiate_backbone(_compose(*EXPERTS, "model.lora.alpha=4").model, vocab_size=64).eval()
+    ids = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        base = moe(ids)
+        for name, p in moe.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.05)
+        adapted = moe(ids)
+        state = {k: v.clone() for k, v in moe.state_dict().items()}
+        plain = merged_state(state, scaling=2.0, fan_in_fan_out=False, parameters=parameter_adapters(moe))
+        merged = merge_adapters(moe)(ids)
+    assert (adapted - base).abs().max() > 1e-2
+    torch.testing.assert_close(merged, adapted, rtol=1e-5, atol=1e-5)
+    assert plain.keys() == moe.state_dict().keys() and not any("lora" in k or "base_layer" in k for k in plain)
+    for key, value in moe.state_dict().items():
+        torch.testing.assert_close(plain[key], value, rtol=1e-6, atol=1e-6, msg=key)
+
+
+def test_a_run_adapting_the_experts_exports_a_merged_model_with_its_logits(run_cfg, tmp_path):
+    from dlm.models.hf import HFCausalLM
+    from dlm.run import load_run
+
+    run = _train_recorded(run_cfg(*EXPERTS, "trainer.max_steps=2", "trainer.val_check_interval=2", "optimizer.lr=0.01"))
+    ckpt = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert any(".experts.lora_B." in k for k in ckpt["state_dict"])  # adapter-only: the experts' adapters saved
+    adapted = load_run(run, setup_data=False).module.backbone  # the base rebuilt from the run's seed, checked
+    merged = HFCausalLM(pretrained=str(run / "hf")).eval()
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids), adapted(ids), rtol=1e-4, atol=1e-4)
+
+
 def test_merging_keeps_the_adapted_models_logits_native():
     torch.manual_seed(0)
     backbone = instantiate_backbone(_compose("model.lora.r=4", "model.lora.alpha=8").model, vocab_size=64).eval()
@@ -127,8 +184,11 @@ def lora_run(pretrained, tmp_path_factory):
 
 
 def test_only_adapters_train_and_the_frozen_base_is_bit_identical(lora_run, pretrained):
+    from dlm.run import load_run
+
     ckpt = load_checkpoint(lora_run / "checkpoints" / "last.ckpt")
-    state = ckpt["state_dict"]
+    assert all(".lora_" in k for k in ckpt["state_dict"])  # adapter-only: the base is rebuilt from pretrained
+    state = load_run(lora_run, setup_data=False).module.state_dict()
     base = _hf_state(pretrained)
     for name, value in base.items():  # every base weight, adapted layers' included, exactly as loaded
         key = PREFIX + name
@@ -136,7 +196,7 @@ def test_only_adapters_train_and_the_frozen_base_is_bit_identical(lora_run, pret
             module, _, leaf = name.rpartition(".")
             key = f"{PREFIX}{module}.base_layer.{leaf}"
         assert torch.equal(state[key], value), name
-    lora_b = {k: v for k, v in state.items() if ".lora_B." in k}
+    lora_b = {k: v for k, v in ckpt["state_dict"].items() if ".lora_B." in k}
     assert lora_b and all(v.abs().max() > 0 for v in lora_b.values())  # the adapters trained (B starts at 0)
 
 
@@ -251,11 +311,12 @@ def test_qlora_is_refused_on_a_cpu_with_what_it_needs(train_cli, workdir):
 @pytest.mark.parametrize("override, message", [
     ("model.lora.r=0", "model.lora.r=0 must be a positive integer"),
     ("model.lora.r=-2", "model.lora.r=-2 must be a positive integer"),
-    ("model.lora.rank=4", "unknown key 'rank' in model.lora; valid keys: alpha, dropout, export, quantize, r"),
+    ("model.lora.rank=4", "unknown key 'rank' in model.lora; valid keys: alpha, checkpoint, dropout, export, quantize, r"),
     ("+model.lora.rank=4", "model.lora.rank: unknown key; valid keys: r, alpha"),
     ("model.lora.target_modules=[nope]", "'nope' matches no module of Transformer; its Linear modules: lm_head, w1"),
     ("model.lora.target_modules=[mlp]", "'mlp' names a SwiGLU, not a Linear layer"),
     ("model.lora.export=zip", "model.lora.export=zip: valid: merged"),
+    ("model.lora.checkpoint=some", "model.lora.checkpoint=some: valid: adapters"),
 ])
 def test_bad_lora_input_is_one_clear_line(train_cli, workdir, override, message):
     r = [] if override.startswith("model.lora.r") else ["model.lora.r=4"]

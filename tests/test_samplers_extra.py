@@ -235,6 +235,13 @@ def test_eos_fills_the_rest_of_the_row():
     gen = ConfidenceSampler(steps=6, temperature=0.0, eos_id=EOS).sample(den, torch.full((1, 6), MASK), prior=MaskPrior(MASK))
     assert gen.tokens.tolist() == [[1, 2, EOS, EOS, EOS, EOS]]
     assert gen.num_network_calls < 6  # the tail came with the EOS
+    # an end-of-turn token (a family's stop_ids) ends the row the same way; it stays itself, the tail is EOS
+    EOT = 5
+    turn = torch.tensor([[1, 2, EOT, 3, 4, 1]])
+    sampler = ConfidenceSampler(steps=6, temperature=0.0, eos_id=EOS)
+    sampler.stop_ids = (EOS, EOT)
+    gen = sampler.sample(Recording(oracle(turn)(turn)), torch.full((1, 6), MASK), prior=MaskPrior(MASK))
+    assert gen.tokens.tolist() == [[1, 2, EOT, EOS, EOS, EOS]]
 
 
 def test_remdm_remasks_generated_tokens_only_and_ends_without_masks():

@@ -568,11 +568,12 @@ def test_a_lora_run_on_a_published_model_exports_merged_into_its_layout(checkpoi
     merged (W + scaling B A), so the authors' code loads the fine-tuned model."""
     from dlm.models.lora import merged_state
     from dlm.parallel.checkpoint import load_state_dict
-    from dlm.run import find_checkpoint
+    from dlm.run import find_checkpoint, load_run
 
     folder, state = checkpoints["llada"]
     run = _train(train_cli, "llada", folder, tmp_path, "model.lora.r=4", "optimizer.lr=0.05")
-    trained = load_state_dict(find_checkpoint(run, "last"))
+    assert all(".lora_" in k for k in load_state_dict(find_checkpoint(run, "last")))  # adapter-only checkpoint
+    trained = load_run(run, setup_data=False).module.state_dict()  # the base rebuilt from the folder, checked
     assert any(".lora_A." in k for k in trained)
     backbone, _ = load_backbone("llada", run / "hf")  # the published layout again
     scaling = 1.0  # alpha null = r

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from dlm.methods.base import DiffusionLM, evaluating
 from dlm.sampling import Generation
 from dlm.sampling.autoregressive import ARSampler
+from dlm.stop_tokens import is_stop
 
 # The export (HF classes, safetensors) is imported where a run is exported: start-up of training and sampling.
 
@@ -119,8 +120,8 @@ class AR(DiffusionLM):
     ) -> Generation:
         """Continue each prompt row (or `num_samples` empty rows) by `length` tokens, one at a time.
 
-        Returns [B, P + length] tokens (no start token). A row that emits EOS is finished: its remaining
-        positions are EOS, and decoding stops once every row is finished. With ``sampler.kv_cache=prefix`` (the
+        Returns [B, P + length] tokens (no start token). A row that emits EOS (or another of ``stop_ids``: an
+        end-of-turn token) is finished: its remaining positions are EOS, and decoding stops once every row is finished. With ``sampler.kv_cache=prefix`` (the
         default) each step feeds only the new token through the KV cache (a static one when the backbone is
         compiled: :meth:`DiffusionLM.new_kv_cache`); otherwise the whole prefix is recomputed every step (same
         tokens for the same generator).
@@ -156,7 +157,7 @@ class AR(DiffusionLM):
                 out[:, i] = token
                 if observe is not None:
                     observe(torch.cat([prompt, out[:, : i + 1], out.new_full((B, length - i - 1), self.mask_id)], 1))
-                done |= token == self.eos_id
+                done |= is_stop(token, self.stop_ids)  # EOS or an end-of-turn token (dlm/stop_tokens.py)
                 if bool(done.all()):
                     break
                 seq = torch.cat([seq, token[:, None]], dim=1)

@@ -46,10 +46,12 @@ from dlm.compile import is_compiled
 from dlm.config_values import to_plain
 from dlm.flops import TrainingLayout
 from dlm.log_interval import logs_this_step
-from dlm.models.capabilities import BackboneCapabilities, capabilities_of
+from dlm.models.capabilities import BackboneCapabilities, capabilities_of, conventions_of
+from dlm.models.lora_checkpoint import adapter_only, fingerprint, restore_base, strip_base
 from dlm.optim import freeze_roles, merge_lr_multipliers, param_groups, reapply_hparams
 from dlm.parallel import must_return_a_loss
 from dlm.sampling import Generation, Sampler
+from dlm.stop_tokens import stop_ids
 
 
 class NonFiniteLossError(RuntimeError):
@@ -102,6 +104,8 @@ class DiffusionLM(L.LightningModule, ABC):
         self.val_seed = val_seed
         self.mask_id = int(tokenizer.mask_token_id)
         self.eos_id = int(tokenizer.eos_token_id)
+        # where a generated row is finished: EOS and the checkpoint's end-of-turn tokens (dlm/stop_tokens.py)
+        self.stop_ids = stop_ids(tokenizer, conventions_of(backbone).stop_tokens)
         self.pad_id = int(tokenizer.pad_token_id)
         self.vocab_size = int(tokenizer.vocab_size)
         self.nonfinite_stop: dict | None = None  # set by dlm.callbacks.nonfinite when training stopped on a NaN/inf
@@ -241,6 +245,14 @@ class DiffusionLM(L.LightningModule, ABC):
     # ---- Lightning hooks --------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         self._noise_seed = torch.initial_seed()  # seed_everything(cfg.seed) ran before fit
+        if adapter_only(self):
+            fingerprint(self)  # the frozen base as built, once: adapter-only checkpoints record it
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        strip_base(self, checkpoint)  # LoRA: the trainable parameters only (dlm/models/lora_checkpoint.py)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        restore_base(self, checkpoint, "ckpt_path")  # the rebuilt base, checked against the saved fingerprint
 
     def configure_model(self) -> None:
         """Build a deferred backbone (:meth:`defer_backbone`), replacing the placeholder before the optimizer

@@ -52,6 +52,7 @@ from dlm.models.capabilities import capabilities_of
 from dlm.models.transformer import positions_from_doc_ids
 from dlm.sampling import Generation, MaskPrior, Sampler
 from dlm.schedules import MaskSchedule
+from dlm.stop_tokens import is_stop
 
 
 class BD3LM(MaskedTermsObjective, DiffusionLM):
@@ -270,7 +271,7 @@ class BD3LM(MaskedTermsObjective, DiffusionLM):
                 x[:, b0:b1] = gen.tokens
                 calls += gen.num_network_calls
             if eos_from is not None:
-                hit = (x[:, max(eos_from, 0) : b1] == self.eos_id).any(1)
+                hit = is_stop(x[:, max(eos_from, 0) : b1], self.stop_ids).any(1)  # EOS or an end-of-turn token
                 if bool(hit.all()) and b1 < N:
                     x[:, b1:] = self.eos_id
                     break
@@ -285,9 +286,10 @@ class BD3LM(MaskedTermsObjective, DiffusionLM):
             raise ValueError(f"{x.shape[1]} tokens exceed the model's max_seq_len={max_len}")
         with evaluating(self):
             gen = self._semi_ar(x, sampler, generator, eos_from)
-        if eos_from is not None:  # variable length: everything after a row's first generated EOS is EOS
+        if eos_from is not None:  # variable length: everything after a row's first generated stop token is EOS
             tail = gen.tokens[:, eos_from:]
-            after = (tail == self.eos_id).long().cumsum(1) > 0
+            stop = is_stop(tail, self.stop_ids).long()
+            after = (stop.cumsum(1) - stop) > 0  # the stop token itself kept (an end-of-turn token stays one)
             gen.tokens[:, eos_from:] = tail.masked_fill(after, self.eos_id)
         return gen
 

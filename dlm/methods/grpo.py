@@ -186,6 +186,7 @@ class GRPO(DiffusionLM):
             _drop_rollouts_from(self.samples_path, self.global_step)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["grpo"] = {
             "rollout_rng": self._gen.get_state() if self._gen is not None else None,
             "rows_taken": self._rows_taken,
@@ -196,6 +197,7 @@ class GRPO(DiffusionLM):
             del checkpoint["grpo"]["rollout_rng"]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         self._restored = checkpoint.get("grpo")
 
     def training_step(self, batch, batch_idx: int) -> Tensor:

@@ -49,6 +49,8 @@ class ModelConventions:
     sampler: str | None = None  # the conf/sampler option its model card recommends (e.g. low_confidence)
     sampler_fields: dict | None = None  # fields over that option (e.g. {block_length: 32})
     chat_template: bool | None = None  # whether its tokenizer carries a chat template (instruct models)
+    # token strings that end an assistant turn besides EOS (LLaDA-Instruct "<|eot_id|>"; dlm/stop_tokens.py)
+    stop_tokens: tuple[str, ...] | None = None
 
     @classmethod
     def from_config(cls, config) -> ModelConventions:
@@ -64,6 +66,9 @@ class ModelConventions:
                 f"model.conventions: unknown field(s) {', '.join(unknown)}; valid: "
                 f"{', '.join(cls.__dataclass_fields__)}"
             )
+        stops = fields.get("stop_tokens")
+        if stops is not None:  # one token or a list of them, kept as a tuple (the dataclass is frozen)
+            fields["stop_tokens"] = (stops,) if isinstance(stops, str) else tuple(str(t) for t in stops)
         return cls(**fields)
 
 

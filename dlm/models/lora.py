@@ -16,6 +16,10 @@ the export), so every backbone class takes adapters without a constructor argume
 backbone itself (the native Transformer). Default targets: the attention and MLP linear layers (the native
 Transformer declares them, ``lora_targets``; for HF models, the Linear/Conv1D layers whose parameters dlm.optim
 classes as attention or mlp: routers, fused experts and the output embedding are left alone).
+``target_parameters`` adapts nn.Parameters in place (peft >= 0.17's ``ParamWrapper``, one nested per parameter):
+transformers 5 fuses a layer's MoE experts into 3-D parameters (``mlp.experts.gate_up_proj`` [E, 2 I, H],
+``mlp.experts.down_proj`` [E, H, I]) that no ``target_modules`` entry can name; each expert gets its own rank-r pair
+(r * E * (in + out) parameters), without dropout (peft cannot separate it from the weight).
 
 What trains: the adapters only. Every other parameter of the backbone is frozen (requires_grad False), so it gets no
 optimizer group, no gradient and no optimizer state (dlm.optim.param_groups takes trainable parameters only; under
@@ -23,16 +27,18 @@ DeepSpeed too). The A2D learning-rate roles (``lr_multipliers``) apply to an ada
 adapts: its name keeps the module's path (``...self_attn.q_proj.lora_A...`` is attention, ``...mlp.w1.lora_B...`` mlp).
 EMA (callbacks=ema) averages trainable parameters, i.e. the adapters.
 
-Checkpoints hold the whole module (frozen base + adapters) and the adapters' optimizer state: resume and
-``dlm.run.load_run`` are unchanged, and a checkpoint stands alone (a base built from a config with random weights
-exists nowhere else). Measured on model=small (10.1M parameters, r=16: 0.65M trainable): last.ckpt 45.7 MB with
-LoRA vs 113.4 MB fully fine-tuned (the Adam moments are the adapters' only). The end-of-run export
-merges the adapters into the weights (``model.lora.export=merged``) or writes peft's adapter folder
+Checkpoints hold the trainable parameters (the adapters), their optimizer state and a fingerprint of the frozen base
+(``model.lora.checkpoint=adapters``, the default; dlm/models/lora_checkpoint.py): a resume and ``dlm.run.load_run``
+rebuild the base from ``model.pretrained`` or the run's seed and refuse one that differs. ``model.lora.checkpoint=full``
+saves the whole module (a checkpoint that stands alone); under DeepSpeed checkpoints are always full. Measured on
+model=small (10.1M parameters, r=16: 0.65M trainable): last.ckpt 7.95 MB adapter-only, 45.7 MB full, 113.4 MB
+fully fine-tuned. The end-of-run export merges the adapters into the weights (``model.lora.export=merged``) or writes peft's adapter folder
 (``adapter_config.json`` + ``adapter_model.safetensors``; ``model.lora.export=adapter``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -47,9 +53,10 @@ if TYPE_CHECKING:  # torch is imported where adapters are built: checking model.
     from torch import Tensor, nn
 
 ADAPTER = "default"  # peft's adapter name: parameter names carry it (lora_A.default.weight)
-LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "quantize", "export")
+LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "target_parameters", "quantize", "export", "checkpoint")
 QUANTIZE = ("4bit",)
 EXPORTS = ("merged", "adapter")
+CHECKPOINTS = ("adapters", "full")  # what a checkpoint holds: dlm/models/lora_checkpoint.py
 QLORA_HINT = "QLoRA needs a CUDA GPU and bitsandbytes (pip install dlm[qlora])"
 
 
@@ -66,8 +73,10 @@ class LoraSpec:
     alpha: float | None = None
     dropout: float = 0.0
     target_modules: tuple[str, ...] | None = None
+    target_parameters: tuple[str, ...] | None = None  # nn.Parameters adapted in place (fused MoE experts, 3-D)
     quantize: str | None = None
     export: str = "merged"
+    checkpoint: str = "adapters"
 
     @property
     def scaling(self) -> float:
@@ -82,7 +91,8 @@ def lora_problems(config: Any) -> list[str]:
 
     fields = to_plain(config)
     if not isinstance(fields, Mapping):
-        return [f"model.lora={fields!r} must be a mapping {{r, alpha, dropout, target_modules, quantize, export}} "
+        return [f"model.lora={fields!r} must be a mapping {{r, alpha, dropout, target_modules, target_parameters, "
+                f"quantize, export, checkpoint}} "
                 f"or null (off)"]
     problems = [f"model.lora.{k}: unknown key; valid keys: {', '.join(LORA_KEYS)}" for k in fields if k not in LORA_KEYS]
     r = fields.get("r")
@@ -101,11 +111,22 @@ def lora_problems(config: Any) -> list[str]:
             not isinstance(targets, (list, tuple)) or not targets or not all(isinstance(t, str) and t for t in targets))):
         problems.append(f"model.lora.target_modules={targets} must be a non-empty list of module names (e.g. "
                         f"[q_proj,v_proj]), or null (the attention and MLP linear layers)")
+    params = fields.get("target_parameters")
+    if params is not None and (isinstance(params, str) or not isinstance(params, (list, tuple)) or not params
+                               or not all(isinstance(t, str) and t for t in params)):
+        problems.append(f"model.lora.target_parameters={params} must be a non-empty list of parameter names (e.g. "
+                        f"[mlp.experts.gate_up_proj,mlp.experts.down_proj]: fused MoE experts), or null")
+    elif params is not None and dropout:
+        problems.append(f"model.lora.target_parameters: peft's LoRA on a parameter cannot apply dropout (its input is "
+                        f"not separable from the weight); set model.lora.dropout=0")
     if fields.get("quantize") not in (None, *QUANTIZE):
         problems.append(f"model.lora.quantize={fields.get('quantize')}: valid: null (no quantization), 4bit (QLoRA)")
     if fields.get("export", "merged") not in EXPORTS:
         problems.append(f"model.lora.export={fields.get('export')}: valid: merged (the adapters merged into an HF "
                         f"folder), adapter (peft's adapter folder)")
+    if fields.get("checkpoint", "adapters") not in CHECKPOINTS:
+        problems.append(f"model.lora.checkpoint={fields.get('checkpoint')}: valid: adapters (the trainable parameters "
+                        f"and a fingerprint of the frozen base), full (the whole module)")
     return problems
 
 
@@ -125,7 +146,9 @@ def lora_spec(config: Any) -> LoraSpec | None:
         r=int(fields["r"]), alpha=None if fields.get("alpha") is None else float(fields["alpha"]),
         dropout=float(fields.get("dropout") or 0.0),
         target_modules=None if targets is None else tuple([targets] if isinstance(targets, str) else targets),
+        target_parameters=None if fields.get("target_parameters") is None else tuple(fields["target_parameters"]),
         quantize=fields.get("quantize"), export=fields.get("export") or "merged",
+        checkpoint=fields.get("checkpoint") or "adapters",
     )
 
 
@@ -166,14 +189,25 @@ def quantization_kwargs(spec: LoraSpec | None) -> dict[str, Any]:
         bnb_4bit_use_double_quant=True)}
 
 
-def instantiate_backbone(model_cfg: Any, *, instantiate: Callable | None = None, **kwargs) -> nn.Module:
+def instantiate_backbone(model_cfg: Any, *, instantiate: Callable | None = None, seed: int | None = None,
+                         **kwargs) -> nn.Module:
     """The backbone of a model config with ``model.lora``'s adapters (if any) added: ``instantiate(node, **kwargs)``
-    on the config without its ``lora`` key (default: Hydra's), then :func:`add_adapters`."""
+    on the config without its ``lora`` key (default: Hydra's), then :func:`add_adapters`.
+
+    ``seed`` (the run's): with adapter-only checkpoints the frozen base is built from its own seeded RNG (the global
+    one untouched), so that a resume or ``load_run`` rebuilds the same weights where any are random (a base from
+    init, an embedding grown past the checkpoint's vocabulary)."""
     if instantiate is None:
         from hydra.utils import instantiate
     node, spec = split_lora(model_cfg)
-    backbone = instantiate(node, **kwargs, **quantization_kwargs(spec if not _on_meta() else None))
-    return backbone if spec is None else add_adapters(backbone, spec)
+    if spec is None:
+        return instantiate(node, **kwargs)
+    with contextlib.ExitStack() as stack:
+        if seed is not None and spec.checkpoint == "adapters":
+            stack.enter_context(torch.random.fork_rng(devices=[]))
+            torch.manual_seed(int(seed))
+        backbone = instantiate(node, **kwargs, **quantization_kwargs(spec if not _on_meta() else None))
+        return add_adapters(backbone, spec)
 
 
 def _on_meta() -> bool:
@@ -250,9 +284,21 @@ def add_adapters(backbone: nn.Module, spec: LoraSpec) -> nn.Module:
     if any(transposed) and not all(transposed):
         raise LoraError(f"model.lora.target_modules={targets} mixes Linear and Conv1D layers of {kind}; "
                         f"adapt one kind per run")
+    params = list(spec.target_parameters or ())
+    if params:
+        names = [n for n, _ in root.named_parameters()]
+        import re
+
+        # one entry per kind of layer: "mlp.experts.gate_up_proj", not one per layer index
+        fused = ", ".join(sorted({re.sub(r"^.*?\.\d+\.", "", n) for n, p in root.named_parameters() if p.dim() == 3}))
+        fused = fused or "none"
+        for target in params:
+            if not any(_matches(n, target) for n in names):
+                raise LoraError(f"model.lora.target_parameters: {target!r} matches no parameter of {kind}; its 3-D "
+                                f"(fused expert) parameters: {fused}")
     config = LoraConfig(r=spec.r, lora_alpha=spec.r if spec.alpha is None else spec.alpha,
                         lora_dropout=spec.dropout, target_modules=targets, fan_in_fan_out=any(transposed),
-                        bias="none")
+                        bias="none", **({"target_parameters": params} if params else {}))
     if spec.quantize:
         from peft import prepare_model_for_kbit_training
 
@@ -305,23 +351,63 @@ def merge_adapters(backbone: nn.Module) -> nn.Module:
     from peft.tuners.lora import LoraLayer
 
     root = adapter_root(backbone)
-    for name, module in list(root.named_modules()):
-        if isinstance(module, LoraLayer):
-            module.merge(adapter_names=[ADAPTER])
-            parent, _, child = name.rpartition(".")
-            setattr(root.get_submodule(parent) if parent else root, child, module.get_base_layer())
+    layers = [(name, m) for name, m in root.named_modules() if isinstance(m, LoraLayer)]
+    for _, module in layers:  # every adapter first: a parameter adapter (experts) nests one per parameter
+        module.merge(adapter_names=[ADAPTER])
+    for name, module in layers:
+        if ".base_layer" in f".{name}":  # inside another adapter layer: goes with the outermost one
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(root.get_submodule(parent) if parent else root, child, module.get_base_layer())
     if hasattr(root, "peft_config"):
         del root.peft_config
     backbone.lora_spec = None
     return backbone
 
 
-def merged_state(state: dict[str, Tensor], scaling: float, fan_in_fan_out: bool) -> dict[str, Tensor]:
+def parameter_adapters(backbone: nn.Module, prefix: str = "") -> dict[str, tuple[str, int, bool]]:
+    """The parameters adapted through ``target_parameters`` (peft's ParamWrapper, nested one per parameter of a
+    module): {the parameter's state-dict key: (its adapter layer's key, number of experts, whether peft swapped
+    in/out)}; keys relative to ``backbone`` with ``prefix`` in front."""
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import ParamWrapper
+
+    out = {}
+    for name, module in backbone.named_modules():
+        if isinstance(module, ParamWrapper):
+            path, inner = name, module
+            while isinstance(inner.base_layer, LoraLayer):
+                path, inner = f"{path}.base_layer", inner.base_layer
+            out[f"{prefix}{path}.base_layer.{module.parameter_name}"] = (
+                f"{prefix}{name}", int(module.num_experts), bool(module._did_swap_in_out_features))
+    return out
+
+
+def _parameter_delta(a: Tensor, b: Tensor, experts: int, swapped: bool, ndim: int) -> Tensor:
+    """B A of a parameter adapter in the parameter's layout (peft's ParamWrapper.get_delta_weight, float32): A is
+    [experts * r, in] and B [out, experts * r], expert e's rank block is rows e*r.. of A and columns e, e+E.. of B."""
+    a, b = a.float(), b.float()
+    if ndim == 2:
+        return b @ a
+    a = a.reshape(experts, -1, a.shape[-1])  # [E, r, in]
+    b = b.reshape(b.shape[0], -1, experts)  # [out, r, E]
+    return torch.einsum("ore,eri->eoi" if swapped else "ore,eri->eio", b, a)
+
+
+def merged_state(state: dict[str, Tensor], scaling: float, fan_in_fan_out: bool,
+                 parameters: dict[str, tuple[str, int, bool]] | None = None) -> dict[str, Tensor]:
     """A state dict with adapters (``<m>.base_layer.*``, ``<m>.lora_A.default.weight``, ``<m>.lora_B.default.weight``)
-    as the plain model's (``<m>.weight`` = W + scaling B A, transposed for Conv1D), computed in float32."""
+    as the plain model's (``<m>.weight`` = W + scaling B A, transposed for Conv1D), computed in float32.
+    ``parameters``: the parameter adapters (:func:`parameter_adapters`), merged into their 3-D expert weights."""
     out: dict[str, Tensor] = {}
     for key, value in state.items():
         if is_adapter_parameter(key):
+            continue
+        if parameters and key in parameters:
+            layer, experts, swapped = parameters[key]
+            delta = _parameter_delta(state[f"{layer}.lora_A.{ADAPTER}.weight"], state[f"{layer}.lora_B.{ADAPTER}.weight"],
+                                     experts, swapped, value.dim())
+            out[key.replace(".base_layer", "")] = (value.float() + scaling * delta).to(value.dtype)
             continue
         if ".base_layer." not in key:
             out[key] = value

@@ -30,6 +30,9 @@ def export_hf_folder(cfg, state_dict: dict[str, torch.Tensor], out: str | Path, 
     if lora is not None and lora.export == "merged" and not lora.quantize and is_hf_backbone(model_cfg, published=True):
         from dlm.models.lora import merged_state
 
+        if lora.target_parameters:  # their layout needs the adapted model, which a published layout is not built as
+            raise ValueError("model.lora.target_parameters on a published model: merge the adapter folder with peft "
+                             "(model.lora.export=adapter, then PeftModel.from_pretrained(...).merge_and_unload())")
         # a published DLM's layers are all nn.Linear (no Conv1D): merge, then write its own layout
         state_dict = merged_state(state_dict, lora.scaling, fan_in_fan_out=False)
         extra = {**(extra or {}), "lora": {"r": lora.r, "alpha": lora.alpha, "export": lora.export}}
@@ -96,7 +99,7 @@ def _export_adapters(model_cfg, lora, state_dict: dict[str, torch.Tensor], out: 
                      extra: dict | None) -> Path:
     """A LoRA run's export (dlm/models/lora.py): the adapters merged into the weights as a plain HF folder
     (``model.lora.export=merged``), or peft's adapter folder for the run's base (``adapter``)."""
-    from dlm.models.lora import add_adapters, merged_state, peft_config_of, save_adapter_folder
+    from dlm.models.lora import add_adapters, merged_state, parameter_adapters, peft_config_of, save_adapter_folder
 
     with torch.device("meta"):  # the adapted model's layout (which layers, Conv1D or Linear), no weights
         adapted = add_adapters(instantiate(model_cfg, vocab_size=None), lora)
@@ -109,7 +112,7 @@ def _export_adapters(model_cfg, lora, state_dict: dict[str, torch.Tensor], out: 
         backbone_state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         return save_adapter_folder(adapted, backbone_state, out, base=base, extra=extra)
     config = peft_config_of(adapted)
-    merged = merged_state(state_dict, lora.scaling, config.fan_in_fan_out)
+    merged = merged_state(state_dict, lora.scaling, config.fan_in_fan_out, parameter_adapters(adapted, "backbone."))
     return export_hf_folder(OmegaConf.create({"model": model_cfg}), merged, out, extra)
 
 
@@ -129,9 +132,17 @@ def consolidate_run(run_dir: str | Path, ckpt: str = "last", out: str | Path | N
             f"<run>/hf at the end of training)"
         )
     path = find_checkpoint(run_dir, ckpt)
-    state = load_state_dict(path)
-    shadow = ema_weights(path) if use_ema else None
-    state.update(shadow or {})  # the EMA weights over the raw ones (the same parameter names)
+    from dlm.models.lora_checkpoint import is_adapter_only
+
+    if is_adapter_only(path):  # LoRA adapters only: the run's model rebuilt around them (its base checked)
+        from dlm.run import load_run
+
+        shadow = ema_weights(path) if use_ema else None
+        state = load_run(run_dir, ckpt=path, setup_data=False, use_ema=use_ema).module.state_dict()
+    else:
+        state = load_state_dict(path)
+        shadow = ema_weights(path) if use_ema else None
+        state.update(shadow or {})  # the EMA weights over the raw ones (the same parameter names)
     method = cfg.method
     extra = {
         "method": str(method._target_).rsplit(".", 1)[-1].lower(),

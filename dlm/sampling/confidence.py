@@ -33,7 +33,8 @@ family already runs block by block and calls the sampler per block).
 
 EOS handling (``eos_id``): when given, committing EOS at a position commits EOS at every still-masked
 position to its right in the same row (the data convention: a document is EOS-filled after its end), so a
-short answer does not spend steps on its tail. Given tokens are never changed.
+short answer does not spend steps on its tail; so does committing one of ``stop_ids`` (an instruct model's
+end-of-turn tokens, set with ``eos_id`` by ``dlm.generate eos_fill=true``). Given tokens are never changed.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from torch import Tensor
 
 from dlm.sampling.base import Denoiser, Generation, Sampler
 from dlm.sampling.prior import MaskPrior
+from dlm.stop_tokens import is_stop
 
 __all__ = [
     "ConfidenceSampler",
@@ -102,6 +104,8 @@ class OrderedUnmaskingSampler(Sampler):
             raise ValueError(f"eos_id must be a token id >= 0 or None, got {eos_id!r}")
         self.block_length = None if block_length is None else int(block_length)
         self.eos_id = None if eos_id is None else int(eos_id)
+        # end-of-turn tokens that end a row like EOS when eos_id is set (a family's stop_ids; dlm/stop_tokens.py)
+        self.stop_ids: tuple[int, ...] = ()
 
     # ------------------------------------------------------------------ the rule of a subclass
     @abstractmethod
@@ -192,7 +196,7 @@ class OrderedUnmaskingSampler(Sampler):
         return x
 
     def _fill_after_eos(self, x: Tensor, commit: Tensor, mask_id: int) -> Tensor:
-        hit = commit & (x == self.eos_id)
+        hit = commit & is_stop(x, (self.eos_id, *self.stop_ids))
         if not hit.any():
             return x
         after = hit.long().cumsum(dim=1) > 0  # at or right of a newly committed EOS
