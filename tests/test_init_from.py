@@ -63,6 +63,9 @@ def test_a_command_that_chooses_another_geometry_or_tokenizer_is_refused(base, r
     cfg = run_cfg(f"init_from={base}", "model.lora.r=2", run_dir=tmp_path / "y")
     notes = adopt_run_model(cfg, load_config, overrides=[f"init_from={base}", "model.lora.r=2"])
     assert cfg.model.n_layers == 1 and cfg.model.lora.r == 2 and "model.n_layers" in notes[0]
+    cfg = run_cfg(f"init_from={tmp_path / 'nope'}", run_dir=tmp_path / "w")
+    with pytest.raises(InitFromError, match=r"init_from=.*nope: .*no such file or folder"):
+        adopt_run_model(cfg, load_config, overrides=[])
     # another alphabet: the run's tokenizer is not the data's
     cfg = run_cfg(f"init_from={base}", "data.tokenizer.alphabet='[]()'", run_dir=tmp_path / "z")
     with pytest.raises(InitFromError, match=r"token 0: .\(. in the run, .\[. in data\.tokenizer"):
