@@ -209,11 +209,12 @@ def train(cfg: DictConfig) -> Path:
     from dlm.conventions import apply_conventions  # here: it imports the models' declarations (torch)
 
     run_dir = Path(cfg.paths.run_dir)
-    from dlm.init_from import adopt_run_model
-    from dlm.run import load_config
+    if cfg.get("init_from"):  # the run's model config, before its conventions apply (dlm/init_from.py)
+        from dlm.init_from import adopt_run_model
+        from dlm.run import load_config
 
-    for note in adopt_run_model(cfg, load_config):  # init_from: the run's model config (before its conventions apply)
-        print(f"init_from: {note}")
+        for note in adopt_run_model(cfg, load_config):
+            print(f"init_from: {note}")
     for note in apply_conventions(cfg):  # the model's tokenizer, shift and sampler (dlm/conventions.py)
         print(f"model conventions: {note}")
     check_config(cfg)
