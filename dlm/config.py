@@ -53,6 +53,8 @@ class TrainSchema:
     seed: int = 0
     dry_run: bool = False
     ckpt_path: str | None = None
+    init_from: str | None = None  # a run folder (or .ckpt) whose weights a new run starts from (dlm/init_from.py)
+    init_ckpt: str = "last"  # init_from's checkpoint: last | best | a .ckpt path
     compile: str | None = None  # a torch.compile mode (dlm.compile.MODES) or None: eager
     static_kv_cache: bool | None = None  # the sampling KV cache: None = static exactly when compiled
     threads: int | None = None  # torch intra-op threads: None = OMP_NUM_THREADS, else dlm.threads' rule

@@ -115,7 +115,11 @@ def resolve_resume(given: list[str]) -> Resume | None:
         merged.append(f"ckpt_path={checkpoint}")
         from dlm.run import load_config  # imports torch: start-up of every dlm.train command line (--cfg job)
 
-        problems = fit_problems(_compose(merged), load_config(run_dir))
+        from dlm.init_from import adopt_run_model
+
+        composed_merged = _compose(merged)
+        adopt_run_model(composed_merged, load_config, merged)  # a run started with init_from has that run's model config
+        problems = fit_problems(composed_merged, load_config(run_dir))
         if not problems:
             return Resume(checkpoint, run_dir, merged)
         reasons.append(f"{run_dir}: " + "; ".join(problems[:4]) + (" ..." if len(problems) > 4 else ""))

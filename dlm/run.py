@@ -177,7 +177,13 @@ def load_run(path: str | Path, ckpt: str | Path | None = "last", device: str | t
     datamodule = instantiate(cfg.data)
     if setup_data:
         datamodule.setup("validate")
-    module = build_module(cfg, datamodule)
+    backbone = None
+    if cfg.get("init_from"):  # started from another run: its weights first (a LoRA checkpoint may hold adapters only)
+        from dlm.init_from import adopt_run_model, init_backbone
+
+        adopt_run_model(cfg, load_config, overrides=[])  # a no-op where the CLI recorded the adopted model
+        backbone = init_backbone(cfg, datamodule.tokenizer, load_run)
+    module = build_module(cfg, datamodule, backbone=backbone)
     state = load_state_dict(ckpt_file)  # a Lightning file, or a DeepSpeed ZeRO folder (consolidated first)
     from dlm.models.lora_checkpoint import complete_state
 

@@ -165,7 +165,13 @@ def prepare_module(cfg: DictConfig, run_dir: Path, datamodule, ckpt_path: str | 
     from dlm.compile import compile_backbone
     from dlm.parallel.deepspeed import zero3_strategy
 
-    module = build_module(cfg, datamodule, defer_to_zero3=True)
+    backbone = None
+    if cfg.get("init_from"):  # a trained run's weights (a resume's checkpoint then loads over them)
+        from dlm.init_from import init_backbone
+        from dlm.run import load_run
+
+        backbone = init_backbone(cfg, datamodule.tokenizer, load_run)
+    module = build_module(cfg, datamodule, backbone=backbone, defer_to_zero3=True)
     record_run(cfg, run_dir, module, ckpt_path)  # after every check: a refused run writes nothing
     module.static_kv_cache = cfg.get("static_kv_cache")
     if not module.backbone_deferred:  # a deferred (ZeRO-3) backbone is compiled where it is built
@@ -217,6 +223,12 @@ def train(cfg: DictConfig) -> Path:
     from dlm.conventions import apply_conventions  # here: it imports the models' declarations (torch)
 
     run_dir = Path(cfg.paths.run_dir)
+    if cfg.get("init_from"):  # the run's model config, before its conventions apply (dlm/init_from.py)
+        from dlm.init_from import adopt_run_model
+        from dlm.run import load_config
+
+        for note in adopt_run_model(cfg, load_config):
+            print(f"init_from: {note}")
     for note in apply_conventions(cfg):  # the model's tokenizer, shift and sampler (dlm/conventions.py)
         print(f"model conventions: {note}")
     check_config(cfg)

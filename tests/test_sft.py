@@ -293,6 +293,28 @@ def test_instruction_conversations_encode_with_the_configured_tokenizer(tmp_path
     assert text.startswith("user: ") and text.endswith("assistant: ")  # everything before the reply is context
 
 
+@pytest.mark.parametrize("eos_loss", [True, False])
+def test_completion_only_loss_false_counts_the_whole_conversation(eos_loss):
+    """data.completion_only_loss=false (TRL's option): every conversation token counts, the prompt too; the EOS fill
+    still follows eos_loss; true (the default) is the reply only."""
+    tok = CharTokenizer("abcdefghijklmnopqrstuvwxyz0123456789+:()[]{} \n")
+    src = InstructionsSource(kinds=["reverse"], num_train=8, num_val=4)
+    rows = {}
+    for only in (True, False):
+        dm = ChatDataModule(src, tok, eos_loss=eos_loss, completion_only_loss=only, seq_len=40, batch_size=4,
+                            cache_dir=None)
+        dm.setup()
+        rows[only] = dm.val_data
+    assert np.array_equal(rows[True]["input_ids"], rows[False]["input_ids"])
+    for i, conversation in enumerate(src.conversations("val")):
+        ids, response = sft_ids(tok, conversation)
+        n = len(ids)
+        assert rows[False]["loss_mask"][i, :n].all() and rows[True]["loss_mask"][i, :n].tolist() == response
+        assert (rows[False]["loss_mask"][i, n:] == eos_loss).all()
+    with pytest.raises(ValueError, match="completion_only_loss must be true or false"):
+        ChatDataModule(src, tok, completion_only_loss="no", seq_len=24, batch_size=4, cache_dir=None)
+
+
 # ---- SFT on the embedded task beats the base ----------------------------------------------------------------
 SFT_TASK = ["data=instructions", "data.source.kinds=[close]", "data.source.max_open=4", "data.source.num_val=24",
             "data.source.num_train=4000", "data.batch_size=32", "optimizer.lr=3e-3", "trainer.limit_val_batches=1",

@@ -7,6 +7,9 @@ only those tokens are corrupted and scored, the prompt stays clean context; dlm.
 conversation as response, so the model learns where a reply stops (its length) and the sampler can stop there;
 False: the fill is clean context without loss (then training never shows a masked tail after a reply, yet
 sampling starts from one: the silent-EOS pitfall, ZHZisZZ/dllm#81). With ``packing=true`` there is no fill; the final row's pad never counts.
+``completion_only_loss`` (named as TRL's SFTConfig option): True (the default), only the replies count; False, every
+token of the conversation counts (the prompt and role headers too: plain language-model training on the rendered
+text, e.g. to pretrain a base on the same template before a response-only SFT). The EOS fill follows ``eos_loss``.
 The validation bound is averaged over the counted tokens, i.e. per response token, so SFT runs compare across
 families.
 """
@@ -31,7 +34,8 @@ _FORMAT_VERSION = "dlm-chat-v1"
 class ChatDataModule(DLMDataModule):
     """A :class:`DLMDataModule` over a conversation source (``conversations(split)``: dlm.data.chat_sources)."""
 
-    def __init__(self, source: Any, tokenizer: Any, eos_loss: bool = True, **kwargs: Any):
+    def __init__(self, source: Any, tokenizer: Any, eos_loss: bool = True, completion_only_loss: bool = True,
+                 **kwargs: Any):
         if not callable(getattr(source, "conversations", None)):
             raise ValueError(f"data.source={source!r} yields documents, not conversations: ChatDataModule needs a chat "
                              "source (dlm.data.chat_sources: ChatDatasetSource, InstructionsSource)")
@@ -39,6 +43,9 @@ class ChatDataModule(DLMDataModule):
         if not isinstance(eos_loss, bool):
             raise ValueError(f"data.eos_loss must be true or false, got {eos_loss!r}")
         self.eos_loss = eos_loss
+        if not isinstance(completion_only_loss, bool):
+            raise ValueError(f"data.completion_only_loss must be true or false, got {completion_only_loss!r}")
+        self.completion_only_loss = completion_only_loss
 
     def cache_key(self, split: str) -> str:
         return cache_key(
@@ -49,13 +56,15 @@ class ChatDataModule(DLMDataModule):
             seq_len=self.seq_len,
             packing=self.packing,
             eos_loss=self.eos_loss,
+            completion_only_loss=self.completion_only_loss,
             split=split,
         )
 
     def _examples(self, split: str, counter: list[int]) -> Iterator[tuple[list[int], list[bool]]]:
         for messages in self.source.conversations(split):
             counter[0] += 1
-            yield sft_ids(self.tokenizer, messages)
+            ids, response = sft_ids(self.tokenizer, messages)
+            yield ids, response if self.completion_only_loss else [True] * len(ids)
 
     def _build(self, split: str) -> dict[str, np.ndarray]:
         counter = [0]
@@ -71,4 +80,4 @@ class ChatDataModule(DLMDataModule):
             raise
 
     def __repr__(self) -> str:
-        return super().__repr__()[:-1] + f", eos_loss={self.eos_loss})"
+        return super().__repr__()[:-1] + f", eos_loss={self.eos_loss}, completion_only_loss={self.completion_only_loss})"
