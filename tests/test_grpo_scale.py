@@ -187,3 +187,27 @@ def test_two_rank_zero3_cpu_run_of_a_few_rl_steps(tmp_path, extra):
     assert len(_metrics(run, "rl/reward_mean")) == 3 and len(_metrics(run, "rl/kl")) == 3
     ckpt = run / "checkpoints" / "last.ckpt"
     assert ckpt.is_dir() and len(list((ckpt / "checkpoint").glob("*zero_pp_rank_*_optim_states.pt"))) == 2
+
+
+def test_an_instruct_checkpoints_prompts_go_through_its_chat_template(run_cfg, tmp_path):
+    """As d1 and dlm.generate do: a checkpoint whose conventions carry a chat template gets each prompt as one user
+    message through it (method.chat_prompts=null); false sends the raw text."""
+    from hydra.utils import instantiate
+    from tiny_checkpoint import tiny_model_overrides, write_tiny_checkpoint
+
+    from dlm.build import build_module
+    from dlm.conventions import apply_conventions
+    from dlm.data.chat import chat_ids
+
+    ckpt = write_tiny_checkpoint(tmp_path / "instruct", chat=True)
+    common = [*RL, *tiny_model_overrides(ckpt, chat_template=True), "prompts.conditional=true"]
+    for chat, expect_template in ((None, True), (False, False)):
+        cfg = run_cfg(*common, *([] if chat is None else [f"method.chat_prompts={str(chat).lower()}"]))
+        apply_conventions(cfg, overrides=[])  # the checkpoint's tokenizer, as the training CLI applies it
+        module = build_module(cfg, instantiate(cfg.data))
+        tok = module.tokenizer
+        plain = tok.encode("(([")
+        templated = chat_ids(tok, [{"role": "user", "content": "((["}])
+        assert templated != plain and tok.decode(templated).startswith("user:")
+        assert module._encode_prompt("(([") == (templated if expect_template else plain)
+        assert module._encode_prompt("") == []  # an unconditional prompt stays empty

@@ -56,7 +56,9 @@ from torch import Tensor, nn
 
 from dlm.errors import UserError
 from dlm.log_interval import logs_this_step
+from dlm.data.chat import chat_ids
 from dlm.methods.base import DiffusionLM, evaluating
+from dlm.models.capabilities import conventions_of
 from dlm.models.lora import adapter_spec, adapters_disabled, add_adapters, merge_adapters
 from dlm.parallel import must_return_a_loss
 from dlm.parallel.lockstep import gathers_parameters, lockstep
@@ -99,6 +101,7 @@ class GRPO(DiffusionLM):
         samples_path: str | None = None,
         log_rollouts_every: int = 1,
         sampler: Sampler | None = None,
+        chat_prompts: bool | None = None,
         **base_kwargs,
     ):
         _check_settings(num_generations, prompts_per_step, completion_length, num_iterations, epsilon_low,
@@ -148,6 +151,8 @@ class GRPO(DiffusionLM):
         self.rollout_seed, self.log_rollouts_every = int(rollout_seed), int(log_rollouts_every)
         self.samples_path = Path(samples_path) if samples_path else None
         self.init_from = init_from
+        # an instruct checkpoint's prompts go through its chat template (one user message, as d1 and dlm.generate do)
+        self.chat_prompts = conventions_of(family.backbone).chat_template if chat_prompts is None else bool(chat_prompts)
         self._restored: dict | None = None  # the RL state of a checkpoint, applied in on_train_start
         self._gen: torch.Generator | None = None
         self._lockstep = False  # set at the start of fit: ZeRO-3 on several ranks
@@ -324,7 +329,7 @@ class GRPO(DiffusionLM):
         self._rows_taken += len(rows)
         generation = self._generations
         self._generations += 1
-        prompt_ids = [self.tokenizer.encode(str(r.get("prompt", ""))) for r in rows]
+        prompt_ids = [self._encode_prompt(str(r.get("prompt", ""))) for r in rows]
         by_len: dict[int, list[int]] = {}
         for i, ids in enumerate(prompt_ids):
             by_len.setdefault(len(ids), []).append(i)
@@ -386,6 +391,11 @@ class GRPO(DiffusionLM):
         for b in buckets:
             del b["samples"]
         return {"generation": generation, "iteration": 0, "buckets": buckets, "stats": stats}
+
+    def _encode_prompt(self, text: str) -> list[int]:
+        if self.chat_prompts and text:
+            return chat_ids(self.tokenizer, [{"role": "user", "content": text}])
+        return self.tokenizer.encode(text)
 
     def _dummy_bucket(self, prompt_len: int) -> dict:
         """Under ZeRO-3, a prompt length only other ranks drew this step: one throw-away row that nothing scores, so
