@@ -164,12 +164,19 @@ def test_rollouts_run_under_the_threshold_samplers_dual_cache(run_cfg):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [pytest.param([], id="reference-copy"),
-                                   pytest.param(["model.lora.r=4"], id="lora-base-reference")])
+                                   pytest.param(["model.lora.r=4"], id="lora-base-reference"),
+                                   pytest.param("pretrained", id="pretrained-into-partitions")])
 def test_two_rank_zero3_cpu_run_of_a_few_rl_steps(tmp_path, extra):
     """ZeRO-3 on 2 CPU ranks: conditional prompts (lengths differ between the ranks, so a rank trains dummy buckets)
     and the ancestral sampler skipping calls that reveal nothing (the ranks' call counts differ), μ = 2 and β > 0
     (old and reference log-probs). Without the lockstep the ranks' parameter gathers do not pair up and the run
-    hangs or fails."""
+    hangs (checked once by disabling it: both ranks waited in a collective after the first rollouts).
+    ``pretrained``: an HF checkpoint loaded straight into the partitions (the deferred backbone becomes the policy's
+    and the reference is a second build of it)."""
+    if extra == "pretrained":
+        from tiny_checkpoint import tiny_model_overrides, write_tiny_checkpoint
+
+        extra = tiny_model_overrides(write_tiny_checkpoint(tmp_path / "pretrained"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
            "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     args = [*RL, "trainer=deepspeed", "trainer.strategy._target_=zero_cpu_strategy.CPUDeepSpeedStrategy",
@@ -187,6 +194,9 @@ def test_two_rank_zero3_cpu_run_of_a_few_rl_steps(tmp_path, extra):
     assert len(_metrics(run, "rl/reward_mean")) == 3 and len(_metrics(run, "rl/kl")) == 3
     ckpt = run / "checkpoints" / "last.ckpt"
     assert ckpt.is_dir() and len(list((ckpt / "checkpoint").glob("*zero_pp_rank_*_optim_states.pt"))) == 2
+    if any(a.startswith("model.pretrained=") for a in extra):
+        # the deferred builds on each rank: the policy's backbone and the reference's second one
+        assert proc.stdout.count("into ZeRO-3 partitions") == 4, proc.stdout[-2000:]
 
 
 def test_an_instruct_checkpoints_prompts_go_through_its_chat_template(run_cfg, tmp_path):
