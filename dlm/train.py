@@ -264,17 +264,18 @@ def train(cfg: DictConfig) -> Path:
     log_config(loggers, cfg)
     trainer = build(cfg.trainer, "trainer", MisconfigurationException, TypeError, logger=loggers or False, callbacks=callbacks)
     terminated = fit(trainer, module, datamodule, ckpt_path, vetted)
-    status = run_status(trainer, module, datamodule, terminated, validate=end_of_run.setting(cfg, "validate"))
-    if not module.nonfinite_stop:
+    if not module.nonfinite_stop:  # before the last validation: under ZeRO-3 trainer.validate rebuilds the DeepSpeed
+        # engine for inference (no optimizer), which cannot save a checkpoint
         with end_of_run.stage("checkpoint", show=trainer.is_global_zero) as s:
             trainer.save_checkpoint(RunFolder(run_dir).last_ckpt, weights_only=False)  # resumable: optimizer, loops
             s.detail = f"-> {RunFolder(run_dir).last_ckpt}"
-        if not terminated:
-            with end_of_run.stage("export", show=trainer.is_global_zero) as s:
-                if not end_of_run.setting(cfg, "export"):
-                    s.skipped = "end_of_run.export=false"
-                else:
-                    s.detail = export_model(module, run_dir)
+    status = run_status(trainer, module, datamodule, terminated, validate=end_of_run.setting(cfg, "validate"))
+    if not module.nonfinite_stop and not terminated:
+        with end_of_run.stage("export", show=trainer.is_global_zero) as s:
+            if not end_of_run.setting(cfg, "export"):
+                s.skipped = "end_of_run.export=false"
+            else:
+                s.detail = export_model(module, run_dir)
     results = final_results(trainer, callbacks, started, status)
     RunFolder(run_dir).results.write_text(json.dumps(results, indent=2) + "\n")
     finish_loggers(loggers, results)

@@ -26,13 +26,23 @@ Exact resume: the rollout generator's state, the prompt rows consumed, and the b
 a function of (seed, rank, generation, inner step). Rollouts go to ``samples.jsonl`` (kind ``rollout``, with each
 reward) and a resume drops the rows generated after its checkpoint.
 
-Limits: ``trainer.accumulate_grad_batches`` must be 1 (raise ``prompts_per_step``); each rank draws its own prompts
-and rollouts (DDP / ZeRO-2 average the gradients); under ZeRO-3 generation would have to be collective with equal
-call counts on every rank (not supported yet).
+Scale (recipes/grpo.md, d1 on LLaDA-8B-Instruct): ``model.lora.r=...`` trains adapters only, and the frozen reference
+is then the base itself, read with the adapters off (dlm.models.lora.adapters_disabled: no copy of the model; an
+``init_from`` run gets fresh adapters over its own, merged). ``model.gradient_checkpointing=true`` checkpoints the
+policy's training forwards (HF backbones; the rollouts run in eval mode without gradient). ``sampler.kv_cache=...``
+is the rollouts' (the threshold sampler's prefix/dual cache, BD3-LM's exact one). Each rank draws its own prompts
+and rollouts (DDP / ZeRO-2 / ZeRO-3 average the gradients). Under ZeRO-3 every forward gathers parameters
+collectively, so the ranks' forwards are kept in line: generation and the old/reference log-probabilities run in
+lockstep (dlm.parallel.lockstep: a rank that is done runs throw-away forwards while others still sample), and the
+training forwards match because every rank makes one bucket per prompt length drawn by any rank (a weight-0 dummy
+row where it drew none) and each estimator makes a fixed number of forwards.
+
+Limits: ``trainer.accumulate_grad_batches`` must be 1 (raise ``prompts_per_step``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import time
@@ -46,8 +56,12 @@ from torch import Tensor, nn
 
 from dlm.errors import UserError
 from dlm.log_interval import logs_this_step
-from dlm.methods.base import DiffusionLM
+from dlm.data.chat import chat_ids
+from dlm.methods.base import DiffusionLM, evaluating
+from dlm.models.capabilities import conventions_of
+from dlm.models.lora import adapter_spec, adapters_disabled, add_adapters, merge_adapters
 from dlm.parallel import must_return_a_loss
+from dlm.parallel.lockstep import gathers_parameters, lockstep
 from dlm.rewards.base import Reward, RewardSet, as_reward_set
 from dlm.rl.estimators import ExactLogProb, LogProbEstimator, MeanFieldLogProb
 from dlm.rl.objective import NORMALISATIONS, clipped_policy_loss, group_advantages, k3_kl
@@ -87,6 +101,7 @@ class GRPO(DiffusionLM):
         samples_path: str | None = None,
         log_rollouts_every: int = 1,
         sampler: Sampler | None = None,
+        chat_prompts: bool | None = None,
         **base_kwargs,
     ):
         _check_settings(num_generations, prompts_per_step, completion_length, num_iterations, epsilon_low,
@@ -98,6 +113,14 @@ class GRPO(DiffusionLM):
             raise ValueError(f"prompts= must build a prompt source with rows(split), got {prompts!r}")
         family = _policy_from_run(init_from, init_ckpt, tokenizer) if init_from else \
             _policy_from_config(policy, backbone, tokenizer, schedule, sampler)
+        # model.lora: adapters made for this run (B = 0: the policy starts as its base), so the frozen reference is
+        # that base, read with the adapters switched off (no copy of the model); a run started from init_from gets
+        # them here (the composed backbone carries the spec), over the run's own adapters merged in
+        fresh_adapters = adapter_spec(backbone) is not None
+        if init_from and fresh_adapters:
+            if adapter_spec(family.backbone) is not None:
+                merge_adapters(family.backbone)
+            add_adapters(family.backbone, adapter_spec(backbone))
         if estimator is None:  # the family's own: exact where it has an exact likelihood, else d1's
             estimator = ExactLogProb() if type(family).exact_nll else MeanFieldLogProb()
         if not isinstance(estimator, LogProbEstimator):
@@ -114,8 +137,9 @@ class GRPO(DiffusionLM):
         self.exact_nll = type(family).exact_nll
         self.supports_infill = type(family).supports_infill
         self.eos_fills_tail = type(family).eos_fills_tail
-        self.reference = None
-        if beta > 0 or track_kl:
+        self.tracks_reference = bool(beta > 0 or track_kl)
+        self.reference = None  # a frozen copy of the start; None with fresh adapters (the base is the reference)
+        if self.tracks_reference and not fresh_adapters:
             self.reference = copy.deepcopy(family).requires_grad_(False).eval()
             # Lightning warns of modules in eval mode at the start of fit: the frozen reference is one on purpose
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -127,8 +151,11 @@ class GRPO(DiffusionLM):
         self.rollout_seed, self.log_rollouts_every = int(rollout_seed), int(log_rollouts_every)
         self.samples_path = Path(samples_path) if samples_path else None
         self.init_from = init_from
+        # an instruct checkpoint's prompts go through its chat template (one user message, as d1 and dlm.generate do)
+        self.chat_prompts = conventions_of(family.backbone).chat_template if chat_prompts is None else bool(chat_prompts)
         self._restored: dict | None = None  # the RL state of a checkpoint, applied in on_train_start
         self._gen: torch.Generator | None = None
+        self._lockstep = False  # set at the start of fit: ZeRO-3 on several ranks
         self._rows_taken = 0  # prompt rows this rank consumed
         self._generations = 0  # batches of generations made
         self._buffer: dict | None = None  # the batch of generations in use
@@ -140,6 +167,18 @@ class GRPO(DiffusionLM):
         if getattr(self, "reference", None) is not None:
             self.reference.eval()  # frozen: no dropout, whatever Lightning asks
         return self
+
+    def configure_model(self) -> None:
+        """A deferred backbone (ZeRO-3 loading pretrained weights into partitions, dlm.parallel.deepspeed) is the
+        policy's; a frozen reference copy gets a second build of the same checkpoint (a deepcopy of partitioned
+        parameters would copy empty placeholders)."""
+        build = self._build_backbone
+        super().configure_model()
+        if build is None:
+            return
+        self.policy.backbone, self.policy.frozen = self.backbone, self.frozen
+        if self.reference is not None:
+            self.reference.backbone = build().requires_grad_(False).eval()
 
     # ---- the family interface: the policy's --------------------------------------------------------------
     def loss(self, batch, generator=None):
@@ -172,6 +211,8 @@ class GRPO(DiffusionLM):
                             f"trainer.accumulate_grad_batches must be 1 (got {self.trainer.accumulate_grad_batches}); "
                             f"raise method.prompts_per_step instead")
         state, self._restored = self._restored or {}, None
+        # ZeRO-3 on several ranks: every forward gathers parameters collectively (dlm.parallel.lockstep)
+        self._lockstep = gathers_parameters(self.trainer.strategy)
         self._gen = torch.Generator(device=self.compute_device)
         if "rollout_rng" in state:
             self._gen.set_state(state["rollout_rng"].cpu())
@@ -207,7 +248,7 @@ class GRPO(DiffusionLM):
         buf = self._buffer
         j = buf["iteration"]
         started = time.perf_counter()
-        n_seq = sum(b["tokens"].shape[0] for b in buf["buckets"])
+        n_seq = sum(b["tokens"].shape[0] for b in buf["buckets"] if not b.get("dummy"))
         n_tok = sum(int(b["scored"].sum()) for b in buf["buckets"])
         loss = torch.zeros((), device=self.compute_device)
         stats = {"clipped": 0.0, "kl": 0.0, "entropy": 0.0}
@@ -220,8 +261,8 @@ class GRPO(DiffusionLM):
             out = clipped_policy_loss(est.logp, old, bucket["advantages"], scored, self.epsilon_low,
                                       self.epsilon_high, self.beta, ref if self.beta > 0 else None,
                                       self.normalisation, max_len=self.completion_length)
-            share = int(scored.sum()) / max(n_tok, 1) if self.normalisation == "tokens" else \
-                bucket["tokens"].shape[0] / n_seq
+            share = 0.0 if bucket.get("dummy") else int(scored.sum()) / max(n_tok, 1) \
+                if self.normalisation == "tokens" else bucket["tokens"].shape[0] / n_seq
             loss = loss + share * out.loss
             stats["clipped"] += float(out.clipped.sum())
             stats["entropy"] += float(est.entropy.sum())
@@ -231,7 +272,8 @@ class GRPO(DiffusionLM):
         if not torch.isfinite(loss):  # no backward: dlm.callbacks.nonfinite drops the step (as DiffusionLM does)
             self.nonfinite_loss = float(loss.detach())
             return loss if must_return_a_loss(self.trainer.strategy) else None
-        self._train_started, self._train_tokens = started, sum(b["tokens"].numel() for b in buf["buckets"])
+        self._train_started = started
+        self._train_tokens = sum(b["tokens"].numel() for b in buf["buckets"] if not b.get("dummy"))
         if logs_this_step(self._trainer):
             log = self._log
             log("rl/loss", loss.detach())
@@ -243,7 +285,7 @@ class GRPO(DiffusionLM):
             log("rl/completion_len", buf["stats"]["completion_len"])
             log("rl/clip_frac", stats["clipped"] / max(n_tok, 1))
             log("rl/entropy", stats["entropy"] / max(n_tok, 1))
-            if self.reference is not None:
+            if self.tracks_reference:
                 log("rl/kl", stats["kl"] / max(n_tok, 1))
             if j == 0 and "gen_tokens_per_s" in buf["stats"]:
                 log("rl/gen_tokens_per_s", buf["stats"]["gen_tokens_per_s"])
@@ -289,26 +331,33 @@ class GRPO(DiffusionLM):
         self._rows_taken += len(rows)
         generation = self._generations
         self._generations += 1
-        prompt_ids = [self.tokenizer.encode(str(r.get("prompt", ""))) for r in rows]
+        prompt_ids = [self._encode_prompt(str(r.get("prompt", ""))) for r in rows]
         by_len: dict[int, list[int]] = {}
         for i, ids in enumerate(prompt_ids):
             by_len.setdefault(len(ids), []).append(i)
+        lengths = list(by_len)
+        if self._lockstep:  # every rank trains on one bucket per prompt length of any rank (dummies where it has none)
+            lengths = _all_lengths(lengths)
         started = time.perf_counter()
-        buckets, completions, order = [], [""] * (len(rows) * G), []
-        for P, members in by_len.items():  # prompts of one length share a generate call and a forward
-            prompt = torch.tensor([prompt_ids[i] for i in members for _ in range(G)], dtype=torch.long, device=dev)
-            prompt = prompt.view(len(members) * G, P)
-            gen = self.generate(prompt if P else None, C, num_samples=len(members) * G, generator=self._gen)
-            tokens = gen.tokens.to(dev)
-            samples = [i * G + g for i in members for g in range(G)]
-            upto_eos = _completion_mask(tokens, P, self.eos_id)
-            # the actions: every generated token, except those a family sets to EOS after the first (AR, BD3-LM)
-            scored = upto_eos if self.eos_fills_tail else _completion_mask(tokens, P, None)
-            buckets.append({"tokens": tokens, "prompt_len": P, "samples": samples, "scored": scored,
-                            "length": upto_eos.sum(1)})
-            for row, s in zip(tokens[:, P:].tolist(), samples):
-                completions[s] = self.tokenizer.decode(cut_at_eos(row, self.eos_id))
-            order += samples
+        buckets, completions = [], [""] * (len(rows) * G)
+        with lockstep(self.policy.backbone, self._dummy_forward(self.policy), dev, self._lockstep):
+            for P in lengths:  # prompts of one length share a generate call and a forward
+                members = by_len.get(P)
+                if members is None:
+                    buckets.append(self._dummy_bucket(P))
+                    continue
+                prompt = torch.tensor([prompt_ids[i] for i in members for _ in range(G)], dtype=torch.long, device=dev)
+                prompt = prompt.view(len(members) * G, P)
+                gen = self.generate(prompt if P else None, C, num_samples=len(members) * G, generator=self._gen)
+                tokens = gen.tokens.to(dev)
+                samples = [i * G + g for i in members for g in range(G)]
+                upto_eos = _completion_mask(tokens, P, self.eos_id)
+                # the actions: every generated token, except those a family sets to EOS after the first (AR, BD3-LM)
+                scored = upto_eos if self.eos_fills_tail else _completion_mask(tokens, P, None)
+                buckets.append({"tokens": tokens, "prompt_len": P, "samples": samples, "scored": scored,
+                                "length": upto_eos.sum(1)})
+                for row, s in zip(tokens[:, P:].tolist(), samples):
+                    completions[s] = self.tokenizer.decode(cut_at_eos(row, self.eos_id))
         gen_time = time.perf_counter() - started
         prompts = [str(rows[s // G].get("prompt", "")) for s in range(len(completions))]
         columns = {k: [rows[s // G].get(k) for s in range(len(completions))]
@@ -317,20 +366,24 @@ class GRPO(DiffusionLM):
         total = torch.tensor(self.reward.total(components), dtype=torch.float32)
         advantages = group_advantages(total, G, scale=self.scale_rewards)
         for bucket in buckets:
-            bucket["advantages"] = advantages[bucket["samples"]].to(dev)
+            bucket["advantages"] = torch.zeros(1, device=dev) if bucket.get("dummy") else \
+                advantages[bucket["samples"]].to(dev)
             bucket["old"] = bucket["ref"] = None
-        for index, bucket in enumerate(buckets):  # old (μ > 1) and reference log-probs, under each step's masks
-            for key, model in (("old", self.policy if self.num_iterations > 1 else None), ("ref", self.reference)):
-                if model is None:
-                    continue
-                bucket[key] = torch.stack([
-                    self.estimator(model, bucket["tokens"], bucket["scored"], bucket["prompt_len"],
-                                   generator=self._estimator_generator(generation, j, index)).logp
-                    for j in range(self.num_iterations)])
+        for key, models in (("old", contextlib.nullcontext(self.policy) if self.num_iterations > 1 else None),
+                            ("ref", self._reference() if self.tracks_reference else None)):
+            if models is None:  # old (μ > 1) and reference log-probs, under each step's masks
+                continue
+            with models as model, lockstep(model.backbone, self._dummy_forward(model), dev, self._lockstep):
+                for index, bucket in enumerate(buckets):
+                    bucket[key] = torch.stack([
+                        self.estimator(model, bucket["tokens"], bucket["scored"], bucket["prompt_len"],
+                                       generator=self._estimator_generator(generation, j, index)).logp
+                        for j in range(self.num_iterations)])
         scored_len = torch.cat([b.pop("length") for b in buckets]).float()
         stats = {"reward_mean": float(total.mean()), "reward_std": float(total.std()) if total.numel() > 1 else 0.0,
                  "completion_len": float(scored_len.mean()),
-                 "gen_tokens_per_s": sum(b["tokens"][:, b["prompt_len"]:].numel() for b in buckets) / max(gen_time, 1e-9)}
+                 "gen_tokens_per_s": sum(b["tokens"][:, b["prompt_len"]:].numel() for b in buckets if b["samples"])
+                 / max(gen_time, 1e-9)}
         for name, values in components.items():
             v = torch.tensor(values, dtype=torch.float32)
             stats[f"reward/{name}_mean"] = float(v.mean())
@@ -341,6 +394,42 @@ class GRPO(DiffusionLM):
             del b["samples"]
         return {"generation": generation, "iteration": 0, "buckets": buckets, "stats": stats}
 
+    def _encode_prompt(self, text: str) -> list[int]:
+        if self.chat_prompts and text:
+            return chat_ids(self.tokenizer, [{"role": "user", "content": text}])
+        return self.tokenizer.encode(text)
+
+    def _dummy_bucket(self, prompt_len: int) -> dict:
+        """Under ZeRO-3, a prompt length only other ranks drew this step: one throw-away row that nothing scores, so
+        that this rank's training step runs a forward (and backward) for it as theirs do (weight 0 in the loss)."""
+        tokens = torch.full((1, prompt_len + self.completion_length), self.pad_id, dtype=torch.long,
+                            device=self.compute_device)
+        return {"tokens": tokens, "prompt_len": prompt_len, "samples": [], "dummy": True,
+                "scored": torch.zeros_like(tokens, dtype=torch.bool),
+                "length": torch.zeros(0, dtype=torch.long, device=tokens.device)}
+
+    def _dummy_forward(self, family: DiffusionLM):
+        """One forward of ``family``'s backbone on a throw-away row: what a rank runs while others still generate
+        (dlm.parallel.lockstep)."""
+        dev = self.compute_device
+
+        def forward():
+            x = torch.full((1, self.completion_length), self.pad_id, dtype=torch.long, device=dev)
+            time_kw = {"time": torch.ones(1, device=dev)} if family.backbone_caps.time_conditioning else {}
+            family.backbone(x, **time_kw)
+
+        return forward
+
+    @contextlib.contextmanager
+    def _reference(self) -> Iterator[DiffusionLM]:
+        """The frozen reference policy for the block: the copy of the start, or with fresh LoRA adapters the policy's
+        base (adapters off, eval mode), which is the start bit for bit since the base never trains."""
+        if self.reference is not None:
+            yield self.reference
+            return
+        with evaluating(self.policy), adapters_disabled(self.policy.backbone):
+            yield self.policy
+
     def _write_rollouts(self, generation, prompts, completions, components, total, advantages) -> None:
         self.samples_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.samples_path, "a") as f:
@@ -350,6 +439,13 @@ class GRPO(DiffusionLM):
                        "rewards": {name: values[s] for name, values in components.items()},
                        "advantage": float(advantages[s])}
                 f.write(json.dumps(row) + "\n")
+
+
+def _all_lengths(lengths: list[int]) -> list[int]:
+    """The prompt lengths drawn by any rank this step, sorted (the same list on every rank)."""
+    gathered: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, sorted(lengths))
+    return sorted({P for rank_lengths in gathered for P in rank_lengths})
 
 
 def _completion_mask(tokens: Tensor, prompt_len: int, eos_id: int | None) -> Tensor:

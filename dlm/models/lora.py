@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -483,3 +483,24 @@ def plan_line(backbone: nn.Module | None, total: int, trainable: int, grad_optim
             f"{total:,} parameters ({100 * trainable / max(total, 1):.3g}%); the frozen base holds no gradients or "
             f"Adam state: {saved:,.1f} GiB saved on one GPU (the adapters' take {trainable * grad_optim_bytes / 1024**3:,.2f} "
             f"GiB)")
+
+
+# ---- the base without its adapters -----------------------------------------------------------------------------
+@contextlib.contextmanager
+def adapters_disabled(backbone: nn.Module) -> Iterator[nn.Module]:
+    """``backbone`` computing as its base model (every LoRA layer's adapter skipped) for the block, then as before:
+    peft's ``PeftModel.disable_adapter`` for the in-place adapters of :func:`add_adapters` (no wrapper to ask). GRPO's
+    frozen reference is the base of fresh adapters read this way, instead of a second copy of the model. The
+    adapters' ``requires_grad`` is left alone (peft's ``enable_adapters(False)`` would clear it, and DeepSpeed
+    records which parameters train when it starts)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in adapter_root(backbone).modules() if isinstance(m, BaseTunerLayer)]
+    before = [m._disable_adapters for m in layers]
+    for m in layers:
+        m._disable_adapters = True  # what peft's LoraLayer.forward reads: the base layer's output alone
+    try:
+        yield backbone
+    finally:
+        for m, was in zip(layers, before):
+            m._disable_adapters = was

@@ -159,9 +159,7 @@ class ELBOLogProb(LogProbEstimator):
             n = size.clamp(min=1).to(total.dtype)[None]
             ell = self._group_sums(policy, masked, size).to(total.dtype)  # masked count of each position's group
             sets = [masked, completion & ~masked] if self.coupled else [masked]
-            for which, m in enumerate(sets):
-                if not bool(m.any()):
-                    continue
+            for which, m in enumerate(sets):  # a forward even when m is empty: the same count on every rank (ZeRO-3)
                 xt = torch.where(m, policy.mask_id, tokens)
                 logp, entropy = policy.masked_log_probs(xt, tokens)
                 if self.coupled:
