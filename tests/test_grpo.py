@@ -82,6 +82,51 @@ def test_clipped_ratio_and_kl_by_hand():
     assert const.loss.item() == pytest.approx(-(1.2 + 0.7 - 1.5) / (2 * 4))
 
 
+class _ConstantConditionals:
+    """A stub masked family whose every conditional log p(x_i | x_t) is one value ``log q`` (a parameter)."""
+
+    mask_id = 9
+
+    def __init__(self, q: float):
+        self.value = torch.tensor(math.log(q), requires_grad=True)
+
+    def mask_groups(self, T, device=None):
+        return torch.zeros(T, dtype=torch.long, device=device)
+
+    def masked_log_probs(self, xt, x0):
+        masked = xt == self.mask_id
+        return torch.where(masked, self.value, torch.zeros(())), torch.zeros(xt.shape)
+
+
+def test_elbo_kl_reads_the_unweighted_conditionals_by_hand():
+    # every conditional is log 0.5 under the policy and log 0.25 under the reference: whatever the masks, the KL's
+    # per-token k3 is k3(log 0.5, log 0.25) = 0.5 - log 0.5 - 1, where the importance-weighted logp (weights up to n)
+    # would differ by multiples of log 2
+    policy, reference = _ConstantConditionals(0.5), _ConstantConditionals(0.25)
+    tokens = torch.tensor([[1, 2, 1, 2, 2], [2, 2, 1, 1, 1]])
+    scored = torch.zeros(2, 5, dtype=torch.bool)
+    scored[:, 1:] = True
+    est = ELBOLogProb(num_samples=2)
+    cur = est(policy, tokens, scored, 1, generator=torch.Generator().manual_seed(0))
+    ref = est(reference, tokens, scored, 1, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(cur.kl_logp, torch.where(scored, math.log(0.5), 0.0))
+    assert not torch.allclose(cur.logp[scored], cur.kl_logp[scored])  # the weights are not all 1
+    adv = torch.tensor([1.0, -1.0])
+    out = clipped_policy_loss(cur.logp, cur.logp.detach(), adv, scored, beta=0.1, ref_logp=ref.kl_logp,
+                              kl_logp=cur.kl_logp)
+    k3 = 0.5 - math.log(0.5) - 1
+    torch.testing.assert_close(out.kl[scored], torch.full((8,), k3))
+    # ratio 1: the policy term is -mean_seq(A) = 0, so the loss is beta * k3; and its gradient is 0 too, since a
+    # coupled pair's weights sum to n over a group (l * n/(2l) + (n-l) * n/(2(n-l)), or n * n/n when l = n)
+    assert out.loss.item() == pytest.approx(0.1 * k3, rel=1e-6)
+    out.loss.backward()
+    # d/dv of beta * k3(v, ref) = beta * (1 - exp(ref - v)) = 0.1 * (1 - 0.5), the mean over tokens of one value
+    assert policy.value.grad.item() == pytest.approx(0.1 * 0.5, rel=1e-5)
+    # the mean-field estimator's KL reads its logp
+    mf = MeanFieldLogProb()(policy, tokens, scored, 1)
+    assert mf.kl_values is None and mf.kl_logp is mf.logp
+
+
 # ---- the estimators against exact enumeration ------------------------------------------------------------------
 def _tiny(family: str, block_size: int = 2):
     """A tiny random network with peaked predictions over 2 letters + pad + eos (+ mask), as an MDLM/BD3LM/AR."""

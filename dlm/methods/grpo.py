@@ -217,14 +217,14 @@ class GRPO(DiffusionLM):
             ref = bucket["ref"][j] if bucket["ref"] is not None else None
             out = clipped_policy_loss(est.logp, old, bucket["advantages"], scored, self.epsilon_low,
                                       self.epsilon_high, self.beta, ref if self.beta > 0 else None,
-                                      self.normalisation, max_len=self.completion_length)
+                                      self.normalisation, max_len=self.completion_length, kl_logp=est.kl_logp)
             share = int(scored.sum()) / max(n_tok, 1) if self.normalisation == "tokens" else \
                 bucket["tokens"].shape[0] / n_seq
             loss = loss + share * out.loss
             stats["clipped"] += float(out.clipped.sum())
             stats["entropy"] += float(est.entropy.sum())
             if ref is not None:
-                stats["kl"] += float((k3_kl(est.logp.detach(), ref) * scored).sum())
+                stats["kl"] += float((k3_kl(est.kl_logp.detach(), ref) * scored).sum())
         buf["iteration"] = j + 1
         if not torch.isfinite(loss):  # no backward: dlm.callbacks.nonfinite drops the step (as DiffusionLM does)
             self.nonfinite_loss = float(loss.detach())
@@ -321,10 +321,11 @@ class GRPO(DiffusionLM):
             for key, model in (("old", self.policy if self.num_iterations > 1 else None), ("ref", self.reference)):
                 if model is None:
                     continue
-                bucket[key] = torch.stack([
-                    self.estimator(model, bucket["tokens"], bucket["scored"], bucket["prompt_len"],
-                                   generator=self._estimator_generator(generation, j, index)).logp
-                    for j in range(self.num_iterations)])
+                ests = [self.estimator(model, bucket["tokens"], bucket["scored"], bucket["prompt_len"],
+                                       generator=self._estimator_generator(generation, j, index))
+                        for j in range(self.num_iterations)]
+                # the reference is read only by the KL: its kl_logp (the ELBO estimator's unweighted values)
+                bucket[key] = torch.stack([e.kl_logp if key == "ref" else e.logp for e in ests])
         scored_len = torch.cat([b.pop("length") for b in buckets]).float()
         stats = {"reward_mean": float(total.mean()), "reward_std": float(total.std()) if total.numel() > 1 else 0.0,
                  "completion_len": float(scored_len.mean()),

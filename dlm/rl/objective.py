@@ -7,7 +7,7 @@ d1's diffu-GRPO (Zhao et al. 2025, github.com/dllm-reasoning/d1, diffu-grpo/diff
   standard deviation as ``torch.std`` (TRL, d1); ``scale=False`` drops the division (Dr. GRPO, Liu et al. 2025);
 * the clipped policy ratio of PPO with separate low/high ranges (DAPO's "clip-higher"), per token:
   ``min(ρ A, clip(ρ, 1 - ε_low, 1 + ε_high) A)``, ``ρ = exp(log π - log π_old)``;
-* the KL to a frozen reference by the k3 estimator (Schulman, "Approximating KL divergence"):
+* the KL to a frozen reference by the k3 estimator (of the estimator's ``kl_logp``) (Schulman, "Approximating KL divergence"):
   ``exp(log π_ref - log π) - (log π_ref - log π) - 1`` per token (>= 0, unbiased for KL(π || π_ref) under π);
 * the per-token loss ``-(min(...) - β kl)`` averaged per sequence then over sequences (``"sequence"``: TRL's
   default "grpo"), over all tokens (``"tokens"``: DAPO / TRL's "bnpo") or divided by a constant
@@ -61,10 +61,13 @@ def clipped_policy_loss(
     ref_logp: Tensor | None = None,
     normalisation: str = "sequence",
     max_len: int | None = None,
+    kl_logp: Tensor | None = None,
 ) -> PolicyLoss:
     """The GRPO loss of per-token log-probs ``logp`` [B, T] (with gradient), ``old_logp`` (detached: the policy
     that generated), ``advantages`` [B], ``scored`` [B, T] (bool: the completion tokens that count). ``max_len``:
-    the constant of ``normalisation="constant"`` (default T)."""
+    the constant of ``normalisation="constant"`` (default T). ``kl_logp`` (with gradient): the values the KL reads
+    against ``ref_logp`` where they are not ``logp`` (the ELBO estimator's unweighted conditionals,
+    dlm/rl/estimators.py); None: ``logp``."""
     if normalisation not in NORMALISATIONS:
         raise ValueError(f"normalisation must be one of {', '.join(NORMALISATIONS)}, got {normalisation!r}")
     scored = scored.bool()
@@ -73,7 +76,7 @@ def clipped_policy_loss(
     unclipped = ratio * adv
     clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     objective = torch.minimum(unclipped, clipped_ratio * adv)
-    kl = k3_kl(logp, ref_logp.detach()) if ref_logp is not None else None
+    kl = k3_kl(logp if kl_logp is None else kl_logp, ref_logp.detach()) if ref_logp is not None else None
     per_token = -objective if kl is None or beta == 0 else -(objective - beta * kl)
     per_token = per_token * scored
     if normalisation == "sequence":
