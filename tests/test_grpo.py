@@ -18,7 +18,8 @@ import torch
 
 from dlm.rewards.base import Reward
 from dlm.rl.estimators import ELBOLogProb, ExactLogProb, MeanFieldLogProb
-from dlm.rl.objective import clipped_policy_loss, group_advantages, k3_kl
+from dlm.rl.objective import (clipped_policy_loss, group_advantages, k3_kl, kl_shaped_rewards,
+                              sequence_log_ratio)
 
 TESTS = Path(__file__).resolve().parent
 
@@ -80,6 +81,22 @@ def test_clipped_ratio_and_kl_by_hand():
     assert tok.loss.item() == pytest.approx(-(1.2 + 0.7 - 1.5) / 3)
     const = clipped_policy_loss(logp.detach(), old, adv, partial, normalisation="constant", max_len=4)
     assert const.loss.item() == pytest.approx(-(1.2 + 0.7 - 1.5) / (2 * 4))
+
+
+def test_kl_in_the_reward_by_hand():
+    # two sequences of 3 tokens, the last of the second not scored: log-ratios (-1+2) + (-1+1.5) + 0 = 1.5 and
+    # (-2+1) + (-0.5+0.5) = -1 (the unscored token's -4 vs -1 does not count)
+    logp = torch.tensor([[-1.0, -1.0, -2.0], [-2.0, -0.5, -4.0]], requires_grad=True)
+    ref = torch.tensor([[-2.0, -1.5, -2.0], [-1.0, -0.5, -1.0]])
+    scored = torch.tensor([[True, True, True], [True, True, False]])
+    ratio = sequence_log_ratio(logp, ref, scored)
+    torch.testing.assert_close(ratio, torch.tensor([1.5, -1.0]))
+    assert not ratio.requires_grad  # it enters the advantage, not the graph
+    shaped = kl_shaped_rewards(torch.tensor([1.0, 0.0]), ratio, 0.2)
+    torch.testing.assert_close(shaped, torch.tensor([1.0 - 0.3, 0.0 + 0.2]))
+    # a valid sequence the reference finds much less likely than the policy does can score below an invalid one
+    torch.testing.assert_close(kl_shaped_rewards(torch.tensor([1.0, 0.0]), torch.tensor([6.0, 0.0]), 0.2),
+                               torch.tensor([-0.2, 0.0]))
 
 
 class _ConstantConditionals:
@@ -334,7 +351,8 @@ def test_resume_mid_batch_of_generations_continues_exactly(run_cfg, tmp_path):
     from dlm.safe_load import load_checkpoint
     from dlm.train import train
 
-    common = [*RL, "method.num_iterations=3", "method.beta=0.05", "callbacks.last_checkpoint.every_n_train_steps=1",
+    common = [*RL, "method.num_iterations=3", "method.beta=0.05", "method.kl_reward_coef=0.1",
+              "callbacks.last_checkpoint.every_n_train_steps=1",
               "method.estimator={_target_:dlm.rl.estimators.ELBOLogProb,num_samples:2}"]
     straight = train(run_cfg(*common, "trainer.max_steps=7", run_dir=tmp_path / "a"))
     split = tmp_path / "b"
@@ -348,6 +366,7 @@ def test_resume_mid_batch_of_generations_continues_exactly(run_cfg, tmp_path):
     rollouts = [[line for line in open(run / "samples.jsonl") if '"rollout"' in line] for run in (straight, split)]
     assert rollouts[0] == rollouts[1] and len(rollouts[0]) == 3 * 16  # generations at steps 0, 3, 6; none twice
     assert _metrics(straight, "rl/loss") == _metrics(split, "rl/loss")
+    assert len(_metrics(straight, "rl/seq_log_ratio")) == 7  # the KL in the reward is logged
 
 
 def test_the_reference_stays_frozen_bit_for_bit_and_init_from_loads_the_run(run_cfg, tmp_path, workdir, train_cli):
@@ -384,6 +403,9 @@ def test_refusals_name_the_field(run_cfg):
         build_module(cfg, instantiate(cfg.data))
     cfg = run_cfg(*RL, "method.num_generations=1")
     with pytest.raises(ConfigError, match="num_generations must be an integer >= 2"):
+        build_module(cfg, instantiate(cfg.data))
+    cfg = run_cfg(*RL, "method.kl_reward_coef=-1")
+    with pytest.raises(ConfigError, match="kl_reward_coef must be >= 0"):
         build_module(cfg, instantiate(cfg.data))
     cfg = run_cfg(*RL, "method.init_from=/nonexistent/run")
     with pytest.raises(ConfigError, match="init_from=/nonexistent/run"):

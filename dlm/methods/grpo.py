@@ -50,7 +50,8 @@ from dlm.methods.base import DiffusionLM
 from dlm.parallel import must_return_a_loss
 from dlm.rewards.base import Reward, RewardSet, as_reward_set
 from dlm.rl.estimators import ExactLogProb, LogProbEstimator, MeanFieldLogProb
-from dlm.rl.objective import NORMALISATIONS, clipped_policy_loss, group_advantages, k3_kl
+from dlm.rl.objective import (NORMALISATIONS, clipped_policy_loss, group_advantages, k3_kl, kl_shaped_rewards,
+                              sequence_log_ratio)
 from dlm.sampling import Generation, Sampler
 from dlm.sampling.base import cut_at_eos
 
@@ -80,6 +81,7 @@ class GRPO(DiffusionLM):
         epsilon_low: float = 0.2,
         epsilon_high: float = 0.2,
         beta: float = 0.0,
+        kl_reward_coef: float = 0.0,
         scale_rewards: bool = True,
         normalisation: str = "sequence",
         track_kl: bool = True,
@@ -90,7 +92,7 @@ class GRPO(DiffusionLM):
         **base_kwargs,
     ):
         _check_settings(num_generations, prompts_per_step, completion_length, num_iterations, epsilon_low,
-                        epsilon_high, beta, normalisation, log_rollouts_every)
+                        epsilon_high, beta, normalisation, log_rollouts_every, kl_reward_coef)
         if not isinstance(reward, Reward | RewardSet):
             raise ValueError(f"reward= must build a dlm.rewards Reward or RewardSet, got {type(reward).__name__}")
         reward = as_reward_set(reward)
@@ -115,7 +117,7 @@ class GRPO(DiffusionLM):
         self.supports_infill = type(family).supports_infill
         self.eos_fills_tail = type(family).eos_fills_tail
         self.reference = None
-        if beta > 0 or track_kl:
+        if beta > 0 or track_kl or kl_reward_coef > 0:
             self.reference = copy.deepcopy(family).requires_grad_(False).eval()
             # Lightning warns of modules in eval mode at the start of fit: the frozen reference is one on purpose
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -123,6 +125,7 @@ class GRPO(DiffusionLM):
         self.num_generations, self.prompts_per_step = int(num_generations), int(prompts_per_step)
         self.completion_length, self.num_iterations = int(completion_length), int(num_iterations)
         self.epsilon_low, self.epsilon_high, self.beta = float(epsilon_low), float(epsilon_high), float(beta)
+        self.kl_reward_coef = float(kl_reward_coef)
         self.scale_rewards, self.normalisation = bool(scale_rewards), normalisation
         self.rollout_seed, self.log_rollouts_every = int(rollout_seed), int(log_rollouts_every)
         self.samples_path = Path(samples_path) if samples_path else None
@@ -239,6 +242,8 @@ class GRPO(DiffusionLM):
                 if key.startswith("reward/"):
                     log(f"rl/{key}", value)
             log("rl/completion_len", buf["stats"]["completion_len"])
+            if "seq_log_ratio" in buf["stats"]:  # the KL in the reward: mean log(π/π_ref) of the rollouts
+                log("rl/seq_log_ratio", buf["stats"]["seq_log_ratio"])
             log("rl/clip_frac", stats["clipped"] / max(n_tok, 1))
             log("rl/entropy", stats["entropy"] / max(n_tok, 1))
             if self.reference is not None:
@@ -313,7 +318,17 @@ class GRPO(DiffusionLM):
                    for k in sorted({k for r in rows for k in r} - {"prompt"})}
         components = self.reward.components(completions, prompts, **columns)
         total = torch.tensor(self.reward.total(components), dtype=torch.float32)
-        advantages = group_advantages(total, G, scale=self.scale_rewards)
+        shaped, log_ratio = total, None
+        if self.kl_reward_coef > 0:  # r - β_r log(π/π_ref) per sequence, under the first inner step's masks
+            log_ratio = torch.zeros_like(total)
+            for index, bucket in enumerate(buckets):
+                args = (bucket["tokens"], bucket["scored"], bucket["prompt_len"])
+                cur = self.estimator(self.policy, *args, generator=self._estimator_generator(generation, 0, index))
+                ref = self.estimator(self.reference, *args,
+                                     generator=self._estimator_generator(generation, 0, index))
+                log_ratio[bucket["samples"]] = sequence_log_ratio(cur.logp, ref.logp, bucket["scored"]).cpu()
+            shaped = kl_shaped_rewards(total, log_ratio, self.kl_reward_coef)
+        advantages = group_advantages(shaped, G, scale=self.scale_rewards)
         for bucket in buckets:
             bucket["advantages"] = advantages[bucket["samples"]].to(dev)
             bucket["old"] = bucket["ref"] = None
@@ -329,6 +344,7 @@ class GRPO(DiffusionLM):
         scored_len = torch.cat([b.pop("length") for b in buckets]).float()
         stats = {"reward_mean": float(total.mean()), "reward_std": float(total.std()) if total.numel() > 1 else 0.0,
                  "completion_len": float(scored_len.mean()),
+                 **({} if log_ratio is None else {"seq_log_ratio": float(log_ratio.mean())}),
                  "gen_tokens_per_s": sum(b["tokens"][:, b["prompt_len"]:].numel() for b in buckets) / max(gen_time, 1e-9)}
         for name, values in components.items():
             v = torch.tensor(values, dtype=torch.float32)
@@ -419,13 +435,14 @@ def _policy_from_config(policy, backbone, tokenizer, schedule, sampler) -> Diffu
     return policy(backbone=backbone, tokenizer=tokenizer, **kwargs)
 
 
-def _check_settings(G, prompts, C, mu, eps_low, eps_high, beta, normalisation, every) -> None:
+def _check_settings(G, prompts, C, mu, eps_low, eps_high, beta, normalisation, every, kl_reward_coef=0.0) -> None:
     problems = []
     for key, value, low in (("num_generations", G, 2), ("prompts_per_step", prompts, 1), ("completion_length", C, 1),
                             ("num_iterations", mu, 1), ("log_rollouts_every", every, 1)):
         if isinstance(value, bool) or int(value) != value or value < low:
             problems.append(f"method.{key} must be an integer >= {low}, got {value!r}")
-    for key, value in (("epsilon_low", eps_low), ("epsilon_high", eps_high), ("beta", beta)):
+    for key, value in (("epsilon_low", eps_low), ("epsilon_high", eps_high), ("beta", beta),
+                       ("kl_reward_coef", kl_reward_coef)):
         if not value >= 0:
             problems.append(f"method.{key} must be >= 0, got {value!r}")
     if not eps_low < 1:

@@ -9,6 +9,12 @@ d1's diffu-GRPO (Zhao et al. 2025, github.com/dllm-reasoning/d1, diffu-grpo/diff
   ``min(ρ A, clip(ρ, 1 - ε_low, 1 + ε_high) A)``, ``ρ = exp(log π - log π_old)``;
 * the KL to a frozen reference by the k3 estimator (of the estimator's ``kl_logp``) (Schulman, "Approximating KL divergence"):
   ``exp(log π_ref - log π) - (log π_ref - log π) - 1`` per token (>= 0, unbiased for KL(π || π_ref) under π);
+* or the KL in the reward (the RLHF-PPO form: Ziegler et al. 2019, Stiennon et al. 2020; TRL's PPOTrainer
+  ``kl_coef``): ``r - β_r log(π(o) / π_ref(o))`` per sequence, the log-ratio the sum of the estimator's per-token
+  differences (an ELBO difference for a diffusion family). In the policy gradient it is the exact gradient of
+  ``E[r] - β_r KL(π || π_ref)`` (``E[∇ log π] = 0``), with no exponential of the estimate, so the ELBO estimator's
+  importance weights enter linearly (the k3 term exponentiates them: dlm/rl/estimators.py); its optimum is
+  ``π ∝ π_ref exp(r / β_r)``, the reference tilted towards high reward rather than a collapse onto a few strings;
 * the per-token loss ``-(min(...) - β kl)`` averaged per sequence then over sequences (``"sequence"``: TRL's
   default "grpo"), over all tokens (``"tokens"``: DAPO / TRL's "bnpo") or divided by a constant
   ``sequences × max completion length`` (``"constant"``: Dr. GRPO, no length bias).
@@ -34,6 +40,16 @@ def group_advantages(rewards: Tensor, group_size: int, scale: bool = True, eps: 
         std = r.std(1, keepdim=True) if group_size > 1 else torch.zeros_like(r[:, :1])
         centred = centred / (std + eps)
     return centred.reshape(-1).to(rewards.dtype if rewards.is_floating_point() else torch.float32)
+
+
+def sequence_log_ratio(logp: Tensor, ref_logp: Tensor, scored: Tensor) -> Tensor:
+    """log π(o) - log π_ref(o) per sequence [B]: the scored per-token differences summed (detached)."""
+    return ((logp.detach() - ref_logp.detach()) * scored).sum(1)
+
+
+def kl_shaped_rewards(rewards: Tensor, log_ratio: Tensor, coef: float) -> Tensor:
+    """``r - coef * log(π / π_ref)`` [N] (the KL in the reward), from rewards [N] and sequence log-ratios [N]."""
+    return rewards - coef * log_ratio.to(rewards.dtype)
 
 
 def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
