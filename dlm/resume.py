@@ -113,9 +113,8 @@ def resolve_resume(given: list[str]) -> Resume | None:
             return Resume(checkpoint, None, list(given))
         merged = merge_overrides(saved_overrides(run_dir), [o for o in given if override_key(o) != "ckpt_path"])
         merged.append(f"ckpt_path={checkpoint}")
-        from dlm.run import load_config  # imports torch: start-up of every dlm.train command line (--cfg job)
-
         from dlm.init_from import adopt_run_model
+        from dlm.run import load_config  # imports torch: start-up of every dlm.train command line (--cfg job)
 
         composed_merged = _compose(merged)
         adopt_run_model(composed_merged, load_config, merged)  # a run started with init_from has that run's model config

@@ -85,6 +85,28 @@ if plt is not None and not metrics.empty:
 curves.tail()
 
 # %% [markdown]
+# ## RL reward curves
+# `method=grpo` runs (recipes/grpo.md) log the rollouts' mean reward `rl/reward_mean` every step (with `rl/kl` to
+# the frozen start); their fresh end-of-fit samples' `sample/valid_frac` is in the final metrics above.
+
+# %%
+rl = load_metrics(runs, metrics=["rl/reward_mean", "rl/kl"]).merge(runs[["run_dir", "label"]], on="run_dir")
+if rl.empty:
+    print("no method=grpo runs here (no rl/reward_mean)")
+elif plt is not None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
+    for ax, metric in zip(axes, ["rl/reward_mean", "rl/kl"]):
+        for label, part in rl[rl["metric"] == metric].groupby("label"):
+            # a 10-step running mean: one step's 64 binary rewards are noisy
+            ax.plot(part["step"], part["value"].rolling(10, min_periods=1).mean(), label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel(metric + " (10-step mean)")
+        ax.legend(fontsize=8)
+    plt.tight_layout()
+    plt.show()
+rl.pivot_table(index="step", columns=["metric", "label"], values="value").tail() if not rl.empty else rl
+
+# %% [markdown]
 # ## Quality vs sampling steps
 # Each `python -m dlm.evaluate run=<run> steps=N` adds a row to the run's `eval.jsonl`.
 

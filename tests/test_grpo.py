@@ -18,7 +18,13 @@ import torch
 
 from dlm.rewards.base import Reward
 from dlm.rl.estimators import ELBOLogProb, ExactLogProb, MeanFieldLogProb
-from dlm.rl.objective import clipped_policy_loss, group_advantages, k3_kl
+from dlm.rl.objective import (
+    clipped_policy_loss,
+    group_advantages,
+    k3_kl,
+    kl_shaped_rewards,
+    sequence_log_ratio,
+)
 
 TESTS = Path(__file__).resolve().parent
 
@@ -80,6 +86,67 @@ def test_clipped_ratio_and_kl_by_hand():
     assert tok.loss.item() == pytest.approx(-(1.2 + 0.7 - 1.5) / 3)
     const = clipped_policy_loss(logp.detach(), old, adv, partial, normalisation="constant", max_len=4)
     assert const.loss.item() == pytest.approx(-(1.2 + 0.7 - 1.5) / (2 * 4))
+
+
+def test_kl_in_the_reward_by_hand():
+    # two sequences of 3 tokens, the last of the second not scored: log-ratios (-1+2) + (-1+1.5) + 0 = 1.5 and
+    # (-2+1) + (-0.5+0.5) = -1 (the unscored token's -4 vs -1 does not count)
+    logp = torch.tensor([[-1.0, -1.0, -2.0], [-2.0, -0.5, -4.0]], requires_grad=True)
+    ref = torch.tensor([[-2.0, -1.5, -2.0], [-1.0, -0.5, -1.0]])
+    scored = torch.tensor([[True, True, True], [True, True, False]])
+    ratio = sequence_log_ratio(logp, ref, scored)
+    torch.testing.assert_close(ratio, torch.tensor([1.5, -1.0]))
+    assert not ratio.requires_grad  # it enters the advantage, not the graph
+    shaped = kl_shaped_rewards(torch.tensor([1.0, 0.0]), ratio, 0.2)
+    torch.testing.assert_close(shaped, torch.tensor([1.0 - 0.3, 0.0 + 0.2]))
+    # a valid sequence the reference finds much less likely than the policy does can score below an invalid one
+    torch.testing.assert_close(kl_shaped_rewards(torch.tensor([1.0, 0.0]), torch.tensor([6.0, 0.0]), 0.2),
+                               torch.tensor([-0.2, 0.0]))
+
+
+class _ConstantConditionals:
+    """A stub masked family whose every conditional log p(x_i | x_t) is one value ``log q`` (a parameter)."""
+
+    mask_id = 9
+
+    def __init__(self, q: float):
+        self.value = torch.tensor(math.log(q), requires_grad=True)
+
+    def mask_groups(self, T, device=None):
+        return torch.zeros(T, dtype=torch.long, device=device)
+
+    def masked_log_probs(self, xt, x0):
+        masked = xt == self.mask_id
+        return torch.where(masked, self.value, torch.zeros(())), torch.zeros(xt.shape)
+
+
+def test_elbo_kl_reads_the_unweighted_conditionals_by_hand():
+    # every conditional is log 0.5 under the policy and log 0.25 under the reference: whatever the masks, the KL's
+    # per-token k3 is k3(log 0.5, log 0.25) = 0.5 - log 0.5 - 1, where the importance-weighted logp (weights up to n)
+    # would differ by multiples of log 2
+    policy, reference = _ConstantConditionals(0.5), _ConstantConditionals(0.25)
+    tokens = torch.tensor([[1, 2, 1, 2, 2], [2, 2, 1, 1, 1]])
+    scored = torch.zeros(2, 5, dtype=torch.bool)
+    scored[:, 1:] = True
+    est = ELBOLogProb(num_samples=2)
+    cur = est(policy, tokens, scored, 1, generator=torch.Generator().manual_seed(0))
+    ref = est(reference, tokens, scored, 1, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(cur.kl_logp, torch.where(scored, math.log(0.5), 0.0))
+    assert not torch.allclose(cur.logp[scored], cur.kl_logp[scored])  # the weights are not all 1
+    adv = torch.tensor([1.0, -1.0])
+    out = clipped_policy_loss(cur.logp, cur.logp.detach(), adv, scored, beta=0.1, ref_logp=ref.kl_logp,
+                              kl_logp=cur.kl_logp)
+    k3 = 0.5 - math.log(0.5) - 1
+    torch.testing.assert_close(out.kl[scored], torch.full((8,), k3))
+    # ratio 1: the policy term is -mean_seq(A) = 0, so the loss is beta * k3; and its gradient is 0 too, since a
+    # coupled pair's weights sum to n over a group (l * n/(2l) + (n-l) * n/(2(n-l)), or n * n/n when l = n)
+    assert out.loss.item() == pytest.approx(0.1 * k3, rel=1e-6)
+    out.loss.backward()
+    # d/dv of beta * k3(v, ref) = beta * (1 - exp(ref - v)) = 0.1 * (1 - 0.5), the mean over tokens of one value
+    assert policy.value.grad.item() == pytest.approx(0.1 * 0.5, rel=1e-5)
+    # the mean-field estimator's KL reads its logp
+    mf = MeanFieldLogProb()(policy, tokens, scored, 1)
+    assert mf.kl_values is None and mf.kl_logp is mf.logp
 
 
 # ---- the estimators against exact enumeration ------------------------------------------------------------------
@@ -289,7 +356,8 @@ def test_resume_mid_batch_of_generations_continues_exactly(run_cfg, tmp_path):
     from dlm.safe_load import load_checkpoint
     from dlm.train import train
 
-    common = [*RL, "method.num_iterations=3", "method.beta=0.05", "callbacks.last_checkpoint.every_n_train_steps=1",
+    common = [*RL, "method.num_iterations=3", "method.beta=0.05", "method.kl_reward_coef=0.1",
+              "callbacks.last_checkpoint.every_n_train_steps=1",
               "method.estimator={_target_:dlm.rl.estimators.ELBOLogProb,num_samples:2}"]
     straight = train(run_cfg(*common, "trainer.max_steps=7", run_dir=tmp_path / "a"))
     split = tmp_path / "b"
@@ -303,6 +371,7 @@ def test_resume_mid_batch_of_generations_continues_exactly(run_cfg, tmp_path):
     rollouts = [[line for line in open(run / "samples.jsonl") if '"rollout"' in line] for run in (straight, split)]
     assert rollouts[0] == rollouts[1] and len(rollouts[0]) == 3 * 16  # generations at steps 0, 3, 6; none twice
     assert _metrics(straight, "rl/loss") == _metrics(split, "rl/loss")
+    assert len(_metrics(straight, "rl/seq_log_ratio")) == 7  # the KL in the reward is logged
 
 
 def test_the_reference_stays_frozen_bit_for_bit_and_init_from_loads_the_run(run_cfg, tmp_path, workdir, train_cli):
@@ -339,6 +408,9 @@ def test_refusals_name_the_field(run_cfg):
         build_module(cfg, instantiate(cfg.data))
     cfg = run_cfg(*RL, "method.num_generations=1")
     with pytest.raises(ConfigError, match="num_generations must be an integer >= 2"):
+        build_module(cfg, instantiate(cfg.data))
+    cfg = run_cfg(*RL, "method.kl_reward_coef=-1")
+    with pytest.raises(ConfigError, match="kl_reward_coef must be >= 0"):
         build_module(cfg, instantiate(cfg.data))
     cfg = run_cfg(*RL, "method.init_from=/nonexistent/run")
     with pytest.raises(ConfigError, match="init_from=/nonexistent/run"):

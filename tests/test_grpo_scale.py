@@ -39,7 +39,6 @@ def test_lora_grpo_trains_only_the_adapters_against_the_adapter_disabled_base(ru
     """init_from a trained run + model.lora.r: only adapters are trainable, no reference copy is kept, the base
     weights stay bit-identical to the run's through RL steps (β > 0), and the reference log-probs are the start's."""
     from conftest import TINY_CLI, run_dir_of
-
     from hydra.utils import instantiate
 
     from dlm.build import build_module
@@ -59,6 +58,10 @@ def test_lora_grpo_trains_only_the_adapters_against_the_adapter_disabled_base(ru
     assert len(_metrics(run, "rl/kl")) == 3
     state = load_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]
     assert not any(k.startswith("reference.") for k in state)  # the base is the reference: no copy of the model
+    # the checkpoint holds the adapters only (model.lora.checkpoint=adapters): the rebuilt base, checked, fills it
+    from dlm.models.lora_checkpoint import complete_state
+
+    state = complete_state(build_module(cfg, instantiate(cfg.data)), state, run / "checkpoints" / "last.ckpt")
     kept = _lora_keys(state, "policy.backbone.")
     start_backbone = {k.removeprefix("backbone."): v for k, v in start.items() if k.startswith("backbone.")}
     assert set(kept) == set(start_backbone)
@@ -119,7 +122,7 @@ def test_gradient_checkpointing_reruns_the_policy_layers_in_the_backward_with_th
         # call), and torch's recomputation stops early once the saved tensors are back (a post-hook may not fire)
         attention = module.policy.backbone.hf_model.model.layers[0].self_attn
         count = [0]
-        attention.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        attention.register_forward_pre_hook(lambda *_, count=count: count.__setitem__(0, count[0] + 1))
         tokens, scored, P = _scored_tokens(module)
         est = module.estimator(module.policy, tokens, scored, P, generator=torch.Generator().manual_seed(0))
         est.logp.sum().backward()

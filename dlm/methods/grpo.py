@@ -54,9 +54,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dlm.data.chat import chat_ids
 from dlm.errors import UserError
 from dlm.log_interval import logs_this_step
-from dlm.data.chat import chat_ids
 from dlm.methods.base import DiffusionLM, evaluating
 from dlm.models.capabilities import conventions_of
 from dlm.models.lora import adapter_spec, adapters_disabled, add_adapters, merge_adapters
@@ -64,7 +64,14 @@ from dlm.parallel import must_return_a_loss
 from dlm.parallel.lockstep import gathers_parameters, lockstep
 from dlm.rewards.base import Reward, RewardSet, as_reward_set
 from dlm.rl.estimators import ExactLogProb, LogProbEstimator, MeanFieldLogProb
-from dlm.rl.objective import NORMALISATIONS, clipped_policy_loss, group_advantages, k3_kl
+from dlm.rl.objective import (
+    NORMALISATIONS,
+    clipped_policy_loss,
+    group_advantages,
+    k3_kl,
+    kl_shaped_rewards,
+    sequence_log_ratio,
+)
 from dlm.sampling import Generation, Sampler
 from dlm.sampling.base import cut_at_eos
 
@@ -94,6 +101,7 @@ class GRPO(DiffusionLM):
         epsilon_low: float = 0.2,
         epsilon_high: float = 0.2,
         beta: float = 0.0,
+        kl_reward_coef: float = 0.0,
         scale_rewards: bool = True,
         normalisation: str = "sequence",
         track_kl: bool = True,
@@ -105,7 +113,7 @@ class GRPO(DiffusionLM):
         **base_kwargs,
     ):
         _check_settings(num_generations, prompts_per_step, completion_length, num_iterations, epsilon_low,
-                        epsilon_high, beta, normalisation, log_rollouts_every)
+                        epsilon_high, beta, normalisation, log_rollouts_every, kl_reward_coef)
         if not isinstance(reward, Reward | RewardSet):
             raise ValueError(f"reward= must build a dlm.rewards Reward or RewardSet, got {type(reward).__name__}")
         reward = as_reward_set(reward)
@@ -137,7 +145,7 @@ class GRPO(DiffusionLM):
         self.exact_nll = type(family).exact_nll
         self.supports_infill = type(family).supports_infill
         self.eos_fills_tail = type(family).eos_fills_tail
-        self.tracks_reference = bool(beta > 0 or track_kl)
+        self.tracks_reference = bool(beta > 0 or track_kl or kl_reward_coef > 0)
         self.reference = None  # a frozen copy of the start; None with fresh adapters (the base is the reference)
         if self.tracks_reference and not fresh_adapters:
             self.reference = copy.deepcopy(family).requires_grad_(False).eval()
@@ -147,6 +155,7 @@ class GRPO(DiffusionLM):
         self.num_generations, self.prompts_per_step = int(num_generations), int(prompts_per_step)
         self.completion_length, self.num_iterations = int(completion_length), int(num_iterations)
         self.epsilon_low, self.epsilon_high, self.beta = float(epsilon_low), float(epsilon_high), float(beta)
+        self.kl_reward_coef = float(kl_reward_coef)
         self.scale_rewards, self.normalisation = bool(scale_rewards), normalisation
         self.rollout_seed, self.log_rollouts_every = int(rollout_seed), int(log_rollouts_every)
         self.samples_path = Path(samples_path) if samples_path else None
@@ -260,14 +269,14 @@ class GRPO(DiffusionLM):
             ref = bucket["ref"][j] if bucket["ref"] is not None else None
             out = clipped_policy_loss(est.logp, old, bucket["advantages"], scored, self.epsilon_low,
                                       self.epsilon_high, self.beta, ref if self.beta > 0 else None,
-                                      self.normalisation, max_len=self.completion_length)
+                                      self.normalisation, max_len=self.completion_length, kl_logp=est.kl_logp)
             share = 0.0 if bucket.get("dummy") else int(scored.sum()) / max(n_tok, 1) \
                 if self.normalisation == "tokens" else bucket["tokens"].shape[0] / n_seq
             loss = loss + share * out.loss
             stats["clipped"] += float(out.clipped.sum())
             stats["entropy"] += float(est.entropy.sum())
             if ref is not None:
-                stats["kl"] += float((k3_kl(est.logp.detach(), ref) * scored).sum())
+                stats["kl"] += float((k3_kl(est.kl_logp.detach(), ref) * scored).sum())
         buf["iteration"] = j + 1
         if not torch.isfinite(loss):  # no backward: dlm.callbacks.nonfinite drops the step (as DiffusionLM does)
             self.nonfinite_loss = float(loss.detach())
@@ -283,6 +292,8 @@ class GRPO(DiffusionLM):
                 if key.startswith("reward/"):
                     log(f"rl/{key}", value)
             log("rl/completion_len", buf["stats"]["completion_len"])
+            if "seq_log_ratio" in buf["stats"]:  # the KL in the reward: mean log(π/π_ref) of the rollouts
+                log("rl/seq_log_ratio", buf["stats"]["seq_log_ratio"])
             log("rl/clip_frac", stats["clipped"] / max(n_tok, 1))
             log("rl/entropy", stats["entropy"] / max(n_tok, 1))
             if self.tracks_reference:
@@ -364,7 +375,22 @@ class GRPO(DiffusionLM):
                    for k in sorted({k for r in rows for k in r} - {"prompt"})}
         components = self.reward.components(completions, prompts, **columns)
         total = torch.tensor(self.reward.total(components), dtype=torch.float32)
-        advantages = group_advantages(total, G, scale=self.scale_rewards)
+        shaped, log_ratio = total, None
+        if self.kl_reward_coef > 0:  # r - β_r log(π/π_ref) per sequence, under the first inner step's masks
+            logp = {}
+            for key, models in (("cur", contextlib.nullcontext(self.policy)), ("ref", self._reference())):
+                with models as model, lockstep(model.backbone, self._dummy_forward(model), dev, self._lockstep):
+                    for index, bucket in enumerate(buckets):
+                        logp[key, index] = self.estimator(
+                            model, bucket["tokens"], bucket["scored"], bucket["prompt_len"],
+                            generator=self._estimator_generator(generation, 0, index)).logp
+            log_ratio = torch.zeros_like(total)
+            for index, bucket in enumerate(buckets):
+                if not bucket.get("dummy"):
+                    log_ratio[bucket["samples"]] = sequence_log_ratio(logp["cur", index], logp["ref", index],
+                                                                      bucket["scored"]).cpu()
+            shaped = kl_shaped_rewards(total, log_ratio, self.kl_reward_coef)
+        advantages = group_advantages(shaped, G, scale=self.scale_rewards)
         for bucket in buckets:
             bucket["advantages"] = torch.zeros(1, device=dev) if bucket.get("dummy") else \
                 advantages[bucket["samples"]].to(dev)
@@ -375,13 +401,15 @@ class GRPO(DiffusionLM):
                 continue
             with models as model, lockstep(model.backbone, self._dummy_forward(model), dev, self._lockstep):
                 for index, bucket in enumerate(buckets):
-                    bucket[key] = torch.stack([
-                        self.estimator(model, bucket["tokens"], bucket["scored"], bucket["prompt_len"],
-                                       generator=self._estimator_generator(generation, j, index)).logp
-                        for j in range(self.num_iterations)])
+                    ests = [self.estimator(model, bucket["tokens"], bucket["scored"], bucket["prompt_len"],
+                                           generator=self._estimator_generator(generation, j, index))
+                            for j in range(self.num_iterations)]
+                    # the reference is read only by the KL: its kl_logp (the ELBO estimator's unweighted values)
+                    bucket[key] = torch.stack([e.kl_logp if key == "ref" else e.logp for e in ests])
         scored_len = torch.cat([b.pop("length") for b in buckets]).float()
         stats = {"reward_mean": float(total.mean()), "reward_std": float(total.std()) if total.numel() > 1 else 0.0,
                  "completion_len": float(scored_len.mean()),
+                 **({} if log_ratio is None else {"seq_log_ratio": float(log_ratio.mean())}),
                  "gen_tokens_per_s": sum(b["tokens"][:, b["prompt_len"]:].numel() for b in buckets if b["samples"])
                  / max(gen_time, 1e-9)}
         for name, values in components.items():
@@ -516,13 +544,14 @@ def _policy_from_config(policy, backbone, tokenizer, schedule, sampler) -> Diffu
     return policy(backbone=backbone, tokenizer=tokenizer, **kwargs)
 
 
-def _check_settings(G, prompts, C, mu, eps_low, eps_high, beta, normalisation, every) -> None:
+def _check_settings(G, prompts, C, mu, eps_low, eps_high, beta, normalisation, every, kl_reward_coef=0.0) -> None:
     problems = []
     for key, value, low in (("num_generations", G, 2), ("prompts_per_step", prompts, 1), ("completion_length", C, 1),
                             ("num_iterations", mu, 1), ("log_rollouts_every", every, 1)):
         if isinstance(value, bool) or int(value) != value or value < low:
             problems.append(f"method.{key} must be an integer >= {low}, got {value!r}")
-    for key, value in (("epsilon_low", eps_low), ("epsilon_high", eps_high), ("beta", beta)):
+    for key, value in (("epsilon_low", eps_low), ("epsilon_high", eps_high), ("beta", beta),
+                       ("kl_reward_coef", kl_reward_coef)):
         if not value >= 0:
             problems.append(f"method.{key} must be >= 0, got {value!r}")
     if not eps_low < 1:

@@ -43,9 +43,7 @@ import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dlm.errors import UserError
 
@@ -117,8 +115,8 @@ def lora_problems(config: Any) -> list[str]:
         problems.append(f"model.lora.target_parameters={params} must be a non-empty list of parameter names (e.g. "
                         f"[mlp.experts.gate_up_proj,mlp.experts.down_proj]: fused MoE experts), or null")
     elif params is not None and dropout:
-        problems.append(f"model.lora.target_parameters: peft's LoRA on a parameter cannot apply dropout (its input is "
-                        f"not separable from the weight); set model.lora.dropout=0")
+        problems.append("model.lora.target_parameters: peft's LoRA on a parameter cannot apply dropout (its input is "
+                        "not separable from the weight); set model.lora.dropout=0")
     if fields.get("quantize") not in (None, *QUANTIZE):
         problems.append(f"model.lora.quantize={fields.get('quantize')}: valid: null (no quantization), 4bit (QLoRA)")
     if fields.get("export", "merged") not in EXPORTS:
@@ -197,6 +195,8 @@ def instantiate_backbone(model_cfg: Any, *, instantiate: Callable | None = None,
     ``seed`` (the run's): with adapter-only checkpoints the frozen base is built from its own seeded RNG (the global
     one untouched), so that a resume or ``load_run`` rebuilds the same weights where any are random (a base from
     init, an embedding grown past the checkpoint's vocabulary)."""
+    import torch
+
     if instantiate is None:
         from hydra.utils import instantiate
     node, spec = split_lora(model_cfg)
@@ -386,6 +386,8 @@ def parameter_adapters(backbone: nn.Module, prefix: str = "") -> dict[str, tuple
 def _parameter_delta(a: Tensor, b: Tensor, experts: int, swapped: bool, ndim: int) -> Tensor:
     """B A of a parameter adapter in the parameter's layout (peft's ParamWrapper.get_delta_weight, float32): A is
     [experts * r, in] and B [out, experts * r], expert e's rank block is rows e*r.. of A and columns e, e+E.. of B."""
+    import torch
+
     a, b = a.float(), b.float()
     if ndim == 2:
         return b @ a

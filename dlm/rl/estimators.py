@@ -31,6 +31,13 @@ from torch import Tensor
 class TokenLogProbs:
     logp: Tensor  # [B, N] per-token estimate at the scored positions (zero elsewhere), with gradient
     entropy: Tensor  # [B, N] detached entropy of the predictions the estimate read (zero where none)
+    # [B, N] the values the KL to the reference reads, with gradient; None: ``logp`` (ELBOLogProb: the unweighted
+    # conditionals, whose k3 stays finite where the importance-weighted ``logp``'s does not)
+    kl_values: Tensor | None = None
+
+    @property
+    def kl_logp(self) -> Tensor:
+        return self.logp if self.kl_values is None else self.kl_values
 
 
 class LogProbEstimator(ABC):
@@ -111,10 +118,15 @@ class ELBOLogProb(LogProbEstimator):
     with weights at most n / (n - k) <= n, typically much lower variance at the same cost (tests/test_grpo.py prints
     both). Cost: K forwards per call.
 
-    In the GRPO ratio and the k3 KL the estimate enters as ``exp(new - old)`` under the same masks, so the weights
-    multiply the per-token differences: measured on the bracket demonstration (recipes/grpo.md) the logged k3 KL to
-    the start grew to 1e11 within 100 steps where the mean-field one stayed below 1. Use it with ``beta=0`` and
-    ``num_iterations=1`` (ratio 1, the policy gradient of the ELBO), as coupled-GRPO's single-iteration runs do.
+    In the GRPO ratio the estimate enters as ``exp(new - old)`` under the same masks, so the weights multiply the
+    per-token differences: prefer ``num_iterations=1`` (ratio 1, the policy gradient of the ELBO), as coupled-GRPO's
+    single-iteration runs do. The KL to the reference does not read the weighted values (their k3 grew to 1e11
+    within 100 steps of the bracket demonstration, recipes/grpo.md): ``kl_logp`` is each scored token's *unweighted*
+    log p_θ(x_i | x_t), averaged over the draws that scored it, under the same masks for the policy and the
+    reference. Its k3 is then, per token, the k3 of one conditional of the any-order model (with coupled pairs every
+    token is scored once per pair), i.e. an estimate of the KL between the two models' conditionals averaged over the
+    context sizes the draws visit (not the ELBO's weighting of them): >= 0 and zero exactly when the conditionals
+    agree, which is what a regulariser needs.
     """
 
     def __init__(self, num_samples: int = 2, coupled: bool = True):
@@ -153,6 +165,7 @@ class ELBOLogProb(LogProbEstimator):
         total = torch.zeros(B, N, device=tokens.device)
         ent_sum = torch.zeros(B, N, device=tokens.device)
         ent_count = torch.zeros(B, N, device=tokens.device)
+        raw = torch.zeros(B, N, device=tokens.device)  # unweighted log-probs, for the KL (kl_logp)
         draws = self.num_samples // 2 if self.coupled else self.num_samples
         for _ in range(draws):
             masked, size = self._first_masks(policy, tokens, prompt_len, generator)
@@ -168,11 +181,13 @@ class ELBOLogProb(LogProbEstimator):
                 else:
                     weight = n / ell.clamp(min=1)
                 total = total + torch.where(m, weight * logp, 0.0)
+                raw = raw + torch.where(m, logp, 0.0)
                 ent_sum = ent_sum + entropy
                 ent_count = ent_count + m
         pairs = draws
         scored = scored.bool()
-        return TokenLogProbs(total / pairs * scored, (ent_sum / ent_count.clamp(min=1)) * scored)
+        return TokenLogProbs(total / pairs * scored, (ent_sum / ent_count.clamp(min=1)) * scored,
+                             kl_values=raw / ent_count.clamp(min=1) * scored)
 
     @staticmethod
     def _group_sums(policy, masked: Tensor, size: Tensor) -> Tensor:

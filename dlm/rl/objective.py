@@ -7,8 +7,14 @@ d1's diffu-GRPO (Zhao et al. 2025, github.com/dllm-reasoning/d1, diffu-grpo/diff
   standard deviation as ``torch.std`` (TRL, d1); ``scale=False`` drops the division (Dr. GRPO, Liu et al. 2025);
 * the clipped policy ratio of PPO with separate low/high ranges (DAPO's "clip-higher"), per token:
   ``min(ρ A, clip(ρ, 1 - ε_low, 1 + ε_high) A)``, ``ρ = exp(log π - log π_old)``;
-* the KL to a frozen reference by the k3 estimator (Schulman, "Approximating KL divergence"):
+* the KL to a frozen reference by the k3 estimator (of the estimator's ``kl_logp``) (Schulman, "Approximating KL divergence"):
   ``exp(log π_ref - log π) - (log π_ref - log π) - 1`` per token (>= 0, unbiased for KL(π || π_ref) under π);
+* or the KL in the reward (the RLHF-PPO form: Ziegler et al. 2019, Stiennon et al. 2020; TRL's PPOTrainer
+  ``kl_coef``): ``r - β_r log(π(o) / π_ref(o))`` per sequence, the log-ratio the sum of the estimator's per-token
+  differences (an ELBO difference for a diffusion family). In the policy gradient it is the exact gradient of
+  ``E[r] - β_r KL(π || π_ref)`` (``E[∇ log π] = 0``), with no exponential of the estimate, so the ELBO estimator's
+  importance weights enter linearly (the k3 term exponentiates them: dlm/rl/estimators.py); its optimum is
+  ``π ∝ π_ref exp(r / β_r)``, the reference tilted towards high reward rather than a collapse onto a few strings;
 * the per-token loss ``-(min(...) - β kl)`` averaged per sequence then over sequences (``"sequence"``: TRL's
   default "grpo"), over all tokens (``"tokens"``: DAPO / TRL's "bnpo") or divided by a constant
   ``sequences × max completion length`` (``"constant"``: Dr. GRPO, no length bias).
@@ -36,6 +42,16 @@ def group_advantages(rewards: Tensor, group_size: int, scale: bool = True, eps: 
     return centred.reshape(-1).to(rewards.dtype if rewards.is_floating_point() else torch.float32)
 
 
+def sequence_log_ratio(logp: Tensor, ref_logp: Tensor, scored: Tensor) -> Tensor:
+    """log π(o) - log π_ref(o) per sequence [B]: the scored per-token differences summed (detached)."""
+    return ((logp.detach() - ref_logp.detach()) * scored).sum(1)
+
+
+def kl_shaped_rewards(rewards: Tensor, log_ratio: Tensor, coef: float) -> Tensor:
+    """``r - coef * log(π / π_ref)`` [N] (the KL in the reward), from rewards [N] and sequence log-ratios [N]."""
+    return rewards - coef * log_ratio.to(rewards.dtype)
+
+
 def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """Per-token k3 estimate of KL(π || π_ref) from log π and log π_ref of the sampled tokens."""
     d = ref_logp - logp
@@ -61,10 +77,13 @@ def clipped_policy_loss(
     ref_logp: Tensor | None = None,
     normalisation: str = "sequence",
     max_len: int | None = None,
+    kl_logp: Tensor | None = None,
 ) -> PolicyLoss:
     """The GRPO loss of per-token log-probs ``logp`` [B, T] (with gradient), ``old_logp`` (detached: the policy
     that generated), ``advantages`` [B], ``scored`` [B, T] (bool: the completion tokens that count). ``max_len``:
-    the constant of ``normalisation="constant"`` (default T)."""
+    the constant of ``normalisation="constant"`` (default T). ``kl_logp`` (with gradient): the values the KL reads
+    against ``ref_logp`` where they are not ``logp`` (the ELBO estimator's unweighted conditionals,
+    dlm/rl/estimators.py); None: ``logp``."""
     if normalisation not in NORMALISATIONS:
         raise ValueError(f"normalisation must be one of {', '.join(NORMALISATIONS)}, got {normalisation!r}")
     scored = scored.bool()
@@ -73,7 +92,7 @@ def clipped_policy_loss(
     unclipped = ratio * adv
     clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     objective = torch.minimum(unclipped, clipped_ratio * adv)
-    kl = k3_kl(logp, ref_logp.detach()) if ref_logp is not None else None
+    kl = k3_kl(logp if kl_logp is None else kl_logp, ref_logp.detach()) if ref_logp is not None else None
     per_token = -objective if kl is None or beta == 0 else -(objective - beta * kl)
     per_token = per_token * scored
     if normalisation == "sequence":
