@@ -19,7 +19,8 @@ def _stages(out: str) -> dict[str, str]:
 def test_every_stage_prints_one_timed_line(run_cfg, capsys):
     run_dir = train(run_cfg(*ENDS_OFF_SCHEDULE))
     stages = _stages(capsys.readouterr().out)
-    assert list(stages) == ["samples", "validation", "checkpoint", "export"]
+    # last.ckpt before the last validation: under ZeRO-3 trainer.validate rebuilds an engine that cannot save
+    assert list(stages) == ["samples", "checkpoint", "validation", "export"]
     for name, rest in stages.items():
         assert re.match(r"\d+\.\d s", rest), (name, rest)
     assert "at step 4, val/loss" in stages["validation"]
