@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
            "DLM_OUTPUT_ROOT": out_root, "PYTHONPATH": str(args.cwd.resolve())}
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in COMMANDS}
-    for name, cmd in COMMANDS.items():  # warm-up: the file cache, .pyc files
+    for cmd in COMMANDS.values():  # warm-up: the file cache, .pyc files
         run_once(cmd, args.cwd, env)
     for _ in range(args.rounds):
         for name, cmd in COMMANDS.items():
