@@ -210,7 +210,9 @@ def run_status(trainer, module, datamodule, terminated: bool, validate: bool = T
     if trainer.callback_metrics.get("val/loss") is None or module.last_val_step != trainer.global_step:
         with stage("validation", show=trainer.is_global_zero) as s:
             if not validate:
-                s.skipped = f"end_of_run.validate=false; the last validation was at step {module.last_val_step}"
+                last = module.last_val_step
+                s.skipped = "end_of_run.validate=false; " + (f"the last validation was at step {last}" if last >= 0
+                                                             else "the run never validated")
             else:
                 trainer.validate(module, datamodule=datamodule, verbose=False)
                 loss = trainer.callback_metrics.get("val/loss")
