@@ -99,7 +99,9 @@ def build_loggers(cfg: DictConfig) -> list:
 
 
 def build_callbacks(cfg: DictConfig) -> list:
-    return [build(node, "callbacks") for node in (cfg.get("callbacks") or {}).values() if node is not None]
+    """The callbacks of ``cfg.callbacks``; an entry whose target builds None (a disabled one) is left out."""
+    built = [build(node, "callbacks") for node in (cfg.get("callbacks") or {}).values() if node is not None]
+    return [callback for callback in built if callback is not None]
 
 
 def sampler_config(name: str) -> dict[str, Any]:
