@@ -22,7 +22,7 @@ def summary(run: Path) -> dict:
     reward = [float(r["rl/reward_mean"]) for r in rows]
     start = OmegaConf.load(Path(cfg.method.init_from) / ".hydra" / "config.yaml").method._target_.rsplit(".", 1)[-1]
     node = cfg.method.estimator or {}
-    estimator = node.get("_target_", "default").rsplit(".", 1)[-1]
+    estimator = node.get("_target_", "the family's").rsplit(".", 1)[-1]
     if "num_samples" in node or estimator == "ELBOLogProb":
         estimator += f" K={node.get('num_samples', 2)}"
     kl = [float(r["rl/kl"]) for r in rows if r.get("rl/kl")]
@@ -32,6 +32,7 @@ def summary(run: Path) -> dict:
             "reward first 10": sum(reward[:10]) / max(len(reward[:10]), 1),
             "reward last 10": sum(reward[-10:]) / max(len(reward[-10:]), 1),
             "valid_frac": results.get("sample/valid_frac"), "novel_frac": results.get("sample/novel_frac"),
+            "unique_frac": results.get("sample/unique_frac"),
             "val/nll_bound": results.get("val/nll_bound"), "rl/kl last": kl[-1] if kl else None,
             "wall s": results.get("wall_time_s")}
 

@@ -48,7 +48,7 @@ print(f"reading runs under {SWEEP.resolve()}")
 runs = load_runs(SWEEP)
 varied = [c for c in varying_columns(runs) if c in ("method", "model", "schedule", "sampler", "data")] or \
     varying_columns(runs)[:3]
-runs["label"] = runs[varied].astype(str).agg(" ".join, axis=1) if varied else runs["name"].astype(str)
+runs["label"] = runs[varied].fillna("-").astype(str).agg(" ".join, axis=1) if varied else runs["name"].astype(str)
 repeated = runs["label"].duplicated(keep=False)
 runs.loc[repeated, "label"] += " (" + runs.loc[repeated, "run_dir"].map(lambda p: Path(p).name) + ")"
 print(f"{len(runs)} runs; varied: {', '.join(varied) or 'nothing'}")
@@ -94,14 +94,16 @@ rl = load_metrics(runs, metrics=["rl/reward_mean", "rl/kl"]).merge(runs[["run_di
 if rl.empty:
     print("no method=grpo runs here (no rl/reward_mean)")
 elif plt is not None:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for ax, metric in zip(axes, ["rl/reward_mean", "rl/kl"]):
         for label, part in rl[rl["metric"] == metric].groupby("label"):
-            # a 10-step running mean: one step's 64 binary rewards are noisy
+            # a 10-step running mean: one step's binary rewards are noisy
             ax.plot(part["step"], part["value"].rolling(10, min_periods=1).mean(), label=label)
         ax.set_xlabel("step")
         ax.set_ylabel(metric + " (10-step mean)")
-        ax.legend(fontsize=8)
+        if metric == "rl/kl":
+            ax.set_yscale("symlog")  # it spans 0 to 1e11 across runs
+    axes[0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.15))
     plt.tight_layout()
     plt.show()
 rl.pivot_table(index="step", columns=["metric", "label"], values="value").tail() if not rl.empty else rl
