@@ -1,11 +1,11 @@
 """Data for diffusion LMs: tokenizers, sources (embedded arithmetic task, local text, HF datasets),
 packing, a tokenised-data cache and the Lightning DataModule."""
 
-from importlib import import_module
+from dlm.lazy import lazy_attributes
 
 # Every name loads on first use (PEP 562): a tokenizer import (a plan, dry_run) pays for no numpy, datasets or
 # Lightning (the DataModule), issue #17.
-_WHERE = {
+_WHERE = {name: f"dlm.data.{module}" for name, module in {
     "ArithmeticTask": "arithmetic",
     "cache_key": "cache", "load_or_build": "cache",
     "pack": "packing", "pad_each": "packing",
@@ -13,15 +13,7 @@ _WHERE = {
     "ByteTokenizer": "tokenizers", "CharTokenizer": "tokenizers", "HFTokenizer": "tokenizers",
     "check_special_ids": "tokenizers",
     "DLMDataModule": "datamodule", "ResumableRandomSampler": "datamodule",
-}
-
-
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module 'dlm.data' has no attribute {name!r}")
-    value = getattr(import_module(f"dlm.data.{_WHERE[name]}"), name)
-    globals()[name] = value
-    return value
+}.items()}
 
 
 __all__ = [
@@ -40,3 +32,5 @@ __all__ = [
     "pack",
     "pad_each",
 ]
+
+__getattr__, __dir__ = lazy_attributes(__name__, _WHERE)

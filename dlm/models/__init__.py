@@ -3,7 +3,7 @@
 The names load on first use (PEP 562): ``import dlm.models.capabilities`` or ``dlm.models.zoo.registry`` (what a
 plan and the CLIs' start-up read) then imports no torch or transformers (issue #17)."""
 
-from importlib import import_module
+from dlm.lazy import lazy_attributes
 
 _WHERE = {
     "PATTERNS": "dlm.models.attention",
@@ -17,14 +17,4 @@ _WHERE = {
 
 __all__ = sorted(_WHERE)
 
-
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(_WHERE[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_WHERE))
+__getattr__, __dir__ = lazy_attributes(__name__, _WHERE)

@@ -5,7 +5,7 @@ first use, so that reading a folder's layout (``registry``: plans) imports no to
 
 from __future__ import annotations
 
-from importlib import import_module
+from dlm.lazy import lazy_attributes
 
 _WHERE = {
     "PublishedDLM": "dlm.models.zoo.backbone",
@@ -23,14 +23,4 @@ _WHERE = {
 
 __all__ = sorted(_WHERE)
 
-
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(_WHERE[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_WHERE))
+__getattr__, __dir__ = lazy_attributes(__name__, _WHERE)
