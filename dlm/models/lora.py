@@ -115,8 +115,8 @@ def lora_problems(config: Any) -> list[str]:
         problems.append(f"model.lora.target_parameters={params} must be a non-empty list of parameter names (e.g. "
                         f"[mlp.experts.gate_up_proj,mlp.experts.down_proj]: fused MoE experts), or null")
     elif params is not None and dropout:
-        problems.append(f"model.lora.target_parameters: peft's LoRA on a parameter cannot apply dropout (its input is "
-                        f"not separable from the weight); set model.lora.dropout=0")
+        problems.append("model.lora.target_parameters: peft's LoRA on a parameter cannot apply dropout (its input is "
+                        "not separable from the weight); set model.lora.dropout=0")
     if fields.get("quantize") not in (None, *QUANTIZE):
         problems.append(f"model.lora.quantize={fields.get('quantize')}: valid: null (no quantization), 4bit (QLoRA)")
     if fields.get("export", "merged") not in EXPORTS:

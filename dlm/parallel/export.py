@@ -99,7 +99,13 @@ def _export_adapters(model_cfg, lora, state_dict: dict[str, torch.Tensor], out: 
                      extra: dict | None) -> Path:
     """A LoRA run's export (dlm/models/lora.py): the adapters merged into the weights as a plain HF folder
     (``model.lora.export=merged``), or peft's adapter folder for the run's base (``adapter``)."""
-    from dlm.models.lora import add_adapters, merged_state, parameter_adapters, peft_config_of, save_adapter_folder
+    from dlm.models.lora import (
+        add_adapters,
+        merged_state,
+        parameter_adapters,
+        peft_config_of,
+        save_adapter_folder,
+    )
 
     with torch.device("meta"):  # the adapted model's layout (which layers, Conv1D or Linear), no weights
         adapted = add_adapters(instantiate(model_cfg, vocab_size=None), lora)
