@@ -96,10 +96,10 @@ def strip_base(module: nn.Module, checkpoint: dict) -> None:
     state = checkpoint.get("state_dict")
     if not isinstance(state, dict) or not adapter_only(module):
         return
-    print_ = fingerprint(module)
-    for key in print_["tensors"]:
+    base = fingerprint(module)
+    for key in base["tensors"]:
         state.pop(key, None)
-    checkpoint[KEY] = print_
+    checkpoint[KEY] = base
 
 
 def check_base(module: nn.Module, saved: dict[str, Any], source: str) -> None:
