@@ -512,3 +512,14 @@ def test_resume_with_modules_to_save_is_exact(run_cfg, tmp_path):
     a = load_checkpoint(straight / "checkpoints" / "last.ckpt")["state_dict"]
     b = load_checkpoint(split / "checkpoints" / "last.ckpt")["state_dict"]
     assert "backbone.tok_emb.weight" in a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_plan_counts_saved_modules_of_an_hf_model_as_built():
+    from dlm.plan import build_plan
+
+    cfg = _compose("model=llama_tiny", "model.lora.r=8", "model.lora.modules_to_save=[embed_tokens,lm_head]")
+    backbone = instantiate_backbone(cfg.model, vocab_size=64)
+    trainable = sum(p.numel() for p in {id(p): p for p in backbone.parameters() if p.requires_grad}.values())
+    embeddings = sum(p.numel() for p in {id(p): p for p in (*backbone.hf_model.get_input_embeddings().parameters(),
+                                                           *backbone.hf_model.get_output_embeddings().parameters())}.values())
+    assert build_plan(cfg, vocab_size=64).trainable_params == trainable == 16384 + embeddings
