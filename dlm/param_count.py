@@ -5,7 +5,7 @@ shapes, written here for the layouts dlm ships configs for. Each function mirror
 read from the code of the installed transformers release (5.x ``modeling_{llama,qwen2,qwen3,qwen3_moe,gpt2,bert}.py``;
 ``dlm/models/transformer.py`` for the native backbone) and checked exactly against the meta-device build of every
 shipped model config in tests/test_param_count.py. Anything else (another class or model type, flags that add
-layers, a LoRA target outside the counted layers) returns None and the plan builds the model on the meta device
+layers, a LoRA target outside the counted layers, ``model.lora.modules_to_save``) returns None and the plan builds the model on the meta device
 instead (dlm.plan). With ``model.lora`` the adapters are counted too (r x (in + out) per adapted Linear: peft's A and
 B), on the layers dlm.models.lora adapts (its default targets, or ``target_modules`` by peft's name rule).
 
@@ -354,6 +354,8 @@ def count_model(model_cfg: Mapping[str, Any], vocab_size: int | None = None) -> 
     lora = fields.pop("lora", None) or None
     if lora is not None and lora.get("r") is None:
         lora = None  # LoRA off
+    if lora is not None and lora.get("modules_to_save"):
+        return None  # modules trained in full (peft's name rule, ties): the meta build counts them exactly
     counter = COUNTED_BACKBONES.get(str(fields.pop("_target_", "")))
     if counter is None:
         return None

@@ -101,6 +101,10 @@ def test_lora_policy_from_config_builds_no_reference_copy(run_cfg):
     assert trainable == adapter_count(module.backbone) > 0
     without = build_module(run_cfg(*RL, "method.beta=0.05"), instantiate(cfg.data))
     assert without.reference is not None  # no adapters: the frozen copy of the start, as before
+    saved = build_module(run_cfg(*RL, "model.lora.r=4", "model.lora.modules_to_save=[tok_emb]", "method.beta=0.05"),
+                         instantiate(cfg.data))
+    assert saved.reference is not None  # the embedding trains in full: the base is no longer the start, a copy is
+    assert not any(p.requires_grad for p in saved.reference.parameters())
 
 
 HF_POLICY = ["model=qwen3_tiny", "method.completion_length=8"]

@@ -311,11 +311,13 @@ def test_qlora_is_refused_on_a_cpu_with_what_it_needs(train_cli, workdir):
 @pytest.mark.parametrize("override, message", [
     ("model.lora.r=0", "model.lora.r=0 must be a positive integer"),
     ("model.lora.r=-2", "model.lora.r=-2 must be a positive integer"),
-    ("model.lora.rank=4", "unknown key 'rank' in model.lora; valid keys: alpha, checkpoint, dropout, export, quantize, r"),
+    ("model.lora.rank=4", "unknown key 'rank' in model.lora; valid keys: alpha, checkpoint, dropout, export, modules_to_save, quantize, r"),
     ("+model.lora.rank=4", "model.lora.rank: unknown key; valid keys: r, alpha"),
     ("model.lora.target_modules=[nope]", "'nope' matches no module of Transformer; its Linear modules: lm_head, w1"),
     ("model.lora.target_modules=[mlp]", "'mlp' names a SwiGLU, not a Linear layer"),
     ("model.lora.export=zip", "model.lora.export=zip: valid: merged"),
+    ("model.lora.modules_to_save=[nope]", "'nope' matches no module of Transformer; its top-level modules: blocks, drop, lm_head, norm, tok_emb"),
+    ("model.lora.modules_to_save=lm_head", "model.lora.modules_to_save=lm_head must be a non-empty list"),
     ("model.lora.checkpoint=some", "model.lora.checkpoint=some: valid: adapters"),
 ])
 def test_bad_lora_input_is_one_clear_line(train_cli, workdir, override, message):
@@ -408,3 +410,116 @@ def test_a_run_recorded_before_model_lora_existed_still_fits_a_resume():
     assert fit_problems(now, then) == []
     now.model.lora.r = 8
     assert any(p.startswith("model.lora") for p in fit_problems(now, then))
+
+
+# ---- modules_to_save: modules trained in full next to the adapters ------------------------------------------------
+def test_modules_to_save_train_in_full_and_the_plan_counts_them_exactly():
+    from dlm.plan import build_plan
+
+    cfg = _compose("model.lora.r=4", "model.lora.modules_to_save=[lm_head,norm]")
+    backbone = instantiate_backbone(cfg.model, vocab_size=64)
+    trainable = _trainable(backbone)
+    adapters = sum(v for n, v in trainable.items() if ".lora_" in n)
+    d = backbone.tok_emb.embedding_dim
+    # the head is tied: naming lm_head trains the one tensor the embedding is (named_parameters lists it once)
+    assert backbone.lm_head.weight is backbone.tok_emb.weight and backbone.tok_emb.weight.requires_grad
+    assert set(trainable) - {n for n in trainable if ".lora_" in n} == {"tok_emb.weight", "norm.weight"}
+    assert sum(trainable.values()) == adapters + 64 * d + d
+    assert not any(p.requires_grad for n, p in backbone.named_parameters() if n.startswith("blocks.") and ".lora_" not in n)
+    plan = build_plan(cfg, vocab_size=64)
+    assert plan.trainable_params == sum(trainable.values())
+    assert plan.trainable_params == build_plan(_compose("model.lora.r=4"), vocab_size=64).trainable_params + 64 * d + d
+
+
+def test_modules_to_save_refuses_a_module_that_holds_adapters():
+    with pytest.raises(LoraError, match=r"'blocks' \(blocks\) holds LoRA-adapted layers"):
+        instantiate_backbone(_compose("model.lora.r=4", "model.lora.modules_to_save=[blocks]").model, vocab_size=64)
+
+
+SAVE_RUN = [*LORA_RUN, "model.lora.modules_to_save=[embed_tokens]", "trainer.max_steps=2", "trainer.val_check_interval=2"]
+
+
+@pytest.fixture(scope="module")
+def save_run(pretrained, tmp_path_factory):
+    from conftest import FAST, compose
+
+    tmp = tmp_path_factory.mktemp("save_run")
+    cfg = compose(FAST + [f"paths.run_dir={tmp / 'run'}", f"paths.cache_dir={tmp / 'cache'}", "name=test",
+                          *SAVE_RUN, f"model.pretrained={pretrained}"])
+    return _train_recorded(cfg)
+
+
+def test_saved_modules_are_in_the_adapter_only_checkpoint_and_out_of_the_fingerprint(save_run, pretrained):
+    from dlm.models.lora_checkpoint import KEY
+
+    ckpt = load_checkpoint(save_run / "checkpoints" / "last.ckpt")
+    full = {k for k in ckpt["state_dict"] if ".lora_" not in k}
+    # qwen3_tiny ties its head to the embedding: both names of the one trained tensor are saved
+    assert full == {PREFIX + "model.embed_tokens.weight", PREFIX + "lm_head.weight"}
+    assert not full & set(ckpt[KEY]["tensors"])
+    base = _hf_state(pretrained)["model.embed_tokens.weight"]
+    assert (ckpt["state_dict"][PREFIX + "model.embed_tokens.weight"] - base).abs().max() > 0  # it trained
+    sizes = sorted(s["exp_avg"].numel() for s in ckpt["optimizer_states"][0]["state"].values())
+    assert sizes == sorted(v.numel() for k, v in ckpt["state_dict"].items()
+                           if ".lora_" in k or k == PREFIX + "model.embed_tokens.weight")
+
+
+def test_saved_modules_reach_the_merged_and_the_adapter_export_with_the_runs_logits(save_run, pretrained, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from dlm.models.hf import HFCausalLM
+    from dlm.parallel.checkpoint import load_state_dict
+    from dlm.parallel.export import export_hf_folder
+    from dlm.run import load_config, load_run
+
+    adapted = load_run(save_run, setup_data=False).module.backbone
+    ids = torch.randint(0, adapted.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
+    merged = HFCausalLM(pretrained=str(save_run / "hf")).eval()
+    cfg = load_config(save_run)
+    cfg.model.lora.export = "adapter"
+    out = export_hf_folder(cfg, load_state_dict(save_run / "checkpoints" / "last.ckpt"), tmp_path / "adapter")
+    import json
+
+    assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] == ["model.embed_tokens", "lm_head"]
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(pretrained), str(out)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids), adapted(ids), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, adapted(ids, attention="causal"),
+                                   rtol=1e-4, atol=1e-4)
+    # the same folder without the saved modules: the adapters alone do not give the run's model
+    from safetensors.torch import load_file, save_file
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    config = json.loads((out / "adapter_config.json").read_text())
+    (bare / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": None}))
+    save_file({k: v for k, v in load_file(out / "adapter_model.safetensors").items() if ".lora_" in k},
+              bare / "adapter_model.safetensors")
+    adapters_only = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(pretrained), str(bare)).eval()
+    with torch.no_grad():
+        assert (adapters_only(input_ids=ids).logits - peft_model(input_ids=ids).logits).abs().max() > 1e-3
+
+
+def test_resume_with_modules_to_save_is_exact(run_cfg, tmp_path):
+    common = ["model.lora.r=4", "model.lora.modules_to_save=[tok_emb]", "callbacks.last_checkpoint.every_n_train_steps=1",
+              "trainer.val_check_interval=2", "lr_scheduler=constant"]
+    straight = train(run_cfg(*common, "trainer.max_steps=4", run_dir=tmp_path / "a"))
+    split = tmp_path / "b"
+    train(run_cfg(*common, "trainer.max_steps=2", run_dir=split))
+    train(run_cfg(*common, "trainer.max_steps=4", "ckpt_path=last", run_dir=split))
+    assert _rows(split) == _rows(straight) and len(_rows(straight)) == 4
+    a = load_checkpoint(straight / "checkpoints" / "last.ckpt")["state_dict"]
+    b = load_checkpoint(split / "checkpoints" / "last.ckpt")["state_dict"]
+    assert "backbone.tok_emb.weight" in a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_plan_counts_saved_modules_of_an_hf_model_as_built():
+    from dlm.plan import build_plan
+
+    cfg = _compose("model=llama_tiny", "model.lora.r=8", "model.lora.modules_to_save=[embed_tokens,lm_head]")
+    backbone = instantiate_backbone(cfg.model, vocab_size=64)
+    trainable = sum(p.numel() for p in {id(p): p for p in backbone.parameters() if p.requires_grad}.values())
+    embeddings = sum(p.numel() for p in {id(p): p for p in (*backbone.hf_model.get_input_embeddings().parameters(),
+                                                           *backbone.hf_model.get_output_embeddings().parameters())}.values())
+    assert build_plan(cfg, vocab_size=64).trainable_params == trainable == 16384 + embeddings

@@ -147,7 +147,9 @@ class GRPO(DiffusionLM):
         self.eos_fills_tail = type(family).eos_fills_tail
         self.tracks_reference = bool(beta > 0 or track_kl or kl_reward_coef > 0)
         self.reference = None  # a frozen copy of the start; None with fresh adapters (the base is the reference)
-        if self.tracks_reference and not fresh_adapters:
+        # modules_to_save train in full: the base with the adapters off is no longer the start, so a copy is kept
+        base_is_reference = fresh_adapters and not adapter_spec(backbone).modules_to_save
+        if self.tracks_reference and not base_is_reference:
             self.reference = copy.deepcopy(family).requires_grad_(False).eval()
             # Lightning warns of modules in eval mode at the start of fit: the frozen reference is one on purpose
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")

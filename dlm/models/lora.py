@@ -21,7 +21,10 @@ transformers 5 fuses a layer's MoE experts into 3-D parameters (``mlp.experts.ga
 ``mlp.experts.down_proj`` [E, H, I]) that no ``target_modules`` entry can name; each expert gets its own rank-r pair
 (r * E * (in + out) parameters), without dropout (peft cannot separate it from the weight).
 
-What trains: the adapters only. Every other parameter of the backbone is frozen (requires_grad False), so it gets no
+What trains: the adapters, and the modules ``modules_to_save`` names (peft's key: e.g. ``[embed_tokens,lm_head]`` on
+HF models, ``[tok_emb,lm_head]`` on the native Transformer), trained in full in place (requires_grad True; no peft
+wrapper copy, so a merged export holds their trained values as it is). A tied head and embedding are one tensor:
+naming either trains both. Every other parameter of the backbone is frozen (requires_grad False), so it gets no
 optimizer group, no gradient and no optimizer state (dlm.optim.param_groups takes trainable parameters only; under
 DeepSpeed too). The A2D learning-rate roles (``lr_multipliers``) apply to an adapter by the role of the module it
 adapts: its name keeps the module's path (``...self_attn.q_proj.lora_A...`` is attention, ``...mlp.w1.lora_B...`` mlp).
@@ -51,7 +54,8 @@ if TYPE_CHECKING:  # torch is imported where adapters are built: checking model.
     from torch import Tensor, nn
 
 ADAPTER = "default"  # peft's adapter name: parameter names carry it (lora_A.default.weight)
-LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "target_parameters", "quantize", "export", "checkpoint")
+LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "target_parameters", "modules_to_save", "quantize", "export",
+             "checkpoint")
 QUANTIZE = ("4bit",)
 EXPORTS = ("merged", "adapter")
 CHECKPOINTS = ("adapters", "full")  # what a checkpoint holds: dlm/models/lora_checkpoint.py
@@ -72,6 +76,7 @@ class LoraSpec:
     dropout: float = 0.0
     target_modules: tuple[str, ...] | None = None
     target_parameters: tuple[str, ...] | None = None  # nn.Parameters adapted in place (fused MoE experts, 3-D)
+    modules_to_save: tuple[str, ...] | None = None  # modules trained in full next to the adapters (peft's name)
     quantize: str | None = None
     export: str = "merged"
     checkpoint: str = "adapters"
@@ -90,7 +95,7 @@ def lora_problems(config: Any) -> list[str]:
     fields = to_plain(config)
     if not isinstance(fields, Mapping):
         return [f"model.lora={fields!r} must be a mapping {{r, alpha, dropout, target_modules, target_parameters, "
-                f"quantize, export, checkpoint}} "
+                f"modules_to_save, quantize, export, checkpoint}} "
                 f"or null (off)"]
     problems = [f"model.lora.{k}: unknown key; valid keys: {', '.join(LORA_KEYS)}" for k in fields if k not in LORA_KEYS]
     r = fields.get("r")
@@ -117,6 +122,11 @@ def lora_problems(config: Any) -> list[str]:
     elif params is not None and dropout:
         problems.append("model.lora.target_parameters: peft's LoRA on a parameter cannot apply dropout (its input is "
                         "not separable from the weight); set model.lora.dropout=0")
+    saved = fields.get("modules_to_save")
+    if saved is not None and (isinstance(saved, str) or not isinstance(saved, (list, tuple)) or not saved
+                              or not all(isinstance(t, str) and t for t in saved)):
+        problems.append(f"model.lora.modules_to_save={saved} must be a non-empty list of module names trained in full "
+                        f"(e.g. [embed_tokens,lm_head]; the native Transformer: [tok_emb,lm_head]), or null")
     if fields.get("quantize") not in (None, *QUANTIZE):
         problems.append(f"model.lora.quantize={fields.get('quantize')}: valid: null (no quantization), 4bit (QLoRA)")
     if fields.get("export", "merged") not in EXPORTS:
@@ -145,6 +155,7 @@ def lora_spec(config: Any) -> LoraSpec | None:
         dropout=float(fields.get("dropout") or 0.0),
         target_modules=None if targets is None else tuple([targets] if isinstance(targets, str) else targets),
         target_parameters=None if fields.get("target_parameters") is None else tuple(fields["target_parameters"]),
+        modules_to_save=None if fields.get("modules_to_save") is None else tuple(fields["modules_to_save"]),
         quantize=fields.get("quantize"), export=fields.get("export") or "merged",
         checkpoint=fields.get("checkpoint") or "adapters",
     )
@@ -308,8 +319,55 @@ def add_adapters(backbone: nn.Module, spec: LoraSpec) -> nn.Module:
     _reset_partitioned_adapters(root)
     for name, param in backbone.named_parameters():
         param.requires_grad_(is_adapter_parameter(name))
+    for path in saved_modules(root, spec, kind):  # trained in full, in place (a tied head and embedding: one tensor)
+        root.get_submodule(path).requires_grad_(True)
     backbone.lora_spec = spec
     return backbone
+
+
+def top_level_names(root: nn.Module) -> list[str]:
+    """The distinct last names of the modules outside any numbered layer list (``model.embed_tokens``, ``lm_head``,
+    ``norm``; not ``layers.3.mlp``): what ``modules_to_save`` usually names."""
+    return sorted({name.rpartition(".")[2] for name, _ in root.named_modules()
+                   if name and not any(part.isdigit() for part in name.split("."))})
+
+
+def saved_modules(root: nn.Module, spec: LoraSpec, kind: str = "") -> list[str]:
+    """The paths (under ``root``, peft's name rule) of the modules ``spec.modules_to_save`` names; refuses a name that
+    matches no module, and one whose module holds adapters (its base weights would train under the adapters)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    paths: list[str] = []
+    kind = kind or type(root).__name__
+    for target in spec.modules_to_save or ():
+        matched = [n for n, _ in root.named_modules() if n and _matches(n, target)]
+        if not matched:
+            raise LoraError(f"model.lora.modules_to_save: {target!r} matches no module of {kind}; its top-level "
+                            f"modules: {', '.join(top_level_names(root)) or 'none'}")
+        for path in matched:
+            if any(isinstance(m, BaseTunerLayer) for m in root.get_submodule(path).modules()):
+                raise LoraError(f"model.lora.modules_to_save: {target!r} ({path}) holds LoRA-adapted layers; train a "
+                                f"module in full or adapt it, not both (drop it from one of modules_to_save, "
+                                f"target_modules)")
+        paths += [p for p in matched if p not in paths]
+    return paths
+
+
+def saved_export_paths(backbone: nn.Module) -> list[str]:
+    """The modules an adapter folder carries in full (peft's ``modules_to_save``): those named, and every module
+    outside them whose own parameter is one of theirs (a tied embedding of a saved head), so that peft, which gives
+    each saved module its own copy, loads the trained tensor into both."""
+    spec = adapter_spec(backbone)
+    if spec is None or not spec.modules_to_save:
+        return []
+    root = adapter_root(backbone)
+    paths = saved_modules(root, spec)
+    ids = {id(p) for path in paths for p in root.get_submodule(path).parameters()}
+    for name, module in root.named_modules():
+        inside = any(name == p or name.startswith(p + ".") for p in paths)
+        if name and not inside and any(id(p) in ids for p in module.parameters(recurse=False)):
+            paths.append(name)
+    return paths
 
 
 def _reset_partitioned_adapters(root: nn.Module) -> None:
@@ -445,7 +503,14 @@ def save_adapter_folder(backbone: nn.Module, state: dict[str, Tensor], out: str 
             tensors[f"base_model.model.{name}"] = value.detach().cpu().contiguous()
     if not tensors:
         raise ValueError("no adapter weights (lora_A/lora_B) in the state dict")
+    saved = saved_export_paths(backbone)
+    for path in saved:  # peft's key for a saved module's tensor: its plain name (ModulesToSaveWrapper's load map)
+        leaves = {k for k in adapter_root(backbone).get_submodule(path).state_dict()}
+        for leaf in leaves:
+            # a copy each: a tied head and embedding share storage, which safetensors refuses
+            tensors[f"base_model.model.{path}.{leaf}"] = state[f"{prefix}{path}.{leaf}"].detach().cpu().clone()
     config = copy.deepcopy(peft_config_of(backbone))
+    config.modules_to_save = saved or None
     config.base_model_name_or_path = base
     config.inference_mode = True
     if prefix:
