@@ -8,8 +8,9 @@ group-normalised advantages, and each of the next μ steps minimises the clipped
 that batch of generations (TRL's buffered inputs: one optimizer step per Lightning step, so ``trainer.max_steps``,
 checkpoints and the learning-rate schedule count optimizer steps as in every other method). The per-token
 log-probabilities of the ratio come from a named estimator (dlm/rl/estimators.py: d1's mean-field, an ELBO with K
-coupled draws, AR's exact ones); the old policy's are computed once per generation batch (μ > 1) and the frozen
-reference's (β > 0, or ``track_kl``) under the same masks.
+coupled draws, AR's exact ones, MDLM's exact path log-probability given the reveal order each rollout recorded);
+the old policy's are computed once per generation batch (μ > 1) and the frozen reference's (β > 0, or ``track_kl``)
+under the same masks.
 
 The policy is a family module: ``init_from=<run folder>`` loads a trained run (its tokenizer, mask token, logit
 shift, weights and sampler come with it; the composed ``model=`` is then unused), else ``policy`` is a family's
@@ -22,9 +23,9 @@ samples the whole canvas (MDLM), up to and including the first EOS where the fam
 (``eos_fills_tail``: AR, BD3-LM; TRL's completion mask).
 
 Exact resume: the rollout generator's state, the prompt rows consumed, and the batch of generations still in use
-(tokens, advantages, old and reference log-probabilities) are saved in every checkpoint; the estimator's masks are
-a function of (seed, rank, generation, inner step). Rollouts go to ``samples.jsonl`` (kind ``rollout``, with each
-reward) and a resume drops the rows generated after its checkpoint.
+(tokens, advantages, old and reference log-probabilities, the reveal orders PathLogProb reads) are saved in every
+checkpoint; the estimator's masks are a function of (seed, rank, generation, inner step). Rollouts go to
+``samples.jsonl`` (kind ``rollout``, with each reward) and a resume drops the rows generated after its checkpoint.
 
 Scale (recipes/grpo.md, d1 on LLaDA-8B-Instruct): ``model.lora.r=...`` trains adapters only, and the frozen reference
 is then the base itself, read with the adapters off (dlm.models.lora.adapters_disabled: no copy of the model; an
