@@ -239,8 +239,8 @@ class PathLogProb(LogProbEstimator):
 
         π_θ(o | q, σ) = Π_s Π_{i revealed at s} p_θ(o_i | q, o_{revealed before s}, the rest masked),
 
-    and since P(σ) does not depend on θ, π_θ(o, σ | q) / π_old(o, σ | q) is exactly the ratio of these products: the
-    per-token value of token i is log p_θ(o_i | canvas of its step). This replaces the approximations of the other
+    and since P(σ) does not depend on θ, π_θ(o, σ | q) / π_old(o, σ | q) is exactly the ratio of these products:
+    the per-token value of token i is log p_θ(o_i | canvas of its step). This replaces the approximations of the other
     estimators: d1's mean-field (Zhao et al. 2025, dllm-reasoning/d1, one forward with the completion fully masked)
     conditions every token on no other completion token; the ELBO averages over orders the sampler did not take.
     The values feed the clipped ratio and the k3 KL unchanged (as TRL's ``_get_per_token_logps`` do for an
@@ -278,6 +278,9 @@ class PathLogProb(LogProbEstimator):
         if reveal_step is None or reveal_step.shape != tokens.shape:
             raise ValueError("PathLogProb needs each rollout's reveal_step [B, N] (recorded by method=grpo's rollouts)")
         B, N = tokens.shape
+        if int(torch.unique(policy.mask_groups(N, device=tokens.device)[prompt_len:]).numel()) > 1:
+            raise ValueError(f"PathLogProb: {type(policy).__name__} denoises this completion in several groups "
+                             f"(blocks); use dlm.rl.estimators.ELBOLogProb")
         steps = reveal_step.clamp(min=-1)
         # one canvas per (row, step at which that row revealed something): tokens revealed before it, masks after
         pairs = torch.unique(torch.stack([torch.arange(B, device=tokens.device)[:, None].expand(B, N), steps], -1)
