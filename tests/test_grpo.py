@@ -344,7 +344,7 @@ def test_path_estimator_is_the_ancestral_samplers_own_log_probability():
     own = torch.zeros(gen.tokens.shape, dtype=torch.float64)
     for before, after in zip(traj[:-1], traj[1:]):
         new = (before == model.mask_id) & (after != model.mask_id)
-        lp = Sampler_exclude(model.denoise(before), model.mask_id)
+        lp = _sampler_logp(model.denoise(before), model.mask_id)
         own[new] = lp.gather(-1, after[..., None])[..., 0][new].double()
     order = sum((c == model.mask_id).long() for c in traj[1:])
     order[:, :1] = -1
@@ -352,7 +352,7 @@ def test_path_estimator_is_the_ancestral_samplers_own_log_probability():
     torch.testing.assert_close(_path(model, gen.tokens, order, 1), own, rtol=1e-5, atol=1e-5)
 
 
-def Sampler_exclude(logp, mask_id):
+def _sampler_logp(logp, mask_id):
     from dlm.sampling.base import Sampler
 
     return Sampler._exclude_mask(logp, mask_id)
