@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from dlm.rewards.base import Reward
-from dlm.rl.estimators import ELBOLogProb, ExactLogProb, MeanFieldLogProb
+from dlm.rl.estimators import ELBOLogProb, ExactLogProb, MeanFieldLogProb, PathLogProb
 from dlm.rl.objective import (
     clipped_policy_loss,
     group_advantages,
@@ -306,6 +306,71 @@ def test_estimators_refuse_a_family_they_cannot_estimate():
         ELBOLogProb(num_samples=3, coupled=True)
 
 
+def _path(model, tokens, order, prompt_len):
+    scored = torch.zeros_like(tokens, dtype=torch.bool)
+    scored[:, prompt_len:] = True
+    with torch.no_grad():
+        return PathLogProb()(model, tokens, scored, prompt_len, reveal_step=order).logp.double()
+
+
+@torch.no_grad()
+def test_path_estimator_is_a_distribution_over_completions_for_a_fixed_order():
+    """For one reveal order (position 2 first, then 1 and 3 together, after a clean prompt token) the path
+    probabilities of all 3-token completions sum to 1: each token is scored at its own step's canvas, never seeing
+    itself or a later token (a leak would give each token probability 1 and a sum of V^3)."""
+    model = _tiny("mdlm")
+    letters = [t for t in range(model.vocab_size) if t != model.mask_id]
+    seqs = torch.tensor([[letters[0], *seq] for seq in itertools.product(letters, repeat=3)])
+    order = torch.tensor([-1, 1, 0, 1]).expand_as(seqs)
+    logp = _path(model, seqs, order, 1)
+    assert float(logp.sum(1).exp().sum()) == pytest.approx(1.0, abs=1e-5)
+    # the first-revealed token saw only the prompt: the mean-field value (d1's, without the prompt mask)
+    mf = _estimate(MeanFieldLogProb(p_mask_prompt=0.0), model, seqs[0], 1, draws=1)[0]
+    assert float(logp[0, 2]) == pytest.approx(float(mf[2]), abs=1e-6)
+    assert float(logp[0, 1]) != pytest.approx(float(mf[1]), abs=1e-4)  # later tokens see the revealed one
+
+
+@torch.no_grad()
+def test_path_estimator_is_the_ancestral_samplers_own_log_probability():
+    """The sampler's probability of what it drew, step by step (its own denoiser on its own trajectory), equals the
+    estimator's per-token values computed from the recorded reveal steps alone."""
+    from dlm.sampling import AncestralSampler
+
+    model = _tiny("mdlm")
+    sampler = AncestralSampler(steps=4, record_trajectory=True)
+    prompt = torch.full((6, 1), 0, dtype=torch.long)
+    gen = model.generate(prompt, 5, sampler=sampler, generator=torch.Generator().manual_seed(3))
+    traj = gen.trajectory
+    own = torch.zeros(gen.tokens.shape, dtype=torch.float64)
+    for before, after in zip(traj[:-1], traj[1:]):
+        new = (before == model.mask_id) & (after != model.mask_id)
+        lp = _sampler_logp(model.denoise(before), model.mask_id)
+        own[new] = lp.gather(-1, after[..., None])[..., 0][new].double()
+    order = sum((c == model.mask_id).long() for c in traj[1:])
+    order[:, :1] = -1
+    assert len({tuple(r) for r in order[:, 1:].tolist()}) > 1  # the rows took different paths
+    torch.testing.assert_close(_path(model, gen.tokens, order, 1), own, rtol=1e-5, atol=1e-5)
+
+
+def _sampler_logp(logp, mask_id):
+    from dlm.sampling.base import Sampler
+
+    return Sampler._exclude_mask(logp, mask_id)
+
+
+def test_path_estimator_refuses_block_families_and_model_ordered_samplers():
+    from dlm.sampling import AncestralSampler, LowConfidenceSampler
+
+    with pytest.raises(ValueError, match="ELBOLogProb"):
+        PathLogProb().check(_tiny("bd3lm"))
+    with pytest.raises(ValueError, match="ExactLogProb"):
+        PathLogProb().check(_tiny("ar"))
+    with pytest.raises(ValueError, match="sampler=ancestral.*LowConfidenceSampler chooses"):
+        PathLogProb().check_sampler(LowConfidenceSampler(steps=4))
+    PathLogProb().check(_tiny("mdlm"))
+    PathLogProb().check_sampler(AncestralSampler(steps=4))
+
+
 # ---- runs ------------------------------------------------------------------------------------------------------
 RL = [
     "method=grpo",
@@ -351,14 +416,17 @@ def test_reward_rises_on_a_fixed_seed(run_cfg, tmp_path):
         assert len(_metrics(run, key)) == 12, key
 
 
-def test_resume_mid_batch_of_generations_continues_exactly(run_cfg, tmp_path):
-    """μ = 3: the checkpoint at step 4 falls inside the second batch of generations (steps 3-5)."""
+@pytest.mark.parametrize("estimator", ["{_target_:dlm.rl.estimators.ELBOLogProb,num_samples:2}",
+                                       "{_target_:dlm.rl.estimators.PathLogProb}"])
+def test_resume_mid_batch_of_generations_continues_exactly(run_cfg, tmp_path, estimator):
+    """μ = 3: the checkpoint at step 4 falls inside the second batch of generations (steps 3-5); PathLogProb's
+    reveal orders travel in the checkpoint's buffer."""
     from dlm.safe_load import load_checkpoint
     from dlm.train import train
 
     common = [*RL, "method.num_iterations=3", "method.beta=0.05", "method.kl_reward_coef=0.1",
               "callbacks.last_checkpoint.every_n_train_steps=1",
-              "method.estimator={_target_:dlm.rl.estimators.ELBOLogProb,num_samples:2}"]
+              f"method.estimator={estimator}"]
     straight = train(run_cfg(*common, "trainer.max_steps=7", run_dir=tmp_path / "a"))
     split = tmp_path / "b"
     train(run_cfg(*common, "trainer.max_steps=4", run_dir=split))
@@ -368,6 +436,9 @@ def test_resume_mid_batch_of_generations_continues_exactly(run_cfg, tmp_path):
     for name, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][name]), name
     assert torch.equal(a["grpo"]["rollout_rng"], b["grpo"]["rollout_rng"])
+    if "PathLogProb" in estimator:
+        assert all(torch.equal(x["reveal_step"], y["reveal_step"])
+                   for x, y in zip(a["grpo"]["buffer"]["buckets"], b["grpo"]["buffer"]["buckets"]))
     rollouts = [[line for line in open(run / "samples.jsonl") if '"rollout"' in line] for run in (straight, split)]
     assert rollouts[0] == rollouts[1] and len(rollouts[0]) == 3 * 16  # generations at steps 0, 3, 6; none twice
     assert _metrics(straight, "rl/loss") == _metrics(split, "rl/loss")

@@ -8,8 +8,9 @@ group-normalised advantages, and each of the next μ steps minimises the clipped
 that batch of generations (TRL's buffered inputs: one optimizer step per Lightning step, so ``trainer.max_steps``,
 checkpoints and the learning-rate schedule count optimizer steps as in every other method). The per-token
 log-probabilities of the ratio come from a named estimator (dlm/rl/estimators.py: d1's mean-field, an ELBO with K
-coupled draws, AR's exact ones); the old policy's are computed once per generation batch (μ > 1) and the frozen
-reference's (β > 0, or ``track_kl``) under the same masks.
+coupled draws, AR's exact ones, MDLM's exact path log-probability given the reveal order each rollout recorded);
+the old policy's are computed once per generation batch (μ > 1) and the frozen reference's (β > 0, or ``track_kl``)
+under the same masks.
 
 The policy is a family module: ``init_from=<run folder>`` loads a trained run (its tokenizer, mask token, logit
 shift, weights and sampler come with it; the composed ``model=`` is then unused), else ``policy`` is a family's
@@ -22,9 +23,9 @@ samples the whole canvas (MDLM), up to and including the first EOS where the fam
 (``eos_fills_tail``: AR, BD3-LM; TRL's completion mask).
 
 Exact resume: the rollout generator's state, the prompt rows consumed, and the batch of generations still in use
-(tokens, advantages, old and reference log-probabilities) are saved in every checkpoint; the estimator's masks are
-a function of (seed, rank, generation, inner step). Rollouts go to ``samples.jsonl`` (kind ``rollout``, with each
-reward) and a resume drops the rows generated after its checkpoint.
+(tokens, advantages, old and reference log-probabilities, the reveal orders PathLogProb reads) are saved in every
+checkpoint; the estimator's masks are a function of (seed, rank, generation, inner step). Rollouts go to
+``samples.jsonl`` (kind ``rollout``, with each reward) and a resume drops the rows generated after its checkpoint.
 
 Scale (recipes/grpo.md, d1 on LLaDA-8B-Instruct): ``model.lora.r=...`` trains adapters only, and the frozen reference
 is then the base itself, read with the adapters off (dlm.models.lora.adapters_disabled: no copy of the model; an
@@ -135,6 +136,8 @@ class GRPO(DiffusionLM):
             raise ValueError(f"method.estimator must build a dlm.rl.estimators.LogProbEstimator, got {estimator!r}")
         estimator.check(family)
         rollout_sampler = sampler if sampler is not None else family.sampler
+        if callable(getattr(estimator, "check_sampler", None)):  # PathLogProb: the order must not depend on the model
+            estimator.check_sampler(rollout_sampler)
         # the rollouts run under the policy's family: its KV caches (AR's, BD3-LM's) are the ones the base class's
         # sampler check must accept, so they are in place before it runs
         self.kv_caches = type(family).kv_caches
@@ -265,8 +268,7 @@ class GRPO(DiffusionLM):
         stats = {"clipped": 0.0, "kl": 0.0, "entropy": 0.0}
         for index, bucket in enumerate(buf["buckets"]):
             scored = bucket["scored"]
-            est = self.estimator(self.policy, bucket["tokens"], scored, bucket["prompt_len"],
-                                 generator=self._estimator_generator(buf["generation"], j, index))
+            est = self._estimate(self.policy, bucket, self._estimator_generator(buf["generation"], j, index))
             old = bucket["old"][j] if bucket["old"] is not None else est.logp.detach()
             ref = bucket["ref"][j] if bucket["ref"] is not None else None
             out = clipped_policy_loss(est.logp, old, bucket["advantages"], scored, self.epsilon_low,
@@ -333,6 +335,12 @@ class GRPO(DiffusionLM):
             if empty:
                 raise UserError(f"method.prompts: {self.prompts!r} yielded no rows for rank {rank}")
 
+    def _estimate(self, model, bucket: dict, generator: torch.Generator):
+        """The estimator on one bucket; PathLogProb also reads the order its rollouts were revealed in."""
+        order = {"reveal_step": bucket["reveal_step"]} if getattr(self.estimator, "needs_reveal_order", False) else {}
+        return self.estimator(model, bucket["tokens"], bucket["scored"], bucket["prompt_len"], generator=generator,
+                              **order)
+
     def _estimator_generator(self, generation: int, iteration: int, bucket: int) -> torch.Generator:
         key = hash((self.rollout_seed, self.global_rank, generation, iteration, bucket, 2)) % (2**63)
         return torch.Generator(device=self.compute_device).manual_seed(key)
@@ -361,7 +369,8 @@ class GRPO(DiffusionLM):
                     continue
                 prompt = torch.tensor([prompt_ids[i] for i in members for _ in range(G)], dtype=torch.long, device=dev)
                 prompt = prompt.view(len(members) * G, P)
-                gen = self.generate(prompt if P else None, C, num_samples=len(members) * G, generator=self._gen)
+                with self._recording_order() as canvases:
+                    gen = self.generate(prompt if P else None, C, num_samples=len(members) * G, generator=self._gen)
                 tokens = gen.tokens.to(dev)
                 samples = [i * G + g for i in members for g in range(G)]
                 upto_eos = _completion_mask(tokens, P, self.eos_id)
@@ -369,6 +378,11 @@ class GRPO(DiffusionLM):
                 scored = upto_eos if self.eos_fills_tail else _completion_mask(tokens, P, None)
                 buckets.append({"tokens": tokens, "prompt_len": P, "samples": samples, "scored": scored,
                                 "length": upto_eos.sum(1)})
+                if canvases is not None:  # the step that revealed each position: the canvases it was masked in
+                    step = sum((c.to(dev) == self.mask_id).long() for c in canvases) if canvases else \
+                        torch.zeros_like(tokens)
+                    step[:, :P] = -1
+                    buckets[-1]["reveal_step"] = step
                 for row, s in zip(tokens[:, P:].tolist(), samples):
                     completions[s] = self.tokenizer.decode(cut_at_eos(row, self.eos_id))
         gen_time = time.perf_counter() - started
@@ -383,9 +397,8 @@ class GRPO(DiffusionLM):
             for key, models in (("cur", contextlib.nullcontext(self.policy)), ("ref", self._reference())):
                 with models as model, lockstep(model.backbone, self._dummy_forward(model), dev, self._lockstep):
                     for index, bucket in enumerate(buckets):
-                        logp[key, index] = self.estimator(
-                            model, bucket["tokens"], bucket["scored"], bucket["prompt_len"],
-                            generator=self._estimator_generator(generation, 0, index)).logp
+                        logp[key, index] = self._estimate(model, bucket,
+                                                          self._estimator_generator(generation, 0, index)).logp
             log_ratio = torch.zeros_like(total)
             for index, bucket in enumerate(buckets):
                 if not bucket.get("dummy"):
@@ -403,8 +416,7 @@ class GRPO(DiffusionLM):
                 continue
             with models as model, lockstep(model.backbone, self._dummy_forward(model), dev, self._lockstep):
                 for index, bucket in enumerate(buckets):
-                    ests = [self.estimator(model, bucket["tokens"], bucket["scored"], bucket["prompt_len"],
-                                           generator=self._estimator_generator(generation, j, index))
+                    ests = [self._estimate(model, bucket, self._estimator_generator(generation, j, index))
                             for j in range(self.num_iterations)]
                     # the reference is read only by the KL: its kl_logp (the ELBO estimator's unweighted values)
                     bucket[key] = torch.stack([e.kl_logp if key == "ref" else e.logp for e in ests])
@@ -429,13 +441,28 @@ class GRPO(DiffusionLM):
             return chat_ids(self.tokenizer, [{"role": "user", "content": text}])
         return self.tokenizer.encode(text)
 
+    @contextlib.contextmanager
+    def _recording_order(self) -> Iterator[list[Tensor] | None]:
+        """The canvases after every sampler step (Sampler.on_step), where the estimator reads the reveal order
+        (PathLogProb); None otherwise."""
+        if not getattr(self.estimator, "needs_reveal_order", False):
+            yield None
+            return
+        canvases: list[Tensor] = []
+        before = self.sampler.on_step
+        self.sampler.on_step = canvases.append
+        try:
+            yield canvases
+        finally:
+            self.sampler.on_step = before
+
     def _dummy_bucket(self, prompt_len: int) -> dict:
         """Under ZeRO-3, a prompt length only other ranks drew this step: one throw-away row that nothing scores, so
         that this rank's training step runs a forward (and backward) for it as theirs do (weight 0 in the loss)."""
         tokens = torch.full((1, prompt_len + self.completion_length), self.pad_id, dtype=torch.long,
                             device=self.compute_device)
         return {"tokens": tokens, "prompt_len": prompt_len, "samples": [], "dummy": True,
-                "scored": torch.zeros_like(tokens, dtype=torch.bool),
+                "scored": torch.zeros_like(tokens, dtype=torch.bool), "reveal_step": torch.zeros_like(tokens),
                 "length": torch.zeros(0, dtype=torch.long, device=tokens.device)}
 
     def _dummy_forward(self, family: DiffusionLM):
