@@ -55,6 +55,12 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
                 unset_hf_deepspeed_config()
                 del ds_config
 
+    def setup_environment(self) -> None:
+        from dlm.parallel.extension_locks import warn_stale_locks
+
+        warn_stale_locks()  # before DeepSpeed builds its CPU ops: a stale lock would hang this start silently
+        super().setup_environment()
+
     def setup(self, trainer) -> None:
         if zero_stage(self) == 3:  # before deepspeed.initialize, which records the module order
             register_moe_leaf_modules(trainer.lightning_module)
