@@ -184,10 +184,15 @@ def load_run(path: str | Path, ckpt: str | Path | None = "last", device: str | t
         adopt_run_model(cfg, load_config, overrides=[])  # a no-op where the CLI recorded the adopted model
         backbone = init_backbone(cfg, datamodule.tokenizer, load_run)
     module = build_module(cfg, datamodule, backbone=backbone)
-    state = load_state_dict(ckpt_file)  # a Lightning file, or a DeepSpeed ZeRO folder (consolidated first)
-    from dlm.models.lora_checkpoint import complete_state
+    if Path(ckpt_file).is_dir():  # a DeepSpeed ZeRO folder, consolidated (it always holds the whole module)
+        state = load_state_dict(ckpt_file)
+    else:  # a Lightning file, read once: a LoRA one may hold the adapters only
+        from dlm.models.lora_checkpoint import restore_base
+        from dlm.safe_load import load_checkpoint
 
-    state = complete_state(module, state, ckpt_file)  # LoRA adapters only: the rebuilt base, checked, filled in
+        saved = load_checkpoint(ckpt_file)
+        restore_base(module, saved, str(ckpt_file))  # the rebuilt base, checked against its fingerprint, filled in
+        state = saved.get("state_dict", saved)
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise RuntimeError(

@@ -31,6 +31,38 @@ FAST = [
 ]
 
 
+def train_recorded(cfg):
+    """train(cfg) with the run's .hydra/config.yaml written first, as the CLI does (load_run, a resume and the
+    end-of-run export rebuild the model from it); returns the run folder."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from dlm.train import train
+
+    run = Path(cfg.paths.run_dir)
+    (run / ".hydra").mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    return train(cfg)
+
+
+def write_tiny_qwen3(folder):
+    """A tiny pretrained Qwen3 (conf/model/qwen3_tiny.yaml's geometry, random weights, seed 0) saved as an HF folder:
+    the base a LoRA run adapts. Returns the folder."""
+    from pathlib import Path
+
+    import torch
+    from omegaconf import OmegaConf
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    geometry = OmegaConf.to_container(
+        OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "model" / "qwen3_tiny.yaml").config)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(geometry.pop("model_type"), **geometry))
+    model.save_pretrained(folder)
+    return folder
+
+
 def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir

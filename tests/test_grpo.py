@@ -496,19 +496,25 @@ def test_ar_policy_trains_with_exact_log_probs(run_cfg):
     assert len(_metrics(run, "rl/reward_mean")) == 2
 
 
-@pytest.mark.slow
-def test_two_rank_zero2_cpu_run_of_a_few_rl_steps(tmp_path):
+def two_rank_rl_run(tmp_path, trainer: str, *overrides: str, timeout: int = 600):
+    """A few GRPO steps on 2 CPU ranks through the CLI (tests/zero_cpu_strategy.py's strategy): (the run folder, the
+    finished process)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
            "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    args = [*RL, "trainer=deepspeed_zero2", "trainer.strategy._target_=zero_cpu_strategy.CPUDeepSpeedStrategy",
+    args = [*RL, f"trainer={trainer}", "trainer.strategy._target_=zero_cpu_strategy.CPUDeepSpeedStrategy",
             "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true", "trainer.max_steps=3",
             "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
             "data.batch_size=8", "data.source.num_train=256", "data.source.num_val=32", "logger=none",
-            f"paths.output_root={tmp_path / 'runs'}", f"paths.cache_dir={tmp_path / 'cache'}", "method.beta=0.05"]
+            f"paths.output_root={tmp_path / 'runs'}", f"paths.cache_dir={tmp_path / 'cache'}", *overrides]
     proc = subprocess.run([sys.executable, "-m", "dlm.train", *args], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    run = Path(proc.stdout.strip().splitlines()[-1].removeprefix("run_dir: "))
+    return Path(proc.stdout.strip().splitlines()[-1].removeprefix("run_dir: ")), proc
+
+
+@pytest.mark.slow
+def test_two_rank_zero2_cpu_run_of_a_few_rl_steps(tmp_path):
+    run, _ = two_rank_rl_run(tmp_path, "deepspeed_zero2", "method.beta=0.05")
     results = json.loads((run / "results.json").read_text())
     assert results["status"] == "completed" and results["global_step"] == 3
     assert len(_metrics(run, "rl/reward_mean")) == 3

@@ -6,14 +6,11 @@ ranks draw prompts of different lengths and stop sampling at different calls (sl
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from test_grpo import RL, _metrics
+from test_grpo import RL, _metrics, two_rank_rl_run
 
 TESTS = Path(__file__).resolve().parent
 
@@ -56,12 +53,13 @@ def test_lora_grpo_trains_only_the_adapters_against_the_adapter_disabled_base(ru
                   "optimizer.lr=1e-2", run_dir=tmp_path / "rl")
     run = train(cfg)
     assert len(_metrics(run, "rl/kl")) == 3
-    state = load_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]
-    assert not any(k.startswith("reference.") for k in state)  # the base is the reference: no copy of the model
+    saved = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert not any(k.startswith("reference.") for k in saved["state_dict"])  # the base is the reference: no copy
     # the checkpoint holds the adapters only (model.lora.checkpoint=adapters): the rebuilt base, checked, fills it
-    from dlm.models.lora_checkpoint import complete_state
+    from dlm.models.lora_checkpoint import restore_base
 
-    state = complete_state(build_module(cfg, instantiate(cfg.data)), state, run / "checkpoints" / "last.ckpt")
+    restore_base(build_module(cfg, instantiate(cfg.data)), saved, "last.ckpt")
+    state = saved["state_dict"]
     kept = _lora_keys(state, "policy.backbone.")
     start_backbone = {k.removeprefix("backbone."): v for k, v in start.items() if k.startswith("backbone.")}
     assert set(kept) == set(start_backbone)
@@ -184,18 +182,8 @@ def test_two_rank_zero3_cpu_run_of_a_few_rl_steps(tmp_path, extra):
         from tiny_checkpoint import tiny_model_overrides, write_tiny_checkpoint
 
         extra = tiny_model_overrides(write_tiny_checkpoint(tmp_path / "pretrained"))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-           "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    args = [*RL, "trainer=deepspeed", "trainer.strategy._target_=zero_cpu_strategy.CPUDeepSpeedStrategy",
-            "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true", "trainer.max_steps=3",
-            "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
-            "data.batch_size=8", "data.source.num_train=256", "data.source.num_val=32", "logger=none",
-            "prompts.conditional=true", "method.num_iterations=2", "method.beta=0.05", "sampler.steps=8",
-            f"paths.output_root={tmp_path / 'runs'}", f"paths.cache_dir={tmp_path / 'cache'}", *extra]
-    proc = subprocess.run([sys.executable, "-m", "dlm.train", *args], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    run = Path(proc.stdout.strip().splitlines()[-1].removeprefix("run_dir: "))
+    run, proc = two_rank_rl_run(tmp_path, "deepspeed", "prompts.conditional=true", "method.num_iterations=2",
+                                "method.beta=0.05", "sampler.steps=8", *extra, timeout=900)
     results = json.loads((run / "results.json").read_text())
     assert results["status"] == "completed" and results["global_step"] == 3
     assert len(_metrics(run, "rl/reward_mean")) == 3 and len(_metrics(run, "rl/kl")) == 3

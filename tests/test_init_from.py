@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_CLI, run_dir_of
-from omegaconf import OmegaConf
+from conftest import TINY_CLI, run_dir_of, train_recorded
 
 from dlm.init_from import InitFromError
 from dlm.run import load_run
@@ -18,18 +17,10 @@ from dlm.safe_load import load_checkpoint
 from dlm.train import train
 
 
-def _train_recorded(cfg) -> Path:
-    """train(cfg) with .hydra/config.yaml written first, as the CLI does (load_run reads it)."""
-    run = Path(cfg.paths.run_dir)
-    (run / ".hydra").mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
-    return train(cfg)
-
-
 @pytest.fixture
 def base(run_cfg, tmp_path):
     """A trained mdlm run on a 1-layer tiny model (not the composed default: 2 layers)."""
-    return _train_recorded(run_cfg("model.n_layers=1", "trainer.max_steps=3", "optimizer.lr=0.01",
+    return train_recorded(run_cfg("model.n_layers=1", "trainer.max_steps=3", "optimizer.lr=0.01",
                                    run_dir=tmp_path / "base"))
 
 
@@ -41,7 +32,7 @@ def test_a_new_run_starts_at_the_runs_weights_with_its_model_config_at_step_0(ba
     """lr 0: the new run's weights after its steps are its initial weights, which must be the base run's; its global
     step counts from 0 and its recorded model is the run's (1 layer), though the command composed 2."""
     want = _backbone_state(base)
-    new = _train_recorded(run_cfg(f"init_from={base}", "method=bd3lm", "optimizer.lr=0", "trainer.max_steps=2",
+    new = train_recorded(run_cfg(f"init_from={base}", "method=bd3lm", "optimizer.lr=0", "trainer.max_steps=2",
                                   "trainer.val_check_interval=2", run_dir=tmp_path / "new"))
     ckpt = load_checkpoint(new / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 2  # a fresh run: not 3 + 2
@@ -74,7 +65,7 @@ def test_a_command_that_chooses_another_geometry_or_tokenizer_is_refused(base, r
 
 def test_lora_on_top_trains_the_adapters_and_keeps_the_runs_weights_bit_identical(base, run_cfg, tmp_path):
     want = _backbone_state(base)
-    new = _train_recorded(run_cfg(f"init_from={base}", "model.lora.r=4", "optimizer.lr=0.05", "trainer.max_steps=3",
+    new = train_recorded(run_cfg(f"init_from={base}", "model.lora.r=4", "optimizer.lr=0.05", "trainer.max_steps=3",
                                   run_dir=tmp_path / "lora"))
     backbone = load_run(new, setup_data=False, use_ema=False).module.backbone
     state = backbone.state_dict()

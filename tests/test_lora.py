@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_CLI
+from conftest import TINY_CLI, train_recorded
 
 from dlm.models.lora import LoraError, instantiate_backbone, merge_adapters, merged_state
 from dlm.safe_load import load_checkpoint
@@ -104,7 +104,7 @@ def test_a_run_adapting_the_experts_exports_a_merged_model_with_its_logits(run_c
     from dlm.models.hf import HFCausalLM
     from dlm.run import load_run
 
-    run = _train_recorded(run_cfg(*EXPERTS, "trainer.max_steps=2", "trainer.val_check_interval=2", "optimizer.lr=0.01"))
+    run = train_recorded(run_cfg(*EXPERTS, "trainer.max_steps=2", "trainer.val_check_interval=2", "optimizer.lr=0.01"))
     ckpt = load_checkpoint(run / "checkpoints" / "last.ckpt")
     assert any(".experts.lora_B." in k for k in ckpt["state_dict"])  # adapter-only: the experts' adapters saved
     adapted = load_run(run, setup_data=False).module.backbone  # the base rebuilt from the run's seed, checked
@@ -139,28 +139,9 @@ def test_merging_keeps_the_adapted_models_logits_native():
 # ---- training runs on a pretrained base --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory) -> Path:
-    """A tiny pretrained Qwen3 (qwen3_tiny's geometry, random weights) saved as an HF folder: the base a LoRA run
-    adapts."""
-    from omegaconf import OmegaConf
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from conftest import write_tiny_qwen3
 
-    geometry = OmegaConf.to_container(OmegaConf.load(TESTS.parent / "conf" / "model" / "qwen3_tiny.yaml").config)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(geometry.pop("model_type"), **geometry))
-    path = tmp_path_factory.mktemp("lora") / "base"
-    model.save_pretrained(path)
-    return path
-
-
-def _train_recorded(cfg) -> Path:
-    """train(cfg) with the run's .hydra/config.yaml written first, as the CLI does (the end-of-run export and
-    load_run rebuild the model from it)."""
-    from omegaconf import OmegaConf
-
-    run = Path(cfg.paths.run_dir)
-    (run / ".hydra").mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
-    return train(cfg)
+    return write_tiny_qwen3(tmp_path_factory.mktemp("lora") / "base")
 
 
 def _hf_state(path: Path) -> dict[str, torch.Tensor]:
@@ -180,7 +161,7 @@ def lora_run(pretrained, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lora_run")
     cfg = compose(FAST + [f"paths.run_dir={tmp / 'run'}", f"paths.cache_dir={tmp / 'cache'}", "name=test",
                           *LORA_RUN, f"model.pretrained={pretrained}"])
-    return _train_recorded(cfg)
+    return train_recorded(cfg)
 
 
 def test_only_adapters_train_and_the_frozen_base_is_bit_identical(lora_run, pretrained):
@@ -251,7 +232,7 @@ def test_the_adapter_folder_loads_with_peft_onto_the_base(lora_run, pretrained, 
 
 
 def test_the_run_exports_the_adapter_folder_on_request(pretrained, run_cfg, tmp_path):
-    run = _train_recorded(run_cfg(*LORA_RUN, f"model.pretrained={pretrained}", "model.lora.export=adapter",
+    run = train_recorded(run_cfg(*LORA_RUN, f"model.pretrained={pretrained}", "model.lora.export=adapter",
                                   "trainer.max_steps=2", "trainer.val_check_interval=2"))
     assert {p.name for p in (run / "hf").iterdir()} == {"adapter_config.json", "adapter_model.safetensors",
                                                         "dlm_export.json"}
@@ -446,7 +427,7 @@ def save_run(pretrained, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("save_run")
     cfg = compose(FAST + [f"paths.run_dir={tmp / 'run'}", f"paths.cache_dir={tmp / 'cache'}", "name=test",
                           *SAVE_RUN, f"model.pretrained={pretrained}"])
-    return _train_recorded(cfg)
+    return train_recorded(cfg)
 
 
 def test_saved_modules_are_in_the_adapter_only_checkpoint_and_out_of_the_fingerprint(save_run, pretrained):

@@ -9,37 +9,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import train_recorded
 
 from dlm.models.lora_checkpoint import KEY, BaseMismatchError, fingerprint
 from dlm.safe_load import load_checkpoint
 from dlm.train import train
 
-TESTS = Path(__file__).resolve().parent
 COMMON = ["model.lora.r=4", "trainer.max_steps=2", "trainer.val_check_interval=2", "lr_scheduler=constant"]
-
-
-def _recorded(cfg) -> Path:
-    """train(cfg) with .hydra/config.yaml written first, as the CLI does (load_run rebuilds the model from it)."""
-    from omegaconf import OmegaConf
-
-    run = Path(cfg.paths.run_dir)
-    (run / ".hydra").mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
-    return train(cfg)
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory) -> Path:
     """A tiny pretrained Qwen3 (qwen3_tiny's geometry, random weights) as an HF folder."""
-    from omegaconf import OmegaConf
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from conftest import write_tiny_qwen3
 
-    geometry = OmegaConf.to_container(OmegaConf.load(TESTS.parent / "conf" / "model" / "qwen3_tiny.yaml").config)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(geometry.pop("model_type"), **geometry))
-    path = tmp_path_factory.mktemp("lora_ckpt") / "base"
-    model.save_pretrained(path)
-    return path
+    return write_tiny_qwen3(tmp_path_factory.mktemp("lora_ckpt") / "base")
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +37,7 @@ def runs(pretrained, tmp_path_factory) -> dict[str, Path]:
         cfg = compose(FAST + [f"paths.run_dir={tmp / mode}", f"paths.cache_dir={tmp / 'cache'}", "name=test",
                               "model=qwen3_tiny", "model.config=null", f"model.pretrained={pretrained}",
                               *COMMON, f"model.lora.checkpoint={mode}"])
-        out[mode] = _recorded(cfg)
+        out[mode] = train_recorded(cfg)
     return out
 
 
@@ -123,7 +107,7 @@ def test_a_base_from_init_is_rebuilt_from_the_seed_and_another_seed_is_refused(r
     under another seed would adapt another base."""
     from dlm.run import load_run
 
-    run = _recorded(run_cfg(*COMMON, run_dir=tmp_path / "a"))
+    run = train_recorded(run_cfg(*COMMON, run_dir=tmp_path / "a"))
     ckpt = load_checkpoint(run / "checkpoints" / "last.ckpt")
     assert KEY in ckpt and all(".lora_" in k for k in ckpt["state_dict"])
     module = load_run(run, setup_data=False).module

@@ -140,24 +140,6 @@ def restore_base(module: nn.Module, checkpoint: dict, source: str) -> None:
         state[key] = base[key]
 
 
-def complete_state(module: nn.Module, state: dict[str, Tensor], checkpoint_file) -> dict[str, Tensor]:
-    """``state`` (a checkpoint's ``state_dict``) with the frozen base filled in from ``module`` when the checkpoint
-    file is adapter-only (checked first); as it is otherwise."""
-    from pathlib import Path
-
-    path = Path(checkpoint_file)
-    if path.is_dir():  # a DeepSpeed folder: always full
-        return state
-    from dlm.safe_load import load_checkpoint
-
-    saved = load_checkpoint(path, mmap=True)
-    if not isinstance(saved, dict) or KEY not in saved:
-        return state
-    checkpoint = {"state_dict": dict(state), KEY: saved[KEY]}
-    restore_base(module, checkpoint, str(path))
-    return checkpoint["state_dict"]
-
-
 def is_adapter_only(checkpoint_file) -> bool:
     """Whether a checkpoint file was saved adapter-only (it holds no frozen base)."""
     from pathlib import Path
