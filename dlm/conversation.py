@@ -30,7 +30,7 @@ from torch import Tensor
 
 from dlm.data.chat import ChatError, chat_ids, check_messages
 from dlm.errors import UserError
-from dlm.stop_tokens import cut_at_stop
+from dlm.sampling.base import cut_at_eos
 
 __all__ = ["ChatModel", "ConversationTooLong", "Reply", "chat_model_of", "chat_sampler", "fit_history", "generate_reply",
            "load_chat_model", "parse_messages", "render_partial", "reply_stops"]
@@ -146,7 +146,7 @@ def render_partial(tokenizer, ids: list[int], mask_id: int, eos_id: int | Sequen
     """Text of a partly denoised reply: masked positions as ``placeholder``, runs of known tokens decoded together
     (subword tokenizers join pieces within a run), everything from the first stop token on cut (``eos_id``: the
     EOS id, or every stop id)."""
-    ids = cut_at_stop(list(ids), [eos_id] if isinstance(eos_id, int) else eos_id)
+    ids = cut_at_eos(ids, eos_id)
     out, run = [], []
     for i in ids:
         if i == mask_id:
@@ -206,6 +206,6 @@ def generate_reply(model: ChatModel, messages: list[dict[str, str]], sampler, ma
             sampler.on_step = None
     seconds = time.perf_counter() - started - observed[0]
     tail = gen.tokens[0, P:].tolist()
-    reply_ids = cut_at_stop(tail, stops)
+    reply_ids = cut_at_eos(tail, stops)
     return Reply(tok.decode(reply_ids), reply_ids, int(gen.num_network_calls), seconds, int(max_new_tokens),
                  len(reply_ids) < len(tail))

@@ -65,7 +65,6 @@ from dlm.errors import EXIT_USER_ERROR, UserError, user_errors
 from dlm.run import NotARunError
 from dlm.run_folder import RunFolder
 from dlm.sampling.base import cut_at_eos
-from dlm.stop_tokens import cut_at_stop
 
 # Imports inside functions: the run or HF folder decides what is needed (the AR family, transformers), so
 # `--help` and a bad override answer before torch models and transformers load.
@@ -326,7 +325,7 @@ def prompt_request(cfg: DictConfig, source: GenerationSource, sampler, n: int, i
                        torch.full((n, length), mask_id, dtype=torch.long)], dim=1)
 
     def decode(gen) -> list[str]:
-        return [prompt_text + tok.decode(cut_at_stop(row[P:].tolist(), stops or (eos,))) for row in gen.tokens.cpu()]
+        return [prompt_text + tok.decode(cut_at_eos(row[P:].tolist(), stops or (eos,))) for row in gen.tokens.cpu()]
 
     return Request(lambda generator: module.generate(prompt, length, sampler=sampler, num_samples=n,
                                                      generator=generator), decode, start, n * length)

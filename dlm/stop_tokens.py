@@ -49,15 +49,6 @@ def _token_id(tokenizer, token: str) -> int | None:
     return int(ids[0]) if len(ids) == 1 else None
 
 
-def cut_at_stop(ids: Sequence[int], stops: Iterable[int]) -> list[int]:
-    """``ids`` before the first of ``stops`` (all of them when none occurs)."""
-    stops = set(int(s) for s in stops)
-    for i, token in enumerate(ids):
-        if int(token) in stops:
-            return list(ids[:i])
-    return list(ids)
-
-
 def is_stop(tokens: Tensor, stops: Sequence[int]) -> Tensor:
     """A bool tensor: where ``tokens`` is one of ``stops``."""
     if len(stops) == 1:

@@ -13,8 +13,8 @@ import torch
 from tiny_checkpoint import MASK, MASK_ID, write_tiny_checkpoint
 
 from dlm.models.capabilities import ModelConventions
-from dlm.sampling.base import Generation
-from dlm.stop_tokens import StopTokenError, cut_at_stop, stop_ids
+from dlm.sampling.base import Generation, cut_at_eos
+from dlm.stop_tokens import StopTokenError, stop_ids
 
 EOT = "<|eot|>"
 EOT_ID = MASK_ID  # added after the vocabulary, before the mask token that dlm's HFTokenizer adds
@@ -72,7 +72,7 @@ def test_stop_tokens_resolve_with_the_tokenizer_and_a_missing_one_is_refused(fol
         stop_ids(tok, ["<|im_end|>"])
     assert ModelConventions.from_config({"stop_tokens": [EOT]}).stop_tokens == (EOT,)
     assert ModelConventions.from_config({"stop_tokens": EOT}).stop_tokens == (EOT,)
-    assert cut_at_stop([5, 6, 48, 7, 1], (1, 48)) == [5, 6] and cut_at_stop([5, 6], (1,)) == [5, 6]
+    assert cut_at_eos([5, 6, 48, 7, 1], (1, 48)) == [5, 6] and cut_at_eos([5, 6], (1,)) == [5, 6]
 
 
 def test_the_instruct_model_configs_name_their_end_of_turn_tokens():

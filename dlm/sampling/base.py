@@ -11,7 +11,7 @@ One interface: ``sampler.sample(denoiser, x, prior=..., generator=...)``. The *d
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -93,9 +93,14 @@ class Generation:
     trajectory: list[Tensor] | None = None
 
 
-def cut_at_eos(ids: list[int], eos_id: int) -> list[int]:
-    """A generated document ends at its first EOS."""
-    return ids[: ids.index(eos_id)] if eos_id in ids else ids
+def cut_at_eos(ids: Sequence[int], eos_id: int | Iterable[int]) -> list[int]:
+    """A generated document ends before its first EOS; ``eos_id`` may be several ids (a family's ``stop_ids``: EOS
+    and an instruct model's end-of-turn tokens, dlm/stop_tokens.py), and it then ends before the first of them."""
+    ids = list(ids)
+    if isinstance(eos_id, int):
+        return ids[: ids.index(eos_id)] if eos_id in ids else ids
+    stops = {int(s) for s in eos_id}
+    return next((ids[:i] for i, token in enumerate(ids) if int(token) in stops), ids)
 
 
 def filter_logits(
