@@ -19,8 +19,9 @@ sampler for the rollouts and the end-of-fit samples. Validation reports the poli
 run's data, so drift from the pretrained distribution is visible beside the rewards.
 
 The actions a rollout is scored on are the tokens its sampler drew: every completion position for a family that
-samples the whole canvas (MDLM), up to and including the first EOS where the family sets the rest to EOS
-(``eos_fills_tail``: AR, BD3-LM; TRL's completion mask).
+samples the whole canvas (MDLM), up to and including the first stop token where the family sets the rest to EOS
+(``eos_fills_tail``: AR, BD3-LM; TRL's completion mask). A stop token is EOS or an instruct policy's end-of-turn
+token (``stop_ids``, dlm/stop_tokens.py): the completion the reward reads ends before it.
 
 Exact resume: the rollout generator's state, the prompt rows consumed, and the batch of generations still in use
 (tokens, advantages, old and reference log-probabilities, the reveal orders PathLogProb reads) are saved in every
@@ -48,7 +49,7 @@ import copy
 import json
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,7 @@ from dlm.rl.objective import (
 )
 from dlm.sampling import Generation, Sampler
 from dlm.sampling.base import cut_at_eos
+from dlm.stop_tokens import is_stop
 
 ROLLOUT = "rollout"  # the samples.jsonl kind of RL generations
 
@@ -373,18 +375,19 @@ class GRPO(DiffusionLM):
                     gen = self.generate(prompt if P else None, C, num_samples=len(members) * G, generator=self._gen)
                 tokens = gen.tokens.to(dev)
                 samples = [i * G + g for i in members for g in range(G)]
-                upto_eos = _completion_mask(tokens, P, self.eos_id)
-                # the actions: every generated token, except those a family sets to EOS after the first (AR, BD3-LM)
-                scored = upto_eos if self.eos_fills_tail else _completion_mask(tokens, P, None)
+                # a completion ends at its first stop token: EOS, or an instruct policy's end-of-turn token
+                upto_stop = _completion_mask(tokens, P, self.stop_ids)
+                # the actions: every generated token, except those a family sets to EOS after the first stop (AR, BD3-LM)
+                scored = upto_stop if self.eos_fills_tail else _completion_mask(tokens, P, None)
                 buckets.append({"tokens": tokens, "prompt_len": P, "samples": samples, "scored": scored,
-                                "length": upto_eos.sum(1)})
+                                "length": upto_stop.sum(1)})
                 if canvases is not None:  # the step that revealed each position: the canvases it was masked in
                     step = sum((c.to(dev) == self.mask_id).long() for c in canvases) if canvases else \
                         torch.zeros_like(tokens)
                     step[:, :P] = -1
                     buckets[-1]["reveal_step"] = step
                 for row, s in zip(tokens[:, P:].tolist(), samples):
-                    completions[s] = self.tokenizer.decode(cut_at_eos(row, self.eos_id))
+                    completions[s] = self.tokenizer.decode(cut_at_eos(row, self.stop_ids))
         gen_time = time.perf_counter() - started
         prompts = [str(rows[s // G].get("prompt", "")) for s in range(len(completions))]
         columns = {k: [rows[s // G].get(k) for s in range(len(completions))]
@@ -505,15 +508,15 @@ def _all_lengths(lengths: list[int]) -> list[int]:
     return sorted({P for rank_lengths in gathered for P in rank_lengths})
 
 
-def _completion_mask(tokens: Tensor, prompt_len: int, eos_id: int | None) -> Tensor:
-    """The completion positions up to and including the first EOS (TRL's completion mask); all of them when
-    ``eos_id`` is None."""
+def _completion_mask(tokens: Tensor, prompt_len: int, stops: Sequence[int] | None) -> Tensor:
+    """The completion positions up to and including the first stop token (EOS or an end-of-turn token of
+    ``stops``: TRL's completion mask); all of them when ``stops`` is None."""
     mask = torch.zeros_like(tokens, dtype=torch.bool)
-    if eos_id is None:
+    if stops is None:
         mask[:, prompt_len:] = True
         return mask
-    completion = tokens[:, prompt_len:]
-    eos_before = (completion == eos_id).long().cumsum(1) - (completion == eos_id).long()
+    stop = is_stop(tokens[:, prompt_len:], stops).long()
+    eos_before = stop.cumsum(1) - stop
     mask[:, prompt_len:] = eos_before == 0
     return mask
 
