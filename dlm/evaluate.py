@@ -10,6 +10,10 @@ composed from conf/sampler), scored by the data's task, unigram entropy of the s
 tokens/s, the sampler settings beside the numbers, and optionally the generative perplexity of the samples
 under a scorer (an HF causal LM by name or path, or a dlm run).
 
+Task accuracy: `reward=<conf/reward option>` (and `prompts=`; a GRPO run's own where not given) completes every
+prompt row at each of `reward_eval.lengths` and scores it (dlm/reward_eval.py, d1's zero-shot protocol):
+`eval/reward/<component>@<length>`, the completions in <run>/eval_rewards.jsonl.
+
 Results are merged into <run>/results.json under `eval/...`, appended to <run>/eval.jsonl, written to the
 wandb run's summary, and the last stdout line is `results: <path>`.
 
@@ -24,6 +28,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -297,6 +302,54 @@ def generation(run: LoadedRun, sampler, samples: DictConfig, seed: int,
         module.sampler = previous
 
 
+# ---- task accuracy ------------------------------------------------------------------------------------------
+def reward_task(cfg: DictConfig, run: LoadedRun):
+    """(reward, prompt source) when the request gives reward= or prompts= (the other from a GRPO run's own config
+    where the request does not give it); None when it gives neither."""
+    from dlm.config import build
+    from dlm.rewards.base import as_reward_set
+
+    if cfg.get("reward") is None and cfg.get("prompts") is None:
+        return None
+    reward_node = cfg.get("reward") if cfg.get("reward") is not None else run.cfg.get("reward")
+    prompts_node = cfg.get("prompts") if cfg.get("prompts") is not None else run.cfg.get("prompts")
+    for group, node in (("reward", reward_node), ("prompts", prompts_node)):
+        if node is None:
+            raise ConfigError([f"task accuracy needs {group}=<conf/{group} option> (the run has none of its own)"])
+    return as_reward_set(build(reward_node, "reward")), build(prompts_node, "prompts")
+
+
+def task_accuracy(cfg: DictConfig, run: LoadedRun, reward, prompts, sampler_cfg: dict, sampler,
+                  progress: bool) -> dict[str, Any]:
+    from itertools import islice
+
+    from dlm.reward_eval import reward_evaluation
+
+    opts = cfg.reward_eval
+    rows = list(islice(prompts.rows(str(opts.split)), opts.num_prompts))
+    if not rows:
+        raise ConfigError([f"prompts= has no rows in split {opts.split!r}: nothing to evaluate"])
+    lengths = [int(v) for v in opts.lengths]
+    per_token = opts.get("steps_per_token")
+
+    def sampler_for_length(length: int):
+        if per_token is None:
+            return sampler
+        if not sampler_cfg:
+            raise ConfigError([f"reward_eval.steps_per_token needs a sampler config (sampler=<conf/sampler option>); "
+                               f"the run's sampler {type(sampler).__name__} has none"])
+        return build_sampler(sampler_cfg, max(1, round(per_token * length)))
+
+    with Bar(len(rows) * len(lengths), "task accuracy", enabled=progress) as bar:
+        metrics, records = reward_evaluation(run.module, rows, reward, lengths, sampler_for_length=sampler_for_length,
+                                             chat=opts.get("chat_prompts"), batch_size=int(opts.batch_size),
+                                             seed=int(cfg.seed), progress=bar.advance)
+    with open(run.run_dir / "eval_rewards.jsonl", "w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    return metrics
+
+
 # ---- writing ------------------------------------------------------------------------------------------------
 def merge_results(path: Path, metrics: dict[str, Any]) -> dict[str, Any]:
     """Replace the `eval/` keys of results.json (a previous evaluation's) by these, keep the rest."""
@@ -356,6 +409,11 @@ def check_request(cfg: DictConfig) -> None:
         checks.integer(cfg, "samples.num_prompted", 0),
         checks.integer(cfg, "samples.num_infill", 0),
         checks.integer(cfg, "samples.length", 1, nullable=True, null_means=": the data's seq_len"),
+        checks.number(cfg, "reward_eval.steps_per_token", 0, low_open=True, nullable=True),
+        checks.integer(cfg, "reward_eval.num_prompts", 1, nullable=True, null_means=": every row of the split"),
+        checks.integer(cfg, "reward_eval.batch_size", 1),
+        checks.boolean(cfg, "reward_eval.chat_prompts", nullable=True),
+        lengths_problem(cfg),
         checks.boolean(cfg, "likelihood"),
         checks.boolean(cfg, "use_ema"),
         checks.choice(cfg, "wandb", ("auto", "off")),
@@ -365,6 +423,14 @@ def check_request(cfg: DictConfig) -> None:
         problems += [p for p in [scorer_problem(str(cfg.scorer))] if p]
     if problems:
         raise ConfigError(problems)
+
+
+def lengths_problem(cfg: DictConfig) -> str | None:
+    lengths = OmegaConf.select(cfg, "reward_eval.lengths")
+    if lengths is None or (isinstance(lengths, Sequence) and not isinstance(lengths, str) and lengths
+                           and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in lengths)):
+        return None
+    return f"reward_eval.lengths={lengths!r} must be a non-empty list of positive integers (e.g. [128,256,512])"
 
 
 def load_evaluated(cfg: DictConfig) -> LoadedRun:
@@ -411,6 +477,9 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], Path]:
     if scorer is not None:
         texts = [r["text"] for r in rows if r["kind"] == "unconditional"]
         out.update(generative_perplexity(texts, scorer))
+    task = reward_task(cfg, run)
+    if task is not None:
+        out.update(task_accuracy(cfg, run, *task, sampler_cfg, sampler, progress))
     out["time_s"] = round(time.perf_counter() - started, 2)
 
     metrics = {PREFIX + k: v for k, v in out.items()}
@@ -444,6 +513,13 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
         lines.append("samples: " + ", ".join(f"{k}={v:.4g}" for k, v in samples.items()))
     if metrics.get(PREFIX + "gen_ppl") is not None:
         lines.append(f"gen PPL {metrics[PREFIX + 'gen_ppl']:.3f} under {metrics[PREFIX + 'gen_ppl_scorer']}")
+    accuracy = {}
+    for key, value in metrics.items():
+        name = key.removeprefix(PREFIX + "reward/")
+        if name != key and "@" in name and not name.split("@")[0].endswith(("_stderr", "network_calls", "seconds")):
+            accuracy[name] = value
+    if accuracy:
+        lines.append("task reward (mean per length): " + ", ".join(f"{k}={v:.4g}" for k, v in accuracy.items()))
     settings = {k.removeprefix(PREFIX + "sampler/"): v for k, v in metrics.items() if k.startswith(PREFIX + "sampler/")}
     lines.append(f"sampler {metrics.get(PREFIX + 'sampler')}: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     return lines

@@ -171,3 +171,44 @@ def test_cli_prints_the_results_path_last(run_dir):
     bad = subprocess.run([sys.executable, "-m", "dlm.evaluate", f"run={run_dir.parent}"], cwd=run_dir, env=env,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "not a run folder" in bad.stderr
+
+
+# ---- task accuracy (dlm/reward_eval.py) -------------------------------------------------------------------------
+def test_task_accuracy_scores_every_prompt_at_every_length(run_dir):
+    from dlm.data.arithmetic import ArithmeticTask
+
+    cfg = compose_eval(f"run={run_dir}", "likelihood=false", "samples.num_unconditional=0", "samples.num_prompted=0",
+                       "samples.num_infill=0", "wandb=off", "prompts=arithmetic", "prompts.num_val=6",
+                       "reward=arithmetic", "reward_eval.lengths=[4,8]", "reward_eval.batch_size=4",
+                       "sampler=low_confidence", "reward_eval.steps_per_token=0.5")
+    task = ArithmeticTask(n_digits=2, num_train=1, num_val=1)
+    metrics, _ = evaluate(cfg)
+    records = [json.loads(line) for line in (run_dir / "eval_rewards.jsonl").read_text().splitlines()]
+    assert len(records) == 12 and {r["length"] for r in records} == {4, 8}
+    for length in (4, 8):
+        mine = [r for r in records if r["length"] == length]
+        # every record is rescored by the task's own parser: the reported mean is these completions' accuracy
+        correct = []
+        for r in mine:
+            parsed = task.parse(r["prompt"] + r["completion"])
+            correct.append(float(parsed is not None and parsed[0] + parsed[1] == parsed[2]))
+        assert [r["rewards"]["arithmetic_correct"] for r in mine] == correct
+        assert metrics[f"eval/reward/arithmetic_correct@{length}"] == pytest.approx(sum(correct) / 6)
+        assert all(len(r["completion"]) <= length for r in mine)  # a character tokenizer: cut at EOS, never longer
+        # steps_per_token=0.5: length / 2 steps, so at most that many calls per batch (6 prompts of one length: 2)
+        assert 0 < metrics[f"eval/reward/network_calls@{length}"] <= 2 * length // 2
+    assert metrics["eval/reward/num_prompts"] == 6
+    # the same seed: the same completions
+    evaluate(cfg)
+    again = [json.loads(line) for line in (run_dir / "eval_rewards.jsonl").read_text().splitlines()]
+    assert again == records
+
+
+def test_task_accuracy_refuses_bad_lengths_and_a_missing_reward(run_dir):
+    from dlm.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"reward_eval.lengths=.*positive integers"):
+        evaluate(compose_eval(f"run={run_dir}", "reward=arithmetic", "reward_eval.lengths=[0]", "wandb=off"))
+    with pytest.raises(ConfigError, match=r"task accuracy needs reward="):
+        evaluate(compose_eval(f"run={run_dir}", "likelihood=false", "samples.num_unconditional=0",
+                              "samples.num_prompted=0", "samples.num_infill=0", "prompts=arithmetic", "wandb=off"))
