@@ -479,6 +479,32 @@ def test_the_reference_stays_frozen_bit_for_bit_and_init_from_loads_the_run(run_
     assert all(torch.equal(state[f"policy.{n}"], state[n]) for n in start)  # backbone is the policy's, one tensor
 
 
+def test_reference_sync_mixes_the_policy_in_every_n_steps(run_cfg, tmp_path):
+    """TRL's sync_ref_model: after steps 2 and 4 (every 2) reference <- 0.5 policy + 0.5 reference; a direct call of
+    sync_reference checks the arithmetic on the final state."""
+    from dlm.build import build_datamodule, build_module
+    from dlm.safe_load import load_checkpoint
+    from dlm.train import train
+
+    common = [*RL, "method.beta=0.05", "callbacks.last_checkpoint.every_n_train_steps=1"]
+    synced = train(run_cfg(*common, "trainer.max_steps=3", "method.ref_sync_every=2", "method.ref_mixup_alpha=0.5",
+                           run_dir=tmp_path / "a"))
+    plain = train(run_cfg(*common, "trainer.max_steps=3", run_dir=tmp_path / "b"))
+    a, b = (load_checkpoint(r / "checkpoints" / "last.ckpt")["state_dict"] for r in (synced, plain))
+    refs = [k for k in a if k.startswith("reference.")]
+    assert refs
+    # the same run up to step 2 (the sync happens after it), so after it the synced reference left the start
+    assert any(not torch.equal(a[k], b[k]) for k in refs)
+    cfg = run_cfg(*common, "method.ref_sync_every=2", "method.ref_mixup_alpha=0.25")
+    module = build_module(cfg, build_datamodule(cfg))
+    for p in module.policy.parameters():
+        p.data.add_(1.0)
+    before = {n: p.detach().clone() for n, p in module.reference.named_parameters()}
+    module.sync_reference()
+    for (name, ref), pol in zip(module.reference.named_parameters(), module.policy.parameters()):
+        torch.testing.assert_close(ref, 0.75 * before[name] + 0.25 * pol)
+
+
 def test_refusals_name_the_field(run_cfg):
     from hydra.utils import instantiate
 
@@ -497,6 +523,15 @@ def test_refusals_name_the_field(run_cfg):
         build_module(cfg, instantiate(cfg.data))
     cfg = run_cfg(*RL, "method.init_from=/nonexistent/run")
     with pytest.raises(ConfigError, match="init_from=/nonexistent/run"):
+        build_module(cfg, instantiate(cfg.data))
+    cfg = run_cfg(*RL, "method.ref_sync_every=0")
+    with pytest.raises(ConfigError, match="ref_sync_every=0 must be a positive number"):
+        build_module(cfg, instantiate(cfg.data))
+    cfg = run_cfg(*RL, "method.ref_sync_every=4", "method.ref_mixup_alpha=1.5")
+    with pytest.raises(ConfigError, match=r"ref_mixup_alpha=1.5 must be in \(0, 1\]"):
+        build_module(cfg, instantiate(cfg.data))
+    cfg = run_cfg(*RL, "method.ref_sync_every=4", "model.lora.r=2")
+    with pytest.raises(ConfigError, match="ref_sync_every with model.lora"):
         build_module(cfg, instantiate(cfg.data))
 
 

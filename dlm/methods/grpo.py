@@ -113,6 +113,8 @@ class GRPO(DiffusionLM):
         log_rollouts_every: int = 1,
         sampler: Sampler | None = None,
         chat_prompts: bool | None = None,
+        ref_sync_every: int | None = None,
+        ref_mixup_alpha: float = 0.6,
         **base_kwargs,
     ):
         _check_settings(num_generations, prompts_per_step, completion_length, num_iterations, epsilon_low,
@@ -154,6 +156,9 @@ class GRPO(DiffusionLM):
         self.reference = None  # a frozen copy of the start; None with fresh adapters (the base is the reference)
         # modules_to_save train in full: the base with the adapters off is no longer the start, so a copy is kept
         base_is_reference = fresh_adapters and not adapter_spec(backbone).modules_to_save
+        if ref_sync_every is not None:
+            _check_sync(ref_sync_every, ref_mixup_alpha, base_is_reference, self.tracks_reference)
+        self.ref_sync_every, self.ref_mixup_alpha = ref_sync_every, float(ref_mixup_alpha)
         if self.tracks_reference and not base_is_reference:
             self.reference = copy.deepcopy(family).requires_grad_(False).eval()
             # Lightning warns of modules in eval mode at the start of fit: the frozen reference is one on purpose
@@ -229,6 +234,11 @@ class GRPO(DiffusionLM):
         state, self._restored = self._restored or {}, None
         # ZeRO-3 on several ranks: every forward gathers parameters collectively (dlm.parallel.lockstep)
         self._lockstep = gathers_parameters(self.trainer.strategy)
+        from dlm.parallel.deepspeed import zero_stage  # lazily: Lightning's strategies are a slow import
+
+        if self.ref_sync_every is not None and zero_stage(self.trainer.strategy) == 3:
+            raise UserError("method.ref_sync_every is not supported under DeepSpeed ZeRO-3 (the reference's parameters "
+                            "are partitioned); use ZeRO-2 (trainer=deepspeed_zero2) or method.ref_sync_every=null")
         self._gen = torch.Generator(device=self.compute_device)
         if "rollout_rng" in state:
             self._gen.set_state(state["rollout_rng"].cpu())
@@ -314,6 +324,16 @@ class GRPO(DiffusionLM):
             elapsed = time.perf_counter() - self._train_started
             self._log("rl/train_tokens_per_s", self._train_tokens / max(elapsed, 1e-9))
         self._train_started = None
+        if self.ref_sync_every is not None and self.global_step % self.ref_sync_every == 0:
+            self.sync_reference()
+
+    @torch.no_grad()
+    def sync_reference(self) -> None:
+        """TRL's reference sync (``sync_ref_model``, TR-DPO, Gorbatovski et al. 2024): reference <- alpha * policy +
+        (1 - alpha) * reference, parameter by parameter (the reference is a copy of the policy: the same structure)."""
+        alpha = self.ref_mixup_alpha
+        for ref, pol in zip(self.reference.parameters(), self.policy.parameters(), strict=True):
+            ref.mul_(1.0 - alpha).add_(pol.detach().to(ref.dtype), alpha=alpha)
 
     def _log(self, name: str, value) -> None:
         self.log(name, float(value), on_step=True, on_epoch=False, batch_size=1,
@@ -574,6 +594,20 @@ def _policy_from_config(policy, backbone, tokenizer, schedule, sampler) -> Diffu
     if sampler is not None:  # sampler=<option> over the node's own
         kwargs["sampler"] = sampler
     return policy(backbone=backbone, tokenizer=tokenizer, **kwargs)
+
+
+def _check_sync(every, alpha, base_is_reference: bool, tracks_reference: bool) -> None:
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"method.ref_sync_every={every!r} must be a positive number of optimizer steps (TRL's "
+                        f"ref_model_sync_steps, e.g. 512) or null (the reference stays the start)")
+    if not 0.0 < float(alpha) <= 1.0:
+        raise ValueError(f"method.ref_mixup_alpha={alpha!r} must be in (0, 1] (TRL's ref_model_mixup_alpha, 0.6)")
+    if base_is_reference:
+        raise ValueError("method.ref_sync_every with model.lora: the reference is the adapter-free base, which cannot "
+                        "move towards the policy (TRL refuses sync_ref_model with PEFT too); drop one of them")
+    if not tracks_reference:
+        raise ValueError("method.ref_sync_every needs a reference: method.track_kl=false with beta 0 and "
+                        "kl_reward_coef 0 keeps none")
 
 
 def _check_settings(G, prompts, C, mu, eps_low, eps_high, beta, normalisation, every, kl_reward_coef=0.0) -> None:
