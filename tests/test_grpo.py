@@ -505,6 +505,28 @@ def test_reference_sync_mixes_the_policy_in_every_n_steps(run_cfg, tmp_path):
         torch.testing.assert_close(ref, 0.75 * before[name] + 0.25 * pol)
 
 
+def test_kl_in_the_reward_reuses_its_first_step_estimates_exactly(run_cfg):
+    """With kl_reward_coef the first inner step's policy and reference estimates are made once (for the reward) and
+    reused as the old and reference values: the same numbers as a fresh estimate, two estimates fewer."""
+    from dlm.build import build_datamodule, build_module
+
+    cfg = run_cfg(*RL, "method.num_iterations=3", "method.beta=0.05", "method.kl_reward_coef=0.1",
+                  "method.samples_path=null")
+    module = build_module(cfg, build_datamodule(cfg))
+    module._gen = torch.Generator().manual_seed(0)
+    module._prompt_iter = iter(module.prompts.rows("train"))
+    calls = []
+    estimate = module._estimate
+    module._estimate = lambda model, bucket, generator: calls.append(model) or estimate(model, bucket, generator)
+    buf = module._rollouts()
+    (bucket,) = buf["buckets"]  # unconditional prompts: one prompt length, one bucket
+    assert len(calls) == 2 + 2 * (3 - 1)  # reward: policy + reference; then inner steps 1 and 2 of each
+    with module._reference() as reference:
+        fresh = {key: estimate(model, bucket, module._estimator_generator(buf["generation"], 0, 0))
+                 for key, model in (("old", module.policy), ("ref", reference))}
+    assert torch.equal(bucket["old"][0], fresh["old"].logp) and torch.equal(bucket["ref"][0], fresh["ref"].kl_logp)
+
+
 def test_refusals_name_the_field(run_cfg):
     from hydra.utils import instantiate
 

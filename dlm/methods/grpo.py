@@ -415,18 +415,17 @@ class GRPO(DiffusionLM):
         components = self.reward.components(completions, prompts, **columns)
         total = torch.tensor(self.reward.total(components), dtype=torch.float32)
         shaped, log_ratio = total, None
+        first: dict = {}  # (old | ref, bucket) -> the first inner step's estimate, reused by the passes below
         if self.kl_reward_coef > 0:  # r - β_r log(π/π_ref) per sequence, under the first inner step's masks
-            logp = {}
-            for key, models in (("cur", contextlib.nullcontext(self.policy)), ("ref", self._reference())):
+            for key, models in (("old", contextlib.nullcontext(self.policy)), ("ref", self._reference())):
                 with models as model, lockstep(model.backbone, self._dummy_forward(model), dev, self._lockstep):
                     for index, bucket in enumerate(buckets):
-                        logp[key, index] = self._estimate(model, bucket,
-                                                          self._estimator_generator(generation, 0, index)).logp
+                        first[key, index] = self._estimate(model, bucket, self._estimator_generator(generation, 0, index))
             log_ratio = torch.zeros_like(total)
             for index, bucket in enumerate(buckets):
                 if not bucket.get("dummy"):
-                    log_ratio[bucket["samples"]] = sequence_log_ratio(logp["cur", index], logp["ref", index],
-                                                                      bucket["scored"]).cpu()
+                    log_ratio[bucket["samples"]] = sequence_log_ratio(first["old", index].logp,
+                                                                      first["ref", index].logp, bucket["scored"]).cpu()
             shaped = kl_shaped_rewards(total, log_ratio, self.kl_reward_coef)
         advantages = group_advantages(shaped, G, scale=self.scale_rewards)
         for bucket in buckets:
@@ -439,7 +438,8 @@ class GRPO(DiffusionLM):
                 continue
             with models as model, lockstep(model.backbone, self._dummy_forward(model), dev, self._lockstep):
                 for index, bucket in enumerate(buckets):
-                    ests = [self._estimate(model, bucket, self._estimator_generator(generation, j, index))
+                    ests = [first[key, index] if j == 0 and (key, index) in first else
+                            self._estimate(model, bucket, self._estimator_generator(generation, j, index))
                             for j in range(self.num_iterations)]
                     # the reference is read only by the KL: its kl_logp (the ELBO estimator's unweighted values)
                     bucket[key] = torch.stack([e.kl_logp if key == "ref" else e.logp for e in ests])
