@@ -56,15 +56,15 @@ def test_group_advantages_by_hand():
 
 
 def test_a_completion_ends_at_its_first_stop_token_eos_or_end_of_turn():
-    from dlm.methods.grpo import _completion_mask
+    from dlm.rl.rollouts import completion_mask
 
     EOS, EOT = 9, 7
     tokens = torch.tensor([[1, 2, 3, EOT, 4, EOS], [1, 2, EOS, 3, EOT, 4], [1, 2, 3, 4, 5, 6]])  # prompt: 2 tokens
     expected = torch.tensor([[0, 0, 1, 1, 0, 0], [0, 0, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1]], dtype=torch.bool)
-    assert torch.equal(_completion_mask(tokens, 2, (EOS, EOT)), expected)
+    assert torch.equal(completion_mask(tokens, 2, (EOS, EOT)), expected)
     # EOS alone (a base model): the end-of-turn token is an ordinary one
-    assert _completion_mask(tokens, 2, (EOS,))[0].tolist() == [False, False, True, True, True, True]
-    assert _completion_mask(tokens, 2, None)[:, 2:].all()
+    assert completion_mask(tokens, 2, (EOS,))[0].tolist() == [False, False, True, True, True, True]
+    assert completion_mask(tokens, 2, None)[:, 2:].all()
 
 
 def test_clipped_ratio_and_kl_by_hand():

@@ -49,9 +49,8 @@ import copy
 import json
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -67,18 +66,17 @@ from dlm.parallel.lockstep import gathers_parameters, lockstep
 from dlm.rewards.base import Reward, RewardSet, as_reward_set
 from dlm.rl.estimators import ExactLogProb, LogProbEstimator, MeanFieldLogProb
 from dlm.rl.objective import (
-    NORMALISATIONS,
     clipped_policy_loss,
     group_advantages,
     k3_kl,
     kl_shaped_rewards,
     sequence_log_ratio,
 )
+from dlm.rl.policy import policy_from_config, policy_from_run
+from dlm.rl.rollouts import ROLLOUT, all_lengths, completion_mask, drop_rollouts_from, to_device
+from dlm.rl.settings import check_settings, check_sync
 from dlm.sampling import Generation, Sampler
 from dlm.sampling.base import cut_at_eos
-from dlm.stop_tokens import is_stop
-
-ROLLOUT = "rollout"  # the samples.jsonl kind of RL generations
 
 
 class GRPO(DiffusionLM):
@@ -117,15 +115,15 @@ class GRPO(DiffusionLM):
         ref_mixup_alpha: float = 0.6,
         **base_kwargs,
     ):
-        _check_settings(num_generations, prompts_per_step, completion_length, num_iterations, epsilon_low,
+        check_settings(num_generations, prompts_per_step, completion_length, num_iterations, epsilon_low,
                         epsilon_high, beta, normalisation, log_rollouts_every, kl_reward_coef)
         if not isinstance(reward, Reward | RewardSet):
             raise ValueError(f"reward= must build a dlm.rewards Reward or RewardSet, got {type(reward).__name__}")
         reward = as_reward_set(reward)
         if not callable(getattr(prompts, "rows", None)):
             raise ValueError(f"prompts= must build a prompt source with rows(split), got {prompts!r}")
-        family = _policy_from_run(init_from, init_ckpt, tokenizer) if init_from else \
-            _policy_from_config(policy, backbone, tokenizer, schedule, sampler)
+        family = policy_from_run(init_from, init_ckpt, tokenizer) if init_from else \
+            policy_from_config(policy, backbone, tokenizer, schedule, sampler)
         # model.lora: adapters made for this run (B = 0: the policy starts as its base), so the frozen reference is
         # that base, read with the adapters switched off (no copy of the model); a run started from init_from gets
         # them here (the composed backbone carries the spec), over the run's own adapters merged in
@@ -157,7 +155,7 @@ class GRPO(DiffusionLM):
         # modules_to_save train in full: the base with the adapters off is no longer the start, so a copy is kept
         base_is_reference = fresh_adapters and not adapter_spec(backbone).modules_to_save
         if ref_sync_every is not None:
-            _check_sync(ref_sync_every, ref_mixup_alpha, base_is_reference, self.tracks_reference)
+            check_sync(ref_sync_every, ref_mixup_alpha, base_is_reference, self.tracks_reference)
         self.ref_sync_every, self.ref_mixup_alpha = ref_sync_every, float(ref_mixup_alpha)
         if self.tracks_reference and not base_is_reference:
             self.reference = copy.deepcopy(family).requires_grad_(False).eval()
@@ -248,9 +246,9 @@ class GRPO(DiffusionLM):
         self._generations = int(state.get("generations", 0))
         self._prompt_iter = self._prompt_rows(skip=self._rows_taken)
         buffer = state.get("buffer")
-        self._buffer = None if buffer is None else _to_device(buffer, self.compute_device)
+        self._buffer = None if buffer is None else to_device(buffer, self.compute_device)
         if self.trainer.ckpt_path and self.global_rank == 0:
-            _drop_rollouts_from(self.samples_path, self.global_step)
+            drop_rollouts_from(self.samples_path, self.global_step)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -258,7 +256,7 @@ class GRPO(DiffusionLM):
             "rollout_rng": self._gen.get_state() if self._gen is not None else None,
             "rows_taken": self._rows_taken,
             "generations": self._generations,
-            "buffer": None if self._buffer is None else _to_device(self._buffer, "cpu"),
+            "buffer": None if self._buffer is None else to_device(self._buffer, "cpu"),
         }
         if checkpoint["grpo"]["rollout_rng"] is None:
             del checkpoint["grpo"]["rollout_rng"]
@@ -380,7 +378,7 @@ class GRPO(DiffusionLM):
             by_len.setdefault(len(ids), []).append(i)
         lengths = list(by_len)
         if self._lockstep:  # every rank trains on one bucket per prompt length of any rank (dummies where it has none)
-            lengths = _all_lengths(lengths)
+            lengths = all_lengths(lengths)
         started = time.perf_counter()
         buckets, completions = [], [""] * (len(rows) * G)
         with lockstep(self.policy.backbone, self._dummy_forward(self.policy), dev, self._lockstep):
@@ -396,9 +394,9 @@ class GRPO(DiffusionLM):
                 tokens = gen.tokens.to(dev)
                 samples = [i * G + g for i in members for g in range(G)]
                 # a completion ends at its first stop token: EOS, or an instruct policy's end-of-turn token
-                upto_stop = _completion_mask(tokens, P, self.stop_ids)
+                upto_stop = completion_mask(tokens, P, self.stop_ids)
                 # the actions: every generated token, except those a family sets to EOS after the first stop (AR, BD3-LM)
-                scored = upto_stop if self.eos_fills_tail else _completion_mask(tokens, P, None)
+                scored = upto_stop if self.eos_fills_tail else completion_mask(tokens, P, None)
                 buckets.append({"tokens": tokens, "prompt_len": P, "samples": samples, "scored": scored,
                                 "length": upto_stop.sum(1)})
                 if canvases is not None:  # the step that revealed each position: the canvases it was masked in
@@ -519,110 +517,3 @@ class GRPO(DiffusionLM):
                        "rewards": {name: values[s] for name, values in components.items()},
                        "advantage": float(advantages[s])}
                 f.write(json.dumps(row) + "\n")
-
-
-def _all_lengths(lengths: list[int]) -> list[int]:
-    """The prompt lengths drawn by any rank this step, sorted (the same list on every rank)."""
-    gathered: list = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, sorted(lengths))
-    return sorted({P for rank_lengths in gathered for P in rank_lengths})
-
-
-def _completion_mask(tokens: Tensor, prompt_len: int, stops: Sequence[int] | None) -> Tensor:
-    """The completion positions up to and including the first stop token (EOS or an end-of-turn token of
-    ``stops``: TRL's completion mask); all of them when ``stops`` is None."""
-    mask = torch.zeros_like(tokens, dtype=torch.bool)
-    if stops is None:
-        mask[:, prompt_len:] = True
-        return mask
-    stop = is_stop(tokens[:, prompt_len:], stops).long()
-    eos_before = stop.cumsum(1) - stop
-    mask[:, prompt_len:] = eos_before == 0
-    return mask
-
-
-def _to_device(node: Any, device) -> Any:
-    if isinstance(node, Tensor):
-        return node.to(device)
-    if isinstance(node, dict):
-        return {k: _to_device(v, device) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_to_device(v, device) for v in node]
-    return node
-
-
-def _drop_rollouts_from(path: Path | None, step: int) -> None:
-    """A resume at ``step`` drops the rollout rows generated at or after it (they are generated again)."""
-    if path is None or not path.is_file():
-        return
-    lines = path.read_text().splitlines()
-    kept = [line for line in lines if not (line.strip() and json.loads(line).get("kind") == ROLLOUT
-                                           and int(json.loads(line).get("step", -1)) >= step)]
-    if len(kept) != len(lines):
-        path.write_text("".join(line + "\n" for line in kept))
-
-
-def _policy_from_run(init_from: str, ckpt: str, tokenizer) -> DiffusionLM:
-    """A trained run's family module (a GRPO run: its policy, so RL continues), weights loaded, in train mode."""
-    from dlm.run import load_run  # the run-folder layer: only where a run is the start
-
-    try:
-        module = load_run(init_from, ckpt=ckpt, setup_data=False).module
-    except UserError as err:  # a ValueError here: the config builder names method (dlm.config.build)
-        raise ValueError(f"method.init_from={init_from}: {err}") from err
-    if isinstance(module, GRPO):
-        module = module.policy
-    theirs = (module.tokenizer.vocab_size, module.mask_id, module.eos_id)
-    ours = (int(tokenizer.vocab_size), int(tokenizer.mask_token_id), int(tokenizer.eos_token_id))
-    if theirs != ours:
-        raise ValueError(f"method.init_from={init_from}: the run's tokenizer (vocab {theirs[0]}, mask {theirs[1]}, "
-                         f"eos {theirs[2]}) differs from data.tokenizer's (vocab {ours[0]}, mask {ours[1]}, eos "
-                         f"{ours[2]}): use the run's data config (data=...) so that validation and samples agree")
-    return module.train()
-
-
-def _policy_from_config(policy, backbone, tokenizer, schedule, sampler) -> DiffusionLM:
-    if policy is None:
-        raise ValueError("method=grpo needs a policy: method.init_from=<run folder> (a trained run) or "
-                         "method.policy={_target_: dlm.methods.mdlm.MDLM, _partial_: true, sampler: ...} (a family "
-                         "around model=)")
-    family = getattr(policy, "func", None)
-    if not isinstance(family, type) or not issubclass(family, DiffusionLM):
-        raise ValueError(f"method.policy must be a family's node with _partial_: true (a DiffusionLM subclass), "
-                         f"got {policy!r}")
-    kwargs = {"schedule": schedule} if family.uses_schedule else {}
-    if sampler is not None:  # sampler=<option> over the node's own
-        kwargs["sampler"] = sampler
-    return policy(backbone=backbone, tokenizer=tokenizer, **kwargs)
-
-
-def _check_sync(every, alpha, base_is_reference: bool, tracks_reference: bool) -> None:
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ValueError(f"method.ref_sync_every={every!r} must be a positive number of optimizer steps (TRL's "
-                        f"ref_model_sync_steps, e.g. 512) or null (the reference stays the start)")
-    if not 0.0 < float(alpha) <= 1.0:
-        raise ValueError(f"method.ref_mixup_alpha={alpha!r} must be in (0, 1] (TRL's ref_model_mixup_alpha, 0.6)")
-    if base_is_reference:
-        raise ValueError("method.ref_sync_every with model.lora: the reference is the adapter-free base, which cannot "
-                        "move towards the policy (TRL refuses sync_ref_model with PEFT too); drop one of them")
-    if not tracks_reference:
-        raise ValueError("method.ref_sync_every needs a reference: method.track_kl=false with beta 0 and "
-                        "kl_reward_coef 0 keeps none")
-
-
-def _check_settings(G, prompts, C, mu, eps_low, eps_high, beta, normalisation, every, kl_reward_coef=0.0) -> None:
-    problems = []
-    for key, value, low in (("num_generations", G, 2), ("prompts_per_step", prompts, 1), ("completion_length", C, 1),
-                            ("num_iterations", mu, 1), ("log_rollouts_every", every, 1)):
-        if isinstance(value, bool) or int(value) != value or value < low:
-            problems.append(f"method.{key} must be an integer >= {low}, got {value!r}")
-    for key, value in (("epsilon_low", eps_low), ("epsilon_high", eps_high), ("beta", beta),
-                       ("kl_reward_coef", kl_reward_coef)):
-        if not value >= 0:
-            problems.append(f"method.{key} must be >= 0, got {value!r}")
-    if not eps_low < 1:
-        problems.append(f"method.epsilon_low must be < 1 (the ratio's lower clip is 1 - epsilon_low), got {eps_low!r}")
-    if normalisation not in NORMALISATIONS:
-        problems.append(f"method.normalisation must be one of {', '.join(NORMALISATIONS)}, got {normalisation!r}")
-    if problems:
-        raise ValueError("; ".join(problems))
