@@ -138,7 +138,9 @@ def interleaved(module, tokenizer, task, groups, table: dict[str, object], seed:
     """Time every sampler of ``table`` (name -> sampler; the first is the baseline) on the same batches, interleaved
     batch by batch: each batch is completed by every sampler in turn (the order rotating with the batch and the
     round), so that a change of the machine's load hits all of them alike. A sampler draws from its own generator,
-    seeded anew each round, so it makes the same tokens and calls as in a pass of its own (and in every round).
+    seeded ``seed + round`` at the start of each round, so it makes the same tokens and calls as in a pass of its own;
+    each round is another sample (a stochastic sampler's calls vary with its draws: where decoding stops at EOS,
+    a batch takes as many blocks as its longest row), and calls and accuracy are over all rounds.
 
     Per sampler: wall and CPU (``time.process_time``: the process, all threads) seconds of each round; its
     ``speed_ratio`` / ``cpu_ratio`` are the medians over rounds of the baseline's time / its time in that round
@@ -152,7 +154,7 @@ def interleaved(module, tokenizer, task, groups, table: dict[str, object], seed:
     positions = sum(length for _, length, _ in groups)
     tokens = sum(length * ids.shape[0] for ids, length, _ in groups)
     for r in range(rounds):
-        generators = {n: torch.Generator().manual_seed(seed) for n in names}
+        generators = {n: torch.Generator().manual_seed(seed + r) for n in names}
         for b, (prompt_ids, length, prompts) in enumerate(groups):
             shift = (r + b) % len(names)
             for n in names[shift:] + names[:shift]:
@@ -160,9 +162,8 @@ def interleaved(module, tokenizer, task, groups, table: dict[str, object], seed:
                 gen = module.generate(prompt_ids, length, sampler=table[n], generator=generators[n])
                 wall[n][r] += time.perf_counter() - start
                 cpu[n][r] += time.process_time() - cpu_start
-                if r == rounds - 1:
-                    calls[n] += gen.num_network_calls
-                    outputs[n].append((prompts, gen.tokens[:, prompt_ids.shape[1]:]))
+                calls[n] += gen.num_network_calls
+                outputs[n].append((prompts, gen.tokens[:, prompt_ids.shape[1]:]))
     eos, base = tokenizer.eos_token_id, names[0]
     rows = []
     for n in names:
@@ -175,8 +176,8 @@ def interleaved(module, tokenizer, task, groups, table: dict[str, object], seed:
         cpu_round = [c0 / max(c, 1e-12) for c0, c in zip(cpu[base], cpu[n])]
         seconds = statistics.median(wall[n])
         rows.append({"sampler": n, "seconds": seconds, "cpu_seconds": statistics.median(cpu[n]),
-                     "tokens_per_s": tokens / seconds, "calls_per_token": calls[n] / positions,
-                     "accuracy": correct / max(total, 1), "calls": calls[n], "rounds": rounds,
+                     "tokens_per_s": tokens / seconds, "calls_per_token": calls[n] / (positions * rounds),
+                     "accuracy": correct / max(total, 1), "calls": calls[n] / rounds, "rounds": rounds,
                      "speed_ratio": statistics.median(per_round), "cpu_ratio": statistics.median(cpu_round),
                      "speed_ratios": per_round})
     return rows
@@ -258,7 +259,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             base, default = interleaved(f_module, f_tok, f_task, f_groups, pair, args.seed, args.rounds)
             families.append((base, default, f_module.sampler))
     print(f"run: {run_dir} | {args.prompts} prompts in {len(groups)} batches, completion length {length} "
-          f"(seq_len {dm.seq_len}) | torch threads {args.threads} | {args.rounds} rounds interleaved batch by batch, "
+          f"(seq_len {dm.seq_len}) | torch threads {args.threads} | {args.rounds} rounds (seeds {args.seed}..{args.seed + args.rounds - 1}: calls and accuracy over all) interleaved batch by batch, "
           f"speed x and cpu x: medians of the per-round wall / CPU-time ratios | load average {load_average()}")
     head = (f"{'sampler':34s} {'tok/s':>9s} {'speed x':>8s} {'cpu x':>6s} {'calls/tok':>9s} {'calls x':>8s} "
             f"{'accuracy':>8s} {'acc - naive':>11s}")
