@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--quick", action="store_true", help="smoke mode: a few steps and prompts per benchmark")
     parser.add_argument("--train-steps", type=int, default=300, help="training steps of each sampler benchmark run")
     parser.add_argument("--prompts", type=int, default=64, help="prompts of the sampler benchmark")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the sampler benchmark")
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds of the sampler benchmark")
     parser.add_argument("--chunks", type=int, default=40, help="chunk pairs of the two step benchmarks")
     args = parser.parse_args(argv)
 

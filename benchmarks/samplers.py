@@ -118,6 +118,15 @@ def samplers(length: int) -> dict[str, object]:
 FAMILIES = ("mdlm", "diffusionbert", "bd3lm", "sundae", "ar")
 
 
+def default_sampler(method: str):
+    """The sampler a new run of ``method`` gets: conf/sampler/<method>.yaml as conf/train.yaml composes it."""
+    from hydra.utils import instantiate
+
+    from dlm.config import compose_train
+
+    return instantiate(compose_train([f"method={method}"]).sampler)
+
+
 def family_naive(module, length: int):
     """The family's naive sampler: one full forward per position to fill, at the default's temperature / top-k /
     top-p (so that both end alike where decoding stops at EOS: bd3lm, AR). Mask families: one token per step in
@@ -207,7 +216,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         "found there (default: a temporary folder, trained anew)")
     parser.add_argument("--train-steps", type=int, default=2000, help="the default run length of `make train`; fewer steps leave accuracy near 0")
     parser.add_argument("--prompts", type=int, default=128)
-    parser.add_argument("--rounds", "--repeats", type=int, default=5, dest="rounds",
+    parser.add_argument("--rounds", "--repeats", type=int, default=10, dest="rounds",
                         help="interleaved timed rounds (every ratio is the median of the per-round ratios)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable timings on shared cores)")
     parser.add_argument("--seed", type=int, default=0)
@@ -254,6 +263,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for method in args.families:  # every family's default sampler against its own naive one, same prompts
             f_dir = run_dir if method == "mdlm" and not args.compile else run_of(method)
             f_module, _, f_tok, f_task, f_groups = load(f_dir, args)
+            f_module.sampler = default_sampler(method)  # today's default, also for a kept run trained before it
             pair = {f"{method} naive": family_naive(f_module, length),
                     f"{method} default: {type(f_module.sampler).__name__}": f_module.sampler}
             base, default = interleaved(f_module, f_tok, f_task, f_groups, pair, args.seed, args.rounds)
@@ -286,7 +296,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print("-" * len(head))
         for base, default, sampler in families:
             print(row_line(base, base))
-            print(row_line(default, base) + f"   {sampler!r}")
+            spread = default["speed_ratios"]
+            print(row_line(default, base) + f"   per round {min(spread):.2f}-{max(spread):.2f}   {sampler!r}")
             family_rows += [base, default]
     return rows + compiled + family_rows
 
