@@ -295,3 +295,11 @@ def test_d3pm_computes_each_alpha_bar_once_and_samples_as_before():
     assert gen.num_network_calls == 22
     assert gen.tokens.tolist() == [[5, 3, 4, 6, 6, 4, 0, 3, 7, 0], [0, 1, 4, 1, 1, 5, 0, 3, 5, 1],
                                    [6, 5, 2, 4, 5, 0, 1, 5, 2, 1]]
+
+
+def test_the_exact_path_estimator_refuses_an_eos_filling_ancestral_sampler():
+    from dlm.rl.estimators import PathLogProb
+
+    PathLogProb().check_sampler(AncestralSampler())
+    with pytest.raises(ValueError, match="eos_id=0\\) fills a row's tail after EOS; set sampler.eos_id=null"):
+        PathLogProb().check_sampler(AncestralSampler(eos_id=0))
