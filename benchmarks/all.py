@@ -11,7 +11,8 @@ hits both alike:
   interleaved chunk by chunk (``benchmarks/overhead.py --baseline stock``); time per step, wall and CPU;
 - Lightning overhead: the same module inside Lightning against itself in a plain loop (``benchmarks/overhead.py``);
 - samplers: every family's default sampler against its naive one (one full forward per position to fill), speed
-  and network calls, with both accuracies (``benchmarks/samplers.py``: a tiny run per family);
+  (the median of per-round wall and CPU-time ratios, the two interleaved batch by batch) and network calls, with
+  both accuracies (``benchmarks/samplers.py --no-main-table``: a tiny run per family);
 - AR decoding: dlm's ``method=ar`` against Hugging Face ``generate`` on the same weights, eager
   (``benchmarks/ar_decoding.py --eager``; the compiled rows need a compiler warm-up and are left to that script).
 
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--quick", action="store_true", help="smoke mode: a few steps and prompts per benchmark")
     parser.add_argument("--train-steps", type=int, default=300, help="training steps of each sampler benchmark run")
     parser.add_argument("--prompts", type=int, default=64, help="prompts of the sampler benchmark")
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds of the sampler benchmark")
     parser.add_argument("--chunks", type=int, default=40, help="chunk pairs of the two step benchmarks")
     args = parser.parse_args(argv)
 
@@ -53,7 +55,8 @@ def main(argv: list[str] | None = None) -> str:
 
     chunks = ["--chunk", "2", "--chunks", "2"] if args.quick else ["--chunk", "5", "--chunks", str(args.chunks)]
     sampler_args = ["--quick"] if args.quick else ["--train-steps", str(args.train_steps), "--prompts",
-                                                   str(args.prompts)]
+                                                   str(args.prompts), "--rounds", str(args.rounds)]
+    sampler_args.append("--no-main-table")  # the table reads the family defaults only
     ar_args = ["--tiny", "--gen", "8", "--prompt", "8", "--repeats", "1"] if args.quick else ["--threads", "1"]
     started, loads = time.perf_counter(), [load()]
     stock = overhead.main([*chunks, "--baseline", "stock"])
@@ -83,9 +86,10 @@ def main(argv: list[str] | None = None) -> str:
         if naive is None or default is None:
             continue
         sampler = default["sampler"].split(": ", 1)[1]
-        table.append(f"| sampler speed, {method}: default ({sampler}) / naive (calls) [accuracy default, naive] | "
-                     f"{default['speed_ratio']:.2f} ({default['calls_ratio']:.2f}) [{default['accuracy']:.2f}, "
-                     f"{naive['accuracy']:.2f}] | `python benchmarks/samplers.py` |")
+        table.append(f"| sampler speed, {method}: default ({sampler}) / naive, wall and CPU (calls) [accuracy default, "
+                     f"naive] | {default['speed_ratio']:.2f} wall, {default['cpu_ratio']:.2f} CPU "
+                     f"({default['calls_ratio']:.2f}) [{default['accuracy']:.2f}, {naive['accuracy']:.2f}] | "
+                     f"`python benchmarks/samplers.py` |")
     for name in ("dlm ar", "dlm ar static"):
         cells = [f"B{B} {ar['rows'][f'{name}/B{B}']['x_hf_generate']:.2f}" for B in (1, 8)
                  if f"{name}/B{B}" in ar["rows"]]

@@ -174,3 +174,132 @@ def test_default_sampler_calls_at_most_the_positions_to_fill(family_modules, met
     assert 0 < gen.num_network_calls <= length
     assert torch.equal(gen.tokens[:, :P].cpu(), prompt)
     assert gen.tokens.shape == (B, P + length) and not (gen.tokens == module.mask_id).any()
+
+
+# ---------------------------------------------------------------------------- the defaults' own loops
+def default_sampler(method: str, **fields):
+    """conf/sampler/<method>.yaml as the training config composes it, with ``fields`` set."""
+    cfg = compose([f"method={method}", "logger=none"])
+    return instantiate(cfg.sampler, **fields)
+
+
+@pytest.mark.parametrize("method", ["mdlm", "bd3lm", "diffusionbert", "sundae"])
+def test_every_default_sampler_calls_only_on_steps_that_commit(method):
+    """The state after every call differs from the state it was made on, and every step that changes nothing is
+    made without a call (D3PM with a per-time schedule, whose reveal bound is exact; SUNDAE with a denoiser whose
+    every proposal changes a token)."""
+    sampler = default_sampler(method, record_trajectory=True)
+    assert sampler.temperature > 0  # a default stays stochastic (GRPO's rollouts, end-of-fit samples)
+    x, gen = masked_rows(B=4, T=12), torch.Generator().manual_seed(0)
+    if method == "diffusionbert":
+        den = Recording()
+        out = sampler.sample(den, x, prior=D3PMPrior(MASK, uniform_alpha_bar(512), 512), generator=gen)
+    elif method == "sundae":
+        den = Shifting()
+        out = sampler.sample(den, x, prior=UniformPrior(x == MASK, torch.arange(V)), generator=gen)
+    else:
+        den = Recording()
+        out = sampler.sample(den, x, prior=MaskPrior(MASK, LinearSchedule()), generator=gen)
+    assert out.num_network_calls == len(den.inputs) <= 9  # 9 positions to fill per row
+    assert called_only_where_committed(out.trajectory, den.inputs)
+
+
+class Confident(Recording):
+    """Puts probability ~1 on token (position mod V) at every position: a model sure of every token."""
+
+    def __call__(self, x, t=None):
+        self.inputs.append(x.clone())
+        pos = torch.arange(x.shape[1]).expand_as(x) % V
+        return (torch.nn.functional.one_hot(pos, V + 1).double() * 40).log_softmax(-1)
+
+
+def test_bd3lm_default_commits_every_confident_position_of_a_call():
+    """The threshold default (temperature 1) fills a block the model is sure of in one call, and an unsure one in at
+    most one call per position; the paper's ancestral sampler (sampler=bd3lm_ancestral) takes a call per step."""
+    x = masked_rows(B=3, T=7, given=3)  # one block of 4 positions
+    sure = default_sampler("bd3lm").sample(Confident(), x, prior=MaskPrior(MASK, LinearSchedule()),
+                                           generator=torch.Generator().manual_seed(0))
+    assert sure.num_network_calls == 1 and torch.equal(sure.tokens[:, 3:], torch.arange(3, 7).expand(3, 4) % V)
+    unsure = default_sampler("bd3lm").sample(Recording(), x, prior=MaskPrior(MASK, LinearSchedule()),
+                                             generator=torch.Generator().manual_seed(0))
+    assert 1 <= unsure.num_network_calls <= 4 and not (unsure.tokens == MASK).any()
+    cfg = compose(["method=bd3lm", "sampler=bd3lm_ancestral", "logger=none"])
+    paper = instantiate(cfg.sampler)
+    assert isinstance(paper, AncestralSampler) and paper.top_p == 0.9 and cfg.sampler.kv_cache == "prefix"
+    ancestral = paper.sample(Confident(), x, prior=MaskPrior(MASK, LinearSchedule()),
+                             generator=torch.Generator().manual_seed(0))
+    assert 1 < ancestral.num_network_calls <= 4
+
+
+def test_bd3lm_default_takes_no_more_calls_in_a_block_than_its_positions_left(family_modules):
+    module, dm, _ = family_modules["bd3lm"]
+    blocks = []
+    sample = module.sampler.sample
+
+    def recorded(denoiser, x, **kw):
+        out = sample(denoiser, x, **kw)
+        blocks.append((int((x == module.mask_id).sum(1).max()), out.num_network_calls))
+        return out
+
+    module.sampler.sample = recorded
+    try:
+        prompt = torch.randint(0, module.vocab_size, (8, 3), generator=torch.Generator().manual_seed(2))
+        prompt[prompt == module.mask_id] = 0
+        gen = module.generate(prompt, dm.seq_len - 3, generator=torch.Generator().manual_seed(0))
+    finally:
+        del module.sampler.sample
+    assert blocks and all(1 <= calls <= left for left, calls in blocks)
+    assert gen.num_network_calls == sum(calls for _, calls in blocks)
+
+
+def test_ancestral_eos_fill_makes_the_tail_eos_and_fewer_calls():
+    """eos_id: a revealed EOS fills its row's masks to the right with EOS (dlm.generate eos_fill=true sets it), so
+    the tail is never drawn; without it the sampler is unchanged (the same tokens for the same generator)."""
+    EOS = 0
+
+    class EosFirst(Recording):  # EOS is by far the likeliest token everywhere
+        def __call__(self, x, t=None):
+            self.inputs.append(x.clone())
+            logits = torch.zeros(*x.shape, V + 1)
+            logits[..., EOS] = 6.0
+            return logits.log_softmax(-1)
+
+    x = masked_rows(B=4, T=14, given=2)
+    run = lambda **kw: AncestralSampler(steps=12, record_trajectory=True, **kw).sample(  # noqa: E731
+        EosFirst(), x, prior=MaskPrior(MASK, LinearSchedule()), generator=torch.Generator().manual_seed(0))
+    filled, plain, again = run(eos_id=EOS), run(), run(eos_id=None)
+    assert torch.equal(plain.tokens, again.tokens) and plain.num_network_calls == again.num_network_calls
+    for state in filled.trajectory:  # after every step: no mask right of a generated EOS
+        generated = state[:, 2:]
+        after_eos = (generated == EOS).long().cumsum(1) > 0
+        assert not (after_eos & (generated == MASK)).any()
+    assert any(((s[:, 2:] == MASK) & ((s[:, 2:] == EOS).long().cumsum(1) > 0)).any() for s in plain.trajectory)
+    assert filled.num_network_calls < plain.num_network_calls
+    assert not (filled.tokens == MASK).any() and torch.equal(filled.tokens[:, :2], x[:, :2])
+
+
+def test_d3pm_computes_each_alpha_bar_once_and_samples_as_before():
+    """Each ᾱ_t of the time grid is computed once (a step's ᾱ_t is the previous step's ᾱ_s), with the tokens and
+    calls of the sampler before that change for the same generator (fixed seed)."""
+    times = []
+    alpha = spindle_like_alpha_bar(64)
+
+    def counted(t):
+        times.append(t)
+        return alpha(t)
+
+    x = masked_rows(B=3, T=10)
+    gen = D3PMSampler(steps=128, cap_steps=False).sample(Recording(3), x, prior=D3PMPrior(MASK, counted, 64),
+                                                         generator=torch.Generator().manual_seed(4))
+    assert len(times) == len(set(times))
+    assert gen.num_network_calls == 22
+    assert gen.tokens.tolist() == [[5, 3, 4, 6, 6, 4, 0, 3, 7, 0], [0, 1, 4, 1, 1, 5, 0, 3, 5, 1],
+                                   [6, 5, 2, 4, 5, 0, 1, 5, 2, 1]]
+
+
+def test_the_exact_path_estimator_refuses_an_eos_filling_ancestral_sampler():
+    from dlm.rl.estimators import PathLogProb
+
+    PathLogProb().check_sampler(AncestralSampler())
+    with pytest.raises(ValueError, match="eos_id=0\\) fills a row's tail after EOS; set sampler.eos_id=null"):
+        PathLogProb().check_sampler(AncestralSampler(eos_id=0))

@@ -273,6 +273,9 @@ class PathLogProb(LogProbEstimator):
                 f"model's predictions (low_confidence, confidence, threshold, entropy_bounded, remdm and the like): "
                 f"use dlm.rl.estimators.ELBOLogProb or MeanFieldLogProb"
             )
+        if getattr(sampler, "eos_id", None) is not None:  # EOS-filled positions are not drawn from the model
+            raise ValueError(f"PathLogProb needs every completion token drawn by the sampler: {name}(eos_id="
+                             f"{sampler.eos_id}) fills a row's tail after EOS; set sampler.eos_id=null")
 
     def __call__(self, policy, tokens, scored, prompt_len, generator=None, reveal_step=None) -> TokenLogProbs:
         if reveal_step is None or reveal_step.shape != tokens.shape:

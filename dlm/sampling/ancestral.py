@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dlm.sampling.base import Denoiser, Generation, Sampler
+from dlm.sampling.base import Denoiser, Generation, Sampler, fill_after_eos
 from dlm.sampling.prior import MaskPrior
 
 __all__ = ["AncestralSampler"]
@@ -39,10 +39,16 @@ class AncestralSampler(Sampler):
         cache_unchanged: bool = True,
         cap_steps: bool = True,
         kv_cache: str | None = None,
+        eos_id: int | None = None,
     ):
         super().__init__(steps, temperature, top_k, top_p, record_trajectory, kv_cache=kv_cache)
+        if eos_id is not None and (isinstance(eos_id, bool) or int(eos_id) != eos_id or eos_id < 0):
+            raise ValueError(f"eos_id must be a token id >= 0 or None, got {eos_id!r}")
         self.cache_unchanged = bool(cache_unchanged)
         self.cap_steps = bool(cap_steps)
+        self.eos_id = None if eos_id is None else int(eos_id)
+        # end-of-turn tokens that end a row like EOS when eos_id is set (a family's stop_ids; dlm/stop_tokens.py)
+        self.stop_ids: tuple[int, ...] = ()
 
     def _extra_repr(self) -> str:
         return f"cache_unchanged={self.cache_unchanged}, cap_steps={self.cap_steps}"
@@ -81,5 +87,7 @@ class AncestralSampler(Sampler):
             if changed:
                 lp = self._exclude_mask(logp[reveal], mask_id)
                 x[reveal] = self._draw(lp, generator).to(x.dtype)
+                if self.eos_id is not None:
+                    x = fill_after_eos(x, reveal, mask_id, self.eos_id, self.stop_ids)
             self._record(trajectory, x)
         return Generation(x, calls, trajectory)

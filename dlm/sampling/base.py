@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from dlm.sampling.prior import MaskPrior, Prior, PriorMismatchError
+from dlm.stop_tokens import is_stop
 
 __all__ = [
     "Denoiser",
@@ -26,6 +27,7 @@ __all__ = [
     "Generation",
     "KV_CACHES",
     "Sampler",
+    "fill_after_eos",
     "filter_logits",
     "sample_categorical",
     "samplers_for",
@@ -101,6 +103,17 @@ def cut_at_eos(ids: Sequence[int], eos_id: int | Iterable[int]) -> list[int]:
         return ids[: ids.index(eos_id)] if eos_id in ids else ids
     stops = {int(s) for s in eos_id}
     return next((ids[:i] for i, token in enumerate(ids) if int(token) in stops), ids)
+
+
+def fill_after_eos(x: Tensor, commit: Tensor, mask_id: int, eos_id: int, stop_ids: Iterable[int] = ()) -> Tensor:
+    """``x`` with every mask right of a just-committed EOS (``commit & x == eos_id``, or one of ``stop_ids``: an
+    instruct model's end-of-turn tokens) set to EOS: the data convention, a document is EOS-filled after its end, so
+    its tail needs no draws (and, where a step would draw only there, no call)."""
+    hit = commit & is_stop(x, (eos_id, *stop_ids))
+    if not hit.any():
+        return x
+    after = hit.long().cumsum(dim=1) > 0  # at or right of a newly committed EOS
+    return x.masked_fill(after & (x == mask_id), eos_id)
 
 
 def filter_logits(

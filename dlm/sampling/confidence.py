@@ -44,9 +44,8 @@ from abc import abstractmethod
 import torch
 from torch import Tensor
 
-from dlm.sampling.base import Denoiser, Generation, Sampler
+from dlm.sampling.base import Denoiser, Generation, Sampler, fill_after_eos
 from dlm.sampling.prior import MaskPrior
-from dlm.stop_tokens import is_stop
 
 __all__ = [
     "ConfidenceSampler",
@@ -196,11 +195,7 @@ class OrderedUnmaskingSampler(Sampler):
         return x
 
     def _fill_after_eos(self, x: Tensor, commit: Tensor, mask_id: int) -> Tensor:
-        hit = commit & is_stop(x, (self.eos_id, *self.stop_ids))
-        if not hit.any():
-            return x
-        after = hit.long().cumsum(dim=1) > 0  # at or right of a newly committed EOS
-        return x.masked_fill(after & (x == mask_id), self.eos_id)
+        return fill_after_eos(x, commit, mask_id, self.eos_id, self.stop_ids)
 
 
 class ConfidenceSampler(OrderedUnmaskingSampler):

@@ -81,6 +81,7 @@ class D3PMSampler(Sampler):
         if self.cap_steps:  # more steps than positions to fill only add calls
             steps = min(steps, max(1, int((x == mask_id).sum(1).max())))
         grid = time_grid(num_timesteps, steps)
+        a_s = None  # ᾱ at the previous step's s: this step's t (each ᾱ_t is computed once)
         for t, s in zip(grid[:-1], grid[1:]):
             masked = x == mask_id
             if not masked.any():
@@ -88,7 +89,7 @@ class D3PMSampler(Sampler):
             if s == 0:
                 p_tok, u, maybe = None, None, torch.ones(int(masked.sum()), dtype=torch.bool, device=x.device)
             else:
-                a_t = alpha_bar(t).to(x.device, torch.float64)
+                a_t = alpha_bar(t).to(x.device, torch.float64) if a_s is None else a_s
                 a_s = alpha_bar(s).to(x.device, torch.float64)
                 p_tok = ((a_s - a_t) / (1 - a_t).clamp(min=1e-12)).clamp(0.0, 1.0)  # [V]
                 bound = p_tok.clone()
