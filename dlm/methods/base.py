@@ -334,6 +334,27 @@ class DiffusionLM(L.LightningModule, ABC):
         scheduler = self.lr_scheduler_factory(optimizer, total_steps=self.trainer.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """Lightning's step, then the gradients are set to None at once (``optimizer_zero_grad`` does nothing): Lightning
+        frees them inside the next step's closure, after its forward, so each step's gradients stayed alive through the
+        next forward (+ the parameters' size in memory at the forward's peak), and on a CPU the next backward wrote its
+        gradients into newly mapped pages (~0.6 ms of a ~40 ms tiny-model step: benchmarks/overhead.py --profile,
+        ``run_backward``). The gradients a step's backward starts from are None either way (a new accumulation window
+        starts after an optimizer step). DeepSpeed's engine steps and clears its own gradients: Lightning's order
+        there."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if not self._engine_clears_gradients():
+            optimizer.zero_grad(set_to_none=True)
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
+        if self._engine_clears_gradients():  # else: cleared right after the optimizer step (optimizer_step above)
+            super().optimizer_zero_grad(epoch, batch_idx, optimizer)
+
+    def _engine_clears_gradients(self) -> bool:
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        return self._trainer is not None and isinstance(self._trainer.strategy, DeepSpeedStrategy)
+
     def clip_gradients(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Lightning's clipping (``trainer.gradient_clip_val``), reusing the non-finite guard's per-gradient 2-norms
         of this step where it screened them (dlm.callbacks.nonfinite): ``clip_grad_norm_`` would compute the same
