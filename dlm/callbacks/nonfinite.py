@@ -2,7 +2,8 @@
 
 Before every optimizer step (Lightning's ``on_before_optimizer_step``: after backward and gradient accumulation,
 before clipping and the step) the guard checks, with one device sync, that the step's losses, every gradient and
-every parameter the optimizer updates are finite. When one is not, the step's gradients are dropped, so the
+every parameter the optimizer updates are finite (the gradients' 2-norms from this screen are what gradient clipping
+uses: DiffusionLM.clip_gradients, no second pass over the gradients). When one is not, the step's gradients are dropped, so the
 optimizer leaves the weights and its moments as they were (torch optimizers skip a parameter without a gradient;
 the LR schedule still advances, as for a step a GradScaler skips), and then
 
