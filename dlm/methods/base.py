@@ -343,6 +343,7 @@ class DiffusionLM(L.LightningModule, ABC):
         starts after an optimizer step). DeepSpeed's engine steps and clears its own gradients: Lightning's order
         there."""
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.screened_grad_norms = None  # never holds a step's gradients past it (clipping consumes it)
         if not self._engine_clears_gradients():
             optimizer.zero_grad(set_to_none=True)
 
