@@ -32,3 +32,26 @@ def test_the_redraw_rate_is_checked():
     assert isinstance(progress_bar(refresh_per_second=10), RichProgressBar)
     with pytest.raises(ConfigError, match="callbacks.progress_bar.refresh_per_second"):
         progress_bar(refresh_per_second=0)
+
+
+def test_the_training_bar_is_updated_only_when_a_redraw_is_due_and_at_the_last_step(monkeypatch):
+    """A batch updates the bar (Lightning's on_train_batch_end) 1/refresh_per_second after the last update, or when
+    training stops after it; the other batches skip it."""
+    from types import SimpleNamespace
+
+    import dlm.callbacks.progress_bar as module
+
+    updates = []
+    monkeypatch.setattr(RichProgressBar, "on_train_batch_end", lambda self, *a: updates.append(a[-1]))
+    clock = {"now": 100.0}
+    monkeypatch.setattr(module.time, "monotonic", lambda: clock["now"])
+    bar = progress_bar(refresh_per_second=4)
+    trainer = SimpleNamespace(should_stop=False, max_steps=10, global_step=0)
+    for step in range(10):
+        trainer.global_step = step + 1
+        bar.on_train_batch_end(trainer, None, None, None, step)
+        clock["now"] += 0.1  # 10 batches a second, 4 updates a second
+    assert updates == [0, 3, 6, 9]  # at 100.0, 100.3, 100.6 s and the last step
+    trainer.global_step, trainer.max_steps, trainer.should_stop = 11, 100, True  # stopped early (e.g. a NaN)
+    bar.on_train_batch_end(trainer, None, None, None, 10)
+    assert updates[-1] == 10

@@ -52,3 +52,24 @@ def test_logs_this_step_at_written_steps_and_the_last():
     assert not logs_this_step(fake_trainer(3, 3, 100, writes=False))
     assert logs_this_step(fake_trainer(99, 3, 100, writes=False))  # the last step
     assert not logs_this_step(fake_trainer(99, 3, -1, writes=False))  # no step limit: no last step
+
+
+def test_the_answer_is_computed_once_per_batch_and_again_when_the_run_stops():
+    asked = []
+
+    class Connector:
+        writes = False
+
+        @property
+        def should_update_logs(self):
+            asked.append(1)
+            return self.writes
+
+    trainer = fake_trainer(3, 3, 100, writes=False)
+    trainer._logger_connector = connector = Connector()
+    assert [logs_this_step(trainer) for _ in range(3)] == [False] * 3 and len(asked) == 1
+    trainer.should_stop, connector.writes = True, True  # Lightning writes a stopping step's metrics
+    assert logs_this_step(trainer) and len(asked) == 2
+    trainer.should_stop, connector.writes = False, False
+    trainer.fit_loop.epoch_loop._batches_that_stepped = 4  # the next batch
+    assert not logs_this_step(trainer) and len(asked) == 3

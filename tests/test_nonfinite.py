@@ -276,3 +276,27 @@ def test_under_deepspeed_a_nan_loss_stops_before_the_engine_steps(tmp_path):
     states = torch.load(ckpt / "checkpoint" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     assert states["global_step"] == 4
     assert all(torch.isfinite(t).all() for t in states["module"].values() if t.is_floating_point())
+
+
+@pytest.mark.parametrize("clip", [0.05, 1e6])  # clipping every step; a limit never reached (a scale of exactly 1)
+def test_clipping_reuses_the_screens_gradient_norms_with_the_same_weights(run_cfg, tmp_path, monkeypatch, clip):
+    """With the guard on, gradient clipping takes the guard's 2-norms (DiffusionLM.clip_gradients: no
+    clip_grad_norm_ call), and the weights and optimizer moments after training are bit for bit those of Lightning's
+    own clipping (the guard off), gradient accumulation included."""
+    real = torch.nn.utils.clip_grad_norm_
+    calls = []
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    states = {}
+    for guard in (True, False):
+        cfg = run_cfg(*SHORT, "trainer.max_steps=6", f"trainer.gradient_clip_val={clip}",
+                      "trainer.accumulate_grad_batches=2", *([] if guard else ["~callbacks.nonfinite"]),
+                      run_dir=tmp_path / f"guard-{guard}")
+        calls.clear()
+        train(cfg)
+        states[guard] = _load(tmp_path / f"guard-{guard}" / "checkpoints" / "last.ckpt")
+        assert len(calls) == (0 if guard else 6)
+    for key, value in states[False]["state_dict"].items():
+        assert torch.equal(states[True]["state_dict"][key], value), key
+    for a, b in zip(states[True]["optimizer_states"][0]["state"].values(),
+                    states[False]["optimizer_states"][0]["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in b if torch.is_tensor(b[k]))

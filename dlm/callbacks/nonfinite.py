@@ -2,7 +2,8 @@
 
 Before every optimizer step (Lightning's ``on_before_optimizer_step``: after backward and gradient accumulation,
 before clipping and the step) the guard checks, with one device sync, that the step's losses, every gradient and
-every parameter the optimizer updates are finite. When one is not, the step's gradients are dropped, so the
+every parameter the optimizer updates are finite (the gradients' 2-norms from this screen are what gradient clipping
+uses: DiffusionLM.clip_gradients, no second pass over the gradients). When one is not, the step's gradients are dropped, so the
 optimizer leaves the weights and its moments as they were (torch optimizers skip a parameter without a gradient;
 the LR schedule still advances, as for a step a GradScaler skips), and then
 
@@ -70,20 +71,31 @@ def nonfinite_mask(tensors: list[Tensor]) -> list[bool]:
     (fused per device and dtype, accumulated in float32 at least; NaN and inf propagate into it) screens them, 7x
     cheaper on a CPU than the max-abs norm, and the few whose 2-norm is not finite (a NaN/inf, or finite values whose
     squares overflow) are then decided exactly by their max-abs norm, which does not overflow on finite values."""
+    return screen(tensors)[0]
+
+
+def screen(tensors: list[Tensor]) -> tuple[list[bool], list[Tensor | None]]:
+    """:func:`nonfinite_mask` and the screen's 2-norms: ``norms[i]`` is tensor i's 2-norm as
+    ``torch.nn.utils.clip_grad_norm_`` computes it (``torch._foreach_norm``, the tensor's dtype) where that dtype is
+    32-bit or wider; None for half-precision tensors (screened in float32)."""
     groups: dict[tuple, list[int]] = {}
     for i, t in enumerate(tensors):
         groups.setdefault((t.device, t.dtype), []).append(i)
     bad = [False] * len(tensors)
+    norms: list[Tensor | None] = [None] * len(tensors)
     with torch.no_grad():
         for (_, dtype), indices in groups.items():
             wide = torch.float32 if dtype.itemsize < 4 else None  # a half-precision 2-norm overflows at 65504
-            norms = torch._foreach_norm([tensors[i] for i in indices], 2, dtype=wide)
-            screened = [i for i, finite in zip(indices, torch.stack(norms).isfinite().tolist()) if not finite]
+            group_norms = torch._foreach_norm([tensors[i] for i in indices], 2, dtype=wide)
+            if wide is None:
+                for i, norm in zip(indices, group_norms):
+                    norms[i] = norm
+            screened = [i for i, finite in zip(indices, torch.stack(group_norms).isfinite().tolist()) if not finite]
             if screened:
                 exact = torch._foreach_norm([tensors[i] for i in screened], math.inf)
                 for i, finite in zip(screened, torch.stack(exact).isfinite().tolist()):
                     bad[i] = not finite
-    return bad
+    return bad, norms
 
 
 # Not model state: the loops' logged metrics, and the scores of checkpoint/early-stopping callbacks (inf by design
@@ -166,9 +178,16 @@ class NonFiniteGuard(L.Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         grads = [p.grad for p in params if p.grad is not None] if scaler is None else []
         tensors = [t for t in grads + params if t.is_floating_point() and t.numel()]
-        bad = loss is not None or any(nonfinite_mask(tensors))
+        flags, norms = screen(tensors)
+        bad = loss is not None or any(flags)
+        pl_module.screened_grad_norms = None
         if not trainer.strategy.reduce_boolean_decision(bad, all=False):  # any rank: every rank drops the step
             self.consecutive = 0
+            # the gradients' 2-norms, for gradient clipping to reuse (DiffusionLM.clip_gradients): one pass over the
+            # gradients less per step; only when every gradient was screened in its own dtype
+            grad_norms = norms[:len(grads)]
+            if all(t is g for t, g in zip(tensors, grads)) and all(n is not None for n in grad_norms):
+                pl_module.screened_grad_norms = (grads, grad_norms)
             return
         step = trainer.global_step
         names = {id(p): n for n, p in pl_module.named_parameters()}

@@ -110,6 +110,8 @@ class DiffusionLM(L.LightningModule, ABC):
         self.vocab_size = int(tokenizer.vocab_size)
         self.nonfinite_stop: dict | None = None  # set by dlm.callbacks.nonfinite when training stopped on a NaN/inf
         self.nonfinite_loss: float | None = None  # this step's non-finite loss, for that guard to act on
+        # (gradients, their 2-norms) as that guard screened them this step: clip_gradients reuses the norms
+        self.screened_grad_norms: tuple[list[Tensor], list[Tensor]] | None = None
         self.configured_hparams: list[dict] = []  # each optimizer group's settings as the config composed them
         self.last_val_step = -1  # the global step of the latest validation
         self._build_backbone = None  # set by defer_backbone: the real backbone is built in configure_model
@@ -118,6 +120,14 @@ class DiffusionLM(L.LightningModule, ABC):
         self.static_kv_cache: bool | None = None
         self._static_cache: tuple | None = None  # (key, cache): reused by calls of the same shape
         self._check_vocabulary()
+
+    def __setattr__(self, name: str, value) -> None:
+        # Lightning sets _current_fx_name twice around every hook call (~50 times a step); it is never a parameter,
+        # buffer or submodule, so nn.Module's checks are skipped for it (where it ends up is the same: __dict__)
+        if name == "_current_fx_name":
+            object.__setattr__(self, name, value)
+            return
+        super().__setattr__(name, value)
 
     def kv_cache_of(self, sampler) -> str:
         """The KV cache that ``sampler`` runs under this family: its ``kv_cache``, or for None the family's default
@@ -323,6 +333,65 @@ class DiffusionLM(L.LightningModule, ABC):
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer, total_steps=self.trainer.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """Lightning's step, then the gradients are set to None at once (``optimizer_zero_grad`` does nothing): Lightning
+        frees them inside the next step's closure, after its forward, so each step's gradients stayed alive through the
+        next forward (+ the parameters' size in memory at the forward's peak), and on a CPU the next backward wrote its
+        gradients into newly mapped pages (~0.6 ms of a ~40 ms tiny-model step: benchmarks/overhead.py --profile,
+        ``run_backward``). The gradients a step's backward starts from are None either way (a new accumulation window
+        starts after an optimizer step). DeepSpeed's engine steps and clears its own gradients: Lightning's order
+        there."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.screened_grad_norms = None  # never holds a step's gradients past it (clipping consumes it)
+        if not self._engine_clears_gradients():
+            optimizer.zero_grad(set_to_none=True)
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
+        if self._engine_clears_gradients():  # else: cleared right after the optimizer step (optimizer_step above)
+            super().optimizer_zero_grad(epoch, batch_idx, optimizer)
+
+    def _engine_clears_gradients(self) -> bool:
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        return self._trainer is not None and isinstance(self._trainer.strategy, DeepSpeedStrategy)
+
+    def clip_gradients(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's clipping (``trainer.gradient_clip_val``), reusing the non-finite guard's per-gradient 2-norms
+        of this step where it screened them (dlm.callbacks.nonfinite): ``clip_grad_norm_`` would compute the same
+        norms again, a second pass over every gradient; on a CPU, a step whose norm is within the limit (a scale
+        of exactly 1.0) skips the multiplication too. The total norm and the clipped gradients are bit for bit
+        ``clip_grad_norm_``'s (tested); anything else (clipping by value, a precision plugin that clips its own way,
+        no screen this step) goes to Lightning."""
+        screened, self.screened_grad_norms = self.screened_grad_norms, None
+        if screened is not None and self._clips_by_torch_norm(gradient_clip_val, gradient_clip_algorithm):
+            grads, norms = screened
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            current = [p.grad for p in params if p.grad is not None]
+            if len(current) == len(grads) and all(a is b for a, b in zip(current, grads)):
+                first = grads[0].device if grads else None
+                total = torch.linalg.vector_norm(torch.stack([n.to(first) for n in norms]), 2) if grads \
+                    else torch.tensor(0.0)
+                if total.device.type == "cpu":  # reading a CPU scalar costs no device sync
+                    coef = torch.clamp(gradient_clip_val / (total + 1e-6), max=1.0)  # clip_grads_with_norm_'s
+                    if coef.item() == 1.0:
+                        return  # the gradients times exactly 1.0: the same bits without a pass over them
+                torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, total)
+                return
+        super().clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def _clips_by_torch_norm(self, value, algorithm) -> bool:
+        """Whether Lightning would clip with ``torch.nn.utils.clip_grad_norm_(params, value)`` here: norm clipping
+        at the trainer's positive value, through the base precision plugin's own norm clipping."""
+        from lightning.pytorch.plugins.precision import Precision
+
+        trainer = self._trainer
+        if trainer is None or not isinstance(value, (int, float)) or value <= 0 or value != trainer.gradient_clip_val:
+            return False
+        if str(getattr(algorithm, "value", algorithm) or "norm").lower() != "norm":
+            return False
+        plugin = type(trainer.precision_plugin)
+        return plugin.clip_gradients is Precision.clip_gradients and plugin.clip_grad_by_norm is Precision.clip_grad_by_norm
 
     def on_train_start(self) -> None:
         # A resume restores the checkpoint's optimizer and schedule state, hyper-parameters included: put the composed
