@@ -1,6 +1,7 @@
 """Every ratio of the README's benchmark table, measured in one run, printed as that table (markdown).
 
-    python benchmarks/all.py            # the table's figures (about 15-25 min on 2 busy cores; `make bench-all`)
+    python benchmarks/all.py            # the table's figures (`make bench-all`; 12-20 min on 2 cores, mostly training)
+    python benchmarks/all.py --runs DIR # keep those runs in DIR and reuse them next time (then about 2 min)
     python benchmarks/all.py --quick    # smoke mode: a few steps and prompts each (figures not meaningful)
 
 Each figure is a ratio against a baseline measured beside it in the same process, so that the machine's load
@@ -43,8 +44,10 @@ def load() -> str:
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke mode: a few steps and prompts per benchmark")
-    parser.add_argument("--train-steps", type=int, default=300, help="training steps of each sampler benchmark run")
-    parser.add_argument("--prompts", type=int, default=64, help="prompts of the sampler benchmark")
+    parser.add_argument("--train-steps", type=int, default=2000,
+                        help="training steps of each sampler benchmark run (samplers.py's default: `make train`'s length)")
+    parser.add_argument("--prompts", type=int, default=128, help="prompts of the sampler benchmark")
+    parser.add_argument("--runs", metavar="DIR", help="keep the sampler benchmark's trained runs in DIR and reuse them")
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds of the sampler benchmark")
     parser.add_argument("--chunks", type=int, default=40, help="chunk pairs of the two step benchmarks")
     args = parser.parse_args(argv)
@@ -57,6 +60,8 @@ def main(argv: list[str] | None = None) -> str:
     sampler_args = ["--quick"] if args.quick else ["--train-steps", str(args.train_steps), "--prompts",
                                                    str(args.prompts), "--rounds", str(args.rounds)]
     sampler_args.append("--no-main-table")  # the table reads the family defaults only
+    if args.runs:
+        sampler_args += ["--runs", args.runs]
     ar_args = ["--tiny", "--gen", "8", "--prompt", "8", "--repeats", "1"] if args.quick else ["--threads", "1"]
     started, loads = time.perf_counter(), [load()]
     stock = overhead.main([*chunks, "--baseline", "stock"])
