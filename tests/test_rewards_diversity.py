@@ -25,6 +25,9 @@ def test_group_distinct_by_hand():
     assert half[:3] == pytest.approx([3 ** -0.5] * 3)
     assert GroupDistinct(BracketValidity(), power=0)(completions, [""] * 8, **{GROUP_COLUMN: groups}) == \
         BracketValidity()(completions, [""] * 8)
+    # free_copies=2: up to two copies paid in full, "[]" x3 -> 2/3 each
+    free = GroupDistinct(BracketValidity(), free_copies=2)(completions, [""] * 8, **{GROUP_COLUMN: groups})
+    assert free == pytest.approx([2 / 3] * 3 + [1, 0, 0, 1, 1])
     # without group ids the batch is one group: "[]" four times
     assert r(completions, [""] * 8)[:4] == pytest.approx([0.25, 0.25, 0.25, 1.0])
 
@@ -42,6 +45,8 @@ def test_group_distinct_counts_the_prompt_and_scales_the_inner_value():
     assert r(["a", "a", "a"], ["x", "y", "x"], **{GROUP_COLUMN: [0, 0, 0]}) == pytest.approx([0.25, 0.5, 0.25])
     with pytest.raises(ValueError, match="power must be >= 0"):
         GroupDistinct(Half(), power=-1)
+    with pytest.raises(ValueError, match="free_copies must be an integer >= 1"):
+        GroupDistinct(Half(), free_copies=0)
     with pytest.raises(ValueError, match="must be a dlm.rewards Reward"):
         GroupDistinct(lambda **kw: [1.0])
 

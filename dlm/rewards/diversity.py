@@ -24,16 +24,20 @@ GROUP_COLUMN = "rollout_group"
 
 
 class GroupDistinct(Reward):
-    """``inner(c) / count(c)**power``: ``count(c)`` is how many completions of c's group equal c as text (after
-    ``strip()``, with its prompt), c itself included. ``power=1`` splits one string's reward among its copies;
-    ``power=0`` is the inner reward unchanged."""
+    """``inner(c) * min(1, free_copies / count(c))**power``: ``count(c)`` is how many completions of c's group equal
+    c as text (after ``strip()``, with its prompt), c itself included. ``free_copies=1, power=1`` splits one string's
+    reward among its copies; ``free_copies=k`` pays up to k copies in full (a group of G is paid in full from G/k
+    distinct rewarded strings on), so the policy may keep its easiest strings as long as it spreads over enough of
+    them; ``power=0`` is the inner reward unchanged."""
 
-    def __init__(self, reward: Reward, power: float = 1.0, name: str | None = None):
+    def __init__(self, reward: Reward, power: float = 1.0, free_copies: int = 1, name: str | None = None):
         if not isinstance(reward, Reward):
             raise ValueError(f"GroupDistinct: reward must be a dlm.rewards Reward, got {type(reward).__name__}")
         if power < 0:
             raise ValueError(f"GroupDistinct: power must be >= 0, got {power}")
-        self.reward, self.power = reward, float(power)
+        if int(free_copies) != free_copies or free_copies < 1:
+            raise ValueError(f"GroupDistinct: free_copies must be an integer >= 1, got {free_copies}")
+        self.reward, self.power, self.free_copies = reward, float(power), int(free_copies)
         self.name = name or f"{reward.name}_distinct"
 
     def score(self, completions: Sequence[str], prompts: Sequence[str], **columns: Sequence[Any]) -> list[float]:
@@ -41,4 +45,4 @@ class GroupDistinct(Reward):
         inner = self.reward(completions, prompts, **columns)
         keys = [(g, p, c.strip()) for g, p, c in zip(groups, prompts, completions)]
         counts = Counter(keys)
-        return [v / counts[k] ** self.power for v, k in zip(inner, keys)]
+        return [v * min(1.0, self.free_copies / counts[k]) ** self.power for v, k in zip(inner, keys)]
