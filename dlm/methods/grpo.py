@@ -64,6 +64,7 @@ from dlm.models.lora import adapter_spec, adapters_disabled, add_adapters, merge
 from dlm.parallel import must_return_a_loss
 from dlm.parallel.lockstep import gathers_parameters, lockstep
 from dlm.rewards.base import Reward, RewardSet, as_reward_set
+from dlm.rewards.diversity import GROUP_COLUMN
 from dlm.rl.estimators import ExactLogProb, LogProbEstimator, MeanFieldLogProb
 from dlm.rl.objective import (
     clipped_policy_loss,
@@ -410,6 +411,7 @@ class GRPO(DiffusionLM):
         prompts = [str(rows[s // G].get("prompt", "")) for s in range(len(completions))]
         columns = {k: [rows[s // G].get(k) for s in range(len(completions))]
                    for k in sorted({k for r in rows for k in r} - {"prompt"})}
+        columns[GROUP_COLUMN] = [s // G for s in range(len(completions))]  # group-aware rewards (GroupDistinct)
         components = self.reward.components(completions, prompts, **columns)
         total = torch.tensor(self.reward.total(components), dtype=torch.float32)
         shaped, log_ratio = total, None

@@ -5,6 +5,7 @@ from dlm.rewards.arithmetic import ArithmeticCorrectness, ArithmeticPrompts
 from dlm.rewards.base import PromptSource, Reward, RewardSet, as_reward_set
 from dlm.rewards.brackets import BracketPrompts, BracketValidity
 from dlm.rewards.countdown import CountdownPrompts, CountdownReward
+from dlm.rewards.diversity import GroupDistinct
 from dlm.rewards.errors import RewardError
 from dlm.rewards.format import IntegerAnswer, XMLFormat, XMLTagCount
 from dlm.rewards.function import FunctionReward
@@ -15,6 +16,6 @@ from dlm.rewards.sudoku import SudokuPrompts, SudokuReward
 
 __all__ = [
     "ArithmeticCorrectness", "ArithmeticPrompts", "BracketPrompts", "BracketValidity", "CountdownPrompts",
-    "CountdownReward", "FunctionReward", "GSM8KReward", "HubPrompts", "IntegerAnswer", "MathReward", "PromptSource", "Reward",
+    "CountdownReward", "FunctionReward", "GroupDistinct", "GSM8KReward", "HubPrompts", "IntegerAnswer", "MathReward", "PromptSource", "Reward",
     "RewardError", "RewardSet", "SudokuPrompts", "as_reward_set", "SudokuReward", "XMLFormat", "XMLTagCount",
 ]
