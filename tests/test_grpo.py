@@ -343,13 +343,16 @@ def test_path_estimator_is_a_distribution_over_completions_for_a_fixed_order():
 
 
 @torch.no_grad()
-def test_path_estimator_is_the_ancestral_samplers_own_log_probability():
+@pytest.mark.parametrize("name", ["AncestralSampler", "RandomOrderSampler"])
+def test_path_estimator_is_the_ancestral_samplers_own_log_probability(name):
     """The sampler's probability of what it drew, step by step (its own denoiser on its own trajectory), equals the
-    estimator's per-token values computed from the recorded reveal steps alone."""
-    from dlm.sampling import AncestralSampler
+    estimator's per-token values computed from the recorded reveal steps alone; for the random-order sampler (one
+    position per row per step, in an order drawn independently of the model) as for the ancestral one."""
+    import dlm.sampling
 
     model = _tiny("mdlm")
-    sampler = AncestralSampler(steps=4, record_trajectory=True)
+    sampler = getattr(dlm.sampling, name)(steps=4, record_trajectory=True)
+    PathLogProb().check_sampler(sampler)
     prompt = torch.full((6, 1), 0, dtype=torch.long)
     gen = model.generate(prompt, 5, sampler=sampler, generator=torch.Generator().manual_seed(3))
     traj = gen.trajectory

@@ -37,7 +37,7 @@ def test_the_weights_are_lightnings_and_no_gradient_outlives_its_step(run_cfg, t
                 m.setattr(DiffusionLM, "optimizer_zero_grad", L.LightningModule.optimizer_zero_grad)
             spy = GradsBetweenSteps()
             real = dlm.train.build_callbacks
-            m.setattr(dlm.train, "build_callbacks", lambda cfg: real(cfg) + [spy])
+            m.setattr(dlm.train, "build_callbacks", lambda cfg, real=real, spy=spy: real(cfg) + [spy])
             cfg = run_cfg(*QUIET, f"method={method}", "trainer.max_steps=5", "trainer.accumulate_grad_batches=2",
                           "trainer.gradient_clip_val=0.05", run_dir=tmp_path / order)
             train(cfg)

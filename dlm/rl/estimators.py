@@ -226,11 +226,15 @@ class ExactLogProb(LogProbEstimator):
 
 
 # the samplers whose reveal order is drawn from the schedule alone (the model only picks the tokens)
-_ORDER_FREE_SAMPLERS = ("AncestralSampler",)
+# samplers whose reveal order is drawn independently of the model: MDLM's ancestral one (the schedule decides), and the
+# random-order one (uniform order, the LLaDA count per step: with steps >= the positions, one position per row per
+# step, the sequential limit of the ancestral sampler at 1 call per position instead of ~1 per step for a batch)
+_ORDER_FREE_SAMPLERS = ("AncestralSampler", "RandomOrderSampler")
 
 
 class PathLogProb(LogProbEstimator):
-    """The exact log-probability of a rollout *along the path its sampler took* (MDLM's ancestral sampler).
+    """The exact log-probability of a rollout *along the path its sampler took* (MDLM's ancestral sampler, or the
+    random-order one: any sampler whose reveal order is drawn independently of the model).
 
     The ancestral sampler (dlm/sampling/ancestral.py) decides which positions to reveal at each step from the
     schedule alone, independently of the model, and draws each revealed token from p_θ(· | canvas of that step). So,
@@ -269,7 +273,7 @@ class PathLogProb(LogProbEstimator):
         if name not in _ORDER_FREE_SAMPLERS:
             raise ValueError(
                 f"PathLogProb needs a sampler whose reveal order does not depend on the model "
-                f"({', '.join(_ORDER_FREE_SAMPLERS)}: sampler=ancestral); {name} chooses the positions from the "
+                f"({', '.join(_ORDER_FREE_SAMPLERS)}: sampler=ancestral or random_order); {name} chooses the positions from the "
                 f"model's predictions (low_confidence, confidence, threshold, entropy_bounded, remdm and the like): "
                 f"use dlm.rl.estimators.ELBOLogProb or MeanFieldLogProb"
             )
