@@ -38,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dlm import checks
 from dlm.build import build_sampler
-from dlm.config import CONF_DIR, ConfigError, exit_on_bad_overrides, register_resolvers
+from dlm.config import CONF_DIR, ConfigError, build, exit_on_bad_overrides, register_resolvers
 from dlm.errors import UserError, user_errors
 from dlm.progress import Bar
 from dlm.run import LoadedRun, load_run, plain
@@ -306,7 +306,6 @@ def generation(run: LoadedRun, sampler, samples: DictConfig, seed: int,
 def reward_task(cfg: DictConfig, run: LoadedRun):
     """(reward, prompt source) when the request gives reward= or prompts= (the other from a GRPO run's own config
     where the request does not give it); None when it gives neither."""
-    from dlm.config import build
     from dlm.rewards.base import as_reward_set
 
     if cfg.get("reward") is None and cfg.get("prompts") is None:

@@ -26,19 +26,12 @@ from typing import Any
 
 import torch
 
-from dlm.data.chat import chat_ids
+from dlm.data.chat import prompt_ids
 from dlm.models.capabilities import conventions_of
 from dlm.rewards.base import RewardSet
 from dlm.sampling.base import cut_at_eos
 
-__all__ = ["prompt_ids", "reward_evaluation"]
-
-
-def prompt_ids(module, text: str, chat: bool) -> list[int]:
-    """A prompt's token ids: one user message under the model's chat template (``chat``), else the plain text."""
-    if chat and text:
-        return chat_ids(module.tokenizer, [{"role": "user", "content": text}])
-    return module.tokenizer.encode(text)
+__all__ = ["reward_evaluation"]
 
 
 def _batches(rows: list[dict], ids: list[list[int]], batch_size: int) -> Iterator[list[int]]:
@@ -79,7 +72,7 @@ def reward_evaluation(
     the number of completions done after each batch."""
     chat = conventions_of(module.backbone).chat_template if chat is None else bool(chat)
     texts = [str(r.get("prompt", "")) for r in rows]
-    ids = [prompt_ids(module, t, chat) for t in texts]
+    ids = [prompt_ids(module.tokenizer, t, chat) for t in texts]
     stops = getattr(module, "stop_ids", None) or (int(module.eos_id),)
     columns = sorted({k for r in rows for k in r} - {"prompt"})
     metrics: dict[str, Any] = {"reward/num_prompts": len(rows), "reward/chat_prompts": bool(chat)}

@@ -154,14 +154,19 @@ LORA_RUN = ["model=qwen3_tiny", "model.config=null", "model.lora.r=4", "model.lo
             "+model.lr_multipliers={attention: 1.0, mlp: 0.25}", "optimizer.lr=0.01"]
 
 
-@pytest.fixture(scope="module")
-def lora_run(pretrained, tmp_path_factory):
+def _trained_lora_run(tmp_path_factory, name: str, overrides: list[str], pretrained):
+    """A LoRA run over the tiny pretrained checkpoint, trained in-process into its own temp folder."""
     from conftest import FAST, compose
 
-    tmp = tmp_path_factory.mktemp("lora_run")
+    tmp = tmp_path_factory.mktemp(name)
     cfg = compose(FAST + [f"paths.run_dir={tmp / 'run'}", f"paths.cache_dir={tmp / 'cache'}", "name=test",
-                          *LORA_RUN, f"model.pretrained={pretrained}"])
+                          *overrides, f"model.pretrained={pretrained}"])
     return train_recorded(cfg)
+
+
+@pytest.fixture(scope="module")
+def lora_run(pretrained, tmp_path_factory):
+    return _trained_lora_run(tmp_path_factory, "lora_run", LORA_RUN, pretrained)
 
 
 def test_only_adapters_train_and_the_frozen_base_is_bit_identical(lora_run, pretrained):
@@ -422,12 +427,7 @@ SAVE_RUN = [*LORA_RUN, "model.lora.modules_to_save=[embed_tokens]", "trainer.max
 
 @pytest.fixture(scope="module")
 def save_run(pretrained, tmp_path_factory):
-    from conftest import FAST, compose
-
-    tmp = tmp_path_factory.mktemp("save_run")
-    cfg = compose(FAST + [f"paths.run_dir={tmp / 'run'}", f"paths.cache_dir={tmp / 'cache'}", "name=test",
-                          *SAVE_RUN, f"model.pretrained={pretrained}"])
-    return train_recorded(cfg)
+    return _trained_lora_run(tmp_path_factory, "save_run", SAVE_RUN, pretrained)
 
 
 def test_saved_modules_are_in_the_adapter_only_checkpoint_and_out_of_the_fingerprint(save_run, pretrained):

@@ -42,6 +42,14 @@ def chat_template_of(tokenizer) -> str | None:
     return getattr(hf, "chat_template", None) if hf is not None else None
 
 
+def prompt_ids(tokenizer, text: str, chat: bool) -> list[int]:
+    """A prompt's token ids: one user message under the tokenizer's chat template when ``chat`` (an instruct model's
+    convention; d1 and dlm.generate send prompts so), else the plain text; an empty prompt is no message."""
+    if chat and text:
+        return chat_ids(tokenizer, [{"role": "user", "content": text}])
+    return tokenizer.encode(text)
+
+
 def chat_ids(tokenizer, messages, add_generation_prompt: bool = True) -> list[int]:
     """Token ids of ``messages`` under the tokenizer's chat template (or the plain one); with
     ``add_generation_prompt`` they end where the assistant's next reply begins."""

@@ -55,7 +55,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from dlm.data.chat import chat_ids
+from dlm.data.chat import prompt_ids
 from dlm.errors import UserError
 from dlm.log_interval import logs_this_step
 from dlm.methods.base import DiffusionLM, evaluating
@@ -460,9 +460,7 @@ class GRPO(DiffusionLM):
         return {"generation": generation, "iteration": 0, "buckets": buckets, "stats": stats}
 
     def _encode_prompt(self, text: str) -> list[int]:
-        if self.chat_prompts and text:
-            return chat_ids(self.tokenizer, [{"role": "user", "content": text}])
-        return self.tokenizer.encode(text)
+        return prompt_ids(self.tokenizer, text, self.chat_prompts)
 
     @contextlib.contextmanager
     def _recording_order(self) -> Iterator[list[Tensor] | None]:
