@@ -431,6 +431,19 @@ def test_reward_rises_on_a_fixed_seed(run_cfg, tmp_path):
         assert len(_metrics(run, key)) == 12, key
 
 
+def test_the_run_seed_sets_the_rollouts(run_cfg, tmp_path):
+    """seed= alone gives another draw of rollouts: method.rollout_seed follows it (it did not, so two seeds of a
+    GRPO run from one init_from drew the same rollouts)."""
+    from dlm.train import train
+
+    def rollouts(*overrides):  # (the seed also draws this tiny model's initial weights)
+        run = train(run_cfg(*RL, "trainer.max_steps=1", *overrides, run_dir=tmp_path / "_".join(overrides).replace("=", "-")))
+        return [json.loads(line)["text"] for line in open(run / "samples.jsonl") if '"rollout"' in line]
+
+    seed0, seed1 = rollouts("seed=0"), rollouts("seed=1")
+    assert len(seed0) == 16 and seed0 != seed1
+
+
 @pytest.mark.parametrize("estimator", ["{_target_:dlm.rl.estimators.ELBOLogProb,num_samples:2}",
                                        "{_target_:dlm.rl.estimators.PathLogProb}"])
 def test_resume_mid_batch_of_generations_continues_exactly(run_cfg, tmp_path, estimator):
