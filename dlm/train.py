@@ -241,7 +241,7 @@ def train(cfg: DictConfig) -> Path:
     import lightning as L
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    from dlm import end_of_run
+    from dlm import end_of_run, lightning_fast_paths
     from dlm.callbacks.continuity import RunContinuity
     from dlm.console import quiet_lightning_logging
     from dlm.methods.base import NonFiniteLossError
@@ -265,6 +265,7 @@ def train(cfg: DictConfig) -> Path:
             callback.started = started
     log_config(loggers, cfg)
     trainer = build(cfg.trainer, "trainer", MisconfigurationException, TypeError, logger=loggers or False, callbacks=callbacks)
+    lightning_fast_paths.apply(trainer)  # Lightning's per-step costs that buy nothing here
     terminated = fit(trainer, module, datamodule, ckpt_path, vetted)
     if not module.nonfinite_stop:  # before the last validation: under ZeRO-3 trainer.validate rebuilds the DeepSpeed
         # engine for inference (no optimizer), which cannot save a checkpoint

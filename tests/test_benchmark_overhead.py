@@ -22,6 +22,9 @@ def test_overhead_interleaves_both_loops_and_reports_ratios(baseline, capsys):
     assert result["pairs"] == 2 and result["baseline"] == baseline
     for key in ("ratio", "cpu_ratio", "lightning_ms", "plain_ms"):
         assert math.isfinite(result[key]) and result[key] > 0
+    for key in ("ratio", "cpu_ratio"):  # the bootstrap interval holds the figure from all the pairs
+        low, high = result[f"{key}_90"]
+        assert low <= result[key] <= high
     out = capsys.readouterr().out
     assert f"baseline: {baseline}" in out and "CPU time" in out
     if baseline == "module":

@@ -197,6 +197,30 @@ def test_broken_weights_stop_the_run_whatever_the_action(run_cfg, with_callback)
     assert f"last finite checkpoint is {newest}" in str(err.value) and _load(newest)["global_step"] == 5
 
 
+class PoisonUnreadWeight(L.Callback):
+    """A weight the loss never reads (an extra optimizer parameter) becomes NaN after the update of `step`."""
+
+    def __init__(self, step):
+        self.step, self.weight = step, torch.nn.Parameter(torch.zeros(3))
+
+    def on_train_start(self, trainer, pl_module):
+        trainer.optimizers[0].param_groups[0]["params"].append(self.weight)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                self.weight.fill_(float("nan"))
+
+
+@pytest.mark.parametrize("every, caught", [(10, 10), (1, 3)])
+def test_a_broken_weight_no_loss_reads_is_caught_by_the_periodic_screen(run_cfg, with_callback, every, caught):
+    """The loss and gradients stay finite: the weights' own screen, every param_check_every steps, finds it."""
+    with_callback(PoisonUnreadWeight(3))
+    cfg = run_cfg(*SHORT, "trainer.max_steps=20", f"callbacks.nonfinite.param_check_every={every}")
+    with pytest.raises(NonFiniteLossError, match=f"step {caught}: parameter <optimizer parameter> was non-finite"):
+        train(cfg)
+
+
 def test_an_lr_given_on_resume_takes_effect(run_cfg, tmp_path, capsys):
     """The checkpoint's optimizer state would restore its lr; the composed optimizer.lr wins, moments kept."""
     common = [*SHORT, "lr_scheduler=constant", "lr_scheduler.warmup_steps=0", "trainer.log_every_n_steps=1"]
@@ -232,6 +256,8 @@ def test_a_bad_action_is_one_config_error(run_cfg):
         train(run_cfg("callbacks.nonfinite.action=maybe"))
     with pytest.raises(ConfigError, match="max_consecutive_skips"):
         NonFiniteGuard(action="skip", max_consecutive_skips=0)
+    with pytest.raises(ConfigError, match=r"param_check_every=0 must be an integer >= 1 \(1: the weights are"):
+        NonFiniteGuard(param_check_every=0)
 
 
 def test_skip_is_refused_under_deepspeed():

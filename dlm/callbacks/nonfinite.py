@@ -1,9 +1,11 @@
 """The non-finite guard (``callbacks.nonfinite``): a NaN/inf never reaches the weights or a checkpoint.
 
 Before every optimizer step (Lightning's ``on_before_optimizer_step``: after backward and gradient accumulation,
-before clipping and the step) the guard checks, with one device sync, that the step's losses, every gradient and
-every parameter the optimizer updates are finite (the gradients' 2-norms from this screen are what gradient clipping
-uses: DiffusionLM.clip_gradients, no second pass over the gradients). When one is not, the step's gradients are dropped, so the
+before clipping and the step) the guard checks, with one device sync, that the step's losses and every gradient are
+finite, and before every ``param_check_every``-th step (10) every parameter the optimizer updates too (finite weights
+and gradients make a finite update, and a broken weight the loss reads breaks the next loss; the periodic screen finds
+one it does not read, such as an unused embedding row). The gradients' 2-norms from this screen are what gradient
+clipping uses: DiffusionLM.clip_gradients, no second pass over the gradients. When one is not, the step's gradients are dropped, so the
 optimizer leaves the weights and its moments as they were (torch optimizers skip a parameter without a gradient;
 the LR schedule still advances, as for a step a GradScaler skips), and then
 
@@ -131,16 +133,23 @@ class NonFiniteGuard(L.Callback):
     action: ``stop`` (save last.ckpt and stop) or ``skip`` (drop the step's update and go on).
     max_consecutive_skips: with ``skip``, stop after this many skipped steps in a row.
     dirpath: the run's checkpoint folder (last.ckpt is written there on a stop).
+    param_check_every: screen the weights themselves before every N-th optimizer step (the loss and gradients are
+        screened before every one; a non-finite weight that reaches either is caught there, the next step).
     """
 
-    def __init__(self, action: str = "stop", max_consecutive_skips: int = 10, dirpath: str | None = None):
+    def __init__(self, action: str = "stop", max_consecutive_skips: int = 10, dirpath: str | None = None,
+                 param_check_every: int = 10):
         if action not in ACTIONS:
             raise ConfigError([f"callbacks.nonfinite.action={action!r}: must be one of {', '.join(ACTIONS)}"])
         if isinstance(max_consecutive_skips, bool) or not isinstance(max_consecutive_skips, int) \
                 or max_consecutive_skips < 1:
             raise ConfigError([f"callbacks.nonfinite.max_consecutive_skips={max_consecutive_skips!r} must be an "
                                f"integer >= 1"])
+        if isinstance(param_check_every, bool) or not isinstance(param_check_every, int) or param_check_every < 1:
+            raise ConfigError([f"callbacks.nonfinite.param_check_every={param_check_every!r} must be an integer >= 1 "
+                               f"(1: the weights are screened before every optimizer step)"])
         self.action, self.max_consecutive_skips = action, max_consecutive_skips
+        self.param_check_every = param_check_every
         self.dirpath = Path(dirpath) if dirpath else None
         self.skipped = 0  # steps whose update was dropped, over the whole run (resumes included)
         self.consecutive = 0
@@ -177,7 +186,11 @@ class NonFiniteGuard(L.Callback):
         params = [p for group in optimizer.param_groups for p in group["params"]]
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         grads = [p.grad for p in params if p.grad is not None] if scaler is None else []
-        tensors = [t for t in grads + params if t.is_floating_point() and t.numel()]
+        # finite weights and gradients make a finite update, so broken weights show in the loss and gradients of
+        # the next step; the weights are screened every param_check_every steps for a NaN that reaches neither
+        # (an unused embedding row), and on every step where no gradient is screened (a loss scaler, DeepSpeed)
+        screened = params if not grads or trainer.global_step % self.param_check_every == 0 else []
+        tensors = [t for t in grads + screened if t.is_floating_point() and t.numel()]
         flags, norms = screen(tensors)
         bad = loss is not None or any(flags)
         pl_module.screened_grad_norms = None
