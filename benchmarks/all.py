@@ -49,14 +49,15 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--prompts", type=int, default=128, help="prompts of the sampler benchmark")
     parser.add_argument("--runs", metavar="DIR", help="keep the sampler benchmark's trained runs in DIR and reuse them")
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds of the sampler benchmark")
-    parser.add_argument("--chunks", type=int, default=40, help="chunk pairs of the two step benchmarks")
+    parser.add_argument("--chunks", type=int, default=60,
+                        help="chunk pairs of the two step benchmarks (10 steps each: one logged step per chunk)")
     args = parser.parse_args(argv)
 
     import ar_decoding
     import overhead
     import samplers
 
-    chunks = ["--chunk", "2", "--chunks", "2"] if args.quick else ["--chunk", "5", "--chunks", str(args.chunks)]
+    chunks = ["--chunk", "2", "--chunks", "2"] if args.quick else ["--chunk", "10", "--chunks", str(args.chunks)]
     sampler_args = ["--quick"] if args.quick else ["--train-steps", str(args.train_steps), "--prompts",
                                                    str(args.prompts), "--rounds", str(args.rounds)]
     sampler_args.append("--no-main-table")  # the table reads the family defaults only
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> str:
     loads.append(load())
 
     def steps(r: dict) -> str:
-        return f"{r['ratio']:.3f} wall, {r['cpu_ratio']:.3f} CPU ({r['lightning_ms']:.1f} / {r['plain_ms']:.1f} ms)"
+        return (f"{r['ratio']:.3f} wall [{overhead.interval(r['ratio_90'])}], {r['cpu_ratio']:.3f} CPU "
+                f"[{overhead.interval(r['cpu_ratio_90'])}] ({r['lightning_ms']:.1f} / {r['plain_ms']:.1f} ms)")
 
     table = [
         "| figure | ratio | command |",

@@ -4,6 +4,7 @@
     python benchmarks/overhead.py model=small --chunk 20 --chunks 12
     python benchmarks/overhead.py --profile             # + cProfile of both loops (CPU time): where the overhead goes
     python benchmarks/overhead.py --baseline stock      # dlm's step in Lightning against a hand-written MDLM loop
+    DLM_NO_FAST_PATHS=1 python benchmarks/overhead.py   # without dlm/lightning_fast_paths.py: what it saves
 
 The module, datamodule, callbacks and loggers are built as ``dlm.train`` builds them (conf/train.yaml composed with
 the overrides; ``logger=none``: the run's metrics.csv only). One ``trainer.fit`` runs; a callback interleaves, in
