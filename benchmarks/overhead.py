@@ -178,15 +178,15 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.fit(module, datamodule=dm)
     lightning, plain = times["lightning"][1:], times["plain"][1:]  # the first pair warms up
     ratios = [a / b for a, b in zip(lightning, plain)]
-    cpu_ratios = [a / b for a, b in zip(times["lightning_cpu"][1:], times["plain_cpu"][1:])]
     cpu_pairs = list(zip(times["lightning_cpu"][1:], times["plain_cpu"][1:]))
+    cpu_ratios = [a / b for a, b in cpu_pairs]
     result = {"lightning_ms": 1e3 * statistics.median(lightning), "plain_ms": 1e3 * statistics.median(plain),
               "ratio": statistics.median(ratios), "pairs": len(ratios),
               "cpu_ratio": sum(a for a, _ in cpu_pairs) / sum(b for _, b in cpu_pairs), "baseline": args.baseline,
               "ratio_90": bootstrap_90(ratios, statistics.median),
               "cpu_ratio_90": bootstrap_90(cpu_pairs, lambda ps: sum(a for a, _ in ps) / sum(b for _, b in ps)),
               "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")}
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load = result["load"]
     print(f"baseline: {args.baseline} | overrides: {' '.join(args.overrides) or '(defaults)'} | {len(ratios)} pairs of {n} steps | torch threads "
           f"{args.threads} | load average {load:.2f} on {os.cpu_count()} cores")
     print(f"lightning step {result['lightning_ms']:.2f} ms | plain step {result['plain_ms']:.2f} ms | "
