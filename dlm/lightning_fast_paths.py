@@ -1,4 +1,4 @@
-"""Two per-step costs of Lightning that buy nothing in a dlm run, removed (benchmarks/overhead.py measures them).
+"""Three per-step costs of Lightning that buy nothing in a dlm run, removed (benchmarks/overhead.py measures them).
 
 - **The default profiler.** Lightning wraps every hook it calls (each callback's, the module's, the strategy's:
   about 150 a training step with dlm's callbacks) in ``trainer.profiler.profile(name)``, a ``@contextmanager``
@@ -10,8 +10,15 @@
   a logged step. :func:`_move_logged_metric` skips it when the metric was last moved to that device by ``.to`` and
   every tensor it holds is there; anything else (a first call, another device, a state moved some other way) takes
   Lightning's path. What is logged is unchanged (tests/test_lightning_fast_paths.py).
+- **Calling every callback for every hook.** Each of the six callback hooks of a training step
+  (lightning/pytorch/trainer/call.py ``_call_callback_hooks``) visits every callback (nine in a dlm run), builds
+  a profiler label from its ``state_key`` (a ``repr`` of its arguments for some) and calls the hook, mostly the
+  base class's empty one. :func:`_call_overridden_callback_hooks` calls only the callbacks whose class (or the
+  instance itself) defines the hook, in the same order, with the same ``_current_fx_name`` around each; the base
+  hooks it leaves out do nothing. It does so only for a trainer with :class:`NoProfiler` (a profiler asked for
+  sees every call, labelled as Lightning labels them).
 
-:func:`apply` installs both; dlm.train and the benchmark call it on the trainer they build.
+:func:`apply` installs all three; dlm.train and the benchmark call it on the trainer they build.
 """
 
 from __future__ import annotations
@@ -19,7 +26,9 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
+from lightning.pytorch.callbacks import Callback, Checkpoint, EarlyStopping
 from lightning.pytorch.profilers import PassThroughProfiler
+from lightning.pytorch.trainer import call as lightning_call
 from lightning.pytorch.trainer.connectors.logger_connector.result import _ResultMetric
 
 _NOTHING = nullcontext()  # reusable: entering and leaving it does nothing
@@ -55,9 +64,44 @@ def _move_logged_metric(self, *args, **kwargs):
     return self
 
 
+_lightning_call_hooks = lightning_call._call_callback_hooks
+_defines_hook: dict[tuple[type, str], bool] = {}  # (callback class, hook name) -> not Callback's empty hook
+
+
+def _defines(callback, hook_name: str) -> bool:
+    key = (type(callback), hook_name)
+    if key not in _defines_hook:
+        _defines_hook[key] = getattr(type(callback), hook_name, None) is not getattr(Callback, hook_name, None)
+    return _defines_hook[key] or hook_name in callback.__dict__  # a hook set on the instance counts too
+
+
+def _call_overridden_callback_hooks(trainer, hook_name: str, *args, monitoring_callbacks=None, **kwargs) -> None:
+    """``_call_callback_hooks``, calling only the callbacks that define ``hook_name`` (see the module docstring)."""
+    if not isinstance(trainer.profiler, NoProfiler):
+        return _lightning_call_hooks(trainer, hook_name, *args, monitoring_callbacks=monitoring_callbacks, **kwargs)
+    callbacks = [callback for callback in trainer.callbacks if _defines(callback, hook_name)]
+    if monitoring_callbacks is not None:  # Lightning's split of on_train_epoch_end: monitoring callbacks last
+        callbacks = [callback for callback in callbacks
+                     if isinstance(callback, (EarlyStopping, Checkpoint)) is monitoring_callbacks]
+    if not callbacks:
+        return None
+    pl_module = trainer.lightning_module
+    if pl_module:
+        previous, pl_module._current_fx_name = pl_module._current_fx_name, hook_name
+    for callback in callbacks:
+        fn = getattr(callback, hook_name)
+        if callable(fn):
+            fn(trainer, trainer.lightning_module, *args, **kwargs)
+    if pl_module:
+        pl_module._current_fx_name = previous  # restored for a nested call, as Lightning does
+    return None
+
+
 def apply(trainer) -> None:
-    """Install both fast paths for ``trainer`` (built, not yet fitted)."""
+    """Install the fast paths for ``trainer`` (built, not yet fitted)."""
     if type(trainer.profiler) is PassThroughProfiler:
         trainer.profiler = NoProfiler()
     if _ResultMetric.to is _lightning_move:
         _ResultMetric.to = _move_logged_metric
+    if lightning_call._call_callback_hooks is _lightning_call_hooks:
+        lightning_call._call_callback_hooks = _call_overridden_callback_hooks
