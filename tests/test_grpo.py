@@ -521,6 +521,25 @@ def test_reference_sync_mixes_the_policy_in_every_n_steps(run_cfg, tmp_path):
         torch.testing.assert_close(ref, 0.75 * before[name] + 0.25 * pol)
 
 
+def test_a_checkpoint_of_a_sync_step_holds_the_synced_reference(run_cfg, tmp_path):
+    """The checkpoint callbacks write at a batch's end, before the module's own hook: the sync runs right after the
+    optimizer step, so the checkpoint written at step 2 (a sync step, alpha = 1) holds reference == policy, and a
+    run resumed from it goes on as the straight run does."""
+    from dlm.safe_load import load_checkpoint
+    from dlm.train import train
+
+    every_step = ["+callbacks.each_step._target_=dlm.callbacks.checkpoint.ModelCheckpoint",
+                  f"+callbacks.each_step.dirpath={tmp_path / 'each'}", "+callbacks.each_step.filename='step{step}'", "+callbacks.each_step.auto_insert_metric_name=false",
+                  "+callbacks.each_step.save_top_k=-1", "+callbacks.each_step.every_n_train_steps=1"]
+    train(run_cfg(*RL, "method.beta=0.05", "method.ref_sync_every=2", "method.ref_mixup_alpha=1.0",
+                  "trainer.max_steps=4", *every_step))
+    for step, synced in ((2, True), (3, False), (4, True)):  # (step 1: the warm-up's lr 0 leaves the policy as is)
+        state = load_checkpoint(tmp_path / "each" / f"step{step}.ckpt")["state_dict"]
+        pairs = [(state[k], state["policy." + k.removeprefix("reference.")]) for k in state
+                 if k.startswith("reference.")]
+        assert pairs and all(torch.equal(r, p) for r, p in pairs) is synced, step
+
+
 def test_kl_in_the_reward_reuses_its_first_step_estimates_exactly(run_cfg):
     """With kl_reward_coef the first inner step's policy and reference estimates are made once (for the reward) and
     reused as the old and reference values: the same numbers as a fresh estimate, two estimates fewer."""

@@ -1,7 +1,8 @@
 """method=grpo's scale path (dlm/methods/grpo.py, issue 15 item 4): LoRA adapters as the only trained parameters
 with the adapter-disabled base as the frozen reference, gradient checkpointing of the policy's training forwards,
 the rollout sampler's KV cache (equal rollouts where the family's cache is exact), and a 2-rank ZeRO-3 CPU run whose
-ranks draw prompts of different lengths and stop sampling at different calls (slow)."""
+ranks draw prompts of different lengths and stop sampling at different calls, and the reference sync under
+ZeRO-3 (slow)."""
 
 from __future__ import annotations
 
@@ -192,6 +193,21 @@ def test_two_rank_zero3_cpu_run_of_a_few_rl_steps(tmp_path, extra):
     if any(a.startswith("model.pretrained=") for a in extra):
         # the deferred builds on each rank: the policy's backbone and the reference's second one
         assert proc.stdout.count("into ZeRO-3 partitions") == 4, proc.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_two_rank_zero3_reference_sync_mixes_the_gathered_policy_into_the_shards(tmp_path):
+    """TRL's reference sync under ZeRO-3 on 2 CPU ranks: each policy/reference pair is gathered, mixed and the result
+    re-partitioned. With alpha = 1 every step, the consolidated last checkpoint's reference equals its policy, every
+    parameter (a pair mixed into the wrong shard, or one rank's half only, would not)."""
+    from dlm.parallel.checkpoint import load_state_dict
+
+    run, _ = two_rank_rl_run(tmp_path, "deepspeed", "method.beta=0.05", "method.ref_sync_every=1",
+                             "method.ref_mixup_alpha=1.0", timeout=900)
+    assert json.loads((run / "results.json").read_text())["global_step"] == 3
+    state = load_state_dict(run / "checkpoints" / "last.ckpt")
+    refs = {k.removeprefix("reference."): v for k, v in state.items() if k.startswith("reference.")}
+    assert refs and all(torch.equal(v, state["policy." + k]) for k, v in refs.items())
 
 
 def test_an_instruct_checkpoints_prompts_go_through_its_chat_template(run_cfg, tmp_path):

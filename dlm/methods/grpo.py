@@ -233,11 +233,6 @@ class GRPO(DiffusionLM):
         state, self._restored = self._restored or {}, None
         # ZeRO-3 on several ranks: every forward gathers parameters collectively (dlm.parallel.lockstep)
         self._lockstep = gathers_parameters(self.trainer.strategy)
-        from dlm.parallel.deepspeed import zero_stage  # lazily: Lightning's strategies are a slow import
-
-        if self.ref_sync_every is not None and zero_stage(self.trainer.strategy) == 3:
-            raise UserError("method.ref_sync_every is not supported under DeepSpeed ZeRO-3 (the reference's parameters "
-                            "are partitioned); use ZeRO-2 (trainer=deepspeed_zero2) or method.ref_sync_every=null")
         self._gen = torch.Generator(device=self.compute_device)
         if "rollout_rng" in state:
             self._gen.set_state(state["rollout_rng"].cpu())
@@ -323,16 +318,39 @@ class GRPO(DiffusionLM):
             elapsed = time.perf_counter() - self._train_started
             self._log("rl/train_tokens_per_s", self._train_tokens / max(elapsed, 1e-9))
         self._train_started = None
-        if self.ref_sync_every is not None and self.global_step % self.ref_sync_every == 0:
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """The step, then the reference sync when it is due: here, not at the batch's end, because the checkpoint
+        callbacks write at the batch's end before the module's own hook runs, and a checkpoint of a sync step must
+        hold the synced reference (else a run resumed from it differs from one that went straight on)."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # global_step counts this step only once the hook has returned
+        if self.ref_sync_every is not None and (self.global_step + 1) % self.ref_sync_every == 0:
             self.sync_reference()
 
     @torch.no_grad()
     def sync_reference(self) -> None:
         """TRL's reference sync (``sync_ref_model``, TR-DPO, Gorbatovski et al. 2024): reference <- alpha * policy +
-        (1 - alpha) * reference, parameter by parameter (the reference is a copy of the policy: the same structure)."""
+        (1 - alpha) * reference, parameter by parameter (the reference is a copy of the policy: the same structure).
+
+        Under DeepSpeed ZeRO-3 the parameters are partitioned: each pair is gathered whole on every rank
+        (``deepspeed.zero.GatheredParameters``, one pair at a time so the peak is two parameters, not two models as
+        TRL's gather of both models at once), mixed there identically, and rank 0's result re-partitioned into the
+        reference's shards (the policy's are only read)."""
+        from dlm.parallel.deepspeed import zero_stage  # lazily: Lightning's strategies are a slow import
+
         alpha = self.ref_mixup_alpha
-        for ref, pol in zip(self.reference.parameters(), self.policy.parameters(), strict=True):
-            ref.mul_(1.0 - alpha).add_(pol.detach().to(ref.dtype), alpha=alpha)
+        pairs = zip(self.reference.parameters(), self.policy.parameters(), strict=True)
+        if self._trainer is None or zero_stage(self.trainer.strategy) != 3:
+            for ref, pol in pairs:
+                ref.mul_(1.0 - alpha).add_(pol.detach().to(ref.dtype), alpha=alpha)
+            return
+        import deepspeed
+
+        for ref, pol in pairs:
+            with deepspeed.zero.GatheredParameters([pol], modifier_rank=None), \
+                    deepspeed.zero.GatheredParameters([ref], modifier_rank=0):
+                ref.mul_(1.0 - alpha).add_(pol.detach().to(ref.dtype), alpha=alpha)
 
     def _log(self, name: str, value) -> None:
         self.log(name, float(value), on_step=True, on_epoch=False, batch_size=1,
