@@ -37,7 +37,8 @@ and rollouts (DDP / ZeRO-2 / ZeRO-3 average the gradients). Under ZeRO-3 every f
 collectively, so the ranks' forwards are kept in line: generation and the old/reference log-probabilities run in
 lockstep (dlm.parallel.lockstep: a rank that is done runs throw-away forwards while others still sample), and the
 training forwards match because every rank makes one bucket per prompt length drawn by any rank (a weight-0 dummy
-row where it drew none) and each estimator makes a fixed number of forwards.
+row where it drew none) and each estimator makes a fixed number of forwards. The reference sync
+(``ref_sync_every``) gathers each parameter pair on every rank and re-partitions the mixed reference.
 
 Limits: ``trainer.accumulate_grad_batches`` must be 1 (raise ``prompts_per_step``).
 """
