@@ -28,7 +28,7 @@ def test_overhead_interleaves_both_loops_and_reports_ratios(baseline, capsys):
     out = capsys.readouterr().out
     assert f"baseline: {baseline}" in out and "CPU time" in out
     if baseline == "module":
-        assert "the Lightning steps' extra own time" in out and "_call_callback_hooks" in out
+        assert "the Lightning steps' extra own time" in out and "_call_lightning_module_hook" in out
 
 
 def test_the_stock_loss_is_mdlm_on_the_masked_tokens():
