@@ -64,6 +64,7 @@ from dlm.models.capabilities import conventions_of
 from dlm.models.lora import adapter_spec, adapters_disabled, add_adapters, merge_adapters
 from dlm.parallel import must_return_a_loss
 from dlm.parallel.lockstep import gathers_parameters, lockstep
+from dlm.parallel.params import gathered
 from dlm.rewards.base import Reward, RewardSet, as_reward_set
 from dlm.rewards.diversity import GROUP_COLUMN
 from dlm.rl.estimators import ExactLogProb, LogProbEstimator, MeanFieldLogProb
@@ -337,20 +338,10 @@ class GRPO(DiffusionLM):
         Under DeepSpeed ZeRO-3 the parameters are partitioned: each pair is gathered whole on every rank
         (``deepspeed.zero.GatheredParameters``, one pair at a time so the peak is two parameters, not two models as
         TRL's gather of both models at once), mixed there identically, and rank 0's result re-partitioned into the
-        reference's shards (the policy's are only read)."""
-        from dlm.parallel.deepspeed import zero_stage  # lazily: Lightning's strategies are a slow import
-
+        reference's shards (the policy's are only read); elsewhere the contexts do nothing (dlm.parallel.params)."""
         alpha = self.ref_mixup_alpha
-        pairs = zip(self.reference.parameters(), self.policy.parameters(), strict=True)
-        if self._trainer is None or zero_stage(self.trainer.strategy) != 3:
-            for ref, pol in pairs:
-                ref.mul_(1.0 - alpha).add_(pol.detach().to(ref.dtype), alpha=alpha)
-            return
-        import deepspeed
-
-        for ref, pol in pairs:
-            with deepspeed.zero.GatheredParameters([pol], modifier_rank=None), \
-                    deepspeed.zero.GatheredParameters([ref], modifier_rank=0):
+        for ref, pol in zip(self.reference.parameters(), self.policy.parameters(), strict=True):
+            with gathered([pol]), gathered([ref], modifier_rank=0):
                 ref.mul_(1.0 - alpha).add_(pol.detach().to(ref.dtype), alpha=alpha)
 
     def _log(self, name: str, value) -> None:
