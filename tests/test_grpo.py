@@ -20,10 +20,11 @@ from dlm.rewards.base import Reward
 from dlm.rl.estimators import ELBOLogProb, ExactLogProb, MeanFieldLogProb, PathLogProb
 from dlm.rl.objective import (
     clipped_policy_loss,
+    entropy_shaped_rewards,
     group_advantages,
     k3_kl,
     kl_shaped_rewards,
-    sequence_log_ratio,
+    sequence_log_prob,
 )
 
 TESTS = Path(__file__).resolve().parent
@@ -106,7 +107,7 @@ def test_kl_in_the_reward_by_hand():
     logp = torch.tensor([[-1.0, -1.0, -2.0], [-2.0, -0.5, -4.0]], requires_grad=True)
     ref = torch.tensor([[-2.0, -1.5, -2.0], [-1.0, -0.5, -1.0]])
     scored = torch.tensor([[True, True, True], [True, True, False]])
-    ratio = sequence_log_ratio(logp, ref, scored)
+    ratio = sequence_log_prob(logp, scored) - sequence_log_prob(ref, scored)
     torch.testing.assert_close(ratio, torch.tensor([1.5, -1.0]))
     assert not ratio.requires_grad  # it enters the advantage, not the graph
     shaped = kl_shaped_rewards(torch.tensor([1.0, 0.0]), ratio, 0.2)
@@ -114,6 +115,24 @@ def test_kl_in_the_reward_by_hand():
     # a valid sequence the reference finds much less likely than the policy does can score below an invalid one
     torch.testing.assert_close(kl_shaped_rewards(torch.tensor([1.0, 0.0]), torch.tensor([6.0, 0.0]), 0.2),
                                torch.tensor([-0.2, 0.0]))
+
+
+def test_entropy_in_the_reward_by_hand_and_its_gradient_is_the_entropy_bonus():
+    # the unscored token does not count: log π = -1 - 2 = -3 and -2.5; the less likely string gains more
+    logp = torch.tensor([[-1.0, -2.0, -7.0], [-2.0, -0.5, 0.0]], requires_grad=True)
+    seq = sequence_log_prob(logp, torch.tensor([[True, True, False], [True, True, True]]))
+    torch.testing.assert_close(seq, torch.tensor([-3.0, -2.5]))
+    assert not seq.requires_grad
+    torch.testing.assert_close(entropy_shaped_rewards(torch.tensor([1.0, 1.0]), seq, 0.1), torch.tensor([1.3, 1.25]))
+    # a categorical policy over 4 strings: E_π[(r - α log π) ∇ log π] is the exact gradient of E_π[r] + α H(π)
+    theta = torch.tensor([0.3, -1.0, 2.0, 0.1], requires_grad=True)
+    rewards, alpha = torch.tensor([1.0, 0.0, 1.0, 0.5]), 0.2
+    log_pi = torch.log_softmax(theta, 0)
+    (exact,) = torch.autograd.grad((log_pi.exp() * rewards).sum() - alpha * (log_pi.exp() * log_pi).sum(), theta,
+                                   retain_graph=True)
+    shaped = entropy_shaped_rewards(rewards, log_pi.detach(), alpha)
+    score = torch.stack([torch.autograd.grad(log_pi[o], theta, retain_graph=True)[0] for o in range(4)])
+    torch.testing.assert_close((log_pi.exp().detach()[:, None] * shaped[:, None] * score).sum(0), exact)
 
 
 class _ConstantConditionals:
@@ -471,6 +490,7 @@ def test_resume_mid_batch_of_generations_continues_exactly(run_cfg, tmp_path, es
     assert rollouts[0] == rollouts[1] and len(rollouts[0]) == 3 * 16  # generations at steps 0, 3, 6; none twice
     assert _metrics(straight, "rl/loss") == _metrics(split, "rl/loss")
     assert len(_metrics(straight, "rl/seq_log_ratio")) == 7  # the KL in the reward is logged
+    assert len(_metrics(straight, "rl/seq_entropy")) == 7  # μ > 1 makes the old estimates: -log π(o) at no cost
 
 
 def test_the_reference_stays_frozen_bit_for_bit_and_init_from_loads_the_run(run_cfg, tmp_path, workdir, train_cli):
@@ -562,6 +582,27 @@ def test_kl_in_the_reward_reuses_its_first_step_estimates_exactly(run_cfg):
     assert torch.equal(bucket["old"][0], fresh["old"].logp) and torch.equal(bucket["ref"][0], fresh["ref"].kl_logp)
 
 
+def test_the_entropy_in_the_reward_shapes_the_advantages(run_cfg):
+    """method.entropy_reward_coef: the advantages are those of r - α log π_old(o), log π_old the first inner
+    step's old estimate (the one μ = 2 reuses), and they differ from the plain rewards'."""
+    from dlm.build import build_datamodule, build_module
+
+    cfg = run_cfg(*RL, "method.num_iterations=2", "method.entropy_reward_coef=0.5", "method.samples_path=null")
+    module = build_module(cfg, build_datamodule(cfg))
+    module._gen = torch.Generator().manual_seed(0)
+    module._prompt_iter = iter(module.prompts.rows("train"))
+    totals, total = [], module.reward.total
+    module.reward.total = lambda components: totals.append(total(components)) or totals[-1]
+    buf = module._rollouts()
+    (bucket,) = buf["buckets"]  # unconditional prompts: one bucket, the samples in order
+    rewards = torch.tensor(totals[0])
+    seq = sequence_log_prob(bucket["old"][0], bucket["scored"])
+    expected = group_advantages(entropy_shaped_rewards(rewards, seq, 0.5), 4)
+    torch.testing.assert_close(bucket["advantages"], expected)
+    assert not torch.allclose(bucket["advantages"], group_advantages(rewards, 4))
+    assert buf["stats"]["seq_entropy"] == pytest.approx(float(-seq.mean()))
+
+
 def test_refusals_name_the_field(run_cfg):
     from hydra.utils import instantiate
 
@@ -577,6 +618,9 @@ def test_refusals_name_the_field(run_cfg):
         build_module(cfg, instantiate(cfg.data))
     cfg = run_cfg(*RL, "method.kl_reward_coef=-1")
     with pytest.raises(ConfigError, match="kl_reward_coef must be >= 0"):
+        build_module(cfg, instantiate(cfg.data))
+    cfg = run_cfg(*RL, "method.entropy_reward_coef=-0.1")
+    with pytest.raises(ConfigError, match="entropy_reward_coef must be >= 0"):
         build_module(cfg, instantiate(cfg.data))
     cfg = run_cfg(*RL, "method.init_from=/nonexistent/run")
     with pytest.raises(ConfigError, match="init_from=/nonexistent/run"):

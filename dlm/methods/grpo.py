@@ -70,10 +70,11 @@ from dlm.rewards.diversity import GROUP_COLUMN
 from dlm.rl.estimators import ExactLogProb, LogProbEstimator, MeanFieldLogProb
 from dlm.rl.objective import (
     clipped_policy_loss,
+    entropy_shaped_rewards,
     group_advantages,
     k3_kl,
     kl_shaped_rewards,
-    sequence_log_ratio,
+    sequence_log_prob,
 )
 from dlm.rl.policy import policy_from_config, policy_from_run
 from dlm.rl.rollouts import ROLLOUT, all_lengths, completion_mask, drop_rollouts_from, to_device
@@ -106,6 +107,7 @@ class GRPO(DiffusionLM):
         epsilon_high: float = 0.2,
         beta: float = 0.0,
         kl_reward_coef: float = 0.0,
+        entropy_reward_coef: float = 0.0,
         scale_rewards: bool = True,
         normalisation: str = "sequence",
         track_kl: bool = True,
@@ -119,7 +121,7 @@ class GRPO(DiffusionLM):
         **base_kwargs,
     ):
         check_settings(num_generations, prompts_per_step, completion_length, num_iterations, epsilon_low,
-                        epsilon_high, beta, normalisation, log_rollouts_every, kl_reward_coef)
+                        epsilon_high, beta, normalisation, log_rollouts_every, kl_reward_coef, entropy_reward_coef)
         if not isinstance(reward, Reward | RewardSet):
             raise ValueError(f"reward= must build a dlm.rewards Reward or RewardSet, got {type(reward).__name__}")
         reward = as_reward_set(reward)
@@ -168,7 +170,7 @@ class GRPO(DiffusionLM):
         self.num_generations, self.prompts_per_step = int(num_generations), int(prompts_per_step)
         self.completion_length, self.num_iterations = int(completion_length), int(num_iterations)
         self.epsilon_low, self.epsilon_high, self.beta = float(epsilon_low), float(epsilon_high), float(beta)
-        self.kl_reward_coef = float(kl_reward_coef)
+        self.kl_reward_coef, self.entropy_reward_coef = float(kl_reward_coef), float(entropy_reward_coef)
         self.scale_rewards, self.normalisation = bool(scale_rewards), normalisation
         self.rollout_seed, self.log_rollouts_every = int(rollout_seed), int(log_rollouts_every)
         self.samples_path = Path(samples_path) if samples_path else None
@@ -306,6 +308,8 @@ class GRPO(DiffusionLM):
             log("rl/completion_len", buf["stats"]["completion_len"])
             if "seq_log_ratio" in buf["stats"]:  # the KL in the reward: mean log(π/π_ref) of the rollouts
                 log("rl/seq_log_ratio", buf["stats"]["seq_log_ratio"])
+            if "seq_entropy" in buf["stats"]:  # the rollouts' mean -log π(o): the policy's sequence entropy estimate
+                log("rl/seq_entropy", buf["stats"]["seq_entropy"])
             log("rl/clip_frac", stats["clipped"] / max(n_tok, 1))
             log("rl/entropy", stats["entropy"] / max(n_tok, 1))
             if self.tracks_reference:
@@ -424,19 +428,28 @@ class GRPO(DiffusionLM):
         columns[GROUP_COLUMN] = [s // G for s in range(len(completions))]  # group-aware rewards (GroupDistinct)
         components = self.reward.components(completions, prompts, **columns)
         total = torch.tensor(self.reward.total(components), dtype=torch.float32)
-        shaped, log_ratio = total, None
-        first: dict = {}  # (old | ref, bucket) -> the first inner step's estimate, reused by the passes below
-        if self.kl_reward_coef > 0:  # r - β_r log(π/π_ref) per sequence, under the first inner step's masks
-            for key, models in (("old", contextlib.nullcontext(self.policy)), ("ref", self._reference())):
-                with models as model, lockstep(model.backbone, self._dummy_forward(model), dev, self._lockstep):
-                    for index, bucket in enumerate(buckets):
-                        first[key, index] = self._estimate(model, bucket, self._estimator_generator(generation, 0, index))
-            log_ratio = torch.zeros_like(total)
+        # the first inner step's estimates of the policy (old) and the reference, under its masks, made here when the
+        # reward needs them (the KL or the entropy in the reward) or once μ > 1 needs the old ones anyway (then the
+        # rollouts' -log π(o) is logged at no cost), and reused by the passes below
+        first: dict = {}
+        needs = [("old", contextlib.nullcontext(self.policy))] \
+            if self.kl_reward_coef > 0 or self.entropy_reward_coef > 0 or self.num_iterations > 1 else []
+        needs += [("ref", self._reference())] if self.kl_reward_coef > 0 else []
+        seq_logp: dict[str, Tensor] = {}
+        for key, models in needs:
+            with models as model, lockstep(model.backbone, self._dummy_forward(model), dev, self._lockstep):
+                for index, bucket in enumerate(buckets):
+                    first[key, index] = self._estimate(model, bucket, self._estimator_generator(generation, 0, index))
+            seq_logp[key] = torch.zeros_like(total)
             for index, bucket in enumerate(buckets):
                 if not bucket.get("dummy"):
-                    log_ratio[bucket["samples"]] = sequence_log_ratio(first["old", index].logp,
-                                                                      first["ref", index].logp, bucket["scored"]).cpu()
-            shaped = kl_shaped_rewards(total, log_ratio, self.kl_reward_coef)
+                    seq_logp[key][bucket["samples"]] = sequence_log_prob(first[key, index].logp, bucket["scored"]).cpu()
+        shaped, log_ratio = total, None
+        if self.kl_reward_coef > 0:  # r - β_r log(π/π_ref) per sequence
+            log_ratio = seq_logp["old"] - seq_logp["ref"]
+            shaped = kl_shaped_rewards(shaped, log_ratio, self.kl_reward_coef)
+        if self.entropy_reward_coef > 0:  # r - α log π(o): the entropy bonus
+            shaped = entropy_shaped_rewards(shaped, seq_logp["old"], self.entropy_reward_coef)
         advantages = group_advantages(shaped, G, scale=self.scale_rewards)
         for bucket in buckets:
             bucket["advantages"] = torch.zeros(1, device=dev) if bucket.get("dummy") else \
@@ -457,6 +470,7 @@ class GRPO(DiffusionLM):
         stats = {"reward_mean": float(total.mean()), "reward_std": float(total.std()) if total.numel() > 1 else 0.0,
                  "completion_len": float(scored_len.mean()),
                  **({} if log_ratio is None else {"seq_log_ratio": float(log_ratio.mean())}),
+                 **({"seq_entropy": float(-seq_logp["old"].mean())} if "old" in seq_logp else {}),
                  "gen_tokens_per_s": sum(b["tokens"][:, b["prompt_len"]:].numel() for b in buckets if b["samples"])
                  / max(gen_time, 1e-9)}
         for name, values in components.items():

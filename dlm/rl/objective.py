@@ -15,6 +15,10 @@ d1's diffu-GRPO (Zhao et al. 2025, github.com/dllm-reasoning/d1, diffu-grpo/diff
   ``E[r] - β_r KL(π || π_ref)`` (``E[∇ log π] = 0``), with no exponential of the estimate, so the ELBO estimator's
   importance weights enter linearly (the k3 term exponentiates them: dlm/rl/estimators.py); its optimum is
   ``π ∝ π_ref exp(r / β_r)``, the reference tilted towards high reward rather than a collapse onto a few strings;
+* an entropy bonus in the reward (maximum-entropy RL: Ziebart et al. 2008; Haarnoja et al. 2017's soft RL):
+  ``r - α log π(o)`` per sequence, whose policy gradient is that of ``E[r] + α H(π)`` (``∇H = -E[log π ∇ log π]``);
+  it is the KL in the reward against a uniform reference, up to a constant; its optimum is ``π ∝ exp(r / α)``:
+  every string of one reward equally likely, not a collapse onto the easiest one;
 * the per-token loss ``-(min(...) - β kl)`` averaged per sequence then over sequences (``"sequence"``: TRL's
   default "grpo"), over all tokens (``"tokens"``: DAPO / TRL's "bnpo") or divided by a constant
   ``sequences × max completion length`` (``"constant"``: Dr. GRPO, no length bias).
@@ -42,9 +46,14 @@ def group_advantages(rewards: Tensor, group_size: int, scale: bool = True, eps: 
     return centred.reshape(-1).to(rewards.dtype if rewards.is_floating_point() else torch.float32)
 
 
-def sequence_log_ratio(logp: Tensor, ref_logp: Tensor, scored: Tensor) -> Tensor:
-    """log π(o) - log π_ref(o) per sequence [B]: the scored per-token differences summed (detached)."""
-    return ((logp.detach() - ref_logp.detach()) * scored).sum(1)
+def sequence_log_prob(logp: Tensor, scored: Tensor) -> Tensor:
+    """log π(o) per sequence [B]: the scored per-token estimates summed (detached)."""
+    return (logp.detach() * scored).sum(1)
+
+
+def entropy_shaped_rewards(rewards: Tensor, log_prob: Tensor, coef: float) -> Tensor:
+    """``r - coef * log π(o)`` [N] (the entropy bonus in the reward), from rewards [N] and sequence log-probs [N]."""
+    return rewards - coef * log_prob.to(rewards.dtype)
 
 
 def kl_shaped_rewards(rewards: Tensor, log_ratio: Tensor, coef: float) -> Tensor:

@@ -20,14 +20,15 @@ def check_sync(every, alpha, base_is_reference: bool, tracks_reference: bool) ->
                          "kl_reward_coef 0 keeps none")
 
 
-def check_settings(G, prompts, C, mu, eps_low, eps_high, beta, normalisation, every, kl_reward_coef=0.0) -> None:
+def check_settings(G, prompts, C, mu, eps_low, eps_high, beta, normalisation, every, kl_reward_coef=0.0,
+                   entropy_reward_coef=0.0) -> None:
     problems = []
     for key, value, low in (("num_generations", G, 2), ("prompts_per_step", prompts, 1), ("completion_length", C, 1),
                             ("num_iterations", mu, 1), ("log_rollouts_every", every, 1)):
         if isinstance(value, bool) or int(value) != value or value < low:
             problems.append(f"method.{key} must be an integer >= {low}, got {value!r}")
     for key, value in (("epsilon_low", eps_low), ("epsilon_high", eps_high), ("beta", beta),
-                       ("kl_reward_coef", kl_reward_coef)):
+                       ("kl_reward_coef", kl_reward_coef), ("entropy_reward_coef", entropy_reward_coef)):
         if not value >= 0:
             problems.append(f"method.{key} must be >= 0, got {value!r}")
     if not eps_low < 1:
