@@ -125,7 +125,8 @@ def check_same_tokenizer(init: str, theirs, ours) -> None:
 def _run_backbone(init: str, ckpt: str | None, load_run: Callable):
     """The run's backbone with its trained weights (EMA where recorded; a LoRA run's adapters merged; a GRPO run's
     policy), and the run's tokenizer."""
-    from dlm.models.lora import adapter_spec, merge_adapters
+    from dlm.models.lora import adapter_spec
+    from dlm.models.lora_export import merge_adapters
 
     run = load_run(init, ckpt=ckpt or "last", setup_data=False)
     module = getattr(run.module, "policy", run.module)  # method=grpo: the family it trained

@@ -94,7 +94,7 @@ def export_model(module, run_dir: Path) -> str:
                 from dlm.run import load_run  # so export a CPU copy loaded from the consolidated checkpoint
 
                 module = load_run(run_dir, setup_data=False).module
-            from dlm.models.lora import export_adapted
+            from dlm.models.lora_export import export_adapted
 
             if not export_adapted(module.backbone, run_dir / "hf"):  # LoRA: merged in place, or the adapter folder
                 module.export_hf(run_dir / "hf")

@@ -15,7 +15,8 @@ import pytest
 import torch
 from conftest import TINY_CLI, train_recorded
 
-from dlm.models.lora import LoraError, instantiate_backbone, merge_adapters, merged_state
+from dlm.models.lora import LoraError, instantiate_backbone
+from dlm.models.lora_export import merge_adapters, merged_state
 from dlm.safe_load import load_checkpoint
 from dlm.train import train
 
@@ -79,7 +80,7 @@ def test_target_parameters_adapt_the_fused_moe_experts_with_an_exact_count():
 
 
 def test_merging_expert_adapters_keeps_the_logits():
-    from dlm.models.lora import parameter_adapters
+    from dlm.models.lora_export import parameter_adapters
 
     torch.manual_seed(0)
     moe = instantiate_backbone(_compose(*EXPERTS, "model.lora.alpha=4").model, vocab_size=64).eval()

@@ -566,7 +566,7 @@ def test_training_run_exports_the_published_layout(arch, extra, checkpoints, tra
 def test_a_lora_run_on_a_published_model_exports_merged_into_its_layout(checkpoints, train_cli, tmp_path):
     """model.lora on a zoo model: only the adapters train, and <run>/hf is the published layout with the adapters
     merged (W + scaling B A), so the authors' code loads the fine-tuned model."""
-    from dlm.models.lora import merged_state
+    from dlm.models.lora_export import merged_state
     from dlm.parallel.checkpoint import load_state_dict
     from dlm.run import find_checkpoint, load_run
 

@@ -61,7 +61,8 @@ from dlm.errors import UserError
 from dlm.log_interval import logs_this_step
 from dlm.methods.base import DiffusionLM, evaluating
 from dlm.models.capabilities import conventions_of
-from dlm.models.lora import adapter_spec, adapters_disabled, add_adapters, merge_adapters
+from dlm.models.lora import adapter_spec, adapters_disabled, add_adapters
+from dlm.models.lora_export import merge_adapters
 from dlm.parallel import must_return_a_loss
 from dlm.parallel.lockstep import gathers_parameters, lockstep
 from dlm.parallel.params import gathered

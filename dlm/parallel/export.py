@@ -28,7 +28,7 @@ def export_hf_folder(cfg, state_dict: dict[str, torch.Tensor], out: str | Path, 
         raise ValueError(f"consolidation to an HF folder needs an HFCausalLM model, not {model_cfg.get('_target_')}")
     prefix = "backbone.hf_model."
     if lora is not None and lora.export == "merged" and not lora.quantize and is_hf_backbone(model_cfg, published=True):
-        from dlm.models.lora import merged_state
+        from dlm.models.lora_export import merged_state
 
         if lora.target_parameters:  # their layout needs the adapted model, which a published layout is not built as
             raise ValueError("model.lora.target_parameters on a published model: merge the adapter folder with peft "
@@ -97,15 +97,10 @@ def _export_published(model_cfg, hf_state: dict[str, torch.Tensor], out, extra: 
 
 def _export_adapters(model_cfg, lora, state_dict: dict[str, torch.Tensor], out: str | Path, base: str | None,
                      extra: dict | None) -> Path:
-    """A LoRA run's export (dlm/models/lora.py): the adapters merged into the weights as a plain HF folder
+    """A LoRA run's export (dlm/models/lora_export.py): the adapters merged into the weights as a plain HF folder
     (``model.lora.export=merged``), or peft's adapter folder for the run's base (``adapter``)."""
-    from dlm.models.lora import (
-        add_adapters,
-        merged_state,
-        parameter_adapters,
-        peft_config_of,
-        save_adapter_folder,
-    )
+    from dlm.models.lora import add_adapters
+    from dlm.models.lora_export import merged_state, parameter_adapters, peft_config_of, save_adapter_folder
 
     with torch.device("meta"):  # the adapted model's layout (which layers, Conv1D or Linear), no weights
         adapted = add_adapters(instantiate(model_cfg, vocab_size=None), lora)
