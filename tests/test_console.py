@@ -57,9 +57,10 @@ class RecordingBar(Bar):
 def bars(monkeypatch):
     import dlm.callbacks.samples
     import dlm.evaluate
+    import dlm.likelihood
 
     RecordingBar.made = []
-    for module in (dlm.callbacks.samples, dlm.evaluate):
+    for module in (dlm.callbacks.samples, dlm.evaluate, dlm.likelihood):
         monkeypatch.setattr(module, "Bar", RecordingBar)
     return RecordingBar.made
 
@@ -108,7 +109,7 @@ def test_sampling_bar_counts_every_sample(tiny, bars):
 
 
 def test_likelihood_bar_counts_every_batch_of_every_draw(tiny, bars):
-    from dlm.evaluate import likelihood
+    from dlm.likelihood import likelihood
 
     module, dm = tiny
     likelihood(module, dm.val_dataloader(), num_mc=3, max_batches=2)

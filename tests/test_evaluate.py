@@ -14,7 +14,9 @@ import pytest
 import torch
 from test_analysis import make_tiny_sweep
 
-from dlm.evaluate import HFScorer, evaluate, generative_perplexity, likelihood
+from dlm.evaluate import evaluate
+from dlm.gen_perplexity import HFScorer, generative_perplexity
+from dlm.likelihood import likelihood
 from dlm.run import NotARunError, load_run
 from dlm.safe_load import load_checkpoint
 
