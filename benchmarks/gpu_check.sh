@@ -3,7 +3,10 @@
 # HF Qwen3-MoE tiny model under DeepSpeed ZeRO-2, ZeRO-3 and ZeRO-3 offload, each for a few bf16 steps
 # through the real CLI, then a Qwen3-30B-A3B-shaped model cut to 2 layers (model=moe30b geometry, random init:
 # 128 experts top-8, d=2048, vocab 151936; 1.87B parameters, ~28 GiB of weights+grads+Adam) under ZeRO-3.
-# Prints status, loss, NLL bound, tokens/s and peak memory per run.
+# Then method=grpo (issue 15's scale path) on the same tiny MoE: ZeRO-2, ZeRO-3 (collective generation), ZeRO-2 with
+# LoRA adapters, and QLoRA (4-bit base, plain GPU) where bitsandbytes is installed (the GPU image lacks it and its
+# wheel does not fit the 64 MiB carry beside the others).
+# Prints status, loss, NLL bound, tokens/s and peak memory per run (a GRPO run: its last rl/reward_mean too).
 # Usage: bash benchmarks/gpu_check.sh [OUT_DIR]      (DEVICE=cpu runs the same script on CPU, for testing it)
 # ONLY_ZERO3=1 skips the plain-GPU and ZeRO-2 runs; SKIP_MOE30B=1 skips the moe30b-shaped one.
 set -u
@@ -27,16 +30,20 @@ try:
     r = json.load(open(path))
 except FileNotFoundError:
     print(f"{name:28s} rc={rc} {secs}s  no results.json"); sys.exit()
-keys = ["train/loss", "val/nll_bound", "train/tokens_per_s", "train/tflops", "train/mfu", "train/peak_mem_gib",
-        "sample/valid_frac"]
+keys = ["train/loss", "rl/reward_mean", "rl/kl", "val/nll_bound", "train/tokens_per_s", "train/tflops", "train/mfu",
+        "train/peak_mem_gib", "sample/valid_frac"]
 fig = "  ".join(f"{k.split('/')[1]}={r[k]:.4g}" for k in keys if k in r)
 print(f"{name:28s} rc={rc} {secs}s  {r['status']} step={r['global_step']}  {fig}")
 PY
   [ "$rc" = 0 ] || tail -n 25 "$OUT/$name.log"
 }
 
+# GRPO: 2 prompts x 8 rollouts of the bracket grammar, mu = 2, a KL to the frozen reference, 6 optimizer steps
+GRPO="method=grpo method.num_generations=8 method.prompts_per_step=2 method.num_iterations=2
+      method.beta=0.05 trainer.max_steps=6 trainer.val_check_interval=6 trainer.limit_val_batches=2 data.batch_size=8"
 if [ "$DEVICE" = cpu ]; then
   run cpu_tiny 120 trainer=cpu trainer.max_steps=20 trainer.val_check_interval=10
+  run cpu_grpo_moe_tiny 300 trainer=cpu model=moe_tiny $GRPO
   exit 0
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -50,3 +57,11 @@ run zero3_offload_moe_tiny 120 trainer=deepspeed_zero3_offload $MOE
 [ -n "${SKIP_MOE30B:-}" ] || run zero3_moe30b_2layers 180 trainer=deepspeed model=moe30b model.load_weights=false \
   "model.config={num_hidden_layers:2}" trainer.devices=1 trainer.max_steps=10 trainer.val_check_interval=10 \
   trainer.limit_val_batches=2 data.batch_size=16
+run grpo_zero2_moe_tiny 120 trainer=deepspeed_zero2 trainer.devices=1 model=moe_tiny $GRPO
+run grpo_zero3_moe_tiny 120 trainer=deepspeed trainer.devices=1 model=moe_tiny $GRPO
+run grpo_zero2_lora_moe_tiny 120 trainer=deepspeed_zero2 trainer.devices=1 model=moe_tiny $GRPO model.lora.r=8
+if $PY -c "import bitsandbytes" 2>/dev/null; then
+  run grpo_qlora_llama_tiny 120 trainer=gpu model=llama_tiny $GRPO model.lora.r=8 model.lora.quantize=4bit
+else
+  echo "grpo_qlora_llama_tiny        skipped: bitsandbytes is not installed (pip install dlm[qlora])"
+fi
