@@ -309,7 +309,9 @@ class GRPO(DiffusionLM):
             log("rl/completion_len", buf["stats"]["completion_len"])
             if "seq_log_ratio" in buf["stats"]:  # the KL in the reward: mean log(π/π_ref) of the rollouts
                 log("rl/seq_log_ratio", buf["stats"]["seq_log_ratio"])
-            if "seq_entropy" in buf["stats"]:  # the rollouts' mean -log π(o): the policy's sequence entropy estimate
+            # the rollouts' mean -log π(o) as the estimator reads it: a one-sample estimate of the sequence entropy
+            # (PathLogProb's is given each rollout's reveal order: the tokens' entropy along their path)
+            if "seq_entropy" in buf["stats"]:
                 log("rl/seq_entropy", buf["stats"]["seq_entropy"])
             log("rl/clip_frac", stats["clipped"] / max(n_tok, 1))
             log("rl/entropy", stats["entropy"] / max(n_tok, 1))
