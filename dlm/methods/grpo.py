@@ -431,22 +431,7 @@ class GRPO(DiffusionLM):
         columns[GROUP_COLUMN] = [s // G for s in range(len(completions))]  # group-aware rewards (GroupDistinct)
         components = self.reward.components(completions, prompts, **columns)
         total = torch.tensor(self.reward.total(components), dtype=torch.float32)
-        # the first inner step's estimates of the policy (old) and the reference, under its masks, made here when the
-        # reward needs them (the KL or the entropy in the reward) or once μ > 1 needs the old ones anyway (then the
-        # rollouts' -log π(o) is logged at no cost), and reused by the passes below
-        first: dict = {}
-        needs = [("old", contextlib.nullcontext(self.policy))] \
-            if self.kl_reward_coef > 0 or self.entropy_reward_coef > 0 or self.num_iterations > 1 else []
-        needs += [("ref", self._reference())] if self.kl_reward_coef > 0 else []
-        seq_logp: dict[str, Tensor] = {}
-        for key, models in needs:
-            with models as model, lockstep(model.backbone, self._dummy_forward(model), dev, self._lockstep):
-                for index, bucket in enumerate(buckets):
-                    first[key, index] = self._estimate(model, bucket, self._estimator_generator(generation, 0, index))
-            seq_logp[key] = torch.zeros_like(total)
-            for index, bucket in enumerate(buckets):
-                if not bucket.get("dummy"):
-                    seq_logp[key][bucket["samples"]] = sequence_log_prob(first[key, index].logp, bucket["scored"]).cpu()
+        first, seq_logp = self._first_step_estimates(buckets, generation, len(total))
         shaped, log_ratio = total, None
         if self.kl_reward_coef > 0:  # r - β_r log(π/π_ref) per sequence
             log_ratio = seq_logp["old"] - seq_logp["ref"]
@@ -485,6 +470,27 @@ class GRPO(DiffusionLM):
         for b in buckets:
             del b["samples"]
         return {"generation": generation, "iteration": 0, "buckets": buckets, "stats": stats}
+
+    def _first_step_estimates(self, buckets: list[dict], generation: int, n: int):
+        """The first inner step's estimates of the policy (old) and the reference, under its masks, made before the
+        advantages when the reward needs them (the KL or the entropy in the reward), or when μ > 1 needs the old ones
+        anyway (the rollouts' -log π(o) is then logged at no cost); the passes after reuse them. Returns
+        ({(old | ref, bucket): estimate}, {old | ref: log π(o) [n] per sample})."""
+        dev = self.compute_device
+        first: dict = {}
+        needs = [("old", contextlib.nullcontext(self.policy))] \
+            if self.kl_reward_coef > 0 or self.entropy_reward_coef > 0 or self.num_iterations > 1 else []
+        needs += [("ref", self._reference())] if self.kl_reward_coef > 0 else []
+        seq_logp: dict[str, Tensor] = {}
+        for key, models in needs:
+            with models as model, lockstep(model.backbone, self._dummy_forward(model), dev, self._lockstep):
+                for index, bucket in enumerate(buckets):
+                    first[key, index] = self._estimate(model, bucket, self._estimator_generator(generation, 0, index))
+            seq_logp[key] = torch.zeros(n)
+            for index, bucket in enumerate(buckets):
+                if not bucket.get("dummy"):
+                    seq_logp[key][bucket["samples"]] = sequence_log_prob(first[key, index].logp, bucket["scored"]).cpu()
+        return first, seq_logp
 
     def _encode_prompt(self, text: str) -> list[int]:
         return prompt_ids(self.tokenizer, text, self.chat_prompts)
